@@ -1,0 +1,148 @@
+"""What every jaxcnn command line shares: flag parsing and one-line errors for the user's mistakes.
+
+A `UserError` (or a flag that does not parse) ends the process with one line on stderr,
+`error: <what was wrong and what is accepted>`, and exit status 2, as command-line tools do for
+usage errors. Anything else is a bug and keeps its traceback.
+"""
+
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import app, flags, logging
+
+from jaxcnn.errors import UserError
+
+USAGE_ERROR_STATUS = 2
+_HELP_FLAGS = ('-h', '--help', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def exit_with_error(message: str) -> None:
+  """Prints `error: message` as one line on stderr and exits with status 2."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR_STATUS)
+
+
+def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None) -> None:
+  """Runs `main` under absl, turning user errors into one-line messages with exit status 2.
+
+  Args:
+    main: the absl main function.
+    config_flag: the name of a `config_flags.DEFINE_config_file` flag, if the command has one, so
+      that a mistyped `--config.KEY` is reported with the keys that exist.
+  """
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      asks_for_help = any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:])
+      if config_flag and not asks_for_help:
+        _check_config_file(argv, config_flag)
+      remaining = flags.FLAGS(argv)
+      if config_flag and not isinstance(flags.FLAGS[config_flag].value, ml_collections.ConfigDict):
+        # config_flags keeps a config file's import error for later; raise it now instead.
+        load_config_file(_config_file_argument(argv, config_flag))
+      if not flags.FLAGS['verbosity'].present:  # Library INFO logs are noise to a user.
+        logging.set_verbosity(logging.WARNING)
+      return remaining
+    except UserError as e:
+      exit_with_error(str(e))
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+            SyntaxError, ImportError) as e:
+      exit_with_error(describe_flag_error(e, argv, config_flag))
+
+  def guarded_main(argv: Sequence[str]) -> None:
+    try:
+      main(argv)
+    except (UserError, app.UsageError) as e:
+      exit_with_error(str(e))
+
+  app.run(guarded_main, flags_parser=parse_flags)
+
+
+def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:
+  """Turns what absl or ml_collections raised while parsing `argv` into a one-line message."""
+  if config_flag:
+    match = re.match(rf'flag --{config_flag}\.([\w.]+)=(.*?): (.*)', str(error), re.S)
+    if match:
+      key, value, reason = match.groups()
+      return f'invalid value {value!r} for config key {key!r}: {_first_line(reason)}'
+    if isinstance(error, (AttributeError, KeyError)):
+      unknown = _unknown_override(argv, config_flag)
+      if unknown:
+        return unknown
+  return _first_line(str(error)) or type(error).__name__
+
+
+def _check_config_file(argv: Sequence[str], config_flag: str) -> None:
+  spec = _config_file_argument(argv, config_flag)
+  if spec is None:
+    raise UserError(f'--{config_flag} is required, e.g. --{config_flag} configs/mnist.py')
+  if not os.path.isfile(spec.partition(':')[0]):
+    raise UserError(f'config file {spec.partition(":")[0]!r} does not exist')
+
+
+def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg == f'--{config_flag}' and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(f'--{config_flag}='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def load_config_file(spec: str):
+  """Loads `path.py[:variant]` the way `config_flags` does: `get_config(variant)` or `get_config()`."""
+  path, _, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_jaxcnn_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:
+  """Names the `--config.KEY` override whose key does not exist, with close matches."""
+  config = load_config_file(_config_file_argument(argv, config_flag))
+  for arg in argv:
+    match = re.match(rf'--{config_flag}\.([\w.]+)(=|$)', arg)
+    if not match:
+      continue
+    key = match.group(1)
+    try:
+      _lookup(config, key)
+    except (AttributeError, KeyError):
+      known = _keys(config)
+      close = difflib.get_close_matches(key, known, n=3)
+      hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+          f"; known keys: {', '.join(known)}")
+      return f'unknown config key {key!r}{hint}'
+  return None
+
+
+def _lookup(config, dotted_key: str):
+  value = config
+  for part in dotted_key.split('.'):
+    value = value[part]
+  return value
+
+
+def _keys(config, prefix: str = '') -> list[str]:
+  """Every dotted key of a ConfigDict, nested ones included."""
+  keys = []
+  try:
+    items = config.items()
+  except AttributeError:
+    return keys
+  for name, value in items:
+    keys.append(prefix + name)
+    if hasattr(value, 'items'):
+      keys.extend(_keys(value, prefix + name + '.'))
+  return sorted(keys)
+
+
+def _first_line(text: str) -> str:
+  return text.strip().splitlines()[0] if text.strip() else ''
+

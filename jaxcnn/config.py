@@ -1,0 +1,120 @@
+"""The config schema: every key jaxcnn reads, its default, and the check of its value.
+
+Config files in `configs/` start from `default_config()` and override what they need; the command
+line then overrides single keys (`--config.batch_size=256`). Because configs are loaded with
+`lock_config=True`, a key that is not defined here is an error, and `validate` turns every bad
+value into a one-line `ConfigError` before any work starts.
+"""
+
+import math
+import numbers
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxcnn import models, optim
+from jaxcnn.errors import ConfigError
+
+PARALLEL_STRATEGIES = ('jit', 'shard_map', 'pmap')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key with its default value."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = 'mnist'  # A TFDS image-classification dataset name.
+  config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's ($TFDS_DATA_DIR).
+  config.manual_dir = config_dict.placeholder(str)  # None: <data_dir>/downloads/manual.
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
+  config.augment.flip = False  # Random horizontal flips.
+
+  # Model.
+  config.model = 'bn_cnn'
+  config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
+
+  # Optimisation.
+  config.batch_size = 128  # Global batch size, over all devices.
+  config.num_epochs = 10.0
+  config.num_train_steps = -1  # -1: num_epochs worth of steps.
+  config.optimizer = 'adamw'
+  config.learning_rate = 1e-3
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 0.0
+  config.lr_decay_epochs = (30, 60, 80)  # For lr_schedule='step'.
+  config.lr_decay_factor = 0.1  # For lr_schedule='step'.
+  config.momentum = 0.9  # For 'momentum' and 'nesterov'.
+  config.beta1 = 0.9  # For 'adam' and 'adamw'.
+  config.beta2 = 0.999
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0  # 0: no clipping.
+  config.label_smoothing = 0.0
+  config.seed = 0
+
+  # Evaluation, logging and execution.
+  config.eval_batch_size = 1000
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # -1: at the end of every epoch.
+  config.steps_per_call = -1  # Train steps per compiled call; -1: chosen for the backend.
+  config.parallel = 'jit'  # Data-parallel strategy: 'jit', 'shard_map' or 'pmap'.
+  config.num_devices = -1  # Devices to train on; -1: every device of every process.
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError naming the first key whose value is not accepted."""
+  _require(config, 'dataset', isinstance(config.dataset, str) and config.dataset,
+           'a TFDS dataset name')
+  models.get_model_constructor(config.model)
+  _choice(config, 'dtype', tuple(models.DTYPES))
+  _choice(config, 'optimizer', optim.OPTIMIZERS)
+  _choice(config, 'lr_schedule', optim.SCHEDULES)
+  _choice(config, 'parallel', PARALLEL_STRATEGIES)
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps'):
+    _positive_int(config, key)
+  for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices'):
+    value = config[key]
+    _require(config, key, _is_int(value) and (value == -1 or value > 0),
+             'a positive integer, or -1')
+  if config.num_train_steps == -1:
+    _require(config, 'num_epochs', _is_number(config.num_epochs) and config.num_epochs > 0,
+             'a positive number (or set num_train_steps)')
+  _require(config, 'learning_rate', _is_number(config.learning_rate) and config.learning_rate > 0,
+           'a positive number')
+  for key in ('weight_decay', 'warmup_epochs', 'grad_clip_norm'):
+    _require(config, key, _is_number(config[key]) and config[key] >= 0, 'a number >= 0')
+  for key in ('momentum', 'beta1', 'beta2', 'label_smoothing'):
+    _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, 'a number in [0, 1)')
+  _require(config, 'seed', _is_int(config.seed), 'an integer')
+  _require(config, 'augment.crop_padding',
+           _is_int(config.augment.crop_padding) and config.augment.crop_padding >= 0,
+           'an integer >= 0')
+  _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _require(config, key: str, ok, what: str) -> None:
+  if not ok:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    raise ConfigError(f'config key {key!r} must be {what}, got {value!r}')
+
+
+def _positive_int(config, key: str) -> None:
+  _require(config, key, _is_int(config[key]) and config[key] > 0, 'a positive integer')
+
+
+def _choice(config, key: str, choices) -> None:
+  _require(config, key, config[key] in choices, f'one of {", ".join(choices)}')

@@ -1,0 +1,95 @@
+"""Batch preprocessing under `jit`: augmentation of uint8 images, then normalisation.
+
+Augmentations work on uint8 NHWC batches (a quarter of the bytes of float32) and draw every random
+number from per-example keys, so a step's augmentation is a pure function of (seed, step) and of
+each example's position in the global batch, whatever the number of devices.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def example_keys(key: jax.Array, num_examples: int, first_example: int | jax.Array = 0) -> jax.Array:
+  """One key per example, `fold_in(key, global index)`.
+
+  Keying each example by its index in the global batch makes augmentation independent of how the
+  batch is split across devices: 1 device and 8 devices draw the same crop for the same example.
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first_example + jnp.arange(num_examples))
+
+
+def random_crop_with_padding(images: jax.Array, keys: jax.Array, padding: int) -> jax.Array:
+  """Pads each image by `padding` zero pixels on every side and crops it back at a random offset.
+
+  This is the standard 'random crop with padding' (and, for MNIST, a random shift of up to
+  `padding` pixels in each direction). `keys` holds one key per image.
+  """
+  if padding <= 0:
+    return images
+  _, height, width, channels = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * padding + 1))(keys)
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+  return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip_left_right(images: jax.Array, keys: jax.Array) -> jax.Array:
+  """Mirrors each image horizontally with probability 1/2; `keys` holds one key per image."""
+  flip = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(keys)
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+  """Turns a uint8 batch into the model's input: augments (in training) and normalises.
+
+  Attributes:
+    mean: per-channel mean of the training images, in [0, 255].
+    std: per-channel standard deviation of the training images, in [0, 255].
+    crop_padding: pixels of padding for the random crop; 0 disables it.
+    flip: random horizontal flips (off for digits, whose mirror images are other glyphs).
+    dtype: the compute dtype of the model ('float32' or 'bfloat16').
+  """
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  crop_padding: int = 0
+  flip: bool = False
+  dtype: str = 'float32'
+
+  def __call__(self, images: jax.Array, key: jax.Array | None, train: bool,
+               first_example: int | jax.Array = 0) -> jax.Array:
+    """Augments (if `train`) and normalises a batch whose first example has global index
+    `first_example` in the step's batch."""
+    if train and (self.crop_padding or self.flip):
+      keys = jax.vmap(jax.random.split)(example_keys(key, images.shape[0], first_example))
+      images = random_crop_with_padding(images, keys[:, 0], self.crop_padding)
+      if self.flip:
+        images = random_flip_left_right(images, keys[:, 1])
+    return self.normalize(images)
+
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """Maps uint8 pixels to zero-mean, unit-variance channels in the compute dtype."""
+    mean = jnp.asarray(self.mean, jnp.float32)
+    inv_std = 1.0 / jnp.asarray(self.std, jnp.float32)
+    return ((images.astype(jnp.float32) - mean) * inv_std).astype(self.dtype)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and standard deviation of uint8 NHWC images, in pixel units."""
+  pixels = images.reshape(-1, images.shape[-1])
+  # Sum in chunks in float64: exact enough, and without a float copy of the whole dataset.
+  total = np.zeros(pixels.shape[-1])
+  total_sq = np.zeros(pixels.shape[-1])
+  for begin in range(0, len(pixels), 1 << 22):
+    chunk = pixels[begin:begin + (1 << 22)].astype(np.float64)
+    total += chunk.sum(0)
+    total_sq += (chunk * chunk).sum(0)
+  mean = total / len(pixels)
+  std = np.sqrt(np.maximum(total_sq / len(pixels) - mean * mean, 1e-12))
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)

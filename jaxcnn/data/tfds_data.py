@@ -1,0 +1,228 @@
+"""TFDS datasets: find, prepare (in a TensorFlow subprocess) and read (without TensorFlow).
+
+Preparing runs `python -m jaxcnn.data.prepare` in a child process with every GPU hidden; this
+process only reads the prepared ArrayRecord files through `tfds.data_source`, so training never
+imports TensorFlow. Decoded splits are cached as uint8 `.npz` arrays (no pickle) so that the PNG
+decoding, about 10 s for MNIST on two cores, happens once per machine.
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxcnn.errors import ConfigError, DataError
+
+# How long each dataset host gets to answer before we call the machine offline. The whole check
+# must end well inside the 10 s in which an unpreparable dataset is reported.
+_NETWORK_PROBE_SECONDS = 3.0
+_DECODE_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the pipeline need to know about an image-classification dataset."""
+  name: str  # TFDS name with version, e.g. 'mnist/3.0.1'.
+  image_shape: tuple[int, int, int]  # (H, W, C).
+  num_classes: int
+  class_names: tuple[str, ...]
+  split_sizes: dict[str, int]
+  image_key: str = 'image'
+  label_key: str = 'label'
+
+
+def _tfds():
+  """Imports tensorflow_datasets lazily: it is slow to import and only the data path needs it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def get_builder(name: str, data_dir: str | None = None):
+  """Returns the TFDS builder of `name`, or raises a ConfigError if TFDS knows no such dataset."""
+  tfds = _tfds()
+  try:
+    tfds.builder_cls(name.split('/')[0].split(':')[0])
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f'unknown dataset {name!r}: not a TFDS dataset name '
+                      '(e.g. mnist, fashion_mnist, cifar10; see tfds.list_builders())') from None
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def default_manual_dir(builder) -> str:
+  """TFDS's manual_dir for this builder: `<data_dir>/downloads/manual`."""
+  return os.path.join(os.fspath(builder.data_dir_root), 'downloads', 'manual')
+
+
+def expected_download_files(builder) -> list[str]:
+  """Names of the files TFDS downloads for this dataset (and accepts from manual_dir)."""
+  url_infos = getattr(type(builder), 'url_infos', None) or {}
+  return sorted({info.filename or os.path.basename(urllib.parse.urlparse(url).path)
+                 for url, info in url_infos.items()})
+
+
+def _hosts_reachable(builder) -> bool:
+  url_infos = getattr(type(builder), 'url_infos', None) or {}
+  hosts = {urllib.parse.urlparse(url).hostname for url in url_infos} or {'storage.googleapis.com'}
+  for host in sorted(h for h in hosts if h):
+    try:
+      with socket.create_connection((host, 443), timeout=_NETWORK_PROBE_SECONDS):
+        pass
+    except OSError:
+      return False
+  return True
+
+
+def check_can_prepare(builder, manual_dir: str | None) -> bool:
+  """Raises a DataError at once if `builder` can be neither taken from manual_dir nor downloaded.
+
+  Returns:
+    True if every file is in manual_dir, so that preparing needs no network at all.
+  """
+  manual_dir = manual_dir or default_manual_dir(builder)
+  expected = expected_download_files(builder)
+  missing = [f for f in expected if not os.path.isfile(os.path.join(manual_dir, f))]
+  if expected and not missing:
+    return True
+  if not expected and getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    if os.path.isdir(manual_dir) and os.listdir(manual_dir):
+      return True
+    raise DataError(
+        f'dataset {builder.name!r} must be downloaded by hand into manual_dir {manual_dir} '
+        f'(or set --config.manual_dir): '
+        f'{" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
+  if _hosts_reachable(builder):
+    return False
+  files = ', '.join(missing) if missing else '(the files listed in its TFDS checksums)'
+  raise DataError(
+      f'dataset {builder.name!r} is not prepared in {builder.data_dir_root} and cannot be '
+      f'downloaded (no network); put these files in manual_dir {manual_dir} or point '
+      f'--config.manual_dir at a folder holding them: {files}')
+
+
+def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | None = None):
+  """Returns the builder of `name`, preparing the dataset first if it is not prepared yet."""
+  builder = get_builder(name, data_dir)
+  if builder.is_prepared():
+    return builder
+  offline = check_can_prepare(builder, manual_dir)
+  if importlib.util.find_spec('tensorflow') is None:
+    raise DataError(
+        f'dataset {name!r} is not prepared in {builder.data_dir_root}, and preparing it needs '
+        "TensorFlow (CPU), which is not installed: pip install 'jaxcnn[prepare]', or prepare it "
+        'elsewhere with python -m jaxcnn.data.prepare and point --config.data_dir at it')
+  command = [sys.executable, '-m', 'jaxcnn.data.prepare', name,
+             f'--data_dir={builder.data_dir_root}']
+  if manual_dir:
+    command.append(f'--manual_dir={manual_dir}')
+  if offline:
+    command.append('--offline')
+  print(f'preparing {name} in {builder.data_dir_root} (one time, TensorFlow on CPU)', flush=True)
+  result = subprocess.run(command, check=False)
+  if result.returncode != 0:
+    raise DataError(f'preparing dataset {name!r} failed (exit status {result.returncode}); '
+                    'its output is above')
+  builder = get_builder(name, data_dir)
+  if not builder.is_prepared():
+    raise DataError(f'dataset {name!r} was prepared but TFDS does not find it in '
+                    f'{builder.data_dir_root}')
+  return builder
+
+
+def dataset_info(builder) -> DatasetInfo:
+  """Reads image shape, classes and split sizes from the builder's `DatasetInfo`."""
+  info = builder.info
+  image_key, label_key = info.supervised_keys or ('image', 'label')
+  image_feature = info.features[image_key]
+  label_feature = info.features[label_key]
+  shape = tuple(image_feature.shape)
+  if len(shape) != 3 or any(d is None for d in shape):
+    raise DataError(f'dataset {builder.name!r} has images of shape {shape}; jaxcnn needs a fixed '
+                    '(height, width, channels) shape')
+  return DatasetInfo(
+      name=info.full_name,
+      image_shape=shape,
+      num_classes=int(label_feature.num_classes),
+      class_names=tuple(label_feature.names),
+      split_sizes={name: int(split.num_examples) for name, split in info.splits.items()},
+      image_key=image_key,
+      label_key=label_key,
+  )
+
+
+def default_cache_dir() -> str:
+  """Where decoded arrays are cached: $JAXCNN_CACHE_DIR, else ~/.cache/jaxcnn."""
+  return os.environ.get('JAXCNN_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'jaxcnn')
+
+
+def read_split(builder, split: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [N, H, W, C], labels int32 [N]) of a prepared split, in file order."""
+  info = dataset_info(builder)
+  if info.split_sizes and split not in info.split_sizes:
+    raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
+                      f'{", ".join(sorted(info.split_sizes))}')
+  # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
+  cache_path = (_cache_path(builder, split, cache_dir or default_cache_dir())
+                if split in info.split_sizes else None)
+  if cache_path and os.path.isfile(cache_path):
+    with np.load(cache_path, allow_pickle=False) as arrays:
+      return arrays['images'], arrays['labels']
+  images, labels = _decode_split(builder, split, info)
+  if cache_path:
+    _save_atomically(cache_path, images=images, labels=labels)
+  return images, labels
+
+
+def _cache_path(builder, split: str, cache_dir: str) -> str:
+  # The key names the prepared files, so a re-prepared or relocated dataset is decoded afresh.
+  info = builder.info
+  key = repr((os.path.realpath(os.fspath(builder.data_dir)), split,
+              int(info.splits[split].num_examples), int(info.splits[split].num_bytes)))
+  digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+  return os.path.join(cache_dir, 'decoded', f'{info.full_name.replace("/", "-")}-{split}-{digest}.npz')
+
+
+def _decode_split(builder, split: str, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  images = np.empty((n, *info.image_shape), np.uint8)
+  labels = np.empty((n,), np.int32)
+  start = time.time()
+  print(f'decoding {info.name} {split} ({n} images, once; cached afterwards)', flush=True)
+  for begin in range(0, n, _DECODE_CHUNK):
+    indices = list(range(begin, min(begin + _DECODE_CHUNK, n)))
+    for i, example in zip(indices, source.__getitems__(indices)):
+      images[i] = example[info.image_key]
+      labels[i] = example[info.label_key]
+  print(f'decoded {info.name} {split} in {time.time() - start:.1f}s', flush=True)
+  return images, labels
+
+
+def _save_atomically(path: str, **arrays: np.ndarray) -> None:
+  """Writes an .npz so that readers see either no file or the whole file."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:  # A read-only cache only costs the decoding next time.
+    print(f'warning: cannot cache decoded data in {os.path.dirname(path)}: {e}', file=sys.stderr)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_splits(name: str, splits: Sequence[str], data_dir: str | None = None,
+                manual_dir: str | None = None) -> tuple[DatasetInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Prepares `name` if needed and reads `splits` into memory as uint8 images and int32 labels."""
+  builder = ensure_prepared(name, data_dir, manual_dir)
+  info = dataset_info(builder)
+  return info, {split: read_split(builder, split) for split in splits}

@@ -1,0 +1,71 @@
+"""Optax optimizers and learning-rate schedules from the config."""
+
+import optax
+import jax
+
+from jaxcnn.errors import ConfigError
+
+OPTIMIZERS = ('adam', 'adamw', 'momentum', 'nesterov', 'sgd')
+SCHEDULES = ('constant', 'cosine', 'linear', 'onecycle', 'step')
+
+
+def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate as a function of the step.
+
+  `cosine` and `linear` decay to zero at `total_steps` after `warmup_epochs` of linear warm-up;
+  `step` multiplies the rate by `lr_decay_factor` at each epoch in `lr_decay_epochs`; `onecycle`
+  is Smith's one-cycle policy peaking at 30% of training.
+  """
+  base = float(config.learning_rate)
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  name = config.lr_schedule
+  if name == 'constant':
+    main = optax.constant_schedule(base)
+  elif name == 'cosine':
+    main = optax.cosine_decay_schedule(base, max(total_steps - warmup, 1))
+  elif name == 'linear':
+    main = optax.linear_schedule(base, 0.0, max(total_steps - warmup, 1))
+  elif name == 'step':
+    boundaries = {int(epoch * steps_per_epoch) - warmup: config.lr_decay_factor
+                  for epoch in config.lr_decay_epochs}
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  elif name == 'onecycle':
+    return optax.cosine_onecycle_schedule(total_steps, base)
+  else:
+    raise ConfigError(f'unknown lr_schedule {name!r}; choose one of: {", ".join(SCHEDULES)}')
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay applies to kernels only, not to biases or normalisation scales (ndim <= 1)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optimizer named by `config.optimizer`, with its schedule, weight decay and clipping.
+
+  `adamw` decays weights decoupled from the gradient (Loshchilov & Hutter); the other optimizers
+  add `weight_decay * w` to the gradient (L2 regularisation, as PyTorch's SGD does).
+  """
+  schedule = make_schedule(config, total_steps, steps_per_epoch)
+  name = config.optimizer
+  decay = float(config.weight_decay)
+  chain = []
+  if config.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if decay > 0 and name != 'adamw':
+    chain.append(optax.add_decayed_weights(decay, mask=_decay_mask))
+  if name == 'sgd':
+    chain.append(optax.sgd(schedule))
+  elif name in ('momentum', 'nesterov'):
+    chain.append(optax.sgd(schedule, momentum=config.momentum, nesterov=name == 'nesterov'))
+  elif name == 'adam':
+    chain.append(optax.adam(schedule, b1=config.beta1, b2=config.beta2))
+  elif name == 'adamw':
+    chain.append(optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=decay,
+                             mask=_decay_mask))
+  else:
+    raise ConfigError(f'unknown optimizer {name!r}; choose one of: {", ".join(OPTIMIZERS)}')
+  return optax.chain(*chain) if len(chain) > 1 else chain[0]

@@ -1,0 +1,274 @@
+"""Data parallelism over every device: `jit` over a mesh, `shard_map`, or classic `pmap`.
+
+All three run the same `train_step` and compute the same training run; they differ in who writes
+the per-device program:
+
+* `jit` (the default, and what JAX recommends): plain `jax.jit` over a 1-D `('data',)` mesh of
+  every device of every process. State is replicated, each batch is sharded along `data`, and XLA
+  inserts the gradient all-reduce. BatchNorm statistics are global-batch statistics because the
+  step sees the global batch.
+* `shard_map`: the step is written per device. Each device takes its slice of the batch, and
+  gradients, metrics and BatchNorm statistics are averaged with `lax.pmean` over `data`.
+* `pmap`: the classic `jax.pmap` step with `lax.pmean`. Replicated values carry a leading axis of
+  one entry per local device, built by `device_put` of a broadcast view and read back from one
+  device's shard: none of the deprecated `replicate`/`unreplicate`/`device_put_replicated`.
+
+Each strategy compiles two functions for the trainer: `train_fn(state, sums, split, permutation,
+first_batch, num_steps)` runs `num_steps` steps on device-resident data, and `eval_fn(state, sums,
+split, batch_index)` adds one evaluation batch to running sums.
+"""
+
+import abc
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxcnn.data import device_data
+from jaxcnn.errors import ConfigError
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
+  """A 1-D mesh named `data` over the first `num_devices` devices (-1: every device)."""
+  devices = jax.devices()
+  if num_devices > len(devices):
+    raise ConfigError(f'config key \'num_devices\' ({num_devices}) is more than the '
+                      f'{len(devices)} devices this run has')
+  if num_devices > 0:
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def _add(sums, values):
+  return jax.tree.map(jnp.add, sums, values)
+
+
+def _run_steps(one_step, carry, num_steps: int):
+  """Runs `one_step(carry, i)` for i in [0, num_steps): unrolled once, or as a `lax.scan`."""
+  if num_steps == 1:
+    return one_step(carry, 0)
+  return jax.lax.scan(lambda c, i: (one_step(c, i), None), carry, jnp.arange(num_steps))[0]
+
+
+class Strategy(abc.ABC):
+  """How the train and eval steps are spread over the devices of `mesh`."""
+
+  name: str
+  # The mapped axis the per-device step averages over; None when the compiler partitions (jit).
+  axis_name: str | None = DATA_AXIS
+
+  def __init__(self, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
+    self.num_devices = mesh.size
+
+  def check_batch_size(self, key: str, batch_size: int) -> None:
+    """Refuses a global batch that does not split evenly over the devices."""
+    if batch_size % self.num_devices:
+      raise ConfigError(f'config key {key!r} ({batch_size}) must be divisible by the number of '
+                        f'devices ({self.num_devices})')
+
+  def replicate(self, tree):
+    """Places a pytree of host or device arrays on every device, in this strategy's layout."""
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: _global_array(np.asarray(x), sharding), tree)
+
+  def unreplicate(self, tree):
+    """The global (replicated over the mesh) arrays of a pytree in this strategy's layout."""
+    return tree
+
+  def fetch(self, tree):
+    """A replicated pytree as host numpy arrays, read from this process's first device.
+
+    Reading one local copy works in a multi-process run too, where a global array is not fully
+    addressable, and it copies one replica instead of gathering all of them.
+    """
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+  def permutation(self, seed: int, epoch: int, num_examples: int) -> jax.Array:
+    """The order of epoch `epoch`, replicated in this strategy's layout."""
+    fn = jax.jit(device_data.epoch_permutation, static_argnums=(2,),
+                 out_shardings=NamedSharding(self.mesh, P()))
+    return fn(jnp.int32(seed), jnp.int32(epoch), num_examples)
+
+  def compile(self, fn: Callable, *args, static=()) -> Callable:
+    """Compiles `fn` ahead of time for `args`, so that compiling is timed apart from running."""
+    return fn.lower(*args, *static).compile()
+
+  @abc.abstractmethod
+  def train_fn(self, train_step: Callable, batch_size: int) -> Callable:
+    """Compiles `(state, sums, split, permutation, first_batch, num_steps) -> (state, sums)`."""
+
+  @abc.abstractmethod
+  def eval_fn(self, eval_step: Callable, batch_size: int) -> Callable:
+    """Compiles `(state, sums, split, batch_index) -> sums`."""
+
+
+class JitStrategy(Strategy):
+  """`jax.jit` over the mesh: global batch, compiler-inserted collectives."""
+
+  name = 'jit'
+  axis_name = None
+
+  def train_fn(self, train_step, batch_size):
+    batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(5,))
+    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+      def one_step(carry, i):
+        state, sums = carry
+        start = (first_batch + i) * batch_size
+        batch = device_data.train_batch(split, permutation, start, batch_size)
+        state, metrics = train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
+        return state, _add(sums, {**metrics, 'steps': 1})
+      return _run_steps(one_step, (state, sums), num_steps)
+
+    return train_steps
+
+  def eval_fn(self, eval_step, batch_size):
+    batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def eval_batch(state, sums, split, batch_index):
+      batch, mask = device_data.eval_batch(split, batch_index * batch_size, batch_size)
+      batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_sharding)
+      return _add(sums, eval_step(state, batch, mask))
+
+    return eval_batch
+
+
+class _PerDeviceStrategy(Strategy):
+  """Shared by shard_map and pmap: the per-device programs, which differ only in how they map."""
+
+  def _per_device_train(self, train_step, batch_size):
+    local_batch = batch_size // self.num_devices
+
+    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+      device = jax.lax.axis_index(DATA_AXIS)
+
+      def one_step(carry, i):
+        state, sums = carry
+        start = (first_batch + i) * batch_size + device * local_batch
+        batch = device_data.train_batch(split, permutation, start, local_batch)
+        state, metrics = train_step(state, batch, first_example=device * local_batch)
+        return state, _add(sums, {**metrics, 'steps': 1})
+      return _run_steps(one_step, (state, sums), num_steps)
+
+    return train_steps
+
+  def _per_device_eval(self, eval_step, batch_size):
+    local_batch = batch_size // self.num_devices
+
+    def eval_batch(state, sums, split, batch_index):
+      start = batch_index * batch_size + jax.lax.axis_index(DATA_AXIS) * local_batch
+      batch, mask = device_data.eval_batch(split, start, local_batch)
+      return _add(sums, eval_step(state, batch, mask))
+
+    return eval_batch
+
+
+class ShardMapStrategy(_PerDeviceStrategy):
+  """`jax.shard_map` over the mesh: explicit per-device code with `lax.pmean`."""
+
+  name = 'shard_map'
+
+  def _map(self, fn, num_args):
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) * num_args, out_specs=P())
+
+  def train_fn(self, train_step, batch_size):
+    per_device = self._per_device_train(train_step, batch_size)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(5,))
+    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+      fn = functools.partial(per_device, num_steps=num_steps)
+      return self._map(fn, 5)(state, sums, split, permutation, first_batch)
+
+    return train_steps
+
+  def eval_fn(self, eval_step, batch_size):
+    return jax.jit(self._map(self._per_device_eval(eval_step, batch_size), 4),
+                   donate_argnums=(1,))
+
+
+class PmapStrategy(_PerDeviceStrategy):
+  """Classic `jax.pmap` with `lax.pmean`; replicated values carry a leading device axis.
+
+  As in every multi-host pmap program, each process holds arrays over its own devices only:
+  a leading axis of one entry per local device. The collectives still span every process.
+  """
+
+  name = 'pmap'
+
+  def __init__(self, mesh):
+    super().__init__(mesh)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    # pmap maps over every local device unless told otherwise; name them for a subset.
+    self._devices = local if len(local) != len(jax.local_devices()) else None
+    local_mesh = jax.sharding.Mesh(np.array(local), (DATA_AXIS,))
+    self._stacked = NamedSharding(local_mesh, P(DATA_AXIS))
+    self._num_local = len(local)
+
+  def replicate(self, tree):
+    def stack(x):
+      # A broadcast view: every device receives one copy, the host makes none.
+      return jax.device_put(np.broadcast_to(x, (self._num_local, *np.shape(x))), self._stacked)
+    return jax.tree.map(lambda x: stack(np.asarray(x)), tree)
+
+  def unreplicate(self, tree):
+    # One device's copy, reshaped: no gather of all copies as `x[0]` on a pmapped array would do.
+    sharding = NamedSharding(self.mesh, P())
+
+    def first(x):
+      copies = [jnp.reshape(shard.data, x.shape[1:]) for shard in x.addressable_shards]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, copies)
+    return jax.tree.map(first, tree)
+
+  def fetch(self, tree):
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+  def compile(self, fn, *args, static=()):
+    if jax.process_count() == 1:
+      return super().compile(fn, *args, static=static)
+    # A multi-process pmap lowers for global shapes but is called with per-process ones, so it
+    # cannot be compiled ahead of time; it compiles on its first call instead.
+    return functools.partial(_call_with_static, fn, static)
+
+  def permutation(self, seed, epoch, num_examples):
+    fn = jax.pmap(lambda s, e: device_data.epoch_permutation(s, e, num_examples),
+                  axis_name=DATA_AXIS, in_axes=(None, 0), devices=self._devices)
+    return fn(jnp.int32(seed), self.replicate(np.int32(epoch)))
+
+  def train_fn(self, train_step, batch_size):
+    return jax.pmap(self._per_device_train(train_step, batch_size), axis_name=DATA_AXIS,
+                    in_axes=(0, 0, 0, 0, None), static_broadcasted_argnums=(5,),
+                    donate_argnums=(0, 1), devices=self._devices)
+
+  def eval_fn(self, eval_step, batch_size):
+    return jax.pmap(self._per_device_eval(eval_step, batch_size), axis_name=DATA_AXIS,
+                    in_axes=(0, 0, 0, None), donate_argnums=(1,), devices=self._devices)
+
+
+STRATEGIES = {cls.name: cls for cls in (JitStrategy, ShardMapStrategy, PmapStrategy)}
+
+
+def make_strategy(name: str, num_devices: int = -1) -> Strategy:
+  """The strategy `name` ('jit', 'shard_map' or 'pmap') over `num_devices` devices (-1: all)."""
+  if name not in STRATEGIES:
+    raise ConfigError(f'unknown parallel strategy {name!r}; choose one of: '
+                      f'{", ".join(STRATEGIES)}')
+  return STRATEGIES[name](make_mesh(num_devices))
+
+
+def _call_with_static(fn, static, *args):
+  return fn(*args, *static)
+
+
+def _global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host value that every process holds in full."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+

@@ -1,0 +1,68 @@
+"""The training state as a plain pytree, and the static model definition it is merged with.
+
+The NNX model is split once, at set-up, into a static `ModelDef` (the graph definition and the
+model's RNG streams) and array states. The train step is a pure function of the `TrainState`: it
+merges the model inside `jit`, so no Python object graph is walked per step (flax#4045), and
+gradients are taken with respect to `params` alone.
+"""
+
+import dataclasses
+
+import flax.struct
+import jax
+import optax
+from flax import nnx
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, and nothing else.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer steps taken.
+    params: the `nnx.Param` variables, which the optimizer updates.
+    model_state: every other model variable except RNG streams (BatchNorm statistics, ...).
+    opt_state: the Optax optimizer state.
+  """
+  step: jax.Array
+  params: nnx.State
+  model_state: nnx.State
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The static half of a split model: its graph and its RNG streams.
+
+  The RNG streams (dropout, ...) are reseeded inside every step from (seed, step), so they are
+  not part of the training state and never need saving.
+  """
+  graphdef: nnx.GraphDef
+  rng_state: nnx.State
+
+  def merge(self, params: nnx.State, model_state: nnx.State) -> nnx.Module:
+    """Rebuilds the module inside a trace. `copy=True` gives the variables the current trace,
+    which BatchNorm needs to update its statistics under `jax.grad`."""
+    return nnx.merge(self.graphdef, params, self.rng_state, model_state, copy=True)
+
+  def reseed(self, model: nnx.Module, key: jax.Array) -> None:
+    """Gives every RNG stream of `model` a key derived from `key` (one per stream name)."""
+    tags = sorted({variable.tag for variable in jax.tree.leaves(
+        self.rng_state, is_leaf=lambda x: isinstance(x, nnx.Variable))})
+    if tags:
+      nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
+
+  @staticmethod
+  def split_state(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
+    """(params, model_state) of a module, leaving its RNG streams out."""
+    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    return params, model_state
+
+
+def create_train_state(model: nnx.Module,
+                       tx: optax.GradientTransformation) -> tuple[ModelDef, TrainState]:
+  """Splits `model` once into its static definition and an initial `TrainState`."""
+  graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                     model_state=model_state, opt_state=tx.init(params))
+  return ModelDef(graphdef=graphdef, rng_state=rng_state), state

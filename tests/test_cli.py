@@ -1,0 +1,45 @@
+"""`python train.py`: a user's mistake is one line on stderr, exit status 2, and no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_train(*args, cwd=REPO_ROOT):
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.batch_sise=64', "unknown config key 'batch_sise'; did you mean 'batch_size'"),
+    ('--config.augment.flipp=true', "unknown config key 'augment.flipp'; did you mean 'augment.flip'"),
+    ('--config.model=resnet9000', "unknown model 'resnet9000'; choose one of: bn_cnn, keras_cnn"),
+    ('--config.dataset=mnistt', "unknown dataset 'mnistt': not a TFDS dataset name"),
+    ('--config.batch_size=0', "config key 'batch_size' must be a positive integer, got 0"),
+    ('--config.batch_size=-32', "config key 'batch_size' must be a positive integer, got -32"),
+    ('--config.learning_rate=fast', "invalid value 'fast' for config key 'learning_rate'"),
+    ('--config.dtype=float16', "config key 'dtype' must be one of float32, bfloat16, got 'float16'"),
+])
+def test_config_mistakes_are_one_line_errors(override, expected, tmp_path):
+  result = run_train('--config', 'configs/mnist.py', override, f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr + result.stdout
+  assert not (tmp_path / 'run').exists()  # Nothing was started.
+
+
+def test_missing_config_file_is_one_line_error():
+  result = run_train('--config', 'configs/no_such_config.py')
+  assert result.returncode == 2
+  assert result.stderr == "error: config file 'configs/no_such_config.py' does not exist\n"
+
+
+def test_unknown_config_variant_is_one_line_error():
+  result = run_train('--config', 'configs/mnist.py:smok')
+  assert result.returncode == 2
+  assert "unknown variant 'smok' of configs/mnist.py" in result.stderr
+  assert result.stderr.count('\n') == 1

@@ -1,0 +1,143 @@
+"""The data path: TFDS preparation checks, device-resident splits, augmentation."""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn.data import augment, device_data, tfds_data
+from jaxcnn.errors import ConfigError, DataError
+
+from conftest import MNIST_MANUAL_DIR
+
+
+# ---------------------------------------------------------------- TFDS
+
+def test_unprepared_dataset_without_network_fails_fast_naming_manual_dir(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_data, '_hosts_reachable', lambda builder: False)  # Offline, as in CI.
+  start = time.time()
+  with pytest.raises(DataError) as error:
+    tfds_data.ensure_prepared('mnist', data_dir=str(tmp_path))
+  assert time.time() - start < 10
+  message = str(error.value)
+  assert '\n' not in message
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
+  for name in ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'):
+    assert name in message
+
+
+def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_data, '_hosts_reachable', lambda builder: pytest.fail('probed'))
+  builder = tfds_data.get_builder('mnist', str(tmp_path))
+  assert tfds_data.check_can_prepare(builder, str(MNIST_MANUAL_DIR)) is True
+
+
+def test_unknown_dataset_and_split_are_config_errors(fake_tfds):
+  with pytest.raises(ConfigError, match="unknown dataset 'mnist_v9'"):
+    tfds_data.get_builder('mnist_v9')
+
+
+def test_decoded_cache_is_written_whole_and_read_back(tmp_path):
+  path = str(tmp_path / 'sub' / 'x.npz')
+  images = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)
+  tfds_data._save_atomically(path, images=images, labels=np.array([3, 4], np.int32))
+  assert os.listdir(tmp_path / 'sub') == ['x.npz']  # No temporary file left behind.
+  with np.load(path, allow_pickle=False) as arrays:
+    np.testing.assert_array_equal(arrays['images'], images)
+
+
+def test_fake_dataset_reads_with_the_real_shape(fake_tfds):
+  fake_tfds({'train': 40, 'test': 7})
+  info, splits = tfds_data.load_splits('cifar10', ['train', 'test'])
+  assert info.image_shape == (32, 32, 3) and info.num_classes == 10
+  images, labels = splits['test']
+  assert images.shape == (7, 32, 32, 3) and images.dtype == np.uint8
+  assert labels.dtype == np.int32 and labels.max() < 10
+
+
+# ---------------------------------------------------------------- Device-resident splits
+
+def test_epoch_permutation_is_a_deterministic_permutation_per_epoch():
+  seed = jnp.int32(3)
+  first = np.asarray(device_data.epoch_permutation(seed, jnp.int32(0), 1000))
+  np.testing.assert_array_equal(np.sort(first), np.arange(1000))
+  np.testing.assert_array_equal(first, device_data.epoch_permutation(seed, jnp.int32(0), 1000))
+  assert not np.array_equal(first, device_data.epoch_permutation(seed, jnp.int32(1), 1000))
+  assert not np.array_equal(first, device_data.epoch_permutation(jnp.int32(4), jnp.int32(0), 1000))
+
+
+def test_train_batches_follow_the_permutation():
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * 10
+  split = device_data.pad_split(images, np.arange(10))
+  permutation = device_data.epoch_permutation(jnp.int32(0), jnp.int32(0), 10)
+  batch = device_data.train_batch(split, permutation, jnp.int32(4), 4)
+  np.testing.assert_array_equal(batch['label'], np.asarray(permutation)[4:8])
+  np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], np.asarray(permutation)[4:8] * 10)
+
+
+def test_eval_split_is_padded_and_masked():
+  split = device_data.pad_split(np.ones((10, 2, 2, 1), np.uint8), np.arange(10),
+                                pad_to_multiple_of=4)
+  assert split.images.shape[0] == 12 and split.num_examples == 10
+  batch, mask = device_data.eval_batch(split, jnp.int32(8), 4)
+  np.testing.assert_array_equal(mask, [True, True, False, False])
+  np.testing.assert_array_equal(batch['label'][:2], [8, 9])
+
+
+# ---------------------------------------------------------------- Augmentation
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+  images = jnp.asarray(np.random.default_rng(0).integers(1, 255, (16, 8, 8, 3)), jnp.uint8)
+  out = augment.random_crop_with_padding(images, augment.example_keys(jax.random.key(0), 16), 2)
+  assert out.shape == images.shape and out.dtype == jnp.uint8
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for image, cropped in zip(padded, np.asarray(out)):
+    windows = [image[y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+    assert any(np.array_equal(w, cropped) for w in windows)
+  shifted = sum(not np.array_equal(a, b) for a, b in zip(np.asarray(out), np.asarray(images)))
+  assert shifted >= 10  # 24 of 25 offsets move the image.
+
+
+def test_random_crop_and_flip_are_deterministic_per_key():
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (32, 8, 8, 1)), jnp.uint8)
+  keys = lambda seed: augment.example_keys(jax.random.key(seed), 32)
+  for fn in (lambda x, k: augment.random_crop_with_padding(x, k, 3),
+             augment.random_flip_left_right):
+    np.testing.assert_array_equal(fn(images, keys(5)), fn(images, keys(5)))
+    assert not np.array_equal(fn(images, keys(5)), fn(images, keys(6)))
+
+
+def test_flip_mirrors_about_half_of_the_images():
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 255, (200, 4, 4, 1)), jnp.uint8)
+  out = np.asarray(augment.random_flip_left_right(images, augment.example_keys(jax.random.key(0), 200)))
+  mirrored = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, images)]
+  unchanged = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, images)]
+  assert all(m or u for m, u in zip(mirrored, unchanged))
+  assert 70 < sum(mirrored) < 130
+
+
+def test_augmentation_of_a_slice_equals_the_slice_of_the_augmented_batch():
+  """Per-example keys: a device augmenting its shard draws what one device draws for the batch."""
+  images = jnp.asarray(np.random.default_rng(4).integers(0, 255, (16, 8, 8, 3)), jnp.uint8)
+  preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True)
+  key = jax.random.key(9)
+  whole = preprocess(images, key, train=True)
+  for shard in range(4):
+    part = preprocess(images[4 * shard:4 * shard + 4], key, train=True, first_example=4 * shard)
+    np.testing.assert_array_equal(part, whole[4 * shard:4 * shard + 4])
+
+
+def test_normalisation_uses_the_training_statistics():
+  images = np.random.default_rng(3).integers(0, 255, (64, 6, 6, 3)).astype(np.uint8)
+  mean, std = augment.channel_stats(images)
+  np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0), rtol=1e-9)
+  np.testing.assert_allclose(std, images.reshape(-1, 3).std(0), rtol=1e-9)
+  normalized = augment.Preprocessor(mean=mean, std=std)(jnp.asarray(images), None, train=False)
+  np.testing.assert_allclose(np.asarray(normalized).reshape(-1, 3).mean(0), 0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(normalized).reshape(-1, 3).std(0), 1, atol=1e-4)
+  bf16 = augment.Preprocessor(mean=mean, std=std, dtype='bfloat16').normalize(jnp.asarray(images))
+  assert bf16.dtype == jnp.bfloat16

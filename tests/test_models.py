@@ -1,0 +1,77 @@
+"""The model zoo: output shapes, parameter counts, and the fast max-pool."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcnn import models
+from jaxcnn.errors import ConfigError
+from jaxcnn.models.layers import max_pool
+
+
+# Counts worked out by hand from each architecture (weights + biases, BatchNorm scale + bias).
+@pytest.mark.parametrize('name, input_shape, expected', [
+    # 6*(25+1) + 16*(150+1) + 120*(400+1) + 84*(120+1) + 10*(84+1)
+    ('lenet5', (28, 28, 1), 61_706),
+    # 32*(9+1) + 64*(13*13*32+1) + 10*(64+1)
+    ('keras_cnn', (28, 28, 1), 347_146),
+    # 64*(27+1) + 128*(576+1) + 256*(8*8*128+1) + 10*(256+1)
+    ('simple_cnn', (32, 32, 3), 2_175_626),
+    # 16*9 + 2*16 + 32*144 + 2*32 + 128*(7*7*32+1) + 10*(128+1)
+    ('bn_cnn', (28, 28, 1), 206_970),
+])
+def test_parameter_counts(name, input_shape, expected):
+  model = models.create_model(name, num_classes=10, input_shape=input_shape)
+  assert models.count_params(model) == expected
+
+
+@pytest.mark.parametrize('name', models.model_names())
+@pytest.mark.parametrize('input_shape, num_classes', [((28, 28, 1), 10), ((32, 32, 3), 100)])
+def test_output_shapes_on_any_image_dataset(name, input_shape, num_classes):
+  model = models.create_model(name, num_classes=num_classes, input_shape=input_shape)
+  model.eval()
+  logits = model(jnp.ones((3, *input_shape)))
+  assert logits.shape == (3, num_classes)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
+  model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1),
+                              dtype='bfloat16')
+  model.eval()
+  assert model(jnp.ones((2, 28, 28, 1), jnp.bfloat16)).dtype == jnp.bfloat16
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+
+
+def test_same_seed_same_parameters_other_seed_others():
+  def params(seed):
+    model = models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), seed=seed)
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+  for a, b in zip(params(3), params(3)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(params(3), params(4)))
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ConfigError, match=r"unknown model 'resnet9000'; choose one of: .*lenet5"):
+    models.create_model('resnet9000', num_classes=10, input_shape=(28, 28, 1))
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 1)])
+def test_max_pool_matches_flax_values_and_gradients(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  reference = lambda x: nnx.max_pool(x, (2, 2), (2, 2), padding='VALID')
+  np.testing.assert_array_equal(max_pool(x), reference(x))
+  grad = jax.grad(lambda x: jnp.sum(max_pool(x) ** 2))(x)
+  reference_grad = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x)
+  np.testing.assert_allclose(grad, reference_grad)
+
+
+def test_batchnorm_models_take_the_mapped_axis_name():
+  model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
+  norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+  assert len(norms) == 2 and all(norm.axis_name == 'data' for norm in norms)
+  # Models without BatchNorm accept the same call.
+  models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), axis_name='data')

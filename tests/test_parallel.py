@@ -1,0 +1,78 @@
+"""jit over a mesh, shard_map and pmap compute the same training run on 1 to 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxcnn import parallel, trainer
+from jaxcnn.errors import ConfigError
+from jaxcnn.metrics import read_metrics
+
+from conftest import REPO_ROOT, tiny_config
+
+RTOL = 1e-3
+
+
+def run(tmp_path, name, **overrides):
+  config = tiny_config(model='bn_cnn', **{'augment.crop_padding': 2, **overrides})
+  return trainer.train_and_evaluate(config, str(tmp_path / name))
+
+
+@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
+def test_every_device_count_trains_like_one_device(fake_tfds, tmp_path, strategy):
+  reference = run(tmp_path, 'one', parallel='jit', num_devices=1)
+  for num_devices in (1, 2, 4, 8):
+    result = run(tmp_path, f'{strategy}{num_devices}', parallel=strategy, num_devices=num_devices)
+    for key in ('train/loss', 'test/loss'):
+      np.testing.assert_allclose(result[key], reference[key], rtol=RTOL,
+                                 err_msg=f'{strategy} on {num_devices} devices, {key}')
+    assert result['test/num_examples'] == 200
+
+
+def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
+  """A different data order moves the losses by far more than the tolerance above."""
+  first = run(tmp_path, 'a', num_devices=2)
+  other = run(tmp_path, 'b', num_devices=2, seed=1)
+  assert abs(other['train/loss'] - first['train/loss']) > 10 * RTOL * first['train/loss']
+
+
+def test_batch_not_divisible_by_devices_is_refused(fake_tfds, tmp_path):
+  with pytest.raises(ConfigError, match=r"'batch_size' \(36\) .* number of devices \(8\)"):
+    run(tmp_path, 'x', batch_size=36, num_devices=8)
+
+
+def test_more_devices_than_exist_is_refused():
+  with pytest.raises(ConfigError, match="'num_devices' \\(9\\) is more than the 8 devices"):
+    parallel.make_mesh(9)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
+def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy):
+  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4)
+  workdir = tmp_path / 'multi'
+  address = f'localhost:{_free_port()}'
+  worker = str(REPO_ROOT / 'tests' / 'multiprocess_worker.py')
+  env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache')}
+  processes = [subprocess.Popen([sys.executable, worker, address, '2', str(i), '2', strategy,
+                                 str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  result = json.loads(outputs[0][0].strip().splitlines()[-1])
+  for key in ('train/loss', 'test/loss', 'test/accuracy'):
+    np.testing.assert_allclose(result[key], reference[key], rtol=RTOL, err_msg=key)
+  # Only process 0 wrote metrics: one record per log step, not two.
+  steps = [r['step'] for r in read_metrics(str(workdir)) if 'train/loss' in r]
+  assert steps == [8, 12, 16, 24]

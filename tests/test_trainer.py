@@ -1,0 +1,89 @@
+"""End to end on a mocked TFDS dataset: files, metrics, full evaluation, determinism."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxcnn import trainer
+from jaxcnn.errors import ConfigError
+from jaxcnn.metrics import read_metrics
+
+from conftest import tiny_config
+
+
+def test_run_writes_config_metrics_and_tensorboard(fake_tfds, tmp_path):
+  result = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  files = os.listdir(tmp_path)
+  assert 'config.json' in files and 'metrics.jsonl' in files and 'dataset.json' in files
+  assert any(f.startswith('events.out.tfevents') for f in files)
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['model'] == 'lenet5'
+  records = read_metrics(str(tmp_path))
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  eval_steps = [r['step'] for r in records if 'test/accuracy' in r]
+  assert train_steps == [8, 12, 16, 24]  # Every 8 steps, and at each evaluation.
+  assert eval_steps == [12, 24]
+  for record in records:
+    assert all(key == 'step' or '/' in key for key in record)
+  assert {'train/loss', 'train/accuracy', 'train/learning_rate', 'train/steps_per_sec',
+          'train/examples_per_sec'} <= set(records[0])
+  assert {'test/loss', 'test/accuracy'} <= set(records[-2])
+  assert result['test/accuracy'] == records[-2]['test/accuracy']
+  assert result['step'] == 24
+
+
+def test_the_model_learns_the_fake_task(fake_tfds, tmp_path):
+  fake_tfds({'train': 1024, 'test': 256})
+  result = trainer.train_and_evaluate(
+      tiny_config(model='bn_cnn', num_train_steps=60, eval_every_steps=60), str(tmp_path))
+  assert result['test/accuracy'] > 0.9
+
+
+@pytest.mark.parametrize('num_test, eval_batch_size', [(203, 64), (64, 64), (10, 64)])
+def test_evaluation_counts_every_test_example(fake_tfds, tmp_path, num_test, eval_batch_size):
+  fake_tfds({'train': 256, 'test': num_test})
+  result = trainer.train_and_evaluate(
+      tiny_config(num_train_steps=4, eval_batch_size=eval_batch_size), str(tmp_path))
+  assert result['test/num_examples'] == num_test
+  # Accuracy is a count over exactly num_test examples.
+  correct = result['test/accuracy'] * num_test
+  assert abs(correct - round(correct)) < 1e-6
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(fake_tfds, tmp_path):
+  config = tiny_config(model='keras_cnn', **{'augment.crop_padding': 2})
+
+  def losses(seed, name):
+    config.seed = seed
+    trainer.train_and_evaluate(config, str(tmp_path / name))
+    return [(r['step'], r.get('train/loss'), r.get('test/loss'))
+            for r in read_metrics(str(tmp_path / name)) if 'train/loss' in r or 'test/loss' in r]
+
+  first, second, other = losses(1, 'a'), losses(1, 'b'), losses(2, 'c')
+  assert first == second
+  assert first != other
+
+
+def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
+  """Scanning several steps per compiled call computes the same steps as one call per step."""
+  results = [trainer.train_and_evaluate(tiny_config(steps_per_call=k), str(tmp_path / str(k)))
+             for k in (1, 5)]
+  np.testing.assert_allclose(results[0]['train/loss'], results[1]['train/loss'], rtol=1e-5)
+  np.testing.assert_allclose(results[0]['test/loss'], results[1]['test/loss'], rtol=1e-5)
+
+
+def test_new_workdir_is_unique_under_runs(tmp_path):
+  config = tiny_config()
+  first = trainer.new_workdir(config, root=str(tmp_path))
+  os.makedirs(first)
+  second = trainer.new_workdir(config, root=str(tmp_path))
+  assert first != second and os.path.dirname(first) == str(tmp_path)
+  assert os.path.basename(first).startswith('mnist-lenet5-')
+
+
+def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
+  fake_tfds({'train': 16, 'test': 16})
+  with pytest.raises(ConfigError, match='batch_size'):
+    trainer.train_and_evaluate(tiny_config(batch_size=32), str(tmp_path))
