@@ -2,7 +2,8 @@
 
 A `UserError` (or a flag that does not parse) ends the process with one line on stderr,
 `error: <what was wrong and what is accepted>`, and exit status 2, as command-line tools do for
-usage errors. Anything else is a bug and keeps its traceback.
+usage errors; a diverged run ends the same way with status 1. Anything else is a bug and keeps
+its traceback.
 """
 
 import difflib
@@ -15,16 +16,16 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from absl import app, flags, logging
 
-from jaxcnn.errors import UserError
+from jaxcnn.errors import JaxcnnError, UserError
 
 USAGE_ERROR_STATUS = 2
 _HELP_FLAGS = ('-h', '--help', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 
-def exit_with_error(message: str) -> None:
-  """Prints `error: message` as one line on stderr and exits with status 2."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
-  sys.exit(USAGE_ERROR_STATUS)
+def exit_with_error(message: str, status: int = USAGE_ERROR_STATUS, label: str = 'error') -> None:
+  """Prints `<label>: message` as one line on stderr and exits with `status`."""
+  print(f'{label}: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None) -> None:
@@ -57,7 +58,9 @@ def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None)
   def guarded_main(argv: Sequence[str]) -> None:
     try:
       main(argv)
-    except (UserError, app.UsageError) as e:
+    except JaxcnnError as e:
+      exit_with_error(str(e), e.exit_status, e.label)
+    except app.UsageError as e:
       exit_with_error(str(e))
 
   app.run(guarded_main, flags_parser=parse_flags)

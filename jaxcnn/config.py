@@ -61,6 +61,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.steps_per_call = -1  # Train steps per compiled call; -1: chosen for the backend.
   config.parallel = 'jit'  # Data-parallel strategy: 'jit', 'shard_map' or 'pmap'.
   config.num_devices = -1  # Devices to train on; -1: every device of every process.
+
+  # Checkpoints (in <workdir>/checkpoints; a run started again in the same workdir resumes).
+  config.checkpoint_every_steps = -1  # -1: at every evaluation. Always at the end.
+  config.keep_checkpoints = 3  # The most recent ones...
+  config.keep_best = 1  # ...and, separately, the best ones by best_metric.
+  config.best_metric = 'test/accuracy'
+  config.best_mode = 'max'  # 'max' or 'min'.
+  config.async_checkpointing = True  # Write checkpoints while training goes on.
   return config
 
 
@@ -73,9 +81,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'lr_schedule', optim.SCHEDULES)
   _choice(config, 'parallel', PARALLEL_STRATEGIES)
-  for key in ('batch_size', 'eval_batch_size', 'log_every_steps'):
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     _positive_int(config, key)
-  for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices'):
+  _require(config, 'keep_best', _is_int(config.keep_best) and config.keep_best >= 0,
+           'an integer >= 0')
+  _choice(config, 'best_mode', ('max', 'min'))
+  _require(config, 'best_metric', isinstance(config.best_metric, str) and '/' in config.best_metric,
+           "a metric name such as 'test/accuracy'")
+  _require(config, 'async_checkpointing', isinstance(config.async_checkpointing, bool),
+           'true or false')
+  for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices',
+              'checkpoint_every_steps'):
     value = config[key]
     _require(config, key, _is_int(value) and (value == -1 or value > 0),
              'a positive integer, or -1')

@@ -14,14 +14,16 @@ METRICS_FILE = 'metrics.jsonl'
 class MetricWriter:
   """Appends scalar records to `<workdir>/metrics.jsonl` and to TensorBoard event files."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):
+    """`purge_step`: a resumed run logs again from this step; TensorBoard hides older events of
+    those steps (metrics.jsonl is truncated by the trainer)."""
     self._enabled = enabled
     self._jsonl = None
     self._tensorboard = None
     if enabled:
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30)
+      self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30, purge_step=purge_step)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Writes one record: `{"step": step, **scalars}`."""

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcnn.data import device_data
 from jaxcnn.errors import ConfigError
+from jaxcnn.train_step import accumulate
 
 DATA_AXIS = 'data'
 
@@ -90,6 +91,10 @@ class Strategy(abc.ABC):
     """
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
+  def from_global(self, tree):
+    """The inverse of `unreplicate`: global replicated arrays in this strategy's layout."""
+    return tree
+
   def permutation(self, seed: int, epoch: int, num_examples: int) -> jax.Array:
     """The order of epoch `epoch`, replicated in this strategy's layout."""
     fn = jax.jit(device_data.epoch_permutation, static_argnums=(2,),
@@ -125,7 +130,7 @@ class JitStrategy(Strategy):
         start = (first_batch + i) * batch_size
         batch = device_data.train_batch(split, permutation, start, batch_size)
         state, metrics = train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
-        return state, _add(sums, {**metrics, 'steps': 1})
+        return state, accumulate(sums, metrics)
       return _run_steps(one_step, (state, sums), num_steps)
 
     return train_steps
@@ -156,7 +161,7 @@ class _PerDeviceStrategy(Strategy):
         start = (first_batch + i) * batch_size + device * local_batch
         batch = device_data.train_batch(split, permutation, start, local_batch)
         state, metrics = train_step(state, batch, first_example=device * local_batch)
-        return state, _add(sums, {**metrics, 'steps': 1})
+        return state, accumulate(sums, metrics)
       return _run_steps(one_step, (state, sums), num_steps)
 
     return train_steps
@@ -230,6 +235,9 @@ class PmapStrategy(_PerDeviceStrategy):
 
   def fetch(self, tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+  def from_global(self, tree):
+    return self.replicate(jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree))
 
   def compile(self, fn, *args, static=()):
     if jax.process_count() == 1:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcnn import rng
@@ -17,6 +18,30 @@ from jaxcnn.train_state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+# `first_nonfinite_step` of a window in which every step was finite.
+NO_STEP = np.iinfo(np.int32).max
+
+
+def init_train_sums() -> dict[str, np.ndarray]:
+  """Accumulators of the train metrics over a logging window (host values, to be replicated)."""
+  return {'loss': np.float32(0), 'accuracy': np.float32(0), 'grad_norm': np.float32(0),
+          'steps': np.int32(0), 'first_nonfinite_step': np.int32(NO_STEP)}
+
+
+def init_eval_sums() -> dict[str, np.ndarray]:
+  """Accumulators of an evaluation: summed loss, correct predictions and examples."""
+  return {'loss': np.float32(0), 'correct': np.int32(0), 'count': np.int32(0)}
+
+
+def accumulate(sums: Metrics, metrics: Metrics) -> Metrics:
+  """Adds one step's metrics to the window's sums; remembers the first non-finite step."""
+  return {'loss': sums['loss'] + metrics['loss'],
+          'accuracy': sums['accuracy'] + metrics['accuracy'],
+          'grad_norm': sums['grad_norm'] + metrics['grad_norm'],
+          'steps': sums['steps'] + 1,
+          'first_nonfinite_step': jnp.minimum(sums['first_nonfinite_step'],
+                                              metrics['nonfinite_step'])}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -36,6 +61,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
 
   The step draws its augmentation and dropout keys from (seed, state.step), takes gradients with
   respect to the parameters only, and returns the batch's mean loss, accuracy and gradient norm.
+  A step whose loss or gradient is not finite leaves the state as it was and reports its number
+  as `nonfinite_step`, so a diverged run never holds, nor saves, a NaN state.
   With `axis_name` the step runs per device (shard_map, pmap): gradients and metrics are averaged
   across that mapped axis.
   """
@@ -65,6 +92,9 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               model_state=model_state, opt_state=opt_state)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics['nonfinite_step'] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
     return new_state, metrics
 
   return train_step
@@ -92,3 +122,15 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
     return sums
 
   return eval_step
+
+
+def make_predict_step(model_def: ModelDef, preprocess: Preprocessor) -> Callable[..., jax.Array]:
+  """Builds `predict_step(state, images_uint8) -> class probabilities` (float32)."""
+
+  def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+    model = model_def.merge(state.params, state.model_state)
+    model.eval()
+    logits = model(preprocess(images, None, train=False))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return predict_step

@@ -6,43 +6,32 @@ device and fetched only at log and evaluation steps.
 """
 
 import dataclasses
-import datetime
-import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
 from jaxcnn import models, optim, parallel
+from jaxcnn import workdir as workdir_lib
+from jaxcnn.checkpoint import Checkpointer
 from jaxcnn.data import device_data, tfds_data
 from jaxcnn.data.augment import Preprocessor, channel_stats
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from jaxcnn.metrics import MetricWriter
 from jaxcnn.progress import Progress, Stopwatch, format_duration
 from jaxcnn.train_state import ModelDef, TrainState, create_train_state
-from jaxcnn.train_step import make_eval_step, make_train_step
-
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
-
-
-def new_workdir(config: ml_collections.ConfigDict, root: str = 'runs') -> str:
-  """A fresh directory `runs/<dataset>-<model>-<date>-<time>[-N]` for a run given no workdir."""
-  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-  base = os.path.join(root, f'{config.dataset.replace("/", "_")}-{config.model}-{stamp}')
-  path, n = base, 1
-  while os.path.exists(path):
-    n += 1
-    path = f'{base}-{n}'
-  return path
-
+from jaxcnn.train_step import (NO_STEP, init_eval_sums, init_train_sums, make_eval_step,
+                               make_train_step)
 
 def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """The number of optimizer steps of the run: `num_train_steps`, or `num_epochs` of steps."""
@@ -81,12 +70,10 @@ class Experiment:
 
   def zero_train_sums(self):
     """Device-side accumulators of the train metrics between two log steps."""
-    return self.strategy.replicate({'loss': np.float32(0), 'accuracy': np.float32(0),
-                                    'grad_norm': np.float32(0), 'steps': np.int32(0)})
+    return self.strategy.replicate(init_train_sums())
 
   def zero_eval_sums(self):
-    return self.strategy.replicate({'loss': np.float32(0), 'correct': np.int32(0),
-                                    'count': np.int32(0)})
+    return self.strategy.replicate(init_eval_sums())
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
@@ -143,13 +130,52 @@ def evaluate(experiment: Experiment, state, split: device_data.DeviceSplit, pref
           f'{prefix}/num_examples': count}
 
 
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  Preemption (SIGTERM) and Ctrl-C (SIGINT) then end the run with a saved checkpoint instead of a
+  lost one; a second Ctrl-C interrupts at once. In a multi-process run every process must stop at
+  the same step, so JAX's preemption sync point decides there.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_number = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for number in self.SIGNALS:
+        self._previous[number] = signal.signal(number, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+
+  def _handle(self, number, frame):
+    if self.signal_number == signal.SIGINT and number == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_number = number
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signal_number is not None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
   """Trains `config.model` on `config.dataset` and evaluates it; returns the final metrics.
 
-  Writes `config.json`, `dataset.json`, `metrics.jsonl` and TensorBoard event files into `workdir`
-  (a new directory under `runs/` if None). The returned dict holds the last evaluation
+  Writes `config.json`, `dataset.json`, `metrics.jsonl`, TensorBoard event files and checkpoints
+  into `workdir` (a new directory under `runs/` if None). A workdir that holds checkpoints is
+  resumed from its latest good one. The returned dict holds the last evaluation
   (`<eval_split>/loss`, `<eval_split>/accuracy`, `<eval_split>/num_examples`), the last training
-  metrics, `workdir`, `step`, and the seconds spent compiling, training and evaluating.
+  metrics, `workdir`, `step`, and the seconds spent compiling, training, evaluating and saving.
+
+  Raises:
+    TrainingDiverged: the loss or gradient norm stopped being finite.
+    TrainingInterrupted: SIGTERM or SIGINT arrived; a checkpoint of the last step was saved.
   """
   # ---------------------------------------------------------------- Setup
   config_lib.validate(config)
@@ -160,12 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if workdir is None and jax.process_count() > 1:
     raise ConfigError('a multi-process run needs --workdir: every process must write to the '
                       'same directory')
-  workdir = workdir or new_workdir(config)
+  workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
-    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    workdir_lib.write_config(workdir, config)
   stopwatch = Stopwatch()
 
   # ---------------------------------------------------------------- Data
@@ -179,22 +204,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     eval_split = strategy.replicate(device_data.pad_split(
         eval_images, eval_labels, pad_to_multiple_of=config.eval_batch_size))
   if is_chief:
-    with open(os.path.join(workdir, DATASET_FILE), 'w', encoding='utf-8') as f:
-      json.dump({'name': info.name, 'image_shape': info.image_shape,
-                 'num_classes': info.num_classes, 'class_names': info.class_names,
-                 'mean': mean, 'std': std}, f, indent=2)
+    workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
+        name=info.name, image_shape=info.image_shape, num_classes=info.num_classes,
+        class_names=info.class_names, num_train_examples=train_split.num_examples,
+        mean=mean, std=std))
 
   # ---------------------------------------------------------------- Model, optimizer, steps
   experiment, state = build_experiment(
       config, image_shape=info.image_shape, num_classes=info.num_classes,
       num_train_examples=train_split.num_examples, mean=mean, std=std, strategy=strategy)
   total_steps, steps_per_epoch = experiment.total_steps, experiment.steps_per_epoch
+  sums = experiment.zero_train_sums()
+
+  # ---------------------------------------------------------------- Restore
+  checkpointer = make_checkpointer(config, workdir)
+  step = 0
+  restored = checkpointer.restore_latest_good(
+      {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
+      NamedSharding(strategy.mesh, PartitionSpec()))
+  if restored is not None:
+    tree, meta = restored
+    step = meta['step']
+    _check_data_position(meta, steps_per_epoch, config.batch_size)
+    if step >= total_steps:
+      checkpointer.close()
+      print(f'{workdir} already holds a checkpoint at step {step} (this config trains '
+            f'{total_steps} steps): nothing to train. Raise num_train_steps or num_epochs to '
+            'train on.', flush=True)
+      return {**meta['metrics'], 'workdir': workdir, 'step': step}
+    state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
+    if is_chief:
+      workdir_lib.truncate_metrics(workdir, step)
+    print(f'resuming from the checkpoint at step {step} (epoch {meta["epoch"]}, batch '
+          f'{meta["batch_in_epoch"]})', flush=True)
+
+  # ---------------------------------------------------------------- Compile
   steps_per_call = (config.steps_per_call if config.steps_per_call > 0
                     else default_steps_per_call(jax.default_backend()))
   compiled_train: dict[int, Callable] = {}
 
   def compiled_train_fn(num_steps: int, *args) -> Callable:
-    """AOT-compiles one variant per chunk length, so that compiling never counts as training."""
+    """Compiles one variant per chunk length ahead of time: compiling never counts as training."""
     if num_steps not in compiled_train:
       with stopwatch.timed('compile'):
         compiled_train[num_steps] = strategy.compile(experiment.train_fn, *args,
@@ -206,53 +256,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                                eval_split, jnp.int32(0))
 
   # ---------------------------------------------------------------- Loop
-  writer = MetricWriter(workdir, enabled=is_chief)
-  step = 0
-  sums = experiment.zero_train_sums()
-  permutation, permutation_epoch = None, None
+  writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1 if step else None)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                      else eval_every)
   progress = Progress(total_steps, step, enabled=is_chief)
-  progress.message(f'{config.model} ({models.count_params(experiment.strategy.unreplicate(state).params):,} '
-                   f'parameters) on {info.name}: {total_steps} steps of {config.batch_size} '
-                   f'({steps_per_epoch} per epoch) on {strategy.num_devices} '
-                   f'{jax.default_backend()} device(s) with {strategy.name}; workdir {workdir}')
+  num_params = models.count_params(strategy.unreplicate(state).params)
+  progress.message(f'{config.model} ({num_params:,} parameters) on {info.name}: {total_steps} '
+                   f'steps of {config.batch_size} ({steps_per_epoch} per epoch) on '
+                   f'{strategy.num_devices} {jax.default_backend()} device(s) with '
+                   f'{strategy.name}; workdir {workdir}')
+  permutation, permutation_epoch = None, None
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
-  window_start, window_step = time.perf_counter(), step
+  window_seconds, window_step = 0.0, step  # Training time and first step of the log window.
+  num_saves = 0
 
-  while step < total_steps:
-    epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-    if epoch != permutation_epoch:
-      permutation = strategy.permutation(config.seed, epoch, train_split.num_examples)
-      permutation_epoch = epoch
-    next_event = min(_next_multiple(step, config.log_every_steps), _next_multiple(step, eval_every),
-                     total_steps)
-    num_steps = min(steps_per_call, steps_per_epoch - batch_in_epoch, next_event - step)
-    args = (state, sums, train_split, permutation, jnp.int32(batch_in_epoch))
-    compile_seconds = stopwatch.totals.get('compile', 0.0)
-    train_fn = compiled_train_fn(num_steps, *args)
-    window_start += stopwatch.totals.get('compile', 0.0) - compile_seconds  # Not training time.
-    state, sums = train_fn(*args)
-    step += num_steps
-    progress.advance(num_steps)
+  with _StopRequests() as stop_requests:
+    window_start = time.perf_counter()
+    while step < total_steps:
+      epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+      if epoch != permutation_epoch:
+        permutation = strategy.permutation(config.seed, epoch, train_split.num_examples)
+        permutation_epoch = epoch
+      next_event = min(_next_multiple(step, every)
+                       for every in (config.log_every_steps, eval_every, checkpoint_every))
+      num_steps = min(steps_per_call, steps_per_epoch - batch_in_epoch, next_event - step,
+                      total_steps - step)
+      args = (state, sums, train_split, permutation, jnp.int32(batch_in_epoch))
+      compile_seconds = stopwatch.totals.get('compile', 0.0)
+      train_fn = compiled_train_fn(num_steps, *args)
+      window_start += stopwatch.totals.get('compile', 0.0) - compile_seconds  # Not training.
+      state, sums = train_fn(*args)
+      step += num_steps
+      progress.advance(num_steps)
 
-    eval_now = step % eval_every == 0 or step == total_steps
-    if eval_now or step % config.log_every_steps == 0:
-      fetched = strategy.fetch(sums)
-      elapsed = time.perf_counter() - window_start  # The fetch waited for the device.
+      stopping = stop_requests.should_stop(step)
+      log_now = step % config.log_every_steps == 0
+      eval_now = step % eval_every == 0 or step == total_steps
+      checkpoint_now = step % checkpoint_every == 0 or step == total_steps or stopping
+      if not (log_now or eval_now or checkpoint_now):
+        continue
+
+      fetched = strategy.fetch(sums)  # Waits for the device: the loop's only sync points.
+      elapsed = time.perf_counter() - window_start
       stopwatch.add('train', elapsed)
-      steps_per_sec = (step - window_step) / elapsed
-      num = int(fetched['steps'])
-      last_train = {'train/loss': float(fetched['loss']) / num,
-                    'train/accuracy': float(fetched['accuracy']) / num,
-                    'train/grad_norm': float(fetched['grad_norm']) / num,
-                    'train/learning_rate': float(experiment.schedule(step - 1)),
-                    'train/steps_per_sec': steps_per_sec,
-                    'train/examples_per_sec': steps_per_sec * config.batch_size}
-      writer.write_scalars(step, last_train)
-      progress.report(step, last_train['train/loss'], steps_per_sec,
-                      steps_per_sec * config.batch_size)
-      sums = experiment.zero_train_sums()
+      window_seconds += elapsed
+      if int(fetched['first_nonfinite_step']) != NO_STEP:
+        checkpointer.wait()
+        latest = checkpointer.latest_step()
+        raise TrainingDiverged(
+            f'training diverged: the loss or gradient norm was not finite at step '
+            f'{int(fetched["first_nonfinite_step"])}, so training stopped there. '
+            + (f'The last good checkpoint is step {latest} in {checkpointer.directory}.'
+               if latest is not None else 'No checkpoint had been written yet.'))
+      if log_now or eval_now:
+        steps_per_sec = (step - window_step) / window_seconds
+        num = int(fetched['steps'])
+        last_train = {'train/loss': float(fetched['loss']) / num,
+                      'train/accuracy': float(fetched['accuracy']) / num,
+                      'train/grad_norm': float(fetched['grad_norm']) / num,
+                      'train/learning_rate': float(experiment.schedule(step - 1)),
+                      'train/steps_per_sec': steps_per_sec,
+                      'train/examples_per_sec': steps_per_sec * config.batch_size}
+        writer.write_scalars(step, last_train)
+        progress.report(step, last_train['train/loss'], steps_per_sec,
+                        steps_per_sec * config.batch_size)
+        sums = experiment.zero_train_sums()
+        window_seconds, window_step = 0.0, step
       if eval_now:
         with stopwatch.timed('eval'):
           last_eval = evaluate(experiment, state, eval_split, config.eval_split, eval_fn)
@@ -261,20 +332,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         progress.message(f'step {step}: {config.eval_split} accuracy '
                          f'{100 * last_eval[config.eval_split + "/accuracy"]:.2f}%, loss '
                          f'{last_eval[config.eval_split + "/loss"]:.4f}')
-      window_start, window_step = time.perf_counter(), step
+      if checkpoint_now:
+        with stopwatch.timed('checkpoint'):
+          checkpointer.save(
+              step, {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
+              meta=dict(zip(('epoch', 'batch_in_epoch'), divmod(step, steps_per_epoch)),
+                        batch_size=config.batch_size),
+              metrics=last_eval if eval_now else None)
+        num_saves += 1
+      if stopping:
+        progress.close()
+        checkpointer.close()
+        writer.close()
+        raise TrainingInterrupted(
+            f'stopped by {signal.Signals(stop_requests.signal_number or signal.SIGTERM).name} at '
+            f'step {step} of {total_steps}; the checkpoint of step {step} is in '
+            f'{checkpointer.directory}. Run the same command again to resume.',
+            stop_requests.signal_number or signal.SIGTERM)
+      window_start = time.perf_counter()
 
   # ---------------------------------------------------------------- Final report
   progress.close()
+  with stopwatch.timed('checkpoint'):
+    checkpointer.close()  # Waits for the last checkpoint to be completely written.
   timing = {f'time/{phase}_seconds': stopwatch.totals.get(phase, 0.0)
-            for phase in ('compile', 'train', 'eval', 'data')}
+            for phase in ('compile', 'train', 'eval', 'checkpoint', 'data')}
+  timing['time/checkpoint_saves'] = num_saves
   writer.write_scalars(step, timing)
   writer.close()
   progress.message(
       f'done: {config.eval_split} accuracy {100 * last_eval[config.eval_split + "/accuracy"]:.2f}% '
       f'after {step} steps; training {format_duration(timing["time/train_seconds"])}, compiling '
       f'{format_duration(timing["time/compile_seconds"])}, evaluating '
-      f'{format_duration(timing["time/eval_seconds"])}')
+      f'{format_duration(timing["time/eval_seconds"])}, saving '
+      f'{format_duration(timing["time/checkpoint_seconds"])}')
   return {**last_train, **last_eval, **timing, 'workdir': workdir, 'step': step}
+
+
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
+  """The checkpoint manager of a run, with the config's retention and saving options."""
+  return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
+                      best_metric=config.best_metric, best_mode=config.best_mode,
+                      async_save=config.async_checkpointing)
+
+
+def _check_data_position(meta: dict, steps_per_epoch: int, batch_size: int) -> None:
+  """A checkpoint's data position must be where this config's step count puts it."""
+  if (meta['epoch'], meta['batch_in_epoch']) != divmod(meta['step'], steps_per_epoch):
+    raise ConfigError(
+        f'the checkpoint at step {meta["step"]} was taken at epoch {meta["epoch"]}, batch '
+        f'{meta["batch_in_epoch"]} with batch_size {meta["batch_size"]}; with batch_size '
+        f'{batch_size} this config cannot continue from the same example. Resume with '
+        f'--config.batch_size={meta["batch_size"]}')
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcnn import trainer
+from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
@@ -75,10 +76,9 @@ def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
 
 
 def test_new_workdir_is_unique_under_runs(tmp_path):
-  config = tiny_config()
-  first = trainer.new_workdir(config, root=str(tmp_path))
+  first = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))
   os.makedirs(first)
-  second = trainer.new_workdir(config, root=str(tmp_path))
+  second = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))
   assert first != second and os.path.dirname(first) == str(tmp_path)
   assert os.path.basename(first).startswith('mnist-lenet5-')
 

@@ -1,0 +1,244 @@
+"""Checkpoints of the whole training state with Orbax, written so that a resumed run is the same run.
+
+A checkpoint holds the `TrainState` (parameters, optimizer state, BatchNorm statistics, step),
+the device-side metric sums of the current logging window, and a JSON record of the data position
+(epoch, batch within it), the evaluation metrics and a checksum of every array. Randomness is a
+function of (seed, step), so nothing else is needed for a bitwise-identical continuation.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
+killed at any moment leaves either the whole checkpoint or none; saving is asynchronous, so the
+loop only waits for the copy off the device. On restore, a checkpoint that fails to read or whose
+arrays do not match their checksums is reported and skipped for the previous one.
+
+Checkpoints are stored as nested dicts of plain arrays (`{'params': {'conv1': {'kernel': ...}}}`),
+independent of the Python classes that hold them in memory.
+"""
+
+import os
+import sys
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from jaxcnn.errors import ConfigError
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+# ---------------------------------------------------------------- Pytrees <-> nested dicts
+
+def _key_name(key) -> str:
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  # NNX variables appear as a trailing `.value`; it says nothing about the parameter.
+  names = tuple(_key_name(k) for k in path)
+  return names[:-1] if names and names[-1] == 'value' else names
+
+
+def to_nested_dict(tree) -> dict:
+  """A nested dict of the pytree's leaves, keyed by the names along each leaf's path."""
+  nested: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    *parents, name = _path_names(path)
+    node = nested
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = leaf
+  return nested
+
+
+def from_nested_dict(template, nested: Mapping):
+  """The inverse of `to_nested_dict`: `template`'s structure with the leaves of `nested`."""
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  leaves = []
+  for path, _ in leaves_with_paths:
+    node = nested
+    for name in _path_names(path):
+      node = node[name]
+    leaves.append(node)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _flat_shapes(nested: Mapping, prefix: str = '') -> dict[str, tuple]:
+  shapes = {}
+  for name, value in nested.items():
+    path = f'{prefix}{name}'
+    if isinstance(value, Mapping):
+      shapes.update(_flat_shapes(value, path + '.'))
+    else:
+      shapes[path] = tuple(value.shape)
+  return shapes
+
+
+# ---------------------------------------------------------------- Checksums
+
+@jax.jit
+def _checksums(tree):
+  """Two uint32 sums per leaf of its bit patterns, one weighted by position, mod 2**32."""
+  def checksum(x):
+    x = jnp.ravel(x)
+    if x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = x.astype(jnp.uint32)
+    weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+  return jax.tree.map(checksum, tree)
+
+
+def checksums(nested: Mapping) -> dict[str, list[int]]:
+  """Checksums of every array of a nested dict, keyed by dotted path (JSON-friendly)."""
+  sums = jax.tree_util.tree_flatten_with_path(_checksums(nested))[0]
+  return {'.'.join(_key_name(k) for k in path): [int(v) for v in np.asarray(
+      value.addressable_shards[0].data)] for path, value in sums}
+
+
+# ---------------------------------------------------------------- The manager
+
+class CheckpointError(Exception):
+  """A checkpoint could not be restored (unreadable, or its arrays fail their checksums)."""
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
+
+  Keeps the `keep_last` most recent checkpoints and, separately, the `keep_best` best ones by
+  `best_metric` (among checkpoints saved with that metric).
+  """
+
+  def __init__(self, workdir: str, *, keep_last: int, keep_best: int, best_metric: str,
+               best_mode: str = 'max', async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    policies = [checkpoint_managers.LatestN(n=keep_last)]
+    if keep_best > 0:
+      # BestN sorts ascending (descending with reverse=True) and keeps the last n.
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
+          n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    # Handlers named up front, so that a new process can read metadata before any restore.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  def steps(self) -> list[int]:
+    """Steps of the complete checkpoints on disk, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> int | None:
+    """The kept checkpoint with the best `best_metric`, or None if none has it."""
+    scored = []
+    for step in self.steps():
+      try:
+        metrics = self.read_meta(step).get('metrics', {})
+      except Exception:  # pylint: disable=broad-except  (a damaged checkpoint ranks nowhere)
+        continue
+      if self.best_metric in metrics:
+        scored.append((metrics[self.best_metric], step))
+    if not scored:
+      return None
+    return (max(scored) if self.best_mode == 'max' else min(scored))[1]
+
+  def save(self, step: int, tree, meta: dict, metrics: Mapping[str, float] | None = None) -> None:
+    """Starts writing checkpoint `step` of `tree` (replicated global arrays) and returns.
+
+    `meta` is stored as JSON with the checksums of the arrays; `metrics` (evaluation results),
+    if any, rank the checkpoint for `keep_best`.
+    """
+    nested = to_nested_dict(tree)
+    meta = {**meta, 'step': int(step), 'metrics': dict(metrics or {}),
+            'checksums': checksums(nested)}
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics=dict(metrics) if metrics and self.best_metric in metrics else None)
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON record of checkpoint `step`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored['meta'])
+
+  def check_compatible(self, step: int, template) -> None:
+    """Raises a ConfigError naming the first array whose shape differs from `template`'s.
+
+    Parameters are compared first, so the message names the layer that changed rather than its
+    optimizer moments.
+    """
+    try:
+      saved = _flat_shapes(self._manager.item_metadata(step)['state'].tree)
+    except Exception as e:  # pylint: disable=broad-except  (unreadable metadata means damage)
+      raise CheckpointError(f'checkpoint {step} has unreadable metadata: {type(e).__name__}') from e
+    wanted = _flat_shapes(to_nested_dict(template))
+    for path in sorted(set(saved) | set(wanted), key=lambda p: ('.params.' not in f'.{p}', p)):
+      if saved.get(path) == wanted.get(path):
+        continue
+      if path not in saved:
+        difference = f'{path} (shape {wanted[path]}) is in the model but not in the checkpoint'
+      elif path not in wanted:
+        difference = f'{path} (shape {saved[path]}) is in the checkpoint but not in the model'
+      else:
+        difference = (f'{path} has shape {saved[path]} in the checkpoint and {wanted[path]} in '
+                      'the model')
+      raise ConfigError(
+          f'the checkpoint at step {step} in {self.directory} does not match this config: '
+          f"{difference}; resume with the run's own config.json, or start a new --workdir")
+
+  def restore(self, step: int, template, sharding) -> tuple[object, dict]:
+    """Restores checkpoint `step` into `template`'s structure, placed with `sharding`.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read or fails its checksums.
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            to_nested_dict(template))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means damage)
+      raise CheckpointError(f'checkpoint {step} cannot be read: {type(e).__name__}: '
+                            f'{str(e).splitlines()[0] if str(e) else ""}') from e
+    nested, meta = restored['state'], dict(restored['meta'])
+    if checksums(nested) != meta.get('checksums'):
+      raise CheckpointError(f'checkpoint {step} does not match its checksums')
+    return from_nested_dict(template, nested), meta
+
+  def restore_latest_good(self, template, sharding) -> tuple[object, dict] | None:
+    """Restores the newest checkpoint that reads back intact, warning about each damaged one.
+
+    Returns None when there is no checkpoint; raises a ConfigError when the checkpoints were
+    written by a different model or optimizer.
+    """
+    for step in reversed(self.steps()):
+      try:
+        self.check_compatible(step, template)
+        return self.restore(step, template, sharding)
+      except CheckpointError as e:
+        print(f'warning: {e}; trying the previous checkpoint', file=sys.stderr, flush=True)
+    return None
+
+  def wait(self) -> None:
+    """Blocks until every checkpoint started so far is completely written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

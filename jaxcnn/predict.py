@@ -1,0 +1,74 @@
+"""Predicts the classes of image files with a trained run.
+
+  python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5] IMAGE...
+
+Each image is decoded, converted to the run's channels, resized to its image size and normalised
+with its training statistics, as training did; the top classes and their probabilities are
+printed one image per line. An unreadable image is named in a one-line error on stderr and the
+others are still predicted (the exit status is then 2).
+"""
+
+import sys
+
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from jaxcnn import cli
+from jaxcnn.errors import UserError
+from jaxcnn.restore import restore_run
+from jaxcnn.train_step import make_predict_step
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to predict with.',
+                               required=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
+                                  "'latest', 'best' (by the run's best_metric) or a step number.")
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
+
+
+def load_image(path: str, image_shape) -> np.ndarray:
+  """Decodes `path` into uint8 [H, W, C] with the run's size and channels.
+
+  Raises:
+    OSError: the file cannot be read or is not an image.
+  """
+  height, width, channels = image_shape
+  with Image.open(path) as image:
+    image = image.convert('L' if channels == 1 else 'RGB')
+    if image.size != (width, height):
+      image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, np.uint8)
+  return pixels.reshape(height, width, channels)
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise UserError('name at least one image file: python -m jaxcnn.predict --workdir DIR IMAGE...')
+  run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
+  record = run.dataset
+  images, readable, failed = [], [], 0
+  for path in paths:
+    try:
+      images.append(load_image(path, record.image_shape))
+      readable.append(path)
+    except (OSError, ValueError) as e:
+      failed += 1
+      print(f'error: cannot read image {path!r}: {" ".join(str(e).split())}', file=sys.stderr,
+            flush=True)
+  if images:
+    predict = jax.jit(make_predict_step(run.experiment.model_def, run.experiment.preprocess))
+    state = run.experiment.strategy.fetch(run.state)
+    probabilities = np.asarray(predict(state, np.stack(images)))
+    top_k = min(_TOP_K.value, record.num_classes)
+    for path, probs in zip(readable, probabilities):
+      best = np.argsort(-probs)[:top_k]
+      ranked = ', '.join(f'{record.class_names[i]} ({probs[i]:.4f})' for i in best)
+      print(f'{path}: {ranked}')
+  if failed:
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  cli.run(main)

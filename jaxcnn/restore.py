@@ -1,0 +1,70 @@
+"""Rebuilding a trained run from its directory, with the state of one of its checkpoints.
+
+Used by `jaxcnn.evaluate` and `jaxcnn.predict`: the run's `config.json` and `dataset.json` give
+the model, optimizer and normalisation; the checkpoint gives the state.
+"""
+
+import dataclasses
+
+import jax
+
+from jaxcnn import parallel
+from jaxcnn import workdir as workdir_lib
+from jaxcnn.checkpoint import CheckpointError
+from jaxcnn.errors import UserError
+from jaxcnn.trainer import Experiment, build_experiment, make_checkpointer
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  """A trained run rebuilt from its directory, with the state of one checkpoint."""
+  config: object
+  dataset: workdir_lib.DatasetRecord
+  experiment: Experiment
+  state: object
+  step: int
+
+
+def restore_run(workdir: str, checkpoint: str = 'latest') -> RestoredRun:
+  """Rebuilds the run in `workdir` and restores its `checkpoint` ('latest', 'best' or a step)."""
+  config = workdir_lib.read_config(workdir)
+  record = workdir_lib.read_dataset(workdir)
+  # Evaluate on every device when the eval batch splits evenly over them, else on one.
+  num_devices = -1 if config.eval_batch_size % jax.device_count() == 0 else 1
+  with config.unlocked():
+    config.parallel, config.num_devices = 'jit', num_devices
+  strategy = parallel.make_strategy('jit', num_devices)
+  experiment, state = build_experiment(
+      config, image_shape=record.image_shape, num_classes=record.num_classes,
+      num_train_examples=record.num_train_examples, mean=record.mean, std=record.std,
+      strategy=strategy)
+  checkpointer = make_checkpointer(config, workdir)
+  template = {'state': state, 'train_sums': experiment.zero_train_sums()}
+  sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+  steps = checkpointer.steps()
+  if not steps:
+    raise UserError(f'{workdir} has no checkpoint yet')
+  if checkpoint == 'latest':
+    restored = checkpointer.restore_latest_good(template, sharding)
+    if restored is None:
+      raise UserError(f'no checkpoint in {checkpointer.directory} can be read')
+  else:
+    if checkpoint == 'best':
+      step = checkpointer.best_step()
+      if step is None:
+        raise UserError(f'no checkpoint in {checkpointer.directory} was saved with '
+                        f'{config.best_metric}; use --checkpoint=latest')
+    elif checkpoint.isdigit() and int(checkpoint) in steps:
+      step = int(checkpoint)
+    else:
+      raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or one of the saved "
+                      f'steps: {", ".join(map(str, steps))}')
+    checkpointer.check_compatible(step, template)
+    try:
+      restored = checkpointer.restore(step, template, sharding)
+    except CheckpointError as e:
+      raise UserError(str(e)) from e
+  checkpointer.close()
+  tree, meta = restored
+  return RestoredRun(config=config, dataset=record, experiment=experiment, state=tree['state'],
+                     step=meta['step'])

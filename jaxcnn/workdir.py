@@ -1,0 +1,98 @@
+"""A run's directory: its resolved config, its dataset record and its metrics.
+
+  <workdir>/config.json       the config the run was started with
+  <workdir>/dataset.json      image shape, classes, split sizes and normalisation statistics
+  <workdir>/metrics.jsonl     one JSON record per logged step (see jaxcnn.metrics)
+  <workdir>/events.out.*      TensorBoard event files
+  <workdir>/checkpoints/      Orbax checkpoints (see jaxcnn.checkpoint)
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+
+import ml_collections
+
+from jaxcnn.errors import UserError
+from jaxcnn.metrics import METRICS_FILE
+
+CONFIG_FILE = 'config.json'
+DATASET_FILE = 'dataset.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+  """What evaluation and prediction need to know of the data a run was trained on."""
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_train_examples: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
+  """A fresh directory `runs/<dataset>-<model>-<date>-<time>[-N]` for a run given no workdir."""
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  base = os.path.join(root, f'{dataset.replace("/", "_")}-{model.replace(":", "_")}-{stamp}')
+  path, n = base, 1
+  while os.path.exists(path):
+    n += 1
+    path = f'{base}-{n}'
+  return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  _write_atomically(os.path.join(workdir, CONFIG_FILE),
+                    config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with, as a locked ConfigDict."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f'{workdir!r} is not a jaxcnn run directory: it has no {CONFIG_FILE}')
+  with open(path, encoding='utf-8') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
+def write_dataset(workdir: str, record: DatasetRecord) -> None:
+  _write_atomically(os.path.join(workdir, DATASET_FILE),
+                    json.dumps(dataclasses.asdict(record), indent=2) + '\n')
+
+
+def read_dataset(workdir: str) -> DatasetRecord:
+  path = os.path.join(workdir, DATASET_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f'{workdir!r} has no {DATASET_FILE}; was the run started?')
+  with open(path, encoding='utf-8') as f:
+    fields = json.load(f)
+  return DatasetRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops metric records after `last_step`: a resumed run logs those steps again."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError):  # A line cut short by a kill: drop it.
+      continue
+  _write_atomically(path, ''.join(kept))

@@ -1,0 +1,261 @@
+"""Checkpointing: exact resume after kill -9 and SIGTERM, damage, retention, mismatch, divergence,
+and the evaluate and predict command lines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcnn import trainer
+from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer
+from jaxcnn.errors import ConfigError, TrainingDiverged
+from jaxcnn.metrics import read_metrics
+from jaxcnn.restore import restore_run
+
+from conftest import REPO_ROOT, learnable_images, tiny_config
+
+# keras_cnn has dropout and the crop draws random offsets: a resume must reproduce both.
+RUN_FLAGS = ['--config=tests/tiny_config.py:keras_cnn', '--config.augment.crop_padding=2',
+             '--config.num_train_steps=160', '--config.log_every_steps=10',
+             '--config.eval_every_steps=40', '--config.checkpoint_every_steps=20']
+
+
+def train_command(workdir, *extra):
+  return [sys.executable, 'tests/fake_tfds_run.py', 'train.py', *RUN_FLAGS,
+          f'--workdir={workdir}', *extra]
+
+
+def environment(tmp_path):
+  return {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache'), 'PYTHONUNBUFFERED': '1',
+          'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+
+
+def complete_steps(workdir):
+  """Steps of the finished checkpoints (Orbax renames a checkpoint to its step when complete)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def start_and_wait_for_checkpoint(tmp_path, workdir):
+  """Starts a training process and returns it once its first checkpoint is complete."""
+  process = subprocess.Popen(train_command(workdir), cwd=REPO_ROOT, env=environment(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while not complete_steps(workdir):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+  return process
+
+
+def run_to_completion(tmp_path, workdir):
+  result = subprocess.run(train_command(workdir), cwd=REPO_ROOT, env=environment(tmp_path),
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def logged(workdir):
+  """(step, train/loss) at every log step and the final test metrics, as written."""
+  records = read_metrics(str(workdir))
+  losses = [(r['step'], r['train/loss']) for r in records if 'train/loss' in r]
+  final = [(r['step'], r['test/loss'], r['test/accuracy']) for r in records if 'test/loss' in r]
+  return losses, final[-1]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp('uninterrupted')
+  run_to_completion(tmp_path, tmp_path / 'run')
+  return logged(tmp_path / 'run')
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  process = start_and_wait_for_checkpoint(tmp_path, workdir)
+  process.kill()
+  process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  resumed_from = complete_steps(workdir)[-1]
+  assert resumed_from < 160  # It was killed mid-run.
+  result = run_to_completion(tmp_path, workdir)
+  assert f'resuming from the checkpoint at step {resumed_from}' in result.stdout
+  assert logged(workdir) == uninterrupted  # Every logged loss and the final metrics, exactly.
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  process = start_and_wait_for_checkpoint(tmp_path, workdir)
+  sent = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert time.monotonic() - sent < 60
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  last_line = stderr.strip().splitlines()[-1]
+  assert last_line.startswith('stopped: stopped by SIGTERM at step ')
+  stopped_at = int(last_line.split(' at step ')[1].split()[0])
+  assert complete_steps(workdir)[-1] == stopped_at  # The checkpoint of that very step.
+  run_to_completion(tmp_path, workdir)
+  assert logged(workdir) == uninterrupted
+
+
+def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path):
+  config = tiny_config(num_train_steps=24)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  again = trainer.train_and_evaluate(config, str(tmp_path))
+  assert again['step'] == 24 and 'train/loss' not in again  # Nothing was trained.
+  config.num_train_steps = 36
+  longer = trainer.train_and_evaluate(config, str(tmp_path))
+  assert longer['step'] == 36
+  steps = [r['step'] for r in read_metrics(str(tmp_path)) if 'train/loss' in r]
+  assert steps == [8, 12, 16, 24, 32, 36]
+
+
+def _truncate_largest_file(directory):
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def _delete_array_data(directory):
+  for root, _, names in os.walk(directory):
+    if os.path.basename(root) == 'd':  # OCDBT's data files.
+      for name in names:
+        os.remove(os.path.join(root, name))
+
+
+# A failed read leaves Orbax's tensorstore callbacks firing on an asyncio loop it already closed;
+# Python reports them as unraisable exceptions. They are noise here, not a failure.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', [_truncate_largest_file, _delete_array_data])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_path, damage,
+                                                                capfd):
+  config = tiny_config(num_train_steps=24, checkpoint_every_steps=8)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  assert checkpointer.steps() == [8, 16, 24]
+  checkpointer.close()
+  damage(os.path.join(checkpointer.directory, '24', 'state'))
+  config.num_train_steps = 32
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  captured = capfd.readouterr()
+  assert 'warning: checkpoint 24' in captured.err
+  assert 'resuming from the checkpoint at step 16' in captured.out
+  assert result['step'] == 32
+
+
+def test_last_k_and_best_k_are_kept(tmp_path):
+  checkpointer = Checkpointer(str(tmp_path), keep_last=2, keep_best=2, best_metric='test/accuracy')
+  accuracies = {1: 0.50, 2: 0.90, 3: 0.60, 4: None, 5: 0.80, 6: 0.70, 7: 0.65}
+  for step, accuracy in accuracies.items():
+    metrics = {'test/accuracy': accuracy} if accuracy is not None else None
+    checkpointer.save(step, {'w': jnp.full((2,), step, jnp.float32)}, meta={}, metrics=metrics)
+  checkpointer.wait()
+  assert checkpointer.steps() == [2, 5, 6, 7]  # Best two (0.90, 0.80) and last two (6, 7).
+  assert checkpointer.best_step() == 2
+  checkpointer.close()
+
+
+def test_retention_in_a_run_follows_the_eval_metric(fake_tfds, tmp_path):
+  config = tiny_config(num_train_steps=48, eval_every_steps=8, keep_checkpoints=2, keep_best=1,
+                       best_metric='test/loss', best_mode='min')
+  trainer.train_and_evaluate(config, str(tmp_path))
+  losses = {r['step']: r['test/loss'] for r in read_metrics(str(tmp_path)) if 'test/loss' in r}
+  best = min(losses, key=losses.get)
+  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  assert checkpointer.steps() == sorted({best, 40, 48})
+  checkpointer.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_parameter(fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
+  with pytest.raises(ConfigError) as error:
+    trainer.train_and_evaluate(tiny_config(num_train_steps=16, dataset='cifar10'), str(tmp_path))
+  assert 'state.params.conv1.kernel has shape (5, 5, 1, 6) in the checkpoint and (5, 5, 3, 6) ' \
+         'in the model' in str(error.value)
+
+
+def test_a_changed_optimizer_is_refused(fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
+  with pytest.raises(ConfigError, match='is in the checkpoint but not in the model'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=16, optimizer='sgd'), str(tmp_path))
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(fake_tfds, tmp_path):
+  config = tiny_config(num_train_steps=200, optimizer='sgd', checkpoint_every_steps=4,
+                       log_every_steps=4, eval_every_steps=100)
+  config.learning_rate = 1.0
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8, optimizer='sgd',
+                                         checkpoint_every_steps=4, log_every_steps=4),
+                             str(tmp_path))  # Two good checkpoints first.
+  config.learning_rate = 1e30  # Then a rate that overflows within a few steps.
+  with pytest.raises(TrainingDiverged) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  bad_step = int(message.split('not finite at step ')[1].split(',')[0])
+  assert 8 <= bad_step < 200
+  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  latest = checkpointer.latest_step()
+  checkpointer.close()
+  assert f'The last good checkpoint is step {latest} in' in message
+  assert 8 <= latest <= bad_step  # Nothing after the bad step was saved.
+  restored = restore_run(str(tmp_path), 'latest')
+  assert restored.step == latest
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
+
+
+def _write_digit_images(directory, count):
+  images, labels = learnable_images(count, (28, 28, 1), 10, seed=5)
+  paths = []
+  for i, image in enumerate(images):
+    path = os.path.join(directory, f'digit{i}_label{labels[i]}.png')
+    # Saved larger than 28x28: predict must resize as it decodes.
+    Image.fromarray(image[:, :, 0]).resize((56, 56), Image.Resampling.NEAREST).save(path)
+    paths.append(path)
+  return paths, labels
+
+
+def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny_config(model='bn_cnn', num_train_steps=48, eval_every_steps=16)
+  result = trainer.train_and_evaluate(config, str(workdir))
+  env = environment(tmp_path)
+  evaluation = subprocess.run(
+      [sys.executable, 'tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  assert 'checkpoint at step 48 (latest)' in evaluation.stdout
+  accuracy = result['test/accuracy']
+  assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 200)}/200)' in evaluation.stdout
+  assert f'test/loss {result["test/loss"]:.4f}' in evaluation.stdout
+
+  paths, labels = _write_digit_images(str(tmp_path), 6)
+  broken = str(tmp_path / 'broken.png')
+  with open(broken, 'wb') as f:
+    f.write(b'not an image')
+  prediction = subprocess.run(
+      [sys.executable, '-m', 'jaxcnn.predict', f'--workdir={workdir}', '--checkpoint=best',
+       paths[0], broken, *paths[1:]], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert prediction.returncode == 2
+  assert prediction.stderr.strip() == (
+      f"error: cannot read image '{broken}': cannot identify image file '{broken}'")
+  lines = prediction.stdout.strip().splitlines()
+  assert [line.split(':')[0] for line in lines] == paths
+  for line, label in zip(lines, labels):
+    ranked = line.split(': ', 1)[1].split(', ')
+    assert len(ranked) == 5
+    assert ranked[0].startswith(f'{label} (')  # The model learned the fake task.
+    probabilities = [float(r.split('(')[1].rstrip(')')) for r in ranked]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
