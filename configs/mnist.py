@@ -1,16 +1,19 @@
-"""MNIST with `bn_cnn`, a small BatchNorm CNN: >= 99.2% test accuracy in minutes on a CPU.
+"""MNIST with `bn_cnn`, a small BatchNorm CNN: 99.4% test accuracy in about four minutes on 2 CPU cores.
 
   python train.py --config configs/mnist.py
-  python train.py --config configs/mnist.py:smoke    # 50 steps, a check that everything runs
+  python train.py --config configs/mnist.py:smoke    # 50 steps: a check that everything runs
+  python train.py --config configs/mnist.py:lenet5_epoch   # the CPU benchmark's workload
 
-Measured (full 10,000-image test set): see README.md, "Results".
+Measured (README.md, "Results"): 99.41% on the full 10,000-image test set after 10 epochs,
+4 min 26 s for the whole process on the 2-core CPU machine (AMD EPYC, jax 0.10.2), preparing MNIST
+from the official files included.
 """
 
 from jaxcnn.config import default_config
 from jaxcnn.errors import ConfigError
 
 
-def get_config(variant: str = '') -> 'ml_collections.ConfigDict':
+def get_config(variant: str = ''):
   """The MNIST config; `variant` is '' or 'smoke'."""
   config = default_config()
   config.dataset = 'mnist'
@@ -22,10 +25,23 @@ def get_config(variant: str = '') -> 'ml_collections.ConfigDict':
   config.weight_decay = 5e-4
   config.lr_schedule = 'cosine'
   config.warmup_epochs = 0.5
-  config.augment.crop_padding = 2  # Random shifts of up to 2 pixels.
+  config.augment.crop_padding = 2  # Random shifts of up to 2 pixels; no flips for digits.
   if variant == 'smoke':
     config.num_train_steps = 50
     config.log_every_steps = 10
+    config.synthetic_if_unprepared = True
+  elif variant == 'lenet5_epoch':
+    # benchmarks/run.py's CPU section: one epoch of LeNet-5 with Adam, exactly the work of the
+    # PyTorch reference (benchmarks/torch_reference.py mnist-epoch), about 97.5% accuracy.
+    config.model = 'lenet5'
+    config.num_epochs = 1
+    config.optimizer = 'adam'
+    config.learning_rate = 1e-3
+    config.weight_decay = 0.0
+    config.lr_schedule = 'constant'
+    config.warmup_epochs = 0.0
+    config.augment.crop_padding = 0
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/mnist.py; use '' or 'smoke'")
+    raise ConfigError(f"unknown variant {variant!r} of configs/mnist.py; use '', 'smoke' or "
+                      "'lenet5_epoch'")
   return config

@@ -23,14 +23,27 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = 'mnist'  # A TFDS image-classification dataset name.
+  config.dataset = 'mnist'  # A TFDS image-classification dataset, 'imagefolder' or 'synthetic'.
+  config.image_folder = config_dict.placeholder(str)  # For 'imagefolder': ROOT/<split>/<class>/.
   config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's ($TFDS_DATA_DIR).
   config.manual_dir = config_dict.placeholder(str)  # None: <data_dir>/downloads/manual.
   config.train_split = 'train'
   config.eval_split = 'test'
+  config.image_size = 0  # Train at this size (square); 0: the dataset's own (fixed) size.
+  config.data_placement = 'auto'  # 'device' (in device memory), 'stream' (Grain) or 'auto'.
+  config.data_workers = -1  # Grain worker processes when streaming; -1: one per CPU core.
+  config.synthetic = ml_collections.ConfigDict()  # For dataset='synthetic'.
+  config.synthetic.image_shape = (32, 32, 3)
+  config.synthetic.num_classes = 10
+  config.synthetic.num_train = 10_000
+  config.synthetic.num_eval = 2_000
+  config.synthetic_if_unprepared = False  # Smoke runs: synthetic data if the dataset is absent.
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
   config.augment.flip = False  # Random horizontal flips.
+  config.augment.inception_crop = False  # Random-resized crop (ImageNet style), when streaming.
+  config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
+  config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
 
   # Model.
   config.model = 'bn_cnn'
@@ -52,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0: no clipping.
   config.label_smoothing = 0.0
+  config.grad_accum_steps = 1  # Micro-batches per optimizer step (each batch_size / this).
+  config.ema_decay = 0.0  # Moving average of the weights, evaluated alongside them; 0: off.
   config.seed = 0
 
   # Evaluation, logging and execution.
@@ -75,14 +90,30 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError naming the first key whose value is not accepted."""
   _require(config, 'dataset', isinstance(config.dataset, str) and config.dataset,
-           'a TFDS dataset name')
+           "a TFDS dataset name or 'synthetic'")
   models.get_model_constructor(config.model)
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'lr_schedule', optim.SCHEDULES)
   _choice(config, 'parallel', PARALLEL_STRATEGIES)
-  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
+  for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
+              'grad_accum_steps'):
     _positive_int(config, key)
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f"config key 'batch_size' ({config.batch_size}) must be divisible by "
+                      f"'grad_accum_steps' ({config.grad_accum_steps})")
+  _choice(config, 'data_placement', ('auto', 'device', 'stream'))
+  _require(config, 'image_size', _is_int(config.image_size) and config.image_size >= 0,
+           'an integer >= 0')
+  _require(config, 'data_workers', _is_int(config.data_workers) and config.data_workers >= -1,
+           'an integer >= 0, or -1')
+  for key in ('augment.mixup_alpha', 'augment.cutmix_alpha'):
+    value = config.augment[key.split('.')[1]]
+    _require(config, key, _is_number(value) and value >= 0, 'a number >= 0')
+  _require(config, 'ema_decay', _is_number(config.ema_decay) and 0 <= config.ema_decay < 1,
+           'a number in [0, 1)')
+  _require(config, 'augment.inception_crop', isinstance(config.augment.inception_crop, bool),
+           'true or false')
   _require(config, 'keep_best', _is_int(config.keep_best) and config.keep_best >= 0,
            'an integer >= 0')
   _choice(config, 'best_mode', ('max', 'min'))

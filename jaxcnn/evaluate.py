@@ -8,8 +8,9 @@ prints the metrics over every example of the split.
 
 from absl import flags
 
-from jaxcnn import cli
-from jaxcnn.data import device_data, tfds_data
+from jaxcnn import cli, feeds
+from jaxcnn import workdir as workdir_lib
+from jaxcnn.data import pipeline
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.trainer import evaluate
@@ -23,21 +24,23 @@ _SPLIT = flags.DEFINE_string('split', None, "Split to evaluate (default: the run
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
-  config = run.config
-  split_name = _SPLIT.value or config.eval_split
-  _, splits = tfds_data.load_splits(config.dataset, [split_name], config.data_dir,
-                                    config.manual_dir)
-  images, labels = splits[split_name]
-  split = run.experiment.strategy.replicate(
-      device_data.pad_split(images, labels, pad_to_multiple_of=config.eval_batch_size))
-  metrics = evaluate(run.experiment, run.state, split, split_name)
+  config = workdir_lib.read_config(_WORKDIR.value)
+  split = _SPLIT.value or config.eval_split
+  with config.unlocked():
+    config.eval_split = split
+  data = pipeline.load_data(config, train=False)
+  run = restore_run(_WORKDIR.value, _CHECKPOINT.value, placement=data.placement)
+  feed = feeds.make_eval_feed(run.config, run.experiment, data)
+  feed.compile(run.state, run.experiment.zero_eval_sums())
+  metrics = evaluate(run.experiment, run.state, feed, split)
   print(f'{_WORKDIR.value}, checkpoint at step {run.step} ({_CHECKPOINT.value}), '
-        f'{config.dataset} {split_name}:')
-  count = metrics[f'{split_name}/num_examples']
-  accuracy = metrics[f'{split_name}/accuracy']
-  print(f'  {split_name}/accuracy {accuracy:.4f} ({round(accuracy * count)}/{count})')
-  print(f'  {split_name}/loss {metrics[f"{split_name}/loss"]:.4f}')
+        f'{data.name} {split}:')
+  count = metrics[f'{split}/num_examples']
+  for name, value in metrics.items():
+    if name.endswith('accuracy'):
+      print(f'  {name} {value:.4f} ({round(value * count)}/{count})')
+    elif name.endswith('loss'):
+      print(f'  {name} {value:.4f}')
 
 
 if __name__ == '__main__':

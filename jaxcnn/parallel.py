@@ -101,6 +101,12 @@ class Strategy(abc.ABC):
                  out_shardings=NamedSharding(self.mesh, P()))
     return fn(jnp.int32(seed), jnp.int32(epoch), num_examples)
 
+  def put_batch(self, local_batch: dict):
+    """A global batch of which this process holds the rows `local_batch`, in this layout."""
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                        local_batch)
+
   def compile(self, fn: Callable, *args, static=()) -> Callable:
     """Compiles `fn` ahead of time for `args`, so that compiling is timed apart from running."""
     return fn.lower(*args, *static).compile()
@@ -112,6 +118,14 @@ class Strategy(abc.ABC):
   @abc.abstractmethod
   def eval_fn(self, eval_step: Callable, batch_size: int) -> Callable:
     """Compiles `(state, sums, split, batch_index) -> sums`."""
+
+  @abc.abstractmethod
+  def stream_train_fn(self, train_step: Callable) -> Callable:
+    """Compiles `(state, sums, batch) -> (state, sums)` for one streamed batch."""
+
+  @abc.abstractmethod
+  def stream_eval_fn(self, eval_step: Callable) -> Callable:
+    """Compiles `(state, sums, batch) -> sums` for one streamed batch with a `mask`."""
 
 
 class JitStrategy(Strategy):
@@ -146,6 +160,19 @@ class JitStrategy(Strategy):
 
     return eval_batch
 
+  def stream_train_fn(self, train_step):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_one(state, sums, batch):
+      state, metrics = train_step(state, batch)
+      return state, accumulate(sums, metrics)
+    return train_one
+
+  def stream_eval_fn(self, eval_step):
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def eval_one(state, sums, batch):
+      return _add(sums, eval_step(state, batch, batch['mask']))
+    return eval_one
+
 
 class _PerDeviceStrategy(Strategy):
   """Shared by shard_map and pmap: the per-device programs, which differ only in how they map."""
@@ -176,6 +203,19 @@ class _PerDeviceStrategy(Strategy):
 
     return eval_batch
 
+  def _per_device_stream_train(self, train_step):
+    def train_one(state, sums, batch):
+      first_example = jax.lax.axis_index(DATA_AXIS) * batch['label'].shape[0]
+      state, metrics = train_step(state, batch, first_example=first_example)
+      return state, accumulate(sums, metrics)
+    return train_one
+
+  @staticmethod
+  def _per_device_stream_eval(eval_step):
+    def eval_one(state, sums, batch):
+      return _add(sums, eval_step(state, batch, batch['mask']))
+    return eval_one
+
 
 class ShardMapStrategy(_PerDeviceStrategy):
   """`jax.shard_map` over the mesh: explicit per-device code with `lax.pmean`."""
@@ -198,6 +238,16 @@ class ShardMapStrategy(_PerDeviceStrategy):
   def eval_fn(self, eval_step, batch_size):
     return jax.jit(self._map(self._per_device_eval(eval_step, batch_size), 4),
                    donate_argnums=(1,))
+
+  def _map_batch(self, fn):
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P())
+
+  def stream_train_fn(self, train_step):
+    return jax.jit(self._map_batch(self._per_device_stream_train(train_step)),
+                   donate_argnums=(0, 1))
+
+  def stream_eval_fn(self, eval_step):
+    return jax.jit(self._map_batch(self._per_device_stream_eval(eval_step)), donate_argnums=(1,))
 
 
 class PmapStrategy(_PerDeviceStrategy):
@@ -259,6 +309,20 @@ class PmapStrategy(_PerDeviceStrategy):
   def eval_fn(self, eval_step, batch_size):
     return jax.pmap(self._per_device_eval(eval_step, batch_size), axis_name=DATA_AXIS,
                     in_axes=(0, 0, 0, None), donate_argnums=(1,), devices=self._devices)
+
+  def put_batch(self, local_batch):
+    def split(x):
+      x = np.asarray(x)
+      return jax.device_put(x.reshape(self._num_local, -1, *x.shape[1:]), self._stacked)
+    return jax.tree.map(split, local_batch)
+
+  def stream_train_fn(self, train_step):
+    return jax.pmap(self._per_device_stream_train(train_step), axis_name=DATA_AXIS,
+                    donate_argnums=(0, 1), devices=self._devices)
+
+  def stream_eval_fn(self, eval_step):
+    return jax.pmap(self._per_device_stream_eval(eval_step), axis_name=DATA_AXIS,
+                    donate_argnums=(1,), devices=self._devices)
 
 
 STRATEGIES = {cls.name: cls for cls in (JitStrategy, ShardMapStrategy, PmapStrategy)}

@@ -25,8 +25,11 @@ class RestoredRun:
   step: int
 
 
-def restore_run(workdir: str, checkpoint: str = 'latest') -> RestoredRun:
-  """Rebuilds the run in `workdir` and restores its `checkpoint` ('latest', 'best' or a step)."""
+def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'device') -> RestoredRun:
+  """Rebuilds the run in `workdir` and restores its `checkpoint` ('latest', 'best' or a step).
+
+  `placement` says where the data to evaluate will live ('device' or 'stream').
+  """
   config = workdir_lib.read_config(workdir)
   record = workdir_lib.read_dataset(workdir)
   # Evaluate on every device when the eval batch splits evenly over them, else on one.
@@ -37,7 +40,7 @@ def restore_run(workdir: str, checkpoint: str = 'latest') -> RestoredRun:
   experiment, state = build_experiment(
       config, image_shape=record.image_shape, num_classes=record.num_classes,
       num_train_examples=record.num_train_examples, mean=record.mean, std=record.std,
-      strategy=strategy)
+      strategy=strategy, placement=placement)
   checkpointer = make_checkpointer(config, workdir)
   template = {'state': state, 'train_sums': experiment.zero_train_sums()}
   sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())

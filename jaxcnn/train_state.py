@@ -23,11 +23,19 @@ class TrainState:
     params: the `nnx.Param` variables, which the optimizer updates.
     model_state: every other model variable except RNG streams (BatchNorm statistics, ...).
     opt_state: the Optax optimizer state.
+    ema_params, ema_model_state: exponential moving averages of `params` and `model_state`, or
+      None when the run keeps no average.
   """
   step: jax.Array
   params: nnx.State
   model_state: nnx.State
   opt_state: optax.OptState
+  ema_params: nnx.State | None = None
+  ema_model_state: nnx.State | None = None
+
+  def averaged(self) -> 'TrainState':
+    """This state with the moving averages in place of the weights (for evaluation)."""
+    return self.replace(params=self.ema_params, model_state=self.ema_model_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +67,15 @@ class ModelDef:
     return params, model_state
 
 
-def create_train_state(model: nnx.Module,
-                       tx: optax.GradientTransformation) -> tuple[ModelDef, TrainState]:
-  """Splits `model` once into its static definition and an initial `TrainState`."""
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                       ema: bool = False) -> tuple[ModelDef, TrainState]:
+  """Splits `model` once into its static definition and an initial `TrainState`.
+
+  With `ema`, the state also holds moving averages of the weights, starting at the weights.
+  """
   graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
   state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                     model_state=model_state, opt_state=tx.init(params))
+                     model_state=model_state, opt_state=tx.init(params),
+                     ema_params=jax.tree.map(jax.numpy.copy, params) if ema else None,
+                     ema_model_state=jax.tree.map(jax.numpy.copy, model_state) if ema else None)
   return ModelDef(graphdef=graphdef, rng_state=rng_state), state

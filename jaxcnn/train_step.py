@@ -1,10 +1,11 @@
 """The train and eval steps: pure functions of arrays, jitted by the caller.
 
 `make_train_step` and `make_eval_step` return plain functions with no side effects and no host
-synchronisation. The trainer wraps them in `jax.jit` with the shardings of its parallel strategy;
-under `shard_map` or `pmap` the same functions run per device and average over `axis_name`.
+synchronisation. The parallel strategy wraps them in `jax.jit` with its shardings; under
+`shard_map` or `pmap` the same functions run per device and average over `axis_name`.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 
 from jaxcnn import rng
-from jaxcnn.data.augment import Preprocessor
+from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
@@ -21,6 +22,28 @@ Metrics = dict[str, jax.Array]
 
 # `first_nonfinite_step` of a window in which every step was finite.
 NO_STEP = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What a train step does besides the plain gradient step; all off by default.
+
+  Attributes:
+    num_classes: classes of the dataset.
+    seed: the run's seed; each step's randomness is drawn from (seed, step).
+    label_smoothing: weight of the uniform distribution mixed into the one-hot targets.
+    grad_accum_steps: micro-batches whose gradients are averaged into one update.
+    ema_decay: decay of the exponential moving average of the weights (0: no average).
+    mixup_alpha: Beta(alpha, alpha) weight of Mixup (0: off).
+    cutmix_alpha: Beta(alpha, alpha) weight of CutMix (0: off).
+  """
+  num_classes: int
+  seed: int = 0
+  label_smoothing: float = 0.0
+  grad_accum_steps: int = 1
+  ema_decay: float = 0.0
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
 
 
 def init_train_sums() -> dict[str, np.ndarray]:
@@ -44,54 +67,111 @@ def accumulate(sums: Metrics, metrics: Metrics) -> Metrics:
                                               metrics['nonfinite_step'])}
 
 
+def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """Float32 class distributions: one-hot, optionally label-smoothed."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy against integer labels, optionally label-smoothed."""
-  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32),
+                                     one_hot_targets(labels, num_classes, label_smoothing))
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The average's decay at `step`: ramped up early (as TF's ExponentialMovingAverage with
+  num_updates), so the first weights do not dominate it."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
-                    preprocess: Preprocessor, *, num_classes: int, seed: int,
-                    label_smoothing: float = 0.0,
-                    axis_name: str | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Builds `train_step(state, batch) -> (new_state, metrics)`.
+                    preprocess: Preprocessor, options: StepOptions,
+                    axis_name: str | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
+  """Builds `train_step(state, batch, first_example=0) -> (new_state, metrics)`.
 
   The step draws its augmentation and dropout keys from (seed, state.step), takes gradients with
-  respect to the parameters only, and returns the batch's mean loss, accuracy and gradient norm.
-  A step whose loss or gradient is not finite leaves the state as it was and reports its number
-  as `nonfinite_step`, so a diverged run never holds, nor saves, a NaN state.
-  With `axis_name` the step runs per device (shard_map, pmap): gradients and metrics are averaged
-  across that mapped axis.
+  respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns the
+  batch's mean loss, accuracy and gradient norm. With `axis_name` the step runs per device
+  (shard_map, pmap): gradients and metrics are averaged across that mapped axis. A step whose loss
+  or gradient is not finite leaves the state as it was and reports its number as `nonfinite_step`,
+  so a diverged run never holds, nor saves, a NaN state.
   """
+  num_micro = options.grad_accum_steps
+
+  def micro_step(params, model_state, images, labels, keys, first_example):
+    """Loss and gradient of one micro-batch; returns the updated BatchNorm statistics too.
+
+    Augmentation draws per-example keys from the example's index in the global batch, so it is
+    the same whether the batch arrives whole, in micro-batches, or split over devices.
+    """
+    augment_key, model_key, mix_key = keys
+    if axis_name is not None:  # Each device drops out different units of its own examples.
+      model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis_name))
+      mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(axis_name))
+    inputs = preprocess(images, augment_key, train=True, first_example=first_example)
+    targets = one_hot_targets(labels, options.num_classes, options.label_smoothing)
+    inputs, targets = mix_batch(inputs, targets, mix_key, options.mixup_alpha,
+                                options.cutmix_alpha)
+
+    def loss_fn(params):
+      model = model_def.merge(params, model_state)
+      model_def.reseed(model, model_key)
+      logits = model(inputs)
+      loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+      return loss, (logits, model_def.split_state(model)[1])
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return grads, new_model_state, loss, accuracy
 
   def train_step(state: TrainState, batch: Batch,
                  first_example: int | jax.Array = 0) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch`, whose first example is `first_example` of the global batch
     (non-zero for a device's shard of it)."""
-    augment_key, model_key = jax.random.split(rng.step_key(seed, state.step))
-    if axis_name is not None:  # Each device drops out different units of its own examples.
-      model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis_name))
-    images = preprocess(batch['image'], augment_key, train=True, first_example=first_example)
-    labels = batch['label']
+    augment_key, model_key, mix_key = jax.random.split(rng.step_key(options.seed, state.step), 3)
+    if num_micro == 1:
+      grads, model_state, loss, accuracy = micro_step(
+          state.params, state.model_state, batch['image'], batch['label'],
+          (augment_key, model_key, mix_key), first_example)
+    else:
+      micro_size = batch['label'].shape[0] // num_micro
 
-    def loss_fn(params):
-      model = model_def.merge(params, state.model_state)
-      model_def.reseed(model, model_key)
-      logits = model(images)
-      loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
-      return loss, (logits, model_def.split_state(model)[1])
+      def accumulate_micro(carry, micro):
+        grads_sum, model_state, loss_sum, accuracy_sum = carry
+        index, images, labels = micro
+        keys = (augment_key, jax.random.fold_in(model_key, index),
+                jax.random.fold_in(mix_key, index))
+        grads, model_state, loss, accuracy = micro_step(
+            state.params, model_state, images, labels, keys, first_example + index * micro_size)
+        return (jax.tree.map(jnp.add, grads_sum, grads), model_state, loss_sum + loss,
+                accuracy_sum + accuracy), None
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+      micro_batches = (jnp.arange(num_micro),
+                       batch['image'].reshape(num_micro, micro_size, *batch['image'].shape[1:]),
+                       batch['label'].reshape(num_micro, micro_size))
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, model_state, loss, accuracy), _ = jax.lax.scan(
+          accumulate_micro, (zeros, state.model_state, jnp.float32(0), jnp.float32(0)), micro_batches)
+      grads = jax.tree.map(lambda g: g / num_micro, grads)
+      loss, accuracy = loss / num_micro, accuracy / num_micro
+
+    metrics = {'loss': loss, 'accuracy': accuracy}
     if axis_name is not None:
       grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     metrics['grad_norm'] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              model_state=model_state, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state)
+    if options.ema_decay > 0:
+      decay = ema_decay_at(state.step, options.ema_decay)
+      average = lambda old, new: decay * old + (1 - decay) * new
+      new_state = new_state.replace(
+          ema_params=jax.tree.map(average, state.ema_params, params),
+          ema_model_state=jax.tree.map(average, state.ema_model_state, model_state))
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics['nonfinite_step'] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)

@@ -14,24 +14,28 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
-from jaxcnn import models, optim, parallel
+from jaxcnn import caches, feeds, models, optim, parallel
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import Checkpointer
-from jaxcnn.data import device_data, tfds_data
-from jaxcnn.data.augment import Preprocessor, channel_stats
+from jaxcnn.data import pipeline
+from jaxcnn.data.augment import Preprocessor
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from jaxcnn.metrics import MetricWriter
 from jaxcnn.progress import Progress, Stopwatch, format_duration
 from jaxcnn.train_state import ModelDef, TrainState, create_train_state
-from jaxcnn.train_step import (NO_STEP, init_eval_sums, init_train_sums, make_eval_step,
-                               make_train_step)
+from jaxcnn.train_step import (NO_STEP, StepOptions, init_eval_sums, init_train_sums,
+                               make_eval_step, make_train_step)
+
+
+# Training images that initialise a data-dependent first layer (airbench uses 5,000).
+_WHITENING_IMAGES = 5000
+
 
 def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """The number of optimizer steps of the run: `num_train_steps`, or `num_epochs` of steps."""
@@ -52,9 +56,11 @@ def default_steps_per_call(backend: str) -> int:
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything static about a run: the data layout, the model definition and compiled steps.
+  """Everything static about a run: the model definition, optimizer and compiled steps.
 
   `build_experiment` makes one from a config; `train_and_evaluate` and the benchmarks drive it.
+  `train_fn` and `eval_fn` take device-resident splits (placement 'device') or streamed batches
+  (placement 'stream'); see `jaxcnn.parallel` and `jaxcnn.feeds`.
   """
   config: ml_collections.ConfigDict
   strategy: parallel.Strategy
@@ -65,8 +71,8 @@ class Experiment:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   preprocess: Preprocessor
-  train_fn: Callable  # (state, sums, split, permutation, first_batch, num_steps) -> (state, sums)
-  eval_fn: Callable  # (state, sums, split, batch_index) -> sums
+  train_fn: Callable
+  eval_fn: Callable
 
   def zero_train_sums(self):
     """Device-side accumulators of the train metrics between two log steps."""
@@ -77,11 +83,15 @@ class Experiment:
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
-                     num_train_examples: int, mean, std,
-                     strategy: parallel.Strategy) -> tuple[Experiment, TrainState]:
+                     num_train_examples: int, mean, std, strategy: parallel.Strategy,
+                     placement: str = 'device',
+                     init_images=None) -> tuple[Experiment, TrainState]:
   """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
 
-  The initial state is already placed on the devices in `strategy`'s layout.
+  The initial state is already placed on the devices in `strategy`'s layout. For streamed data
+  (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
+  `init_images` (uint8 training images) initialise models that learn their first layer from the
+  data, such as airbench's patch whitening.
   """
   for key in ('batch_size', 'eval_batch_size'):
     strategy.check_batch_size(key, config[key])
@@ -92,42 +102,58 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   total_steps = train_steps(config, steps_per_epoch)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
                               dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name)
+  if init_images is not None and hasattr(model, 'init_whitening'):
+    model.init_whitening(init_images[:_WHITENING_IMAGES])
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
-  model_def, state = create_train_state(model, tx)
+  model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
+  on_device = placement == 'device'
   preprocess = Preprocessor(mean=tuple(mean), std=tuple(std),
-                            crop_padding=config.augment.crop_padding, flip=config.augment.flip,
-                            dtype=config.dtype)
-  train_step = make_train_step(model_def, tx, preprocess, num_classes=num_classes,
-                               seed=config.seed, label_smoothing=config.label_smoothing,
-                               axis_name=strategy.axis_name)
+                            crop_padding=config.augment.crop_padding if on_device else 0,
+                            flip=config.augment.flip and on_device, dtype=config.dtype)
+  options = StepOptions(num_classes=num_classes, seed=config.seed,
+                        label_smoothing=config.label_smoothing,
+                        grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+                        mixup_alpha=config.augment.mixup_alpha,
+                        cutmix_alpha=config.augment.cutmix_alpha)
+  train_step = make_train_step(model_def, tx, preprocess, options, axis_name=strategy.axis_name)
   eval_step = make_eval_step(model_def, preprocess, num_classes=num_classes,
                              axis_name=strategy.axis_name)
+  if on_device:
+    train_fn = strategy.train_fn(train_step, config.batch_size)
+    eval_fn = strategy.eval_fn(eval_step, config.eval_batch_size)
+  else:
+    train_fn, eval_fn = strategy.stream_train_fn(train_step), strategy.stream_eval_fn(eval_step)
   experiment = Experiment(
       config=config, strategy=strategy, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, model_def=model_def, tx=tx,
       schedule=optim.make_schedule(config, total_steps, steps_per_epoch), preprocess=preprocess,
-      train_fn=strategy.train_fn(train_step, config.batch_size),
-      eval_fn=strategy.eval_fn(eval_step, config.eval_batch_size))
+      train_fn=train_fn, eval_fn=eval_fn)
   return experiment, strategy.replicate(state)
 
 
-def evaluate(experiment: Experiment, state, split: device_data.DeviceSplit, prefix: str,
-             eval_fn: Callable | None = None) -> dict[str, float]:
-  """Metrics over every example of `split`: `<prefix>/loss`, `<prefix>/accuracy`, and the count.
+def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:
+  """Metrics over every example of the feed's split: `<prefix>/loss`, `<prefix>/accuracy`, and
+  the count. With a moving average of the weights, `<prefix>/ema_loss` and
+  `<prefix>/ema_accuracy` too.
 
-  The split is padded to whole batches on the device; the mask keeps padding out of every sum, so
-  all `split.num_examples` examples count exactly once.
+  Batches are padded to full size; the mask keeps padding out of every sum, so every example of
+  the split counts exactly once.
   """
-  eval_fn = eval_fn or experiment.eval_fn
-  batch_size = experiment.config.eval_batch_size
-  sums = experiment.zero_eval_sums()
-  for batch_index in range(split.images.shape[-4] // batch_size):
-    sums = eval_fn(state, sums, split, jnp.int32(batch_index))
-  sums = experiment.strategy.fetch(sums)
+  metrics = _evaluate_weights(experiment, state, feed, prefix, '')
+  if experiment.config.ema_decay > 0:
+    averaged = experiment.strategy.fetch_structure(state).averaged() if False else state.averaged()
+    metrics.update(_evaluate_weights(experiment, averaged, feed, prefix, 'ema_'))
+  return metrics
+
+
+def _evaluate_weights(experiment, state, feed, prefix, name_prefix):
+  sums = experiment.strategy.fetch(feed.run(state, experiment.zero_eval_sums()))
   count = int(sums['count'])
-  return {f'{prefix}/loss': float(sums['loss']) / count,
-          f'{prefix}/accuracy': float(sums['correct']) / count,
-          f'{prefix}/num_examples': count}
+  metrics = {f'{prefix}/{name_prefix}loss': float(sums['loss']) / count,
+             f'{prefix}/{name_prefix}accuracy': float(sums['correct']) / count}
+  if not name_prefix:
+    metrics[f'{prefix}/num_examples'] = count
+  return metrics
 
 
 class _StopRequests:
@@ -179,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   """
   # ---------------------------------------------------------------- Setup
   config_lib.validate(config)
-  tfds_data.get_builder(config.dataset, config.data_dir)  # An unknown name fails before any work.
+  pipeline.check_dataset(config)  # An unknown dataset fails before any work.
+  caches.enable_compilation_cache()
   strategy = parallel.make_strategy(config.parallel, config.num_devices)
   for key in ('batch_size', 'eval_batch_size'):
     strategy.check_batch_size(key, config[key])
@@ -195,25 +222,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   # ---------------------------------------------------------------- Data
   with stopwatch.timed('data'):
-    info, splits = tfds_data.load_splits(config.dataset, [config.train_split, config.eval_split],
-                                         config.data_dir, config.manual_dir)
-    (train_images, train_labels), (eval_images, eval_labels) = (
-        splits[config.train_split], splits[config.eval_split])
-    mean, std = channel_stats(train_images)
-    train_split = strategy.replicate(device_data.pad_split(train_images, train_labels))
-    eval_split = strategy.replicate(device_data.pad_split(
-        eval_images, eval_labels, pad_to_multiple_of=config.eval_batch_size))
+    data = pipeline.load_data(config)
   if is_chief:
     workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
-        name=info.name, image_shape=info.image_shape, num_classes=info.num_classes,
-        class_names=info.class_names, num_train_examples=train_split.num_examples,
-        mean=mean, std=std))
+        name=data.name, image_shape=data.image_shape, num_classes=data.num_classes,
+        class_names=data.class_names, num_train_examples=data.num_train_examples,
+        mean=data.mean, std=data.std))
 
   # ---------------------------------------------------------------- Model, optimizer, steps
   experiment, state = build_experiment(
-      config, image_shape=info.image_shape, num_classes=info.num_classes,
-      num_train_examples=train_split.num_examples, mean=mean, std=std, strategy=strategy)
+      config, image_shape=data.image_shape, num_classes=data.num_classes,
+      num_train_examples=data.num_train_examples, mean=data.mean, std=data.std,
+      strategy=strategy, placement=data.placement,
+      init_images=data.train.images if data.placement == 'device' else None)
   total_steps, steps_per_epoch = experiment.total_steps, experiment.steps_per_epoch
+  train_feed = feeds.make_train_feed(config, experiment, data)
+  eval_feed = feeds.make_eval_feed(config, experiment, data)
   sums = experiment.zero_train_sums()
 
   # ---------------------------------------------------------------- Restore
@@ -225,35 +249,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if restored is not None:
     tree, meta = restored
     step = meta['step']
-    _check_data_position(meta, steps_per_epoch, config.batch_size)
     if step >= total_steps:
       checkpointer.close()
+      train_feed.close()
       print(f'{workdir} already holds a checkpoint at step {step} (this config trains '
             f'{total_steps} steps): nothing to train. Raise num_train_steps or num_epochs to '
             'train on.', flush=True)
       return {**meta['metrics'], 'workdir': workdir, 'step': step}
+    train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
+                       config.batch_size)
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     if is_chief:
       workdir_lib.truncate_metrics(workdir, step)
-    print(f'resuming from the checkpoint at step {step} (epoch {meta["epoch"]}, batch '
-          f'{meta["batch_in_epoch"]})', flush=True)
+    print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})',
+          flush=True)
 
   # ---------------------------------------------------------------- Compile
   steps_per_call = (config.steps_per_call if config.steps_per_call > 0
                     else default_steps_per_call(jax.default_backend()))
   compiled_train: dict[int, Callable] = {}
 
-  def compiled_train_fn(num_steps: int, *args) -> Callable:
+  def compiled_train_fn(num_steps: int, args) -> Callable:
     """Compiles one variant per chunk length ahead of time: compiling never counts as training."""
     if num_steps not in compiled_train:
       with stopwatch.timed('compile'):
-        compiled_train[num_steps] = strategy.compile(experiment.train_fn, *args,
-                                                     static=(num_steps,))
+        compiled_train[num_steps] = strategy.compile(train_feed.fn, *args,
+                                                     static=train_feed.static(num_steps))
     return compiled_train[num_steps]
 
   with stopwatch.timed('compile'):
-    eval_fn = strategy.compile(experiment.eval_fn, state, experiment.zero_eval_sums(),
-                               eval_split, jnp.int32(0))
+    eval_feed.compile(state, experiment.zero_eval_sums())
 
   # ---------------------------------------------------------------- Loop
   writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1 if step else None)
@@ -262,11 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                       else eval_every)
   progress = Progress(total_steps, step, enabled=is_chief)
   num_params = models.count_params(strategy.unreplicate(state).params)
-  progress.message(f'{config.model} ({num_params:,} parameters) on {info.name}: {total_steps} '
-                   f'steps of {config.batch_size} ({steps_per_epoch} per epoch) on '
-                   f'{strategy.num_devices} {jax.default_backend()} device(s) with '
-                   f'{strategy.name}; workdir {workdir}')
-  permutation, permutation_epoch = None, None
+  progress.message(f'{config.model} ({num_params:,} parameters) on {data.name} '
+                   f'({data.placement}): {total_steps} steps of {config.batch_size} '
+                   f'({steps_per_epoch} per epoch) on {strategy.num_devices} '
+                   f'{jax.default_backend()} device(s) with {strategy.name}; workdir {workdir}')
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   window_seconds, window_step = 0.0, step  # Training time and first step of the log window.
@@ -275,17 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   with _StopRequests() as stop_requests:
     window_start = time.perf_counter()
     while step < total_steps:
-      epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-      if epoch != permutation_epoch:
-        permutation = strategy.permutation(config.seed, epoch, train_split.num_examples)
-        permutation_epoch = epoch
       next_event = min(_next_multiple(step, every)
                        for every in (config.log_every_steps, eval_every, checkpoint_every))
-      num_steps = min(steps_per_call, steps_per_epoch - batch_in_epoch, next_event - step,
+      num_steps = min(steps_per_call, train_feed.max_steps(step), next_event - step,
                       total_steps - step)
-      args = (state, sums, train_split, permutation, jnp.int32(batch_in_epoch))
+      args = train_feed.args(state, sums, step, num_steps)
       compile_seconds = stopwatch.totals.get('compile', 0.0)
-      train_fn = compiled_train_fn(num_steps, *args)
+      train_fn = compiled_train_fn(num_steps, args)
       window_start += stopwatch.totals.get('compile', 0.0) - compile_seconds  # Not training.
       state, sums = train_fn(*args)
       step += num_steps
@@ -303,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       stopwatch.add('train', elapsed)
       window_seconds += elapsed
       if int(fetched['first_nonfinite_step']) != NO_STEP:
+        train_feed.close()
         checkpointer.wait()
         latest = checkpointer.latest_step()
         raise TrainingDiverged(
@@ -326,9 +347,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         window_seconds, window_step = 0.0, step
       if eval_now:
         with stopwatch.timed('eval'):
-          last_eval = evaluate(experiment, state, eval_split, config.eval_split, eval_fn)
-        writer.write_scalars(step, {k: v for k, v in last_eval.items()
-                                    if not k.endswith('/num_examples')})
+          last_eval = evaluate(experiment, state, eval_feed, config.eval_split)
+        # With the training seconds so far, compile and evaluation excluded: time to accuracy.
+        writer.write_scalars(step, {**{k: v for k, v in last_eval.items()
+                                       if not k.endswith('/num_examples')},
+                                    'train/seconds': stopwatch.totals.get('train', 0.0)})
         progress.message(f'step {step}: {config.eval_split} accuracy '
                          f'{100 * last_eval[config.eval_split + "/accuracy"]:.2f}%, loss '
                          f'{last_eval[config.eval_split + "/loss"]:.4f}')
@@ -336,12 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         with stopwatch.timed('checkpoint'):
           checkpointer.save(
               step, {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
-              meta=dict(zip(('epoch', 'batch_in_epoch'), divmod(step, steps_per_epoch)),
-                        batch_size=config.batch_size),
+              meta={'data': train_feed.position(step), 'batch_size': config.batch_size},
               metrics=last_eval if eval_now else None)
         num_saves += 1
       if stopping:
         progress.close()
+        train_feed.close()
         checkpointer.close()
         writer.close()
         raise TrainingInterrupted(
@@ -353,6 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   # ---------------------------------------------------------------- Final report
   progress.close()
+  train_feed.close()
   with stopwatch.timed('checkpoint'):
     checkpointer.close()  # Waits for the last checkpoint to be completely written.
   timing = {f'time/{phase}_seconds': stopwatch.totals.get(phase, 0.0)
@@ -376,14 +400,10 @@ def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkp
                       async_save=config.async_checkpointing)
 
 
-def _check_data_position(meta: dict, steps_per_epoch: int, batch_size: int) -> None:
-  """A checkpoint's data position must be where this config's step count puts it."""
-  if (meta['epoch'], meta['batch_in_epoch']) != divmod(meta['step'], steps_per_epoch):
-    raise ConfigError(
-        f'the checkpoint at step {meta["step"]} was taken at epoch {meta["epoch"]}, batch '
-        f'{meta["batch_in_epoch"]} with batch_size {meta["batch_size"]}; with batch_size '
-        f'{batch_size} this config cannot continue from the same example. Resume with '
-        f'--config.batch_size={meta["batch_size"]}')
+def _describe_position(position: dict) -> str:
+  if 'epoch' in position:
+    return f'epoch {position["epoch"]}, batch {position["batch_in_epoch"]}'
+  return 'streamed data, the iterator where it was'
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -1,9 +1,12 @@
 """Shared fixtures: a fake TFDS dataset with learnable images, and the real MNIST files."""
 
+import atexit
 import contextlib
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from unittest import mock
 
 # Eight CPU devices for the multi-device tests (unless a worker process chose its own count);
@@ -12,8 +15,14 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
 
-import numpy as np
 import pytest
+
+# One compilation cache for the whole session, subprocesses included: the many tiny runs of the
+# suite compile the same programs again and again.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxcnn-tests-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # So that tests can import configs/ like train.py does.
@@ -26,16 +35,8 @@ MNIST_MANUAL_DIR = pathlib.Path(
 
 def learnable_images(num_examples: int, image_shape, num_classes: int, seed: int):
   """uint8 images of noise with a bright square whose position encodes the label."""
-  rng = np.random.default_rng(seed)
-  height, width, channels = image_shape
-  labels = rng.integers(0, num_classes, num_examples).astype(np.int64)
-  images = rng.integers(0, 96, (num_examples, height, width, channels)).astype(np.uint8)
-  cells = int(np.ceil(np.sqrt(num_classes)))
-  cell_h, cell_w = height // cells, width // cells
-  for i, label in enumerate(labels):
-    row, col = divmod(int(label), cells)
-    images[i, row * cell_h:(row + 1) * cell_h, col * cell_w:(col + 1) * cell_w, :] = 255
-  return images, labels
+  from jaxcnn.data.synthetic import synthetic_split
+  return synthetic_split(num_examples, image_shape, num_classes, seed)
 
 
 class FakeSource:
@@ -52,6 +53,9 @@ class FakeSource:
 
   def __getitems__(self, indices):
     return [self[i] for i in indices]
+
+  def __repr__(self):  # Grain checks a restored iterator's source by its repr.
+    return f'FakeSource({len(self)} examples of shape {self._images.shape[1:]})'
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ def run_train(*args, cwd=REPO_ROOT):
 @pytest.mark.parametrize('override, expected', [
     ('--config.batch_sise=64', "unknown config key 'batch_sise'; did you mean 'batch_size'"),
     ('--config.augment.flipp=true', "unknown config key 'augment.flipp'; did you mean 'augment.flip'"),
-    ('--config.model=resnet9000', "unknown model 'resnet9000'; choose one of: bn_cnn, keras_cnn"),
+    ('--config.model=resnet9000', "unknown model 'resnet9000'; choose one of: airbench, bn_cnn, cifar_resnet20"),
     ('--config.dataset=mnistt', "unknown dataset 'mnistt': not a TFDS dataset name"),
     ('--config.batch_size=0', "config key 'batch_size' must be a positive integer, got 0"),
     ('--config.batch_size=-32', "config key 'batch_size' must be a positive integer, got -32"),

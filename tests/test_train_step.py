@@ -8,20 +8,23 @@ import pytest
 from flax import nnx
 
 from jaxcnn import models
-from jaxcnn.data.augment import Preprocessor
+from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import create_train_state
-from jaxcnn.train_step import make_eval_step, make_train_step
+from jaxcnn.train_step import StepOptions, ema_decay_at, make_eval_step, make_train_step
 
 from conftest import learnable_images
 
 PREPROCESS = Preprocessor(mean=(100.0,), std=(80.0,))
 
 
-def setup(model_name='bn_cnn', seed=0, learning_rate=3e-3, preprocess=PREPROCESS):
-  model = models.create_model(model_name, num_classes=10, input_shape=(28, 28, 1), seed=seed)
+def setup(model_name='bn_cnn', seed=0, learning_rate=3e-3, preprocess=PREPROCESS,
+          dtype='float32', **options):
+  model = models.create_model(model_name, num_classes=10, input_shape=(28, 28, 1), seed=seed,
+                              dtype=dtype)
   tx = optax.adam(learning_rate)
-  model_def, state = create_train_state(model, tx)
-  step = jax.jit(make_train_step(model_def, tx, preprocess, num_classes=10, seed=seed))
+  model_def, state = create_train_state(model, tx, ema=options.get('ema_decay', 0) > 0)
+  step_options = StepOptions(num_classes=10, seed=seed, **options)
+  step = jax.jit(make_train_step(model_def, tx, preprocess, step_options))
   return model_def, state, step
 
 
@@ -89,3 +92,76 @@ def test_eval_step_sums_only_masked_examples():
   assert int(sums['count']) == 20
   assert int(sums['correct']) == int(head['correct'])
   np.testing.assert_allclose(float(sums['loss']), float(head['loss']), rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """k micro-batches of B/k examples make the same update as one batch of B (no BatchNorm)."""
+  data = batch(64)
+  results = []
+  for k in (1, 4):
+    _, state, step = setup(model_name='lenet5', grad_accum_steps=k,
+                           preprocess=Preprocessor(mean=(100.0,), std=(80.0,), crop_padding=2))
+    for _ in range(3):
+      state, metrics = step(state, data)
+    results.append((state, metrics))
+  (one, one_metrics), (four, four_metrics) = results
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  np.testing.assert_allclose(one_metrics['loss'], four_metrics['loss'], rtol=1e-5)
+
+
+def test_ema_follows_the_weights_with_the_ramped_decay():
+  _, state, step = setup(ema_decay=0.9)
+  data = batch()
+  new, _ = step(state, data)
+  decay = float(ema_decay_at(jnp.int32(0), 0.9))
+  assert decay == pytest.approx(0.1)  # min(0.9, 1/10): early steps follow the weights closely.
+  for old, updated, average in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params),
+                                   jax.tree.leaves(new.ema_params)):
+    np.testing.assert_allclose(average, decay * old + (1 - decay) * updated, rtol=1e-6, atol=1e-7)
+  assert float(ema_decay_at(jnp.int32(10_000), 0.9)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize('mixup, cutmix', [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixup_and_cutmix_mix_images_and_targets_alike(mixup, cutmix):
+  images = jax.random.uniform(jax.random.key(0), (8, 6, 6, 1))
+  targets = jax.nn.one_hot(jnp.arange(8) % 3, 3)
+  mixed, mixed_targets = mix_batch(images, targets, jax.random.key(1), mixup, cutmix)
+  assert mixed.shape == images.shape
+  np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)  # Still distributions.
+  # One weight for the batch: lam on each example's class, 1 - lam on its mirror's class.
+  lam = mixed_targets - targets[::-1]
+  np.testing.assert_allclose(mixed_targets, lam[0] @ targets[0] * targets
+                             + (1 - lam[0] @ targets[0]) * targets[::-1], atol=1e-6)
+  # Images are convex combinations (mixup) or pastes (cutmix) of an example and its mirror.
+  partner = images[::-1]
+  low, high = jnp.minimum(images, partner), jnp.maximum(images, partner)
+  assert bool(jnp.all(mixed >= low - 1e-6)) and bool(jnp.all(mixed <= high + 1e-6))
+  # Deterministic per key, different across keys.
+  again, _ = mix_batch(images, targets, jax.random.key(1), mixup, cutmix)
+  np.testing.assert_array_equal(mixed, again)
+  other, _ = mix_batch(images, targets, jax.random.key(2), mixup, cutmix)
+  assert not np.array_equal(mixed, other)
+
+
+def test_cutmix_weight_is_the_area_of_the_pasted_box():
+  images = jnp.zeros((2, 10, 10, 1)).at[1].set(1.0)  # Example 0 is black, its mirror white.
+  targets = jnp.eye(2)
+  mixed, mixed_targets = mix_batch(images, targets, jax.random.key(3), 0.0, 1.0)
+  pasted = float(mixed[0].mean())  # The fraction of example 0 covered by the white box.
+  np.testing.assert_allclose(mixed_targets[0], [1 - pasted, pasted], atol=1e-6)
+
+
+def test_bfloat16_training_tracks_float32():
+  """bf16 compute with float32 weights follows the float32 loss curve within bf16 noise."""
+  data = batch(64)
+  curves = []
+  for dtype in ('float32', 'bfloat16'):
+    _, state, step = setup(dtype=dtype)
+    losses = []
+    for _ in range(10):
+      state, metrics = step(state, data)
+      losses.append(float(metrics['loss']))
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
+    curves.append(np.array(losses))
+  np.testing.assert_allclose(curves[1], curves[0], rtol=0.05, atol=0.02)

@@ -93,3 +93,43 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
   mean = total / len(pixels)
   std = np.sqrt(np.maximum(total_sq / len(pixels) - mean * mean, 1e-12))
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def mix_batch(images: jax.Array, targets: jax.Array, key: jax.Array, mixup_alpha: float,
+              cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
+  """Mixup (Zhang et al.) or CutMix (Yun et al.) of a batch with its own reverse, as timm does.
+
+  With both enabled, each batch uses one of the two with probability 1/2. The mixing weight is
+  drawn from Beta(alpha, alpha); for CutMix it is corrected to the area of the pasted box, which
+  is clipped at the image border. `targets` are one-hot (or smoothed) class distributions.
+  """
+  choice_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
+  partner_images, partner_targets = images[::-1], targets[::-1]
+  candidates = []
+  if mixup_alpha > 0:
+    lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha)
+    candidates.append((lam * images + (1 - lam) * partner_images, lam))
+  if cutmix_alpha > 0:
+    _, height, width, _ = images.shape
+    lam = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    center = jax.random.uniform(box_key, (2,)) * jnp.array([height, width])
+    half = 0.5 * cut * jnp.array([height, width])
+    top, left = jnp.clip(jnp.round(center - half), 0, jnp.array([height, width]))
+    bottom, right = jnp.clip(jnp.round(center + half), 0, jnp.array([height, width]))
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    mixed = jnp.where(box[None, :, :, None], partner_images, images)
+    lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    candidates.append((mixed, lam))
+  if not candidates:
+    return images, targets
+  if len(candidates) == 2:
+    use_cutmix = jax.random.bernoulli(choice_key)
+    mixed = jnp.where(use_cutmix, candidates[1][0], candidates[0][0])
+    lam = jnp.where(use_cutmix, candidates[1][1], candidates[0][1])
+  else:
+    mixed, lam = candidates[0]
+  lam = lam.astype(jnp.float32)
+  return mixed.astype(images.dtype), lam * targets + (1 - lam) * partner_targets

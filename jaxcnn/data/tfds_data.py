@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxcnn import caches
+from jaxcnn.data.image_ops import resize_and_center_crop
 from jaxcnn.errors import ConfigError, DataError
 
 # How long each dataset host gets to answer before we call the machine offline. The whole check
@@ -31,7 +33,7 @@ _DECODE_CHUNK = 4096
 class DatasetInfo:
   """What the model and the pipeline need to know about an image-classification dataset."""
   name: str  # TFDS name with version, e.g. 'mnist/3.0.1'.
-  image_shape: tuple[int, int, int]  # (H, W, C).
+  image_shape: tuple  # (H, W, C); H and W are None when images vary in size.
   num_classes: int
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
@@ -143,9 +145,9 @@ def dataset_info(builder) -> DatasetInfo:
   image_feature = info.features[image_key]
   label_feature = info.features[label_key]
   shape = tuple(image_feature.shape)
-  if len(shape) != 3 or any(d is None for d in shape):
-    raise DataError(f'dataset {builder.name!r} has images of shape {shape}; jaxcnn needs a fixed '
-                    '(height, width, channels) shape')
+  if len(shape) != 3 or shape[-1] is None:
+    raise DataError(f'dataset {builder.name!r} has images of shape {shape}; jaxcnn needs '
+                    '(height, width, channels) images with a known number of channels')
   return DatasetInfo(
       name=info.full_name,
       image_shape=shape,
@@ -157,50 +159,54 @@ def dataset_info(builder) -> DatasetInfo:
   )
 
 
-def default_cache_dir() -> str:
-  """Where decoded arrays are cached: $JAXCNN_CACHE_DIR, else ~/.cache/jaxcnn."""
-  return os.environ.get('JAXCNN_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'jaxcnn')
+def read_split(builder, split: str, image_shape=None,
+               cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [N, H, W, C], labels int32 [N]) of a prepared split, in file order.
 
-
-def read_split(builder, split: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images uint8 [N, H, W, C], labels int32 [N]) of a prepared split, in file order."""
+  With `image_shape`, images of another size are resized (shorter side) and centre-cropped to it.
+  """
   info = dataset_info(builder)
+  image_shape = tuple(image_shape or info.image_shape)
+  if None in image_shape:
+    raise ConfigError(f'dataset {info.name!r} has images of varied sizes; set '
+                      '--config.image_size to the size to train at')
   if info.split_sizes and split not in info.split_sizes:
     raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
                       f'{", ".join(sorted(info.split_sizes))}')
   # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
-  cache_path = (_cache_path(builder, split, cache_dir or default_cache_dir())
+  cache_path = (_cache_path(builder, split, image_shape, cache_dir or caches.cache_dir())
                 if split in info.split_sizes else None)
   if cache_path and os.path.isfile(cache_path):
     with np.load(cache_path, allow_pickle=False) as arrays:
       return arrays['images'], arrays['labels']
-  images, labels = _decode_split(builder, split, info)
+  images, labels = _decode_split(builder, split, info, image_shape)
   if cache_path:
     _save_atomically(cache_path, images=images, labels=labels)
   return images, labels
 
 
-def _cache_path(builder, split: str, cache_dir: str) -> str:
+def _cache_path(builder, split: str, image_shape, cache_dir: str) -> str:
   # The key names the prepared files, so a re-prepared or relocated dataset is decoded afresh.
   info = builder.info
-  key = repr((os.path.realpath(os.fspath(builder.data_dir)), split,
+  key = repr((os.path.realpath(os.fspath(builder.data_dir)), split, tuple(image_shape),
               int(info.splits[split].num_examples), int(info.splits[split].num_bytes)))
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   return os.path.join(cache_dir, 'decoded', f'{info.full_name.replace("/", "-")}-{split}-{digest}.npz')
 
 
-def _decode_split(builder, split: str, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+def _decode_split(builder, split: str, info: DatasetInfo,
+                  image_shape) -> tuple[np.ndarray, np.ndarray]:
   source = builder.as_data_source(split=split)
   n = len(source)
-  images = np.empty((n, *info.image_shape), np.uint8)
+  height, width, _ = image_shape
+  images = np.empty((n, *image_shape), np.uint8)
   labels = np.empty((n,), np.int32)
   start = time.time()
   print(f'decoding {info.name} {split} ({n} images, once; cached afterwards)', flush=True)
   for begin in range(0, n, _DECODE_CHUNK):
     indices = list(range(begin, min(begin + _DECODE_CHUNK, n)))
     for i, example in zip(indices, source.__getitems__(indices)):
-      images[i] = example[info.image_key]
+      images[i] = resize_and_center_crop(np.asarray(example[info.image_key]), height, width)
       labels[i] = example[info.label_key]
   print(f'decoded {info.name} {split} in {time.time() - start:.1f}s', flush=True)
   return images, labels
@@ -221,8 +227,9 @@ def _save_atomically(path: str, **arrays: np.ndarray) -> None:
 
 
 def load_splits(name: str, splits: Sequence[str], data_dir: str | None = None,
-                manual_dir: str | None = None) -> tuple[DatasetInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
+                manual_dir: str | None = None, image_shape=None,
+                ) -> tuple[DatasetInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Prepares `name` if needed and reads `splits` into memory as uint8 images and int32 labels."""
   builder = ensure_prepared(name, data_dir, manual_dir)
   info = dataset_info(builder)
-  return info, {split: read_split(builder, split) for split in splits}
+  return info, {split: read_split(builder, split, image_shape) for split in splits}

@@ -1,0 +1,106 @@
+"""Data-parallel scaling of each strategy over 1, 2, 4 and 8 devices, as JSON and a table.
+
+  python benchmarks/scaling.py [--config configs/mnist.py] [--strategies jit,shard_map,pmap]
+      [--devices 1,2,4,8] [--per_device_batch 128] [--global_batch 512] [--steps 20]
+      [--repeats 3] [--output scaling.json]
+
+Weak scaling keeps the per-device batch fixed (the global batch grows with the devices); strong
+scaling keeps the global batch fixed. Efficiency is throughput(n) / (n x throughput(1)) of the same
+strategy. Each point runs the config's real compiled train function on synthetic data in device
+memory (benchmarks/throughput.py).
+
+On a machine with one CPU device the script gives itself 8 fake CPU devices. They share the
+machine's cores, so there the numbers only show that the harness works, not how jaxcnn scales:
+real scaling needs real devices.
+"""
+
+import os
+import sys
+
+_FAKE_DEVICES = 8
+# Fake CPU devices must be requested before JAX starts; real accelerators are left alone.
+if '--no_fake_devices' not in sys.argv and 'xla_force_host_platform_device_count' not in \
+    os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={_FAKE_DEVICES}').strip()
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from jaxcnn import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
+from throughput import device_description, measure_throughput  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config to measure.',
+                                          lock_config=True)
+_STRATEGIES = flags.DEFINE_list('strategies', ['jit', 'shard_map', 'pmap'], 'Strategies.')
+_DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts.')
+_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 64, 'Weak scaling: batch per device.')
+_GLOBAL_BATCH = flags.DEFINE_integer('global_batch', 512, 'Strong scaling: global batch.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Train steps per timed repeat.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats per point; the median is used.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write the JSON here.')
+flags.DEFINE_bool('no_fake_devices', False, 'Use the devices there are, even a single CPU.')
+
+
+def scaling_runs(config, strategies, device_counts, per_device_batch, global_batch, steps,
+                 repeats) -> list[dict]:
+  """Measures every (mode, strategy, device count) point; adds speedup and efficiency."""
+  runs = []
+  for mode in ('weak', 'strong'):
+    for strategy in strategies:
+      baseline = None
+      for num_devices in device_counts:
+        batch = per_device_batch * num_devices if mode == 'weak' else global_batch
+        point = config.copy_and_resolve_references()
+        with point.unlocked():
+          point.parallel, point.num_devices, point.batch_size = strategy, num_devices, batch
+          point.steps_per_call = 1
+        result = measure_throughput(point, steps, repeats)
+        baseline = baseline or result['examples_per_sec']
+        speedup = result['examples_per_sec'] / baseline
+        runs.append({'mode': mode, **result, 'speedup': speedup,
+                     'efficiency': speedup / num_devices * device_counts[0]})
+        print(f'{mode:6s} {strategy:9s} {num_devices} devices, batch {batch:5d}: '
+              f'{result["examples_per_sec"]:10.1f} examples/s, efficiency '
+              f'{runs[-1]["efficiency"]:.2f}', file=sys.stderr, flush=True)
+  return runs
+
+
+def table(runs: list[dict]) -> str:
+  """A Markdown table of the runs."""
+  lines = ['| mode | strategy | devices | global batch | examples/s | speedup | efficiency |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  for run in runs:
+    lines.append(f'| {run["mode"]} | {run["parallel"]} | {run["num_devices"]} | '
+                 f'{run["batch_size"]} | {run["examples_per_sec"]:,.0f} | {run["speedup"]:.2f} | '
+                 f'{run["efficiency"]:.2f} |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  counts = [int(n) for n in _DEVICES.value]
+  available = jax.device_count()
+  if max(counts) > available:
+    raise UserError(f'--devices asks for {max(counts)} devices; this machine has {available}')
+  runs = scaling_runs(_CONFIG.value, _STRATEGIES.value, counts, _PER_DEVICE_BATCH.value,
+                      _GLOBAL_BATCH.value, _STEPS.value, _REPEATS.value)
+  fake = jax.default_backend() == 'cpu' and available > 1
+  result = {**device_description(), 'fake_cpu_devices': fake,
+            'note': ('fake CPU devices share the same cores: these numbers show that the harness '
+                     'works, not how jaxcnn scales') if fake else '',
+            'command': ' '.join(['python'] + sys.argv), 'runs': runs}
+  text = json.dumps(result, indent=2)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+      f.write(text + '\n')
+  print(text)
+  print(table(runs))
+
+
+if __name__ == '__main__':
+  cli.run(main, config_flag='config')

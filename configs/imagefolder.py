@@ -1,0 +1,45 @@
+"""Your own images: a folder ROOT/<split>/<class>/*.png|jpg (the common ImageFolder layout).
+
+  python train.py --config configs/imagefolder.py --config.image_folder=ROOT
+  python train.py --config configs/imagefolder.py:smoke     # synthetic images, no folder needed
+
+Each subfolder of ROOT is a split (`train`, and `test` for evaluation: set `eval_split` if yours is
+called `val`), each subfolder of a split a class. Images of any size and mode are converted to RGB
+and trained at `image_size` (64 here) with a CIFAR ResNet-20; an unreadable image is named in a
+warning and left out. Accuracy depends on your data: on the folder of learnable two-class
+synthetic images that tests/test_image_folder.py writes (256 training images of mixed sizes and
+formats), 40 steps of bn_cnn at 24x24 reach over 90% on its 37 test images in seconds on 2 CPU
+cores. The smoke run only checks the pipeline.
+"""
+
+from jaxcnn.config import default_config
+from jaxcnn.errors import ConfigError
+
+
+def get_config(variant: str = ''):
+  """The image-folder config; `variant` is '' or 'smoke'."""
+  config = default_config()
+  config.dataset = 'imagefolder'
+  config.image_size = 64
+  config.model = 'cifar_resnet20'
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.num_epochs = 30
+  config.optimizer = 'momentum'
+  config.learning_rate = 0.05
+  config.warmup_epochs = 1
+  config.lr_schedule = 'cosine'
+  config.weight_decay = 5e-4
+  config.augment.crop_padding = 4
+  config.augment.flip = True
+  if variant == 'smoke':
+    config.batch_size = 32
+    config.eval_batch_size = 100
+    config.num_train_steps = 20
+    config.log_every_steps = 10
+    config.synthetic_if_unprepared = True
+    config.synthetic.num_train = 640
+    config.synthetic.num_eval = 200
+  elif variant:
+    raise ConfigError(f"unknown variant {variant!r} of configs/imagefolder.py; use '' or 'smoke'")
+  return config

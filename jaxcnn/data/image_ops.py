@@ -1,0 +1,56 @@
+"""Per-image operations on uint8 HWC NumPy arrays, for the host side of the data path.
+
+Used where images have their own sizes: decoding a dataset of varied sizes into a fixed-size
+array, the streaming pipeline's workers, and prediction from image files.
+"""
+
+import math
+
+import numpy as np
+from PIL import Image
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize of a uint8 HWC image (a no-op at the same size)."""
+  if image.shape[:2] == (height, width):
+    return image
+  channels = image.shape[-1]
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  pixels = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), np.uint8)
+  return pixels.reshape(height, width, channels)
+
+
+def resize_and_center_crop(image: np.ndarray, height: int, width: int,
+                           crop_fraction: float = 0.875) -> np.ndarray:
+  """The standard evaluation transform: resize the shorter side to size / 0.875, crop the centre.
+
+  Images already of the target size are returned as they are.
+  """
+  if image.shape[:2] == (height, width):
+    return image
+  scale = max(height, width) / crop_fraction / min(image.shape[:2])
+  resized_h = max(height, round(image.shape[0] * scale))
+  resized_w = max(width, round(image.shape[1] * scale))
+  image = resize(image, resized_h, resized_w)
+  top, left = (resized_h - height) // 2, (resized_w - width) // 2
+  return image[top:top + height, left:left + width]
+
+
+def random_resized_crop(image: np.ndarray, height: int, width: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """The Inception crop: a random area (8%-100%) and aspect ratio (3/4-4/3), resized to the target.
+
+  Falls back to a centre crop when ten draws find no box that fits, as torchvision does.
+  """
+  image_h, image_w = image.shape[:2]
+  area = image_h * image_w
+  for _ in range(10):
+    target_area = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    crop_w = round(math.sqrt(target_area * aspect))
+    crop_h = round(math.sqrt(target_area / aspect))
+    if 0 < crop_w <= image_w and 0 < crop_h <= image_h:
+      top = int(rng.integers(0, image_h - crop_h + 1))
+      left = int(rng.integers(0, image_w - crop_w + 1))
+      return resize(image[top:top + crop_h, left:left + crop_w], height, width)
+  return resize_and_center_crop(image, height, width, crop_fraction=1.0)

@@ -1,0 +1,168 @@
+"""From a config to training and evaluation data: which dataset, what size, and where it lives.
+
+Small datasets go to device memory (`device_data`), large ones stream through Grain
+(`streaming`); `config.data_placement` forces either, and 'auto' chooses by size. Besides TFDS
+names, `dataset` may be `imagefolder` (the user's own images, `image_folder.py`) or `synthetic`
+(no data at all; also used by `:smoke` configs whose dataset is not prepared).
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from jaxcnn.data import device_data, image_folder, synthetic, tfds_data
+from jaxcnn.data.augment import channel_stats
+from jaxcnn.data.image_ops import resize_and_center_crop
+from jaxcnn.errors import ConfigError
+
+SYNTHETIC = 'synthetic'
+IMAGE_FOLDER = 'imagefolder'
+# Without a device memory figure (CPU), datasets up to this size are kept in memory.
+_HOST_DEVICE_BYTES = 4 << 30
+# A device keeps a dataset if it takes at most this fraction of the device's memory.
+_DEVICE_MEMORY_FRACTION = 0.25
+_STATS_SAMPLE = 1024
+
+
+@dataclasses.dataclass
+class Data:
+  """A dataset ready for the feeds: its description, statistics, and both splits.
+
+  `train` and `eval` are host `DeviceSplit`s for `placement='device'` and random-access data
+  sources (`tfds.data_source`) for `placement='stream'`.
+  """
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_train_examples: int
+  num_eval_examples: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  placement: str
+  train: object
+  eval: object
+  image_key: str = 'image'
+  label_key: str = 'label'
+
+
+def check_dataset(config) -> None:
+  """Fails at once, before any work, on a dataset that cannot exist."""
+  if config.dataset == IMAGE_FOLDER:
+    if not config.image_folder and not config.synthetic_if_unprepared:
+      raise ConfigError("dataset 'imagefolder' needs --config.image_folder=ROOT, a folder of "
+                        'ROOT/<split>/<class>/<images>')
+  elif config.dataset != SYNTHETIC:
+    tfds_data.get_builder(config.dataset, config.data_dir)
+
+
+def load_data(config, train: bool = True) -> Data:
+  """Prepares (if needed) and loads the config's dataset for training and evaluation.
+
+  With `train=False` only the evaluation split is read (for evaluating a trained run, which
+  normalises with its own statistics): `train`, `mean` and `std` are then None.
+  """
+  check_dataset(config)
+  if config.dataset == SYNTHETIC:
+    return _synthetic(config, tuple(config.synthetic.image_shape), config.synthetic.num_classes,
+                      name=SYNTHETIC)
+  if config.dataset == IMAGE_FOLDER:
+    if not config.image_folder:
+      shape = (config.image_size or 64,) * 2 + (3,)
+      print(f'no image_folder given: using synthetic data of shape {shape} '
+            '(synthetic_if_unprepared)', flush=True)
+      return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
+    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
+  else:
+    builder = tfds_data.get_builder(config.dataset, config.data_dir)
+    if config.synthetic_if_unprepared and not builder.is_prepared():
+      info = tfds_data.dataset_info(builder)
+      shape = _image_shape(config, info)
+      print(f'{config.dataset} is not prepared: using synthetic data of its shape {shape} '
+            '(synthetic_if_unprepared)', flush=True)
+      return _synthetic(config, shape, info.num_classes, name=f'synthetic {config.dataset}')
+    builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
+  info = tfds_data.dataset_info(builder)
+  for split in (config.train_split, config.eval_split):
+    if info.split_sizes and split not in info.split_sizes:
+      raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
+                        f'{", ".join(sorted(info.split_sizes))}')
+  shape = _image_shape(config, info)
+  placement = _placement(config, info, shape)
+  common = dict(name=info.name, image_shape=shape, num_classes=info.num_classes,
+                class_names=info.class_names, placement=placement, image_key=info.image_key,
+                label_key=info.label_key)
+  if placement == 'device':
+    eval_images, eval_labels = tfds_data.read_split(builder, config.eval_split, shape)
+    evaluation = device_data.pad_split(eval_images, eval_labels,
+                                       pad_to_multiple_of=config.eval_batch_size)
+    if not train:
+      return Data(**common, num_train_examples=0, num_eval_examples=len(eval_labels), mean=None,
+                  std=None, train=None, eval=evaluation)
+    train_images, train_labels = tfds_data.read_split(builder, config.train_split, shape)
+    mean, std = channel_stats(train_images)
+    return Data(**common, num_train_examples=len(train_labels),
+                num_eval_examples=len(eval_labels), mean=mean, std=std,
+                train=device_data.pad_split(train_images, train_labels), eval=evaluation)
+  evaluation = builder.as_data_source(split=config.eval_split)
+  if not train:
+    return Data(**common, num_train_examples=0, num_eval_examples=len(evaluation), mean=None,
+                std=None, train=None, eval=evaluation)
+  train_source = builder.as_data_source(split=config.train_split)
+  mean, std = _sample_stats(train_source, shape, info.image_key)
+  return Data(**common, num_train_examples=len(train_source), num_eval_examples=len(evaluation),
+              mean=mean, std=std, train=train_source, eval=evaluation)
+
+
+def _image_shape(config, info) -> tuple[int, int, int]:
+  """The size the model sees: `image_size` if set, else the dataset's own (fixed) size."""
+  channels = info.image_shape[-1]
+  if config.image_size > 0:
+    return (config.image_size, config.image_size, channels)
+  if None in info.image_shape:
+    raise ConfigError(f'dataset {info.name!r} has images of varied sizes; set '
+                      '--config.image_size to the size to train at (e.g. 224)')
+  return tuple(info.image_shape)
+
+
+def _placement(config, info, shape) -> str:
+  if config.data_placement != 'auto':
+    return config.data_placement
+  if not info.split_sizes:  # Sizes unknown (a mocked dataset): small by construction.
+    return 'device'
+  size = sum(info.split_sizes.get(s, 0) for s in (config.train_split, config.eval_split))
+  size *= int(np.prod(shape))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  budget = (stats['bytes_limit'] * _DEVICE_MEMORY_FRACTION if 'bytes_limit' in stats
+            else _HOST_DEVICE_BYTES)
+  return 'device' if size <= budget else 'stream'
+
+
+def _sample_stats(source, shape, image_key: str):
+  """Channel statistics of the first training images, for data that never sits in memory."""
+  height, width, _ = shape
+  count = min(len(source), _STATS_SAMPLE)
+  images = np.stack([resize_and_center_crop(np.asarray(example[image_key]), height, width)
+                     for example in source.__getitems__(list(range(count)))])
+  return channel_stats(images)
+
+
+def _synthetic(config, shape, num_classes: int, name: str) -> Data:
+  spec = config.synthetic
+  train_images, train_labels = synthetic.synthetic_split(spec.num_train, shape, num_classes, 0)
+  eval_images, eval_labels = synthetic.synthetic_split(spec.num_eval, shape, num_classes, 1)
+  mean, std = channel_stats(train_images)
+  return Data(name=name, image_shape=tuple(shape), num_classes=num_classes,
+              class_names=tuple(str(i) for i in range(num_classes)),
+              num_train_examples=spec.num_train, num_eval_examples=spec.num_eval,
+              mean=mean, std=std, placement='device',
+              train=device_data.pad_split(train_images, train_labels),
+              eval=device_data.pad_split(eval_images, eval_labels,
+                                         pad_to_multiple_of=config.eval_batch_size))
+
+
+def default_data_workers() -> int:
+  """Grain worker processes: one per CPU core, at most 16 (decoding is per-core work)."""
+  return max(1, min(os.cpu_count() or 1, 16))

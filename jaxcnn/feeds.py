@@ -1,0 +1,230 @@
+"""How batches reach the compiled step: gathered on the device, or streamed from the host.
+
+A train feed hands the trainer the compiled function to run, its arguments for the next chunk of
+steps, and the data position to store in a checkpoint. An eval feed runs a whole evaluation.
+
+* `DeviceTrainFeed`: the split lives in device memory; each epoch's permutation is drawn on the
+  device and the compiled function gathers its batches, several steps per call.
+* `StreamTrainFeed`: a Grain loader produces this process's share of each batch; a background
+  thread moves the next batches to the devices while the current step runs.
+"""
+
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.data import streaming
+from jaxcnn.data.pipeline import Data, default_data_workers
+from jaxcnn.errors import ConfigError
+
+_PREFETCH = 2
+
+
+class DeviceTrainFeed:
+  """Batches gathered under `jit` from a device-resident split, `steps_per_call` at a time."""
+
+  def __init__(self, strategy, train_fn, data: Data, *, seed: int, batch_size: int):
+    self.strategy = strategy
+    self.fn = train_fn
+    self.split = strategy.replicate(data.train)
+    self.seed = seed
+    self.steps_per_epoch = data.num_train_examples // batch_size
+    self._permutation, self._permutation_epoch = None, None
+
+  def max_steps(self, step: int) -> int:
+    """Steps a call may run from `step`: a chunk never crosses into the next epoch."""
+    return self.steps_per_epoch - step % self.steps_per_epoch
+
+  def static(self, num_steps: int) -> tuple:
+    return (num_steps,)
+
+  def args(self, state, sums, step: int, num_steps: int) -> tuple:
+    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+    if epoch != self._permutation_epoch:
+      self._permutation = self.strategy.permutation(self.seed, epoch, self.split.num_examples)
+      self._permutation_epoch = epoch
+    return (state, sums, self.split, self._permutation, jnp.int32(batch_in_epoch))
+
+  def position(self, step: int) -> dict:
+    """The data position after `step` steps, for the checkpoint."""
+    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+    return {'epoch': epoch, 'batch_in_epoch': batch_in_epoch}
+
+  def restore(self, step: int, position: dict, batch_size: int) -> None:
+    """Checks that this config continues from the checkpoint's data position."""
+    if (position.get('epoch'), position.get('batch_in_epoch')) != divmod(step,
+                                                                         self.steps_per_epoch):
+      raise ConfigError(
+          f'the checkpoint at step {step} was taken at epoch {position.get("epoch")}, batch '
+          f'{position.get("batch_in_epoch")} with batch_size {position.get("batch_size")}; '
+          f'with batch_size {batch_size} this config cannot continue from the same example. '
+          f'Resume with --config.batch_size={position.get("batch_size")}')
+
+  def close(self) -> None:
+    pass
+
+
+class StreamTrainFeed:
+  """Batches from a Grain loader, moved to the devices ahead of time by a background thread."""
+
+  def __init__(self, strategy, train_fn, loader):
+    self.strategy = strategy
+    self.fn = train_fn
+    self._loader = loader
+    self._iterator = iter(loader)
+    self._queue: queue.Queue | None = None
+    self._thread = None
+    self._stop = threading.Event()
+    self._position = self._iterator.get_state()
+
+  def max_steps(self, step: int) -> int:
+    del step
+    return 1  # Streamed steps are big enough that dispatch costs nothing.
+
+  def static(self, num_steps: int) -> tuple:
+    del num_steps
+    return ()
+
+  def _produce(self) -> None:
+    try:
+      while not self._stop.is_set():
+        batch = next(self._iterator)
+        state_after = self._iterator.get_state()
+        item = (self.strategy.put_batch(batch), state_after)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised by the consumer)
+      self._queue.put(e)
+
+  def _start(self) -> None:
+    if self._thread is None:
+      self._queue = queue.Queue(maxsize=_PREFETCH)
+      self._thread = threading.Thread(target=self._produce, daemon=True, name='jaxcnn-prefetch')
+      self._thread.start()
+
+  def args(self, state, sums, step: int, num_steps: int) -> tuple:
+    del step, num_steps
+    self._start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    batch, self._position = item
+    return (state, sums, batch)
+
+  def position(self, step: int) -> dict:
+    del step
+    state = self._position
+    return {'grain_iterator': state.decode() if isinstance(state, bytes) else state}
+
+  def restore(self, step: int, position: dict, batch_size: int) -> None:
+    del step, batch_size
+    if 'grain_iterator' not in position:
+      raise ConfigError('the checkpoint was written by a run whose data lived in device memory; '
+                        "resume with --config.data_placement=device")
+    self._stop_thread()
+    state = position['grain_iterator'].encode()
+    self._iterator.set_state(state)
+    self._position = state
+
+  def _stop_thread(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread, self._stop = None, threading.Event()
+
+  def close(self) -> None:
+    self._stop_thread()
+    del self._iterator
+
+
+class DeviceEvalFeed:
+  """Evaluation over a padded, device-resident split, one compiled call per batch."""
+
+  def __init__(self, strategy, eval_fn, data: Data, batch_size: int):
+    self.strategy = strategy
+    self.fn = eval_fn
+    self.split = strategy.replicate(data.eval)
+    self.num_batches = self.split.images.shape[-4] // batch_size
+    self._compiled = None
+
+  def compile(self, state, zero_sums):
+    self._compiled = self.strategy.compile(self.fn, state, zero_sums, self.split, jnp.int32(0))
+
+  def run(self, state, sums):
+    for batch_index in range(self.num_batches):
+      sums = self._compiled(state, sums, self.split, jnp.int32(batch_index))
+    return sums
+
+  def close(self) -> None:
+    pass
+
+
+class StreamEvalFeed:
+  """Evaluation over a streamed split: this process's examples in order, padded and masked."""
+
+  def __init__(self, strategy, eval_fn, data: Data, *, batch_size: int, worker_count: int):
+    self.strategy = strategy
+    self.fn = eval_fn
+    self._source = data.eval
+    self._shape = data.image_shape
+    self._keys = (data.image_key, data.label_key)
+    self._local_batch = batch_size // jax.process_count()
+    self._workers = worker_count
+    self._compiled = None
+
+  def _batches(self):
+    return streaming.eval_batches(self._source, image_shape=self._shape,
+                                  batch_size=self._local_batch, worker_count=self._workers,
+                                  image_key=self._keys[0], label_key=self._keys[1])
+
+  def compile(self, state, zero_sums):
+    height, width, channels = self._shape
+    empty = {'image': np.zeros((self._local_batch, height, width, channels), np.uint8),
+             'label': np.zeros((self._local_batch,), np.int32),
+             'mask': np.zeros((self._local_batch,), bool)}
+    self._compiled = self.strategy.compile(self.fn, state, zero_sums,
+                                           self.strategy.put_batch(empty))
+
+  def run(self, state, sums):
+    for batch in self._batches():
+      sums = self._compiled(state, sums, self.strategy.put_batch(batch))
+    return sums
+
+  def close(self) -> None:
+    pass
+
+
+def make_train_feed(config, experiment, data: Data):
+  """The train feed of `data` for the experiment's compiled train function."""
+  strategy = experiment.strategy
+  if data.placement == 'device':
+    return DeviceTrainFeed(strategy, experiment.train_fn, data, seed=config.seed,
+                           batch_size=config.batch_size)
+  augment = streaming.HostAugment(image_shape=data.image_shape,
+                                  crop_padding=config.augment.crop_padding,
+                                  flip=config.augment.flip,
+                                  inception_crop=config.augment.inception_crop)
+  loader = streaming.train_loader(data.train, augment=augment,
+                                  batch_size=config.batch_size // jax.process_count(),
+                                  seed=config.seed, worker_count=_workers(config),
+                                  image_key=data.image_key, label_key=data.label_key)
+  return StreamTrainFeed(strategy, experiment.train_fn, loader)
+
+
+def make_eval_feed(config, experiment, data: Data):
+  """The eval feed of `data` for the experiment's compiled eval function."""
+  if data.placement == 'device':
+    return DeviceEvalFeed(experiment.strategy, experiment.eval_fn, data, config.eval_batch_size)
+  return StreamEvalFeed(experiment.strategy, experiment.eval_fn, data,
+                        batch_size=config.eval_batch_size, worker_count=_workers(config))
+
+
+def _workers(config) -> int:
+  return config.data_workers if config.data_workers >= 0 else default_data_workers()

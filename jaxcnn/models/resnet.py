@@ -1,0 +1,229 @@
+"""Residual networks: ResNet v1.5 for ImageNet and the CIFAR ResNets of He et al.
+
+ImageNet ResNets (`resnet18` ... `resnet152`) follow torchvision's ResNet v1.5: the stride of a
+downsampling bottleneck sits in its 3x3 convolution, shortcuts that change shape are a strided 1x1
+convolution plus BatchNorm, convolutions are bias-free and initialised He-normal (fan_out), and
+padding is explicit and symmetric as in PyTorch. With 224x224x3 input and 1000 classes the
+parameter counts equal torchvision's exactly:
+
+  resnet18  11,689,512    resnet34  21,797,672    resnet50  25,557,032
+  resnet101 44,549,160    resnet152 60,192,808
+
+CIFAR ResNets (`cifar_resnet20/32/56`) follow He et al. 2016, section 4.2: a 3x3 convolution with
+16 channels, three stages of n basic blocks with 16, 32 and 64 channels (n = 3, 5, 9), global
+average pooling and a linear classifier. Like the paper they use option A shortcuts: where the
+shape changes the shortcut subsamples with stride 2 and pads the new channels with zeros, so it has
+no parameters. For 32x32x3 input and 10 classes they have 269,722 (0.27M), 464,154 (0.46M) and
+853,018 (0.85M) parameters, the paper's counts. `shortcut='B'` gives projection shortcuts instead
+(+2,752 parameters).
+
+Every block can start as an identity: with `zero_init_residual=True` (the default) the last
+BatchNorm scale of each residual branch starts at zero (Goyal et al. 2017), which makes large-batch
+training start more stably; torchvision offers the same option.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torchvision's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`: an untruncated normal with
+# variance 2 / (kernel height * kernel width * output channels).
+conv_kernel_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+# PyTorch's BatchNorm defaults: its momentum 0.1 is Flax's 0.9 (the weight of the old average).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, dtype,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  """A bias-free convolution padded like PyTorch's `padding=kernel_size // 2`.
+
+  Explicit symmetric padding, not 'SAME': for stride 2 on even sizes 'SAME' pads only at the end,
+  which would shift every downsampled feature map by a pixel against the torchvision layout.
+  """
+  pad = kernel_size // 2
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_kernel_init,
+                  dtype=dtype, rngs=rngs)
+
+
+def batch_norm(features: int, *, dtype, axis_name: str | None, rngs: nnx.Rngs,
+               zero_scale: bool = False) -> nnx.BatchNorm:
+  """BatchNorm with PyTorch's momentum and epsilon; `zero_scale` starts its scale at zero."""
+  scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
+  return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                       axis_name=axis_name, scale_init=scale_init, rngs=rngs)
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+  """Averages NHWC feature maps over height and width."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convolutions with a residual connection (ResNet-18/34 and the CIFAR ResNets).
+
+  Where the shape changes, the shortcut is a projection (`shortcut='B'`: strided 1x1 convolution
+  plus BatchNorm) or parameter-free (`shortcut='A'`: subsampling and zero-padded channels).
+  """
+
+  expansion = 1
+
+  def __init__(self, in_features: int, features: int, *, stride: int = 1, dtype,
+               axis_name: str | None = None, zero_init_residual: bool = True,
+               shortcut: str = 'B', rngs: nnx.Rngs):
+    norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
+    self.conv1 = conv(in_features, features, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn1 = norm(features)
+    self.conv2 = conv(features, features, 3, dtype=dtype, rngs=rngs)
+    self.bn2 = norm(features, zero_scale=zero_init_residual)
+    self.shortcut = _make_shortcut(in_features, features, stride, shortcut, dtype=dtype,
+                                   axis_name=axis_name, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return nnx.relu(y + self.shortcut(x))
+
+
+class Bottleneck(nnx.Module):
+  """1x1 reduce, 3x3 (strided, as in v1.5), 1x1 expand by 4, with a residual connection."""
+
+  expansion = 4
+
+  def __init__(self, in_features: int, features: int, *, stride: int = 1, dtype,
+               axis_name: str | None = None, zero_init_residual: bool = True,
+               shortcut: str = 'B', rngs: nnx.Rngs):
+    norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
+    out_features = features * self.expansion
+    self.conv1 = conv(in_features, features, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = norm(features)
+    self.conv2 = conv(features, features, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn2 = norm(features)
+    self.conv3 = conv(features, out_features, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = norm(out_features, zero_scale=zero_init_residual)
+    self.shortcut = _make_shortcut(in_features, out_features, stride, shortcut, dtype=dtype,
+                                   axis_name=axis_name, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = nnx.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return nnx.relu(y + self.shortcut(x))
+
+
+class PaddingShortcut(nnx.Module):
+  """Option A shortcut: subsamples by `stride` and appends zero channels; it has no parameters."""
+
+  def __init__(self, in_features: int, out_features: int, stride: int):
+    self.stride = stride
+    self.extra_features = out_features - in_features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Subsampling x[::2] keeps ceil(size / 2) rows, as many as the padded stride-2 convolution.
+    x = x[:, ::self.stride, ::self.stride, :]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.extra_features)))
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+def _make_shortcut(in_features: int, out_features: int, stride: int, kind: str, *, dtype,
+                   axis_name: str | None, rngs: nnx.Rngs):
+  """The shortcut of a residual block: identity when the shape is kept, else option A or B."""
+  if stride == 1 and in_features == out_features:
+    return _identity
+  if kind == 'A':
+    return PaddingShortcut(in_features, out_features, stride)
+  if kind == 'B':
+    return nnx.Sequential(
+        conv(in_features, out_features, 1, stride, dtype=dtype, rngs=rngs),
+        batch_norm(out_features, dtype=dtype, axis_name=axis_name, rngs=rngs))
+  raise ValueError(f"shortcut must be 'A' or 'B', got {kind!r}")
+
+
+def _make_stages(block_cls, in_features: int, widths: Sequence[int], stage_sizes: Sequence[int],
+                 strides: Sequence[int], **block_kwargs) -> tuple[nnx.List, int]:
+  """Stages of residual blocks; the first block of each stage carries its stride.
+
+  Returns the stages and the number of channels they output.
+  """
+  stages = []
+  for width, num_blocks, stride in zip(widths, stage_sizes, strides):
+    blocks = []
+    for i in range(num_blocks):
+      blocks.append(block_cls(in_features, width, stride=stride if i == 0 else 1, **block_kwargs))
+      in_features = width * block_cls.expansion
+    stages.append(nnx.Sequential(*blocks))
+  return nnx.List(stages), in_features
+
+
+class ResNet(nnx.Module):
+  """ResNet v1.5 for ImageNet-size images (see the module docstring).
+
+  Stem: 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool; then four stages of `stage_sizes`
+  blocks with 64, 128, 256 and 512 base channels (strides 1, 2, 2, 2), global average pooling and
+  a linear classifier. Any input of at least 1x1 works; the classifier's size does not depend on
+  it. The classifier keeps Flax's default initialisation (LeCun normal, zero bias).
+  """
+
+  def __init__(self, *, block_cls: type[BasicBlock] | type[Bottleneck], stage_sizes: Sequence[int],
+               num_classes: int, input_shape: Sequence[int], dtype=jnp.float32, rngs: nnx.Rngs,
+               axis_name: str | None = None, zero_init_residual: bool = True):
+    channels = input_shape[-1]
+    self.stem_conv = conv(channels, 64, 7, 2, dtype=dtype, rngs=rngs)
+    self.stem_bn = batch_norm(64, dtype=dtype, axis_name=axis_name, rngs=rngs)
+    self.stages, features = _make_stages(
+        block_cls, 64, (64, 128, 256, 512), stage_sizes, (1, 2, 2, 2), dtype=dtype,
+        axis_name=axis_name, zero_init_residual=zero_init_residual, rngs=rngs)
+    self.fc = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nnx.relu(self.stem_bn(self.stem_conv(x)))
+    # A 3x3/2 max-pool padded by one pixel on each side (PyTorch pads with -inf, as Flax does).
+    x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for stage in self.stages:
+      x = stage(x)
+    return self.fc(global_average_pool(x))
+
+
+class CifarResNet(nnx.Module):
+  """The CIFAR ResNet of He et al. 2016, section 4.2 (see the module docstring).
+
+  3x3 convolution with 16 channels, BatchNorm, ReLU; three stages of `blocks_per_stage` basic
+  blocks with 16, 32 and 64 channels (strides 1, 2, 2); global average pooling; linear classifier.
+  Depth is 6 * blocks_per_stage + 2. `shortcut` is 'A' (the paper's, parameter-free) or 'B'.
+  """
+
+  def __init__(self, *, blocks_per_stage: int, num_classes: int, input_shape: Sequence[int],
+               dtype=jnp.float32, rngs: nnx.Rngs, axis_name: str | None = None,
+               shortcut: str = 'A', zero_init_residual: bool = True):
+    channels = input_shape[-1]
+    self.stem_conv = conv(channels, 16, 3, dtype=dtype, rngs=rngs)
+    self.stem_bn = batch_norm(16, dtype=dtype, axis_name=axis_name, rngs=rngs)
+    self.stages, features = _make_stages(
+        BasicBlock, 16, (16, 32, 64), (blocks_per_stage,) * 3, (1, 2, 2), dtype=dtype,
+        axis_name=axis_name, zero_init_residual=zero_init_residual, shortcut=shortcut, rngs=rngs)
+    self.fc = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nnx.relu(self.stem_bn(self.stem_conv(x)))
+    for stage in self.stages:
+      x = stage(x)
+    return self.fc(global_average_pool(x))
+
+
+resnet18 = functools.partial(ResNet, block_cls=BasicBlock, stage_sizes=(2, 2, 2, 2))
+resnet34 = functools.partial(ResNet, block_cls=BasicBlock, stage_sizes=(3, 4, 6, 3))
+resnet50 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3))
+resnet101 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 4, 23, 3))
+resnet152 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 8, 36, 3))
+
+cifar_resnet20 = functools.partial(CifarResNet, blocks_per_stage=3)
+cifar_resnet32 = functools.partial(CifarResNet, blocks_per_stage=5)
+cifar_resnet56 = functools.partial(CifarResNet, blocks_per_stage=9)

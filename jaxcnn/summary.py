@@ -1,0 +1,128 @@
+"""Prints a model's parameters, one row each, and their total.
+
+  python -m jaxcnn.summary resnet50                       # 224x224x3 input, 1000 classes
+  python -m jaxcnn.summary cifar_resnet20 --num_classes 100
+  python -m jaxcnn.summary --config configs/mnist.py      # the config's model and dataset
+  python -m jaxcnn.summary mymodels.net:Net --input_shape 64,64,3
+
+The model is built under `nnx.eval_shape`, so no parameter is ever materialised: ResNet-152 costs
+no memory and no initialisation time. Without --config the input defaults to 224x224x3 with 1000
+classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
+classes otherwise. With --config the model and the dataset's image shape and class count come from
+the config file; MODEL, --input_shape and --num_classes override them. The last line is the total,
+`total: 25,557,032 parameters`.
+"""
+
+import math
+from collections.abc import Sequence
+
+from absl import flags
+from flax import nnx
+
+from jaxcnn import cli, models
+from jaxcnn.errors import ConfigError
+
+_INPUT_SHAPE = flags.DEFINE_string('input_shape', None, 'Image shape H,W,C, e.g. 32,32,3.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Number of classes.')
+_CONFIG = flags.DEFINE_string('config', None,
+                              'A config file (path.py[:variant]) whose model and dataset to use.')
+
+_IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+_CIFAR_PREFIXES = ('cifar_', 'wrn', 'vgg', 'airbench')
+
+
+def default_input(model: str) -> tuple[tuple[int, int, int], int]:
+  """The input shape and class count a model is summarised for when nothing else says."""
+  if model in _IMAGENET_MODELS:
+    return (224, 224, 3), 1000
+  if model.startswith(_CIFAR_PREFIXES) and model in models.MODELS:
+    return (32, 32, 3), 10
+  return (28, 28, 1), 10
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+  """Parses `H,W,C` into three positive integers, or raises a ConfigError."""
+  try:
+    shape = tuple(int(part) for part in text.split(','))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise ConfigError(f'--input_shape must be three positive integers H,W,C, got {text!r}')
+  return shape
+
+
+def parameter_rows(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int]]:
+  """(path, shape, count) of every `nnx.Param` of `model`, sorted by path as NNX orders state."""
+  rows = []
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    shape = tuple(param.get_value().shape)
+    rows.append(('.'.join(str(part) for part in path), shape, math.prod(shape)))
+  return rows
+
+
+def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]]) -> str:
+  """The rows as aligned columns with a header, then `total: N parameters`."""
+  cells = [(path, str(shape), f'{count:,}') for path, shape, count in rows]
+  widths = [max([len(header)] + [len(cell[i]) for cell in cells])
+            for i, header in enumerate(('parameter', 'shape', 'count'))]
+  lines = [f"{'parameter':<{widths[0]}}  {'shape':<{widths[1]}}  {'count':>{widths[2]}}"]
+  lines += [f'{path:<{widths[0]}}  {shape:<{widths[1]}}  {count:>{widths[2]}}'
+            for path, shape, count in cells]
+  lines.append(f'total: {sum(count for _, _, count in rows):,} parameters')
+  return '\n'.join(lines)
+
+
+def resolve(model: str | None, config_file: str | None, input_shape: str | None,
+            num_classes: int | None) -> tuple[str, tuple[int, int, int], int]:
+  """The model name, input shape and class count to summarise, from the arguments' sources."""
+  if config_file:
+    config = _load_config(config_file)
+    model = model or config.model
+    shape, classes = _dataset_input(config)
+  elif model:
+    shape, classes = default_input(model)
+  else:
+    raise ConfigError('name a model (e.g. resnet50) or give --config FILE')
+  models.get_model_constructor(model)  # An unknown name fails here, in one line.
+  if input_shape is not None:
+    shape = parse_shape(input_shape)
+  if num_classes is not None:
+    if num_classes < 1:
+      raise ConfigError(f'--num_classes must be a positive integer, got {num_classes}')
+    classes = num_classes
+  return model, shape, classes
+
+
+def summarize(model: str, input_shape: Sequence[int], num_classes: int) -> str:
+  """The parameter table of `model` built for `input_shape` images and `num_classes` classes."""
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      model, num_classes=num_classes, input_shape=input_shape))
+  header = f'{model}: input {",".join(map(str, input_shape))}, {num_classes} classes'
+  return header + '\n' + format_table(parameter_rows(abstract))
+
+
+def _load_config(spec: str):
+  path = spec.partition(':')[0]
+  try:
+    return cli.load_config_file(spec)
+  except FileNotFoundError:
+    raise ConfigError(f'config file {path!r} does not exist') from None
+
+
+def _dataset_input(config) -> tuple[tuple[int, int, int], int]:
+  """The image shape and class count of the config's dataset, read from TFDS's metadata only."""
+  from jaxcnn.data import tfds_data  # pylint: disable=g-import-not-at-top  (imports TFDS: slow)
+  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.get('data_dir')))
+  return tuple(info.image_shape), info.num_classes
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 2:
+    raise ConfigError(f'expected one model name, got: {" ".join(argv[1:])}')
+  model = argv[1] if len(argv) == 2 else None
+  name, shape, classes = resolve(model, _CONFIG.value, _INPUT_SHAPE.value, _NUM_CLASSES.value)
+  print(summarize(name, shape, classes))
+
+
+if __name__ == '__main__':
+  cli.run(main)

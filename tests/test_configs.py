@@ -1,0 +1,44 @@
+"""Every config file loads, validates and documents itself, and its :smoke variant trains."""
+
+import glob
+import os
+
+import pytest
+
+from jaxcnn import cli, config as config_lib, trainer
+from jaxcnn.errors import ConfigError
+
+from conftest import REPO_ROOT
+
+CONFIG_FILES = sorted(os.path.relpath(p, REPO_ROOT)
+                      for p in glob.glob(str(REPO_ROOT / 'configs' / '*.py')))
+
+
+def test_the_configs_the_issues_ask_for_exist():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+  assert {'mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet_resnet50',
+          'imagefolder'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_config_is_valid_and_its_docstring_gives_the_command_and_expected_result(path):
+  config_lib.validate(cli.load_config_file(str(REPO_ROOT / path)))
+  with open(REPO_ROOT / path, encoding='utf-8') as f:
+    docstring = f.read().split('"""')[1]
+  assert f'python train.py --config {path}' in docstring
+  assert '%' in docstring  # An expected accuracy, measured or published.
+  with pytest.raises(ConfigError, match='unknown variant'):
+    cli.load_config_file(f'{REPO_ROOT / path}:nonsense')
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(path, tmp_path,
+                                                                          monkeypatch, capsys):
+  monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
+  config = cli.load_config_file(f'{REPO_ROOT / path}:smoke')
+  config.data_dir = str(tmp_path / 'empty_tfds')  # Nothing is prepared here.
+  config.num_devices = 1
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'synthetic' in capsys.readouterr().out
+  assert result['step'] == config.num_train_steps
+  assert 0.0 <= result[f'{config.eval_split}/accuracy'] <= 1.0

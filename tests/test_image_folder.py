@@ -1,0 +1,80 @@
+"""A folder of the user's own images, prepared through TFDS, with a corrupt file among them."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcnn import cli, trainer
+from jaxcnn.data import image_folder
+from jaxcnn.errors import ConfigError
+
+from conftest import REPO_ROOT, learnable_images
+
+
+def make_folder(root, counts, size=24, seed=0):
+  """ROOT/<split>/<class>/*.png|jpg of learnable images in two classes, 'cat' and 'dog'."""
+  for split_index, (split, count) in enumerate(counts.items()):
+    images, labels = learnable_images(count, (size, size, 3), 2, seed + split_index)
+    for i, (image, label) in enumerate(zip(images, labels)):
+      folder = os.path.join(root, split, ('cat', 'dog')[label])
+      os.makedirs(folder, exist_ok=True)
+      # Mixed sizes, formats and modes, as real folders have.
+      picture = Image.fromarray(image).resize((size + 8 * (i % 3), size))
+      if i % 4 == 1:
+        picture.convert('L').save(os.path.join(folder, f'{i}.png'))
+      else:
+        picture.save(os.path.join(folder, f'{i}.{"jpg" if i % 2 else "png"}'), quality=95)
+
+
+def test_listing_skips_and_names_unreadable_images(tmp_path, capfd):
+  make_folder(tmp_path, {'train': 12, 'test': 4})
+  broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8 not really a jpeg')
+  listing = image_folder.list_folder(str(tmp_path))
+  assert listing.class_names == ('cat', 'dog')
+  assert sorted(listing.splits) == ['test', 'train']
+  assert len(listing.splits['train']) == 12 and len(listing.splits['test']) == 4
+  assert listing.unreadable == (str(broken),)
+  assert f'warning: skipping unreadable image {broken}:' in capfd.readouterr().err
+
+
+def test_a_folder_without_the_layout_is_a_config_error(tmp_path):
+  (tmp_path / 'just_images').mkdir()
+  with pytest.raises(ConfigError, match='ROOT/<split>/<class>'):
+    image_folder.list_folder(str(tmp_path / 'just_images'))
+  with pytest.raises(ConfigError, match="'image_folder'"):
+    image_folder.list_folder(str(tmp_path / 'missing'))
+
+
+def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
+  monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
+  root = tmp_path / 'images'
+  make_folder(root, {'train': 256, 'test': 37})
+  (root / 'test' / 'dog' / 'truncated.png').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00')
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/imagefolder.py')
+  config.image_folder = str(root)
+  config.data_dir = str(tmp_path / 'tfds')
+  config.image_size = 24
+  config.model = 'bn_cnn'
+  config.optimizer = 'adamw'
+  config.learning_rate = 3e-3
+  config.num_train_steps = 40
+  config.batch_size = 32
+  config.eval_batch_size = 16
+  config.num_devices = 1
+  config.augment.flip = False  # The label is the side of the bright square: flips would swap it.
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  err = capfd.readouterr().err
+  assert f'skipping unreadable image {root}/test/dog/truncated.png' in err
+  assert result['test/num_examples'] == 37  # Every readable test image, the corrupt one left out.
+  assert result['test/accuracy'] > 0.9
+  # The prepared copy is reused while the folder is unchanged.
+  directory = image_folder.dataset_dir(str(root), config.data_dir,
+                                       image_folder.list_folder(str(root)).fingerprint())
+  assert os.path.isdir(directory)
+  config.num_train_steps = 40
+  again = trainer.train_and_evaluate(config, str(tmp_path / 'run2'))
+  assert 'preparing image folder' not in capfd.readouterr().out
+  np.testing.assert_allclose(again['test/accuracy'], result['test/accuracy'])

@@ -1,0 +1,45 @@
+"""`python -m jaxcnn.summary`: a parameter table built without materialising the model."""
+
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def run_summary(*args):
+  return subprocess.run([sys.executable, '-m', 'jaxcnn.summary', *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_resnet50_at_imagenet_size_has_the_published_count():
+  result = run_summary('resnet50')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == 'resnet50: input 224,224,3, 1000 classes'
+  assert lines[-1] == 'total: 25,557,032 parameters'
+  rows = {line.split()[0]: line for line in lines[2:-1]}
+  assert rows['stem_conv.kernel'].split() == ['stem_conv.kernel', '(7,', '7,', '3,', '64)', '9,408']
+  # One row per parameter: 53 convolutions, 53 BatchNorms (scale and bias) and the fc's two.
+  assert len(rows) == 53 + 2 * 53 + 2
+  assert sum(int(row.split()[-1].replace(',', '')) for row in rows.values()) == 25_557_032
+
+
+def test_config_gives_model_input_shape_and_classes():
+  result = run_summary('--config', 'configs/mnist.py')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == 'bn_cnn: input 28,28,1, 10 classes'
+  assert result.stdout.splitlines()[-1] == 'total: 206,970 parameters'
+
+
+def test_flags_override_the_defaults():
+  result = run_summary('cifar_resnet20', '--input_shape', '28,28,1', '--num_classes', '100')
+  assert result.returncode == 0, result.stderr
+  # 269,722 for RGB and 10 classes: 2 * 9 * 16 fewer in the first conv, 90 * 65 more in the fc.
+  assert result.stdout.splitlines()[-1] == f'total: {269_722 - 288 + 90 * 65:,} parameters'
+
+
+def test_bad_model_name_is_one_line_error():
+  result = run_summary('resnet9000')
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: unknown model 'resnet9000'; choose one of: ")
+  assert result.stderr.count('\n') == 1 and not result.stdout

@@ -1,0 +1,324 @@
+"""The big model zoo: published parameter counts, forward passes, initialisation, user models."""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxcnn import models
+from jaxcnn.errors import ConfigError
+from jaxcnn.models import airbench, resnet, vgg, wide_resnet
+
+ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'cifar_resnet20',
+       'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
+       'airbench')
+IMAGENET = ((224, 224, 3), 1000)
+CIFAR = ((32, 32, 3), 10)
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_model(name, input_shape, num_classes, dtype='float32', axis_name='data'):
+  """The model with shapes only: counting ResNet-152's parameters costs no memory or time.
+
+  Built with an axis name (it changes no parameter) and cached, so that the tests share one build.
+  """
+  return nnx.eval_shape(lambda: models.create_model(
+      name, num_classes=num_classes, input_shape=input_shape, dtype=dtype, axis_name=axis_name))
+
+
+PUBLISHED_COUNTS = [
+    # torchvision's published counts.
+    ('resnet18', IMAGENET, 11_689_512),
+    ('resnet34', IMAGENET, 21_797_672),
+    ('resnet50', IMAGENET, 25_557_032),
+    ('resnet101', IMAGENET, 44_549_160),
+    ('resnet152', IMAGENET, 60_192_808),
+    # He et al. 2016, table 6, with option A shortcuts: 0.27M, 0.46M, 0.85M.
+    ('cifar_resnet20', CIFAR, 269_722),
+    ('cifar_resnet32', CIFAR, 464_154),
+    ('cifar_resnet56', CIFAR, 853_018),
+    # Zagoruyko & Komodakis: WRN-28-10 has 36.5M.
+    ('wrn16_8', CIFAR, 10_961_370),
+    ('wrn28_10', CIFAR, 36_479_194),
+    # Bias-free convolutions, BatchNorm scale and bias, Linear(512, 10).
+    ('vgg11_bn', CIFAR, 9_228_362),
+    ('vgg16_bn', CIFAR, 14_724_042),
+    # Jordan 2024: 1.97M.
+    ('airbench', CIFAR, 1_971_640),
+]
+
+
+@pytest.mark.parametrize('name, data, expected', PUBLISHED_COUNTS)
+def test_parameter_counts(name, data, expected):
+  assert models.count_params(abstract_model(name, *data)) == expected
+
+
+def test_every_zoo_model_is_registered():
+  assert set(ZOO) <= set(models.model_names())
+
+
+def test_projection_shortcuts_add_two_projections():
+  model = nnx.eval_shape(lambda: resnet.cifar_resnet20(
+      num_classes=10, input_shape=(32, 32, 3), shortcut='B', rngs=nnx.Rngs(0)))
+  # 1x1 convolutions 16->32 and 32->64, each with a BatchNorm.
+  assert models.count_params(model) == 269_722 + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+@pytest.mark.parametrize('name, input_shape', [
+    ('resnet18', (64, 64, 3)), ('resnet50', (64, 64, 3)), ('cifar_resnet20', (32, 32, 3)),
+    ('cifar_resnet32', (32, 32, 3)), ('cifar_resnet56', (20, 20, 3)), ('wrn16_8', (16, 16, 3)),
+    ('wrn28_10', (32, 32, 3)), ('vgg11_bn', (32, 32, 3)), ('vgg16_bn', (27, 27, 3)),
+    ('airbench', (28, 28, 1)),
+])
+def test_output_shapes(name, input_shape):
+  # Shapes only; test_models.py and the test below run the networks on real numbers.
+  model = abstract_model(name, input_shape, 7, axis_name=None)
+  images = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+  logits = nnx.eval_shape(lambda model, x: model(x), model, images)
+  assert (logits.shape, logits.dtype) == ((2, 7), jnp.float32)
+
+
+# Real training-mode forward passes on the presets' classes (test_models.py runs every preset in
+# evaluation mode). XLA compiles a random initialiser for every new parameter shape (up to a second
+# each on a CI core), so the networks are shrunk to share the CIFAR ResNet's shapes; the presets'
+# full sizes are checked above without materialising them. VGG's layers are bn_cnn's, tested there.
+SMALL_NETWORKS = {
+    'cifar_resnet20': functools.partial(models.MODELS['cifar_resnet20'], input_shape=(32, 32, 3)),
+    'wide_resnet': functools.partial(wide_resnet.WideResNet, depth=10, widen_factor=1,
+                                     input_shape=(16, 16, 3)),
+    'airbench': functools.partial(airbench.AirBench, widths=(16, 32, 64), input_shape=(32, 32, 3)),
+}
+
+
+def small_airbench(input_shape=(32, 32, 3), num_classes=10):
+  return airbench.AirBench(num_classes=num_classes, input_shape=input_shape, widths=(16, 32, 64),
+                           rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name', SMALL_NETWORKS)
+def test_training_forward_pass_updates_batch_statistics(name):
+  model = SMALL_NETWORKS[name](num_classes=10, rngs=nnx.Rngs(0))
+  input_shape = SMALL_NETWORKS[name].keywords['input_shape']
+  before = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  # One compiled call costs less CPU time than compiling every operation eagerly.
+  logits = nnx.jit(lambda model, x: model(x))(
+      model, jax.random.normal(jax.random.key(0), (2, *input_shape)))
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  after = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  assert before and all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet20', 'wrn16_8', 'vgg11_bn', 'airbench'])
+def test_bfloat16_logits_with_float32_parameters_and_statistics(name):
+  model = abstract_model(name, *CIFAR, dtype='bfloat16', axis_name=None)
+  images = jax.ShapeDtypeStruct((2, *CIFAR[0]), jnp.bfloat16)
+  assert nnx.eval_shape(lambda model, x: model(x), model, images).dtype == jnp.bfloat16
+  variables = jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+  assert {v.dtype for v in variables} == {jnp.dtype('float32')}
+
+
+@pytest.mark.parametrize('name, data', [(name, data) for name, data, _ in PUBLISHED_COUNTS])
+def test_every_batchnorm_gets_the_axis_name(name, data):
+  model = abstract_model(name, *data)
+  norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+  assert norms and {norm.axis_name for norm in norms} == {'data'}
+
+
+def test_axis_name_makes_per_device_statistics_global():
+  # Two "devices" with two images each, their BatchNorm statistics averaged over the mapped axis,
+  # compute what one device computes on all four images.
+  def split(axis_name):
+    return nnx.split(models.create_model('cifar_resnet20', num_classes=10, input_shape=(8, 8, 3),
+                                         axis_name=axis_name))
+  images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  graphdef, state = split('data')
+  per_device = jax.vmap(lambda state, x: nnx.merge(graphdef, state, copy=True)(x),
+                        in_axes=(None, 0), axis_name='data')
+  mapped = jax.jit(per_device)(state, images.reshape(2, 2, 8, 8, 3)).reshape(4, 10)
+  graphdef, state = split(None)
+  whole = jax.jit(lambda state, x: nnx.merge(graphdef, state, copy=True)(x))(state, images)
+  np.testing.assert_allclose(mapped, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_initialisation_follows_torchvision():
+  # He normal, fan_out: std sqrt(2 / (3 * 3 * 64)).
+  kernel = resnet.conv(64, 64, 3, dtype=jnp.float32, rngs=nnx.Rngs(0)).kernel[...]
+  np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (9 * 64)), rtol=0.02)
+  # zero_init_residual: the last BatchNorm of a residual branch starts at zero, the others at one.
+  block = resnet.Bottleneck(64, 16, stride=2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert not np.any(block.bn3.scale[...])
+  assert np.all(block.bn1.scale[...] == 1) and np.all(block.bn2.scale[...] == 1)
+  # v1.5: the stride sits in the 3x3 convolution; the projection shortcut matches it.
+  assert block.conv1.strides == (1, 1) and block.conv2.strides == (2, 2)
+  assert block.shortcut.layers[0].strides == (2, 2)
+  assert block(jnp.ones((1, 8, 8, 64))).shape == (1, 4, 4, 64)
+
+
+def test_zero_initialised_residual_block_starts_as_identity():
+  block = resnet.BasicBlock(16, 16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.eval()
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 16)))
+  np.testing.assert_array_equal(block(x), x)
+  block = resnet.BasicBlock(16, 16, dtype=jnp.float32, zero_init_residual=False, rngs=nnx.Rngs(0))
+  block.eval()
+  assert not np.allclose(block(x), x)
+
+
+def test_option_a_shortcut_subsamples_and_pads_with_zeros():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 16))
+  y = resnet.PaddingShortcut(16, 32, stride=2)(x)
+  assert y.shape == (2, 4, 4, 32)
+  np.testing.assert_array_equal(y[..., :16], x[:, ::2, ::2, :])
+  assert not np.any(y[..., 16:])
+
+
+@pytest.mark.parametrize('shape', [(1, 5, 7, 2), (1, 6, 6, 2), (1, 1, 1, 2)])
+def test_vgg_pool_keeps_odd_rows_like_ceil_mode(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  pad = ((0, shape[1] % 2), (0, shape[2] % 2))
+  np.testing.assert_array_equal(vgg.ceil_max_pool(x), nnx.max_pool(x, (2, 2), (2, 2), pad))
+
+
+# User models: `package.module:ClassName`.
+
+USER_MODULE = '''
+from flax import nnx
+
+
+class Net(nnx.Module):
+  """Takes only some of the keywords create_model passes."""
+
+  def __init__(self, *, num_classes, rngs):
+    self.fc = nnx.Linear(4, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(x.reshape(x.shape[0], -1)[:, :4])
+
+
+def build(**kwargs):
+  """A function that builds a model, taking every keyword."""
+  build.kwargs = kwargs
+  return Net(num_classes=kwargs['num_classes'], rngs=kwargs['rngs'])
+
+
+class NotAModule:
+  pass
+
+
+WIDTH = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+  (tmp_path / 'mymod.py').write_text(USER_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, 'mymod', raising=False)
+  yield
+  sys.modules.pop('mymod', None)  # The next test's tmp_path holds another copy.
+
+
+def test_user_module_gets_only_the_keywords_it_takes(user_module):
+  model = models.create_model('mymod:Net', num_classes=5, input_shape=(2, 2, 1),
+                              axis_name='data')
+  assert model(jnp.ones((3, 2, 2, 1))).shape == (3, 5)
+
+
+def test_user_function_with_var_keywords_gets_every_keyword(user_module):
+  models.create_model('mymod:build', num_classes=5, input_shape=(2, 2, 1), axis_name='data')
+  import mymod  # pylint: disable=g-import-not-at-top
+  assert sorted(mymod.build.kwargs) == ['axis_name', 'dtype', 'input_shape', 'num_classes', 'rngs']
+
+
+@pytest.mark.parametrize('name, message', [
+    ('no_such_module:Net', r"model 'no_such_module:Net': cannot import module 'no_such_module'"),
+    ('mymod:Nett', r"model 'mymod:Nett': module 'mymod' has no attribute 'Nett'"),
+    ('mymod:NotAModule', r"model 'mymod:NotAModule': class 'NotAModule' is not an nnx.Module "
+                         r"subclass"),
+    ('mymod:WIDTH', r"model 'mymod:WIDTH': 'WIDTH' \(a int\) is neither an nnx.Module subclass "
+                    r"nor a function"),
+    ('mymod:', r"invalid model 'mymod:': write your own model as 'package.module:ClassName'"),
+])
+def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
+  with pytest.raises(ConfigError, match=message) as error:
+    models.get_model_constructor(name)
+  assert '\n' not in str(error.value)
+
+
+# airbench's whitening initialisation.
+
+def correlated_images(num_images=64, size=12, seed=0):
+  """Smooth, channel-mixed noise: neighbouring pixels and channels are strongly correlated."""
+  x = np.random.default_rng(seed).normal(size=(num_images, size + 2, size + 2, 3))
+  x = (x[:, :-2, :-2] + x[:, 1:-1, 1:-1] + x[:, 2:, 2:] + x[:, 1:-1, :-2] + x[:, :-2, 1:-1])
+  return x @ np.array([[1.0, 0.6, 0.3], [0.2, 1.0, 0.5], [0.1, 0.4, 1.0]]) + 0.5
+
+
+def correlation(responses):
+  return np.corrcoef(np.asarray(responses, np.float64).reshape(-1, responses.shape[-1]).T)
+
+
+def test_whitening_decorrelates_the_first_layer_responses():
+  images = correlated_images()
+  model = small_airbench()
+  # The 2x2 patches (as 12 channels) are strongly correlated to begin with.
+  patches = np.concatenate([images[:, i:11 + i, j:11 + j] for i in (0, 1) for j in (0, 1)], -1)
+  off_diagonal = ~np.eye(12, dtype=bool)
+  assert np.abs(correlation(patches))[off_diagonal].max() > 0.5
+
+  model.init_whitening(images)
+  responses = np.asarray(model.whiten(jnp.asarray(images, jnp.float32)))
+  positive, negative = responses[..., :12], responses[..., 12:]
+  np.testing.assert_allclose(negative, -positive, atol=1e-5)  # Each filter and its negative.
+  assert np.abs(correlation(positive))[off_diagonal].max() < 1e-3
+  np.testing.assert_allclose(positive.reshape(-1, 12).mean(0), 0, atol=1e-4)
+  variances = positive.reshape(-1, 12).var(0)
+  assert np.all(variances < 1) and variances[0] > 0.99  # lambda / (lambda + eps), strongest first.
+
+
+def test_whitening_standardises_uint8_images_like_the_input_pipeline():
+  pixels = np.clip(correlated_images() * 40 + 100, 0, 255).astype(np.uint8)
+  standardised = (pixels - pixels.mean((0, 1, 2))) / pixels.std((0, 1, 2))
+  from_uint8, from_float = small_airbench(), small_airbench()
+  from_uint8.init_whitening(pixels)
+  from_float.init_whitening(standardised)
+  np.testing.assert_allclose(from_uint8.whiten.kernel[...], from_float.whiten.kernel[...],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_airbench_trains_without_whitening():
+  model = small_airbench((16, 16, 3))
+  images = jnp.asarray(correlated_images(num_images=8, size=16), jnp.float32)
+  labels = jnp.arange(8)  # Eight images of eight classes: learnable only by fitting them.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # A high learning rate, as airbench uses: the 1/9 output scale makes the logits' gradients small.
+  optimizer = optax.sgd(1.0, momentum=0.9, nesterov=True)
+
+  @jax.jit
+  def step(params, rest, opt_state):
+    def loss_fn(params, rest):
+      model = nnx.merge(graphdef, params, rest, copy=True)  # Variables of this trace.
+      loss = optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+      return loss, nnx.state(model, nnx.Not(nnx.Param))
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(10):
+    params, rest, opt_state, loss = step(params, rest, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_presets_are_partials_of_a_few_classes():
+  classes = {models.MODELS[name].func for name in ZOO if name != 'airbench'}
+  assert {c.__name__ for c in classes} == {'ResNet', 'CifarResNet', 'WideResNet', 'VGG'}
+  assert all(isinstance(models.MODELS[name], functools.partial) for name in ZOO[:-1])
