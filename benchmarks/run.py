@@ -37,7 +37,7 @@ from absl import app, flags
 
 from jaxcnn import cli
 from jaxcnn.metrics import read_metrics
-from throughput import measure_throughput
+from measure import measure_throughput
 
 import torch_reference  # pylint: disable=g-bad-import-order
 
@@ -179,7 +179,7 @@ def throughput(quick: bool, repeats: int) -> dict:
           repeats=repeats, compile=not on_cpu, device='cpu' if on_cpu else 'cuda')
       entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
                'jaxcnn_img_per_s': ours['examples_per_sec'],
-               'pytorch_img_per_s': theirs.get('images_per_sec')}
+               'pytorch_img_per_s': theirs.get('images_per_s_median')}
       if entry['pytorch_img_per_s']:
         entry['ratio_jaxcnn_to_pytorch'] = entry['jaxcnn_img_per_s'] / entry['pytorch_img_per_s']
       results[key] = entry

@@ -32,7 +32,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from jaxcnn import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
-from throughput import device_description, measure_throughput  # pylint: disable=g-import-not-at-top
+from measure import device_description, measure_throughput  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config to measure.',
                                           lock_config=True)

@@ -10,88 +10,18 @@ the compile time, and the median (with min and max) of `--repeats` timings of `-
 """
 
 import json
-import platform
-import statistics
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcnn import cli, config as config_lib, parallel
-from jaxcnn.data import device_data, tfds_data
-from jaxcnn.trainer import build_experiment, default_steps_per_call
+from jaxcnn import cli
+from measure import device_description, measure_throughput
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to measure.',
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 100, 'Train steps per timed repeat.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
-
-
-def device_description() -> dict:
-  """What the numbers were measured on."""
-  device = jax.devices()[0]
-  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
-          'devices_available': jax.device_count(), 'host': platform.node(),
-          'jax': jax.__version__, 'python': platform.python_version()}
-
-
-def measure_throughput(config, steps: int, repeats: int, image_shape=None,
-                       num_classes: int | None = None) -> dict:
-  """Compile time and steady-state steps/s of `config`'s train function on synthetic data.
-
-  `image_shape` and `num_classes` default to those of `config.dataset` from its TFDS metadata.
-  """
-  config_lib.validate(config)
-  if image_shape is None or num_classes is None:
-    info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
-    image_shape, num_classes = info.image_shape, info.num_classes
-  strategy = parallel.make_strategy(config.parallel, config.num_devices)
-  steps_per_call = (config.steps_per_call if config.steps_per_call > 0
-                    else default_steps_per_call(jax.default_backend()))
-  steps = max(steps // steps_per_call, 1) * steps_per_call
-  num_examples = config.batch_size * steps
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8)
-  labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
-  experiment, state = build_experiment(
-      config, image_shape=tuple(image_shape), num_classes=num_classes,
-      num_train_examples=num_examples, mean=(127.5,) * image_shape[-1],
-      std=(73.6,) * image_shape[-1], strategy=strategy)
-  split = strategy.replicate(device_data.pad_split(images, labels))
-  permutation = strategy.permutation(config.seed, 0, num_examples)
-  sums = experiment.zero_train_sums()
-
-  start = time.perf_counter()
-  train_fn = strategy.compile(experiment.train_fn, state, sums, split, permutation, jnp.int32(0),
-                              static=(steps_per_call,))
-  compile_seconds = time.perf_counter() - start
-
-  def run_steps(state, sums):
-    for first in range(0, steps, steps_per_call):
-      state, sums = train_fn(state, sums, split, permutation, jnp.int32(first))
-    jax.block_until_ready((state, sums))
-    return state, sums
-
-  state, sums = run_steps(state, sums)  # Warm-up: first-run allocations and autotuning.
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, sums = run_steps(state, sums)
-    seconds.append(time.perf_counter() - start)
-  steps_per_sec = [steps / s for s in seconds]
-  return {
-      'model': config.model, 'dataset': config.dataset, 'image_shape': list(image_shape),
-      'batch_size': config.batch_size, 'dtype': config.dtype, 'parallel': strategy.name,
-      'num_devices': strategy.num_devices, 'steps_per_call': steps_per_call,
-      'compile_seconds': compile_seconds, 'steps_timed': steps, 'repeats': repeats,
-      'steps_per_sec': statistics.median(steps_per_sec),
-      'steps_per_sec_min': min(steps_per_sec), 'steps_per_sec_max': max(steps_per_sec),
-      'examples_per_sec': statistics.median(steps_per_sec) * config.batch_size,
-  }
 
 
 def main(argv):

@@ -16,8 +16,7 @@ augmentation, a tuned schedule), so expect somewhat less.
 Neither is measured here: the machines this was developed on cannot reach CIFAR's hosts.
 """
 
-from jaxcnn.config import default_config
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
@@ -51,14 +50,7 @@ def get_config(variant: str = ''):
     config.label_smoothing = 0.2
     config.augment.crop_padding = 2
   elif variant == 'smoke':
-    config.batch_size = 32
-    config.num_train_steps = 20
-    config.log_every_steps = 10
-    config.eval_batch_size = 100
-    config.synthetic_if_unprepared = True
-    config.synthetic.num_train = 640
-    config.synthetic.num_eval = 200
+    shrink_for_smoke(config)
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/cifar10.py; use '', 'airbench' "
-                      "or 'smoke'")
+    raise unknown_variant('configs/cifar10.py', variant, ('', 'airbench', 'smoke'))
   return config

@@ -9,8 +9,7 @@ random crops of 4-pixel padded images and flips. Published: 77.93% test accuracy
 (22.07% error). Not measured here: the machines this was developed on cannot reach CIFAR's hosts.
 """
 
-from jaxcnn.config import default_config
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
@@ -31,13 +30,7 @@ def get_config(variant: str = ''):
   config.augment.flip = True
   if variant == 'smoke':
     config.model = 'cifar_resnet20'  # WRN-16-8 is 11M parameters: too slow for a CPU smoke run.
-    config.batch_size = 32
-    config.num_train_steps = 20
-    config.log_every_steps = 10
-    config.eval_batch_size = 100
-    config.synthetic_if_unprepared = True
-    config.synthetic.num_train = 640
-    config.synthetic.num_eval = 200
+    shrink_for_smoke(config)
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/cifar100.py; use '' or 'smoke'")
+    raise unknown_variant('configs/cifar100.py', variant, ('', 'smoke'))
   return config

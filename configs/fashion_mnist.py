@@ -9,14 +9,13 @@ reach the dataset's hosts. The reference is the range published for CNNs of this
 """
 
 from configs import mnist
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import unknown_variant
 
 
 def get_config(variant: str = ''):
   """The Fashion-MNIST config; `variant` is '' or 'smoke'."""
   if variant not in ('', 'smoke'):
-    raise ConfigError(f"unknown variant {variant!r} of configs/fashion_mnist.py; use '' or "
-                      "'smoke'")
+    raise unknown_variant('configs/fashion_mnist.py', variant, ('', 'smoke'))
   config = mnist.get_config(variant)
   config.dataset = 'fashion_mnist'
   config.augment.flip = True  # Clothes mirror well, unlike digits.

@@ -12,8 +12,7 @@ formats), 40 steps of bn_cnn at 24x24 reach over 90% on its 37 test images in se
 cores. The smoke run only checks the pipeline.
 """
 
-from jaxcnn.config import default_config
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
@@ -33,13 +32,7 @@ def get_config(variant: str = ''):
   config.augment.crop_padding = 4
   config.augment.flip = True
   if variant == 'smoke':
-    config.batch_size = 32
-    config.eval_batch_size = 100
-    config.num_train_steps = 20
-    config.log_every_steps = 10
-    config.synthetic_if_unprepared = True
-    config.synthetic.num_train = 640
-    config.synthetic.num_eval = 200
+    shrink_for_smoke(config)
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/imagefolder.py; use '' or 'smoke'")
+    raise unknown_variant('configs/imagefolder.py', variant, ('', 'smoke'))
   return config

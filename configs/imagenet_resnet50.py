@@ -14,8 +14,7 @@ of each block, 224x224 crops. Published: 76.3% top-1 on the validation set (ResN
 usually about 0.5% higher). Not measured here: no copy of ImageNet, nor a GPU, was available.
 """
 
-from jaxcnn.config import default_config
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
@@ -46,17 +45,11 @@ def get_config(variant: str = ''):
     config.model = 'resnet18'  # ResNet-50 compiles for minutes on a CPU; the pipeline is the same.
     config.dtype = 'float32'
     config.image_size = 64
-    config.batch_size = 8
-    config.eval_batch_size = 40
-    config.num_train_steps = 6
-    config.log_every_steps = 3
     config.warmup_epochs = 0
     config.data_placement = 'auto'
-    config.synthetic_if_unprepared = True
     config.synthetic.num_classes = 1000
-    config.synthetic.num_train = 64
-    config.synthetic.num_eval = 40
+    shrink_for_smoke(config, num_train_steps=6, batch_size=8, eval_batch_size=40, num_train=64,
+                     num_eval=40)
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/imagenet_resnet50.py; use '' or "
-                      "'smoke'")
+    raise unknown_variant('configs/imagenet_resnet50.py', variant, ('', 'smoke'))
   return config

@@ -9,12 +9,11 @@ Measured (README.md, "Results"): 99.41% on the full 10,000-image test set after 
 from the official files included.
 """
 
-from jaxcnn.config import default_config
-from jaxcnn.errors import ConfigError
+from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
-  """The MNIST config; `variant` is '' or 'smoke'."""
+  """The MNIST config; `variant` is '', 'smoke' or 'lenet5_epoch'."""
   config = default_config()
   config.dataset = 'mnist'
   config.model = 'bn_cnn'
@@ -27,9 +26,8 @@ def get_config(variant: str = ''):
   config.warmup_epochs = 0.5
   config.augment.crop_padding = 2  # Random shifts of up to 2 pixels; no flips for digits.
   if variant == 'smoke':
-    config.num_train_steps = 50
-    config.log_every_steps = 10
-    config.synthetic_if_unprepared = True
+    shrink_for_smoke(config, num_train_steps=50, batch_size=128, eval_batch_size=1000,
+                     num_train=6_400, num_eval=1_000)
   elif variant == 'lenet5_epoch':
     # benchmarks/run.py's CPU section: one epoch of LeNet-5 with Adam, exactly the work of the
     # PyTorch reference (benchmarks/torch_reference.py mnist-epoch), about 97.5% accuracy.
@@ -42,6 +40,5 @@ def get_config(variant: str = ''):
     config.warmup_epochs = 0.0
     config.augment.crop_padding = 0
   elif variant:
-    raise ConfigError(f"unknown variant {variant!r} of configs/mnist.py; use '', 'smoke' or "
-                      "'lenet5_epoch'")
+    raise unknown_variant('configs/mnist.py', variant, ('', 'smoke', 'lenet5_epoch'))
   return config

@@ -15,8 +15,15 @@ def cache_dir() -> str:
       os.path.expanduser('~'), '.cache', 'jaxcnn')
 
 
+# JAX caches only programs that took at least this long to compile (its default: 1 s). A run's
+# small programs (initialisers, permutations, checksums) add up to seconds on a CPU.
+_MIN_COMPILE_SECONDS = 0.1
+
+
 def enable_compilation_cache() -> None:
   """Turns on JAX's persistent compilation cache in `cache_dir()/xla`, unless one is set already
   (e.g. with $JAX_COMPILATION_CACHE_DIR)."""
   if jax.config.jax_compilation_cache_dir is None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir(), 'xla'))
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', _MIN_COMPILE_SECONDS)

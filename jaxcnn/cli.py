@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from jaxcnn.errors import JaxcnnError, UserError
 
@@ -89,12 +90,14 @@ def _check_config_file(argv: Sequence[str], config_flag: str) -> None:
 
 
 def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
+  """The `path.py[:variant]` given on the command line, else the flag's default (or None)."""
   for i, arg in enumerate(argv):
     if arg == f'--{config_flag}' and i + 1 < len(argv):
       return argv[i + 1]
     if arg.startswith(f'--{config_flag}='):
       return arg.split('=', 1)[1]
-  return None
+  flag = flags.FLAGS[config_flag]
+  return None if flag.default is None else config_flags.get_config_filename(flag)
 
 
 def load_config_file(spec: str):

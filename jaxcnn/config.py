@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
   config.augment.flip = False  # Random horizontal flips.
-  config.augment.inception_crop = False  # Random-resized crop (ImageNet style), when streaming.
+  config.augment.inception_crop = False  # Random-resized (Inception) crops, ImageNet style.
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
   config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
 
@@ -85,6 +85,30 @@ def default_config() -> ml_collections.ConfigDict:
   config.best_mode = 'max'  # 'max' or 'min'.
   config.async_checkpointing = True  # Write checkpoints while training goes on.
   return config
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict, *, num_train_steps: int = 20,
+                     batch_size: int = 32, eval_batch_size: int = 100, num_train: int = 640,
+                     num_eval: int = 200) -> ml_collections.ConfigDict:
+  """Turns `config` into its `:smoke` variant: a few small steps that run on a CPU in seconds.
+
+  The smoke run trains on synthetic data of the dataset's shape when the dataset is not prepared
+  (and cannot be), so it checks the whole pipeline on any machine.
+  """
+  config.batch_size = batch_size
+  config.eval_batch_size = eval_batch_size
+  config.num_train_steps = num_train_steps
+  config.log_every_steps = max(1, num_train_steps // 2)
+  config.synthetic_if_unprepared = True
+  config.synthetic.num_train = num_train
+  config.synthetic.num_eval = num_eval
+  return config
+
+
+def unknown_variant(config_file: str, variant: str, known: tuple[str, ...]) -> ConfigError:
+  """The error for `configs/<file>.py:<variant>` with a variant the file does not define."""
+  choices = ', '.join(repr(name) for name in known)
+  return ConfigError(f'unknown variant {variant!r} of {config_file}; use one of: {choices}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -2,10 +2,17 @@
 
 Every record has `"step"` and scalars named `"<split>/<name>"` (`train/loss`, `test/accuracy`).
 Only process 0 of a multi-host run writes; the others get a writer that drops everything.
+
+TensorBoard files are written with the `tensorboard` package's own event writer, kept from
+importing TensorFlow (tensorboardX would import PyTorch where it is installed: 2 s of start-up
+and a second framework in the training process).
 """
 
 import json
 import os
+import sys
+import time
+import types
 from collections.abc import Mapping
 
 METRICS_FILE = 'metrics.jsonl'
@@ -15,15 +22,28 @@ class MetricWriter:
   """Appends scalar records to `<workdir>/metrics.jsonl` and to TensorBoard event files."""
 
   def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):
-    """`purge_step`: a resumed run logs again from this step; TensorBoard hides older events of
-    those steps (metrics.jsonl is truncated by the trainer)."""
+    """`purge_step`: a resumed run logs again from this step; TensorBoard hides the older events
+    of those steps (metrics.jsonl is truncated by the trainer)."""
     self._enabled = enabled
     self._jsonl = None
-    self._tensorboard = None
-    if enabled:
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(logdir=workdir, flush_secs=30, purge_step=purge_step)
+    self._events = None
+    if not enabled:
+      return
+    # TensorBoard's writer imports TensorFlow (for tf.io.gfile) wherever it is installed: seconds
+    # of start-up and TensorFlow in the training process. Its `notf` switch, which the
+    # no-TensorFlow build of TensorBoard sets, makes it use its own file layer instead.
+    sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType('tensorboard.compat.notf'))
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    # pylint: enable=g-import-not-at-top
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+    self._events = EventFileWriter(workdir, flush_secs=30)
+    if purge_step is not None:
+      self._events.add_event(event_pb2.Event(
+          step=purge_step, wall_time=time.time(),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Writes one record: `{"step": step, **scalars}`."""
@@ -32,13 +52,15 @@ class MetricWriter:
     record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
-    for name, value in scalars.items():
-      self._tensorboard.add_scalar(name, float(value), int(step))
+    values = [self._summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+              for name, value in scalars.items()]
+    self._events.add_event(self._event_pb2.Event(
+        step=int(step), wall_time=time.time(), summary=self._summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
-      self._tensorboard.close()
+      self._events.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

@@ -109,7 +109,9 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   on_device = placement == 'device'
   preprocess = Preprocessor(mean=tuple(mean), std=tuple(std),
                             crop_padding=config.augment.crop_padding if on_device else 0,
-                            flip=config.augment.flip and on_device, dtype=config.dtype)
+                            flip=config.augment.flip and on_device,
+                            inception_crop=config.augment.inception_crop and on_device,
+                            dtype=config.dtype)
   options = StepOptions(num_classes=num_classes, seed=config.seed,
                         label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,

@@ -33,6 +33,20 @@ MNIST_MANUAL_DIR = pathlib.Path(
     os.environ.get('JAXCNN_MNIST_DIR', REPO_ROOT.parent / 'shared' / 'datasets' / 'mnist'))
 
 
+@pytest.fixture(scope='session')
+def mnist_data_dir(tmp_path_factory):
+  """A TFDS data_dir in which real MNIST was prepared from the official files, once a session.
+
+  Preparing runs jaxcnn's own path: a TensorFlow subprocess reading MNIST_MANUAL_DIR.
+  """
+  assert (MNIST_MANUAL_DIR / 'train-images-idx3-ubyte.gz').is_file(), (
+      f'the official MNIST files are expected in {MNIST_MANUAL_DIR} (or $JAXCNN_MNIST_DIR)')
+  from jaxcnn.data import tfds_data
+  data_dir = tmp_path_factory.mktemp('tfds')
+  tfds_data.ensure_prepared('mnist', str(data_dir), str(MNIST_MANUAL_DIR))
+  return data_dir
+
+
 def learnable_images(num_examples: int, image_shape, num_classes: int, seed: int):
   """uint8 images of noise with a bright square whose position encodes the label."""
   from jaxcnn.data.synthetic import synthetic_split

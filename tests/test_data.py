@@ -120,10 +120,31 @@ def test_flip_mirrors_about_half_of_the_images():
   assert 70 < sum(mirrored) < 130
 
 
+def test_random_resized_crop_zooms_into_a_box_of_the_image():
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.integers(0, 255, (16, 24, 24, 3)), jnp.uint8)
+  keys = augment.example_keys(jax.random.key(0), 16)
+  out = augment.random_resized_crop(images, keys)
+  assert out.shape == (16, 24, 24, 3) and out.dtype == jnp.float32
+  assert float(out.min()) >= 0 and float(out.max()) <= 255
+  np.testing.assert_array_equal(out, augment.random_resized_crop(images, keys))
+  assert not np.array_equal(out, augment.random_resized_crop(
+      images, augment.example_keys(jax.random.key(1), 16)))
+  # A constant image stays constant, whatever the box; a left/right split image keeps its sides.
+  flat = augment.random_resized_crop(jnp.full((4, 24, 24, 1), 77, jnp.uint8), keys[:4])
+  np.testing.assert_allclose(flat, 77, atol=1e-3)
+  halves = jnp.concatenate([jnp.zeros((8, 24, 12, 1)), jnp.full((8, 24, 12, 1), 255.0)], axis=2)
+  cropped = augment.random_resized_crop(halves, keys[:8])
+  assert bool(jnp.all(cropped[:, :, 0] <= cropped[:, :, -1]))
+  # Most boxes are smaller than the image: the crops differ from the image itself.
+  assert sum(not np.allclose(o, i) for o, i in zip(np.asarray(out), np.asarray(images))) >= 12
+
+
 def test_augmentation_of_a_slice_equals_the_slice_of_the_augmented_batch():
   """Per-example keys: a device augmenting its shard draws what one device draws for the batch."""
   images = jnp.asarray(np.random.default_rng(4).integers(0, 255, (16, 8, 8, 3)), jnp.uint8)
-  preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True)
+  preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True,
+                                    inception_crop=True)
   key = jax.random.key(9)
   whole = preprocess(images, key, train=True)
   for shard in range(4):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxcnn import models
 from jaxcnn.errors import ConfigError
-from jaxcnn.models.layers import max_pool
+from jaxcnn.models.layers import Conv, max_pool
 
 
 # Counts worked out by hand from each architecture (weights + biases, BatchNorm scale + bias).
@@ -77,3 +77,19 @@ def test_batchnorm_models_take_the_mapped_axis_name():
   assert len(norms) == 2 and all(norm.axis_name == 'data' for norm in norms)
   # Models without BatchNorm accept the same call.
   models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
+
+
+@pytest.mark.parametrize('in_features, padding', [(1, 'SAME'), (3, 'VALID'), (2, ((1, 2), (0, 1))),
+                                                  (8, 'SAME')])
+def test_conv_matches_flax_values_and_gradients(in_features, padding):
+  """layers.Conv (shift-and-add on the CPU for few input channels) is nnx.Conv, numerically."""
+  reference = nnx.Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
+  conv = Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))
+  assert conv._use_shift_and_add(x) == (in_features <= 3)
+  np.testing.assert_allclose(conv(x), reference(x), atol=1e-5)
+  loss = lambda module, x: jnp.sum(module(x) ** 2)
+  (grad_module, grad_x) = jax.grad(loss, argnums=(0, 1))(conv, x)
+  (ref_module, ref_x) = jax.grad(loss, argnums=(0, 1))(reference, x)
+  np.testing.assert_allclose(grad_x, ref_x, atol=1e-4)
+  np.testing.assert_allclose(grad_module.kernel[...], ref_module.kernel[...], rtol=1e-4, atol=1e-3)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from jaxcnn import trainer
 from jaxcnn import workdir as workdir_lib
@@ -33,6 +34,16 @@ def test_run_writes_config_metrics_and_tensorboard(fake_tfds, tmp_path):
   assert {'test/loss', 'test/accuracy'} <= set(records[-2])
   assert result['test/accuracy'] == records[-2]['test/accuracy']
   assert result['step'] == 24
+  # TensorBoard holds the same scalars.
+  (events_file,) = [f for f in files if f.startswith('events.out.tfevents')]
+  scalars = {}
+  for event in event_file_loader.LegacyEventFileLoader(str(tmp_path / events_file)).Load():
+    for value in event.summary.value:
+      scalars[(value.tag, event.step)] = value.simple_value
+  for record in records:
+    for key, value in record.items():
+      if key != 'step':
+        assert scalars[(key, record['step'])] == pytest.approx(value, rel=1e-6)
 
 
 def test_the_model_learns_the_fake_task(fake_tfds, tmp_path):

@@ -45,6 +45,34 @@ def random_flip_left_right(images: jax.Array, keys: jax.Array) -> jax.Array:
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
+def random_resized_crop(images: jax.Array, keys: jax.Array, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> jax.Array:
+  """The Inception crop on the device: a random area and aspect ratio, resized back to full size.
+
+  For each image a box of `scale` of its area (uniform) and aspect ratio `ratio` (log-uniform) is
+  drawn at a random place and resized bilinearly to the image's size. Boxes that would not fit
+  are clipped to the image instead of redrawn (the host pipeline redraws, as torchvision does).
+  Returns float32 pixels in [0, 255].
+  """
+  _, height, width, channels = images.shape
+
+  def crop(image, key):
+    area_key, ratio_key, top_key, left_key = jax.random.split(key, 4)
+    area = jax.random.uniform(area_key, minval=scale[0], maxval=scale[1]) * height * width
+    aspect = jnp.exp(jax.random.uniform(ratio_key, minval=jnp.log(ratio[0]),
+                                        maxval=jnp.log(ratio[1])))
+    crop_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, height)
+    crop_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, width)
+    top = jax.random.uniform(top_key) * (height - crop_h)
+    left = jax.random.uniform(left_key) * (width - crop_w)
+    zoom = jnp.stack([height / crop_h, width / crop_w])
+    return jax.image.scale_and_translate(
+        image.astype(jnp.float32), (height, width, channels), spatial_dims=(0, 1), scale=zoom,
+        translation=-jnp.stack([top, left]) * zoom, method='linear', antialias=False)
+
+  return jax.vmap(crop)(images, keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
   """Turns a uint8 batch into the model's input: augments (in training) and normalises.
@@ -54,27 +82,33 @@ class Preprocessor:
     std: per-channel standard deviation of the training images, in [0, 255].
     crop_padding: pixels of padding for the random crop; 0 disables it.
     flip: random horizontal flips (off for digits, whose mirror images are other glyphs).
+    inception_crop: random-resized crops (before the padded crop and the flip, if those are on).
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
   """
   mean: tuple[float, ...]
   std: tuple[float, ...]
   crop_padding: int = 0
   flip: bool = False
+  inception_crop: bool = False
   dtype: str = 'float32'
 
   def __call__(self, images: jax.Array, key: jax.Array | None, train: bool,
                first_example: int | jax.Array = 0) -> jax.Array:
     """Augments (if `train`) and normalises a batch whose first example has global index
     `first_example` in the step's batch."""
-    if train and (self.crop_padding or self.flip):
-      keys = jax.vmap(jax.random.split)(example_keys(key, images.shape[0], first_example))
+    if train and (self.crop_padding or self.flip or self.inception_crop):
+      keys = jax.vmap(lambda k: jax.random.split(k, 3))(
+          example_keys(key, images.shape[0], first_example))
+      if self.inception_crop:
+        images = random_resized_crop(images, keys[:, 2])
       images = random_crop_with_padding(images, keys[:, 0], self.crop_padding)
       if self.flip:
         images = random_flip_left_right(images, keys[:, 1])
     return self.normalize(images)
 
   def normalize(self, images: jax.Array) -> jax.Array:
-    """Maps uint8 pixels to zero-mean, unit-variance channels in the compute dtype."""
+    """Maps pixels (uint8, or floats in [0, 255]) to zero-mean, unit-variance channels in the
+    compute dtype."""
     mean = jnp.asarray(self.mean, jnp.float32)
     inv_std = 1.0 / jnp.asarray(self.std, jnp.float32)
     return ((images.astype(jnp.float32) - mean) * inv_std).astype(self.dtype)

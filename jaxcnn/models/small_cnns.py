@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn.models.layers import conv_bn_relu, conv_output_size, flatten, max_pool
+from jaxcnn.models.layers import Conv, conv_bn_relu, conv_output_size, flatten, max_pool
 
 
 class LeNet5(nnx.Module):
@@ -23,8 +23,8 @@ class LeNet5(nnx.Module):
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
                rngs: nnx.Rngs):
     height, width, channels = input_shape
-    self.conv1 = nnx.Conv(channels, 6, (5, 5), padding='SAME', dtype=dtype, rngs=rngs)
-    self.conv2 = nnx.Conv(6, 16, (5, 5), padding='VALID', dtype=dtype, rngs=rngs)
+    self.conv1 = Conv(channels, 6, (5, 5), padding='SAME', dtype=dtype, rngs=rngs)
+    self.conv2 = Conv(6, 16, (5, 5), padding='VALID', dtype=dtype, rngs=rngs)
     out_h = conv_output_size(height // 2, 5, 'VALID') // 2
     out_w = conv_output_size(width // 2, 5, 'VALID') // 2
     self.fc1 = nnx.Linear(out_h * out_w * 16, 120, dtype=dtype, rngs=rngs)
@@ -49,8 +49,8 @@ class SimpleCNN(nnx.Module):
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
                rngs: nnx.Rngs):
     height, width, channels = input_shape
-    self.conv1 = nnx.Conv(channels, 64, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
-    self.conv2 = nnx.Conv(64, 128, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
+    self.conv1 = Conv(channels, 64, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
+    self.conv2 = Conv(64, 128, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
     self.fc1 = nnx.Linear((height // 4) * (width // 4) * 128, 256, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(256, num_classes, dtype=dtype, rngs=rngs)
 
@@ -67,7 +67,7 @@ class KerasCNN(nnx.Module):
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
                rngs: nnx.Rngs):
     height, width, channels = input_shape
-    self.conv = nnx.Conv(channels, 32, (3, 3), padding='VALID', dtype=dtype, rngs=rngs)
+    self.conv = Conv(channels, 32, (3, 3), padding='VALID', dtype=dtype, rngs=rngs)
     out_h = conv_output_size(height, 3, 'VALID') // 2
     out_w = conv_output_size(width, 3, 'VALID') // 2
     self.fc1 = nnx.Linear(out_h * out_w * 32, 64, dtype=dtype, rngs=rngs)

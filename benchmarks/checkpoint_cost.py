@@ -1,0 +1,82 @@
+"""What a checkpoint costs the training loop, with and without asynchronous saving, as JSON.
+
+  python benchmarks/checkpoint_cost.py [--config configs/mnist.py] [--saves 10]
+      [--output benchmarks/results/checkpoint_cost/<date>-<device>.json]
+
+Builds the config's training state (model, optimizer state, BatchNorm statistics) on this
+machine's devices and saves it `--saves` times through jaxcnn's Checkpointer, first with Orbax's
+asynchronous saving, then without. For each save it records how long the call blocked the loop
+(what a training step waits for) and how long until the checkpoint was complete on disk.
+"""
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from jaxcnn import cli, parallel
+from jaxcnn.checkpoint import Checkpointer
+from jaxcnn.data import tfds_data
+from jaxcnn.trainer import build_experiment
+from measure import device_description
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config whose state to save.',
+                                          lock_config=True)
+_SAVES = flags.DEFINE_integer('saves', 10, 'Checkpoints saved in each mode.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write the JSON here.')
+
+
+def _spread(values):
+  return {'median': statistics.median(values), 'min': min(values), 'max': max(values),
+          'values': values}
+
+
+def measure(config, saves: int) -> dict:
+  """Blocking and completion seconds per save, asynchronous and synchronous."""
+  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
+  strategy = parallel.make_strategy('jit', 1)
+  experiment, state = build_experiment(
+      config, image_shape=info.image_shape, num_classes=info.num_classes,
+      num_train_examples=60_000, mean=(127.5,) * info.image_shape[-1],
+      std=(73.6,) * info.image_shape[-1], strategy=strategy)
+  tree = {'state': state, 'train_sums': experiment.zero_train_sums()}
+  size = sum(x.nbytes for x in jax.tree.leaves(tree))
+  results = {'model': config.model, 'optimizer': config.optimizer, 'checkpoint_bytes': size}
+  for mode, async_save in (('async', True), ('sync', False)):
+    blocked, complete = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+      checkpointer = Checkpointer(workdir, keep_last=2, keep_best=0, best_metric='test/accuracy',
+                                  async_save=async_save)
+      for step in range(1, saves + 1):
+        start = time.perf_counter()
+        checkpointer.save(step, tree, meta={'data': {}, 'batch_size': config.batch_size})
+        blocked.append(time.perf_counter() - start)
+        checkpointer.wait()
+        complete.append(time.perf_counter() - start)
+      checkpointer.close()
+    results[mode] = {'blocked_seconds': _spread(blocked), 'complete_seconds': _spread(complete)}
+  return results
+
+
+def main(argv):
+  del argv
+  result = {**device_description(), **measure(_CONFIG.value, _SAVES.value),
+            'saves': _SAVES.value, 'date': datetime.datetime.now().astimezone().isoformat(
+                timespec='seconds'), 'command': ' '.join(['python'] + sys.argv)}
+  text = json.dumps(result, indent=2)
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+      f.write(text + '\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  cli.run(main, config_flag='config')

@@ -1,0 +1,102 @@
+"""The benchmark scripts run and report what they should (smoke checks: no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MNIST_MANUAL_DIR, REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SUMMARY_KEYS = {'device', 'mnist_seconds_to_99', 'mnist_seconds_to_99_5', 'mnist_compile_seconds',
+                'resnet50_bf16_img_per_s', 'resnet50_bf16_img_per_s_pytorch', 'resnet50_mfu',
+                'fastcifar_bf16_img_per_s', 'fastcifar_bf16_img_per_s_pytorch',
+                'lenet5_cpu_epoch_seconds', 'lenet5_cpu_epoch_seconds_pytorch'}
+
+
+def run(*command, env=None):
+  result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, check=False, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_throughput_prints_compile_time_and_rates_as_json():
+  result = run('benchmarks/throughput.py', '--config=configs/mnist.py:lenet5_epoch',
+               '--steps=4', '--repeats=2', '--config.batch_size=32')
+  measured = json.loads(result.stdout)
+  assert measured['model'] == 'lenet5' and measured['batch_size'] == 32
+  assert measured['compile_seconds'] > 0 and measured['steps_timed'] == 4
+  assert measured['steps_per_sec_min'] <= measured['steps_per_sec'] <= measured['steps_per_sec_max']
+  assert measured['examples_per_sec'] == pytest.approx(32 * measured['steps_per_sec'])
+
+
+def test_scaling_measures_every_strategy_and_device_count(tmp_path):
+  output = tmp_path / 'scaling.json'
+  result = run('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch',
+               '--strategies=jit,shard_map,pmap', '--devices=1,2', '--per_device_batch=16',
+               '--global_batch=32', '--steps=2', '--repeats=1', f'--output={output}',
+               env={**os.environ, 'XLA_FLAGS': ''})
+  measured = json.loads(output.read_text())
+  assert measured['fake_cpu_devices'] is True
+  points = {(r['mode'], r['parallel'], r['num_devices']): r for r in measured['runs']}
+  assert len(points) == 2 * 3 * 2
+  for strategy in ('jit', 'shard_map', 'pmap'):
+    assert points[('weak', strategy, 2)]['batch_size'] == 32
+    assert points[('strong', strategy, 2)]['batch_size'] == 32
+    assert points[('weak', strategy, 1)]['efficiency'] == pytest.approx(1.0)
+  assert '| weak | jit | 2 | 32 |' in result.stdout  # The Markdown table.
+
+
+def test_checkpoint_cost_reports_blocking_and_completion_per_mode(tmp_path):
+  output = tmp_path / 'cost.json'
+  run('benchmarks/checkpoint_cost.py', '--saves=2', f'--output={output}')
+  measured = json.loads(output.read_text())
+  assert measured['model'] == 'bn_cnn' and measured['checkpoint_bytes'] > 0
+  for mode in ('async', 'sync'):
+    blocked, complete = measured[mode]['blocked_seconds'], measured[mode]['complete_seconds']
+    assert len(blocked['values']) == 2
+    assert all(0 < b <= c for b, c in zip(blocked['values'], complete['values']))
+
+
+def test_suite_quick_mode_writes_every_summary_figure(tmp_path, mnist_data_dir):
+  run('benchmarks/run.py', '--quick', f'--output_dir={tmp_path}', f'--data_dir={mnist_data_dir}',
+      f'--mnist_dir={MNIST_MANUAL_DIR}')
+  (path,) = list(tmp_path.glob('*-quick.json'))
+  results = json.loads(path.read_text())
+  assert set(results['summary']) >= SUMMARY_KEYS
+  assert results['environment']['versions']['jax'] and results['environment']['versions']['torch']
+  for key in ('lenet5_float32', 'cifar_resnet20_float32'):
+    entry = results['throughput'][key]
+    assert entry['jaxcnn_img_per_s'] > 0 and entry['pytorch_img_per_s'] > 0
+    assert entry['ratio_jaxcnn_to_pytorch'] == pytest.approx(
+        entry['jaxcnn_img_per_s'] / entry['pytorch_img_per_s'])
+  cpu = results['cpu']
+  assert cpu['jaxcnn']['runs'][0]['process_seconds'] > cpu['jaxcnn']['runs'][0]['train_seconds']
+  assert results['summary']['lenet5_cpu_epoch_seconds'] > 0
+  assert results['mnist']['runs'][0]['curve']  # Test accuracy against training seconds.
+  # Quick runs never reach the README.
+  assert path.name not in {os.path.basename(p) for p in report.result_files(str(tmp_path))}
+
+
+def test_report_renders_a_row_per_full_result(tmp_path):
+  summary = {key: None for key in SUMMARY_KEYS}
+  summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8, resnet50_mfu=0.31)
+  (tmp_path / '2026-01-01-nvidia-h100.json').write_text(json.dumps(
+      {'environment': {'date': '2026-01-01T00:00:00+00:00'}, 'summary': summary}))
+  (tmp_path / '2026-01-02-cpu-quick.json').write_text('{}')  # Quick runs are left out.
+  readme = f'intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n'
+  rendered = report.render(readme, str(tmp_path))
+  assert rendered.startswith('intro\n') and rendered.endswith(f'{report.END}\noutro\n')
+  row = [line for line in rendered.splitlines() if line.startswith('| 2026-01-01')]
+  assert row == ['| 2026-01-01 | NVIDIA H100 80GB HBM3 | 0.80 | - | - | - | - | 31.0% | - | - | '
+                 '- | - |']
+  assert 'old table' not in rendered
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+  run('benchmarks/report.py', '--check')
