@@ -23,9 +23,7 @@ from ml_collections import config_flags
 
 from jaxcnn import cli, parallel
 from jaxcnn.checkpoint import Checkpointer
-from jaxcnn.data import tfds_data
-from jaxcnn.trainer import build_experiment
-from measure import device_description
+from measure import build_synthetic_experiment, dataset_shape, device_description
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config whose state to save.',
                                           lock_config=True)
@@ -40,12 +38,10 @@ def _spread(values):
 
 def measure(config, saves: int) -> dict:
   """Blocking and completion seconds per save, asynchronous and synchronous."""
-  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
-  strategy = parallel.make_strategy('jit', 1)
-  experiment, state = build_experiment(
-      config, image_shape=info.image_shape, num_classes=info.num_classes,
-      num_train_examples=60_000, mean=(127.5,) * info.image_shape[-1],
-      std=(73.6,) * info.image_shape[-1], strategy=strategy)
+  image_shape, num_classes = dataset_shape(config)
+  experiment, state = build_synthetic_experiment(
+      config, image_shape, num_classes, num_train_examples=60_000,
+      strategy=parallel.make_strategy('jit', 1))
   tree = {'state': state, 'train_sums': experiment.zero_train_sums()}
   size = sum(x.nbytes for x in jax.tree.leaves(tree))
   results = {'model': config.model, 'optimizer': config.optimizer, 'checkpoint_bytes': size}

@@ -26,6 +26,27 @@ def device_description() -> dict:
           'jax': jax.__version__, 'python': platform.python_version()}
 
 
+# About the mean and standard deviation of uniform uint8 noise (127.5 and 73.9), so that synthetic
+# pixels are normalised to roughly zero mean and unit variance, as real ones are.
+_SYNTHETIC_MEAN, _SYNTHETIC_STD = 127.5, 73.6
+
+
+def dataset_shape(config) -> tuple[tuple[int, ...], int]:
+  """(image_shape, num_classes) of `config.dataset`, from its TFDS metadata (nothing is read)."""
+  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
+  return tuple(info.image_shape), info.num_classes
+
+
+def build_synthetic_experiment(config, image_shape, num_classes: int, num_train_examples: int,
+                               strategy):
+  """`trainer.build_experiment` for synthetic uint8 data: the real model, optimizer and step."""
+  channels = image_shape[-1]
+  return build_experiment(
+      config, image_shape=tuple(image_shape), num_classes=num_classes,
+      num_train_examples=num_train_examples, mean=(_SYNTHETIC_MEAN,) * channels,
+      std=(_SYNTHETIC_STD,) * channels, strategy=strategy)
+
+
 def measure_throughput(config, steps: int, repeats: int, image_shape=None,
                        num_classes: int | None = None) -> dict:
   """Compile time and steady-state steps/s of `config`'s train function on synthetic data.
@@ -34,8 +55,7 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
   """
   config_lib.validate(config)
   if image_shape is None or num_classes is None:
-    info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
-    image_shape, num_classes = info.image_shape, info.num_classes
+    image_shape, num_classes = dataset_shape(config)
   strategy = parallel.make_strategy(config.parallel, config.num_devices)
   steps_per_call = (config.steps_per_call if config.steps_per_call > 0
                     else default_steps_per_call(jax.default_backend()))
@@ -44,10 +64,8 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8)
   labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
-  experiment, state = build_experiment(
-      config, image_shape=tuple(image_shape), num_classes=num_classes,
-      num_train_examples=num_examples, mean=(127.5,) * image_shape[-1],
-      std=(73.6,) * image_shape[-1], strategy=strategy)
+  experiment, state = build_synthetic_experiment(config, image_shape, num_classes, num_examples,
+                                                 strategy)
   split = strategy.replicate(device_data.pad_split(images, labels))
   permutation = strategy.permutation(config.seed, 0, num_examples)
   sums = experiment.zero_train_sums()
