@@ -53,6 +53,10 @@ _SEEDS = flags.DEFINE_integer('seeds', 5, 'Seeds of the time-to-accuracy runs.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats of each measurement.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', os.path.join(REPO_ROOT, 'benchmarks', 'results'),
                                   'Where the results JSON goes.')
+_UPDATE = flags.DEFINE_bool(
+    'update', False, "Replace only the sections run in today's results file for this device, "
+    'keeping the others (e.g. re-measure the cpu section after a change without the hour-long '
+    'mnist one); each section keeps the environment and command it was measured with.')
 _SECTIONS = flags.DEFINE_list('sections', ['mnist', 'throughput', 'cpu'],
                               'Sections to run: mnist, throughput, cpu.')
 
@@ -276,22 +280,42 @@ def result_path(output_dir: str, device: str, quick: bool) -> str:
   return os.path.join(output_dir, f'{date}-{slug}{"-quick" if quick else ""}.json')
 
 
+def merge_results(previous: dict | None, measured: dict, quick: bool) -> dict:
+  """The results file: `measured` alone, or `previous` with the sections in `measured` replaced
+  and an entry in its `updates` naming them with the environment they were measured in."""
+  if previous is None:
+    results = {'environment': measured['environment'], 'quick': quick}
+  else:
+    results = dict(previous)
+    sections = [k for k in measured if k not in ('environment', 'matmul')]
+    results['updates'] = [*previous.get('updates', []),
+                          {'sections': sections, 'environment': measured['environment']}]
+    if 'throughput' not in measured:  # The MFU of the kept throughput uses the kept rate.
+      measured = {k: v for k, v in measured.items() if k != 'matmul'}
+  results.update({k: v for k, v in measured.items() if k != 'environment'})
+  results['summary'] = summarise(results)
+  return results
+
+
 def main(argv):
   del argv
   quick = _QUICK.value
-  results = {'environment': environment(), 'quick': quick}
-  results['matmul'] = matmul_flops(quick)
+  repeats = 1 if quick else _REPEATS.value
+  measured = {'environment': environment(), 'matmul': matmul_flops(quick)}
   if 'mnist' in _SECTIONS.value:
-    results['mnist'] = mnist_time_to_accuracy(1 if quick else _SEEDS.value, quick,
-                                              _DATA_DIR.value, _MNIST_DIR.value)
+    measured['mnist'] = mnist_time_to_accuracy(1 if quick else _SEEDS.value, quick,
+                                               _DATA_DIR.value, _MNIST_DIR.value)
   if 'throughput' in _SECTIONS.value:
-    results['throughput'] = throughput(quick, _REPEATS.value)
+    measured['throughput'] = throughput(quick, repeats)
   if 'cpu' in _SECTIONS.value:
-    results['cpu'] = lenet5_epoch(quick, 3 if not quick else 1, _DATA_DIR.value,
-                                  _MNIST_DIR.value)
-  results['summary'] = summarise(results)
+    measured['cpu'] = lenet5_epoch(quick, repeats, _DATA_DIR.value, _MNIST_DIR.value)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  path = result_path(_OUTPUT_DIR.value, results['environment']['device'], quick)
+  path = result_path(_OUTPUT_DIR.value, measured['environment']['device'], quick)
+  previous = None
+  if _UPDATE.value and os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      previous = json.load(f)
+  results = merge_results(previous, measured, quick)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
     f.write('\n')

@@ -13,9 +13,9 @@ import queue
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn import xla_options
 from jaxcnn.data.pipeline import Data, default_data_workers
 from jaxcnn.errors import ConfigError
 
@@ -45,7 +45,8 @@ class DeviceTrainFeed:
     if epoch != self._permutation_epoch:
       self._permutation = self.strategy.permutation(self.seed, epoch, self.split.num_examples)
       self._permutation_epoch = epoch
-    return (state, sums, self.split, self._permutation, jnp.int32(batch_in_epoch))
+    return (state, sums, self.split, self._permutation,
+            self.strategy.index(batch_in_epoch))
 
   def position(self, step: int) -> dict:
     """The data position after `step` steps, for the checkpoint."""
@@ -154,11 +155,13 @@ class DeviceEvalFeed:
     self._compiled = None
 
   def compile(self, state, zero_sums):
-    self._compiled = self.strategy.compile(self.fn, state, zero_sums, self.split, jnp.int32(0))
+    self._compiled = self.strategy.compile(self.fn, state, zero_sums, self.split,
+                                           self.strategy.index(0),
+                                           options=xla_options.inference_options())
 
   def run(self, state, sums):
     for batch_index in range(self.num_batches):
-      sums = self._compiled(state, sums, self.split, jnp.int32(batch_index))
+      sums = self._compiled(state, sums, self.split, self.strategy.index(batch_index))
     return sums
 
   def close(self) -> None:
@@ -190,7 +193,8 @@ class StreamEvalFeed:
              'label': np.zeros((self._local_batch,), np.int32),
              'mask': np.zeros((self._local_batch,), bool)}
     self._compiled = self.strategy.compile(self.fn, state, zero_sums,
-                                           self.strategy.put_batch(empty))
+                                           self.strategy.put_batch(empty),
+                                           options=xla_options.inference_options())
 
   def run(self, state, sums):
     for batch in self._batches():

@@ -83,6 +83,25 @@ def test_suite_quick_mode_writes_every_summary_figure(tmp_path, mnist_data_dir):
   assert path.name not in {os.path.basename(p) for p in report.result_files(str(tmp_path))}
 
 
+def test_update_replaces_only_the_sections_measured_again():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  old_env = {'device': 'cpu', 'date': '2026-01-01', 'command': 'python benchmarks/run.py'}
+  new_env = {'device': 'cpu', 'date': '2026-01-02',
+             'command': 'python benchmarks/run.py --sections cpu --update'}
+  epoch = lambda seconds: {'jaxcnn': {'process_seconds': {'median': seconds}},
+                           'pytorch': {'process_seconds': {'median': 9.0}}}
+  previous = suite.merge_results(None, {'environment': old_env, 'matmul': {'tflops': 0.2},
+                                        'mnist': {'seconds_to_99': {'median': 70.0}},
+                                        'cpu': epoch(13.7)}, quick=False)
+  updated = suite.merge_results(previous, {'environment': new_env, 'matmul': {'tflops': 0.1},
+                                           'cpu': epoch(9.5)}, quick=False)
+  assert updated['environment'] == old_env and updated['mnist'] == previous['mnist']
+  assert updated['matmul'] == {'tflops': 0.2}  # Kept with the throughput it belongs to.
+  assert updated['updates'] == [{'sections': ['cpu'], 'environment': new_env}]
+  assert updated['summary']['lenet5_cpu_epoch_seconds'] == 9.5
+  assert updated['summary']['mnist_seconds_to_99'] == 70.0
+
+
 def test_report_renders_a_row_per_full_result(tmp_path):
   summary = {key: None for key in SUMMARY_KEYS}
   summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8, resnet50_mfu=0.31)

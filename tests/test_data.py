@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.data import augment, device_data, tfds_data
+from jaxcnn.data import augment, device_data, pipeline, tfds_data
 from jaxcnn.errors import ConfigError, DataError
 
-from conftest import MNIST_MANUAL_DIR
+from conftest import MNIST_MANUAL_DIR, tiny_config
 
 
 # ---------------------------------------------------------------- TFDS
@@ -48,6 +48,38 @@ def test_decoded_cache_is_written_whole_and_read_back(tmp_path):
   assert os.listdir(tmp_path / 'sub') == ['x.npz']  # No temporary file left behind.
   with np.load(path, allow_pickle=False) as arrays:
     np.testing.assert_array_equal(arrays['images'], images)
+
+
+def test_recorded_dataset_loads_again_without_tfds_until_it_is_prepared_anew(
+    mnist_data_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
+  config = tiny_config(data_dir=str(mnist_data_dir), eval_batch_size=1000)
+  first = pipeline.load_data(config, train=False)  # Decodes the test split and records it.
+
+  def no_tfds(*args, **kwargs):
+    raise AssertionError('TFDS was asked for a recorded dataset')
+
+  monkeypatch.setattr(tfds_data, 'get_builder', no_tfds)
+  pipeline.check_dataset(config)
+  again = pipeline.load_data(config, train=False)
+  assert (again.name, again.image_shape, again.num_classes, again.class_names,
+          again.num_eval_examples, again.placement) == (
+              first.name, first.image_shape, first.num_classes, first.class_names,
+              10_000, 'device')
+  np.testing.assert_array_equal(again.eval.images, first.eval.images)
+  np.testing.assert_array_equal(again.eval.labels, first.eval.labels)
+  # Another image size was never decoded: only TFDS can provide it.
+  with pytest.raises(AssertionError, match='TFDS was asked'):
+    pipeline.load_data(tiny_config(data_dir=str(mnist_data_dir), image_size=32), train=False)
+  # Preparing the dataset again rewrites its dataset_info.json: the record no longer holds.
+  info_file = next(mnist_data_dir.glob('mnist/*/dataset_info.json'))
+  original = info_file.read_bytes()
+  try:
+    info_file.write_bytes(original + b' ')
+    with pytest.raises(AssertionError, match='TFDS was asked'):
+      pipeline.load_data(config, train=False)
+  finally:
+    info_file.write_bytes(original)
 
 
 def test_fake_dataset_reads_with_the_real_shape(fake_tfds):

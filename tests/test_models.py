@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxcnn import models
 from jaxcnn.errors import ConfigError
+from jaxcnn.models import cpu_conv
 from jaxcnn.models.layers import Conv, max_pool
 
 
@@ -79,17 +80,20 @@ def test_batchnorm_models_take_the_mapped_axis_name():
   models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
 
 
-@pytest.mark.parametrize('in_features, padding', [(1, 'SAME'), (3, 'VALID'), (2, ((1, 2), (0, 1))),
-                                                  (8, 'SAME')])
-def test_conv_matches_flax_values_and_gradients(in_features, padding):
-  """layers.Conv (shift-and-add on the CPU for few input channels) is nnx.Conv, numerically."""
+@pytest.mark.parametrize('in_features, padding, kernel', [
+    (1, 'SAME', cpu_conv.shift_and_add_conv), (3, 'VALID', cpu_conv.shift_and_add_conv),
+    (2, ((1, 2), (0, 1)), cpu_conv.shift_and_add_conv), (6, 'VALID', cpu_conv.im2col_conv),
+    (8, ((2, 1), (1, 0)), cpu_conv.im2col_conv), (9, 'SAME', None)])
+def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel):
+  """layers.Conv (CPU kernels for few input channels) is nnx.Conv, numerically."""
   reference = nnx.Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
   conv = Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))
-  assert conv._use_shift_and_add(x) == (in_features <= 3)
+  assert conv._cpu_kernel(x) is kernel
   np.testing.assert_allclose(conv(x), reference(x), atol=1e-5)
   loss = lambda module, x: jnp.sum(module(x) ** 2)
   (grad_module, grad_x) = jax.grad(loss, argnums=(0, 1))(conv, x)
   (ref_module, ref_x) = jax.grad(loss, argnums=(0, 1))(reference, x)
   np.testing.assert_allclose(grad_x, ref_x, atol=1e-4)
   np.testing.assert_allclose(grad_module.kernel[...], ref_module.kernel[...], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(grad_module.bias[...], ref_module.bias[...], rtol=1e-4, atol=1e-3)

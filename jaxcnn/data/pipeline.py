@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from jaxcnn.data import device_data, image_folder, synthetic, tfds_data
+from jaxcnn.data import decoded_index, device_data, image_folder, synthetic, tfds_data
 from jaxcnn.data.augment import channel_stats
 from jaxcnn.data.image_ops import resize_and_center_crop
 from jaxcnn.errors import ConfigError
@@ -54,8 +54,9 @@ def check_dataset(config) -> None:
     if not config.image_folder and not config.synthetic_if_unprepared:
       raise ConfigError("dataset 'imagefolder' needs --config.image_folder=ROOT, a folder of "
                         'ROOT/<split>/<class>/<images>')
-  elif config.dataset != SYNTHETIC:
-    tfds_data.get_builder(config.dataset, config.data_dir)
+  elif config.dataset != SYNTHETIC and decoded_index.lookup(config.dataset,
+                                                           config.data_dir) is None:
+    tfds_data.get_builder(config.dataset, config.data_dir)  # A recorded dataset is known.
 
 
 def load_data(config, train: bool = True) -> Data:
@@ -76,6 +77,9 @@ def load_data(config, train: bool = True) -> Data:
       return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
     builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
   else:
+    recorded = _read_recorded(config, train)
+    if recorded is not None:
+      return recorded
     builder = tfds_data.get_builder(config.dataset, config.data_dir)
     if config.synthetic_if_unprepared and not builder.is_prepared():
       info = tfds_data.dataset_info(builder)
@@ -91,21 +95,19 @@ def load_data(config, train: bool = True) -> Data:
                         f'{", ".join(sorted(info.split_sizes))}')
   shape = _image_shape(config, info)
   placement = _placement(config, info, shape)
-  common = dict(name=info.name, image_shape=shape, num_classes=info.num_classes,
-                class_names=info.class_names, placement=placement, image_key=info.image_key,
-                label_key=info.label_key)
+  common = _common(info, shape, placement)
   if placement == 'device':
-    eval_images, eval_labels = tfds_data.read_split(builder, config.eval_split, shape)
-    evaluation = device_data.pad_split(eval_images, eval_labels,
-                                       pad_to_multiple_of=config.eval_batch_size)
-    if not train:
-      return Data(**common, num_train_examples=0, num_eval_examples=len(eval_labels), mean=None,
-                  std=None, train=None, eval=evaluation)
-    train_images, train_labels = tfds_data.read_split(builder, config.train_split, shape)
-    mean, std = channel_stats(train_images)
-    return Data(**common, num_train_examples=len(train_labels),
-                num_eval_examples=len(eval_labels), mean=mean, std=std,
-                train=device_data.pad_split(train_images, train_labels), eval=evaluation)
+    data = _device_resident(config, common,
+                            lambda split: tfds_data.read_split(builder, split, shape), train)
+    splits = (config.train_split, config.eval_split) if train else (config.eval_split,)
+    if config.dataset != IMAGE_FOLDER and all(split in info.split_sizes for split in splits):
+      # Only splits that read_split could cache (mocked datasets record no sizes, so none).
+      decoded_index.record(
+          config.dataset, config.data_dir, info=tfds_data.info_to_json(info),
+          prepared_dir=os.fspath(builder.data_dir),
+          split_files={decoded_index.split_key(split, shape):
+                       tfds_data.split_cache_file(builder, split, shape) for split in splits})
+    return data
   evaluation = builder.as_data_source(split=config.eval_split)
   if not train:
     return Data(**common, num_train_examples=0, num_eval_examples=len(evaluation), mean=None,
@@ -114,6 +116,50 @@ def load_data(config, train: bool = True) -> Data:
   mean, std = _sample_stats(train_source, shape, info.image_key)
   return Data(**common, num_train_examples=len(train_source), num_eval_examples=len(evaluation),
               mean=mean, std=std, train=train_source, eval=evaluation)
+
+
+def _device_resident(config, common: dict, read_split, train: bool) -> Data:
+  """Data with both splits in memory, read by `read_split(split) -> (images, labels)`."""
+  eval_images, eval_labels = read_split(config.eval_split)
+  evaluation = device_data.pad_split(eval_images, eval_labels,
+                                     pad_to_multiple_of=config.eval_batch_size)
+  if not train:
+    return Data(**common, num_train_examples=0, num_eval_examples=len(eval_labels), mean=None,
+                std=None, train=None, eval=evaluation)
+  train_images, train_labels = read_split(config.train_split)
+  mean, std = channel_stats(train_images)
+  return Data(**common, num_train_examples=len(train_labels),
+              num_eval_examples=len(eval_labels), mean=mean, std=std,
+              train=device_data.pad_split(train_images, train_labels), eval=evaluation)
+
+
+def _read_recorded(config, train: bool) -> Data | None:
+  """The device-resident Data of a TFDS dataset that an earlier run decoded and recorded in
+  `decoded_index`, read without importing TFDS; None where the TFDS path must run."""
+  entry = decoded_index.lookup(config.dataset, config.data_dir)
+  if entry is None:
+    return None
+  info = tfds_data.info_from_json(entry.info)
+  splits = (config.train_split, config.eval_split) if train else (config.eval_split,)
+  if any(split not in info.split_sizes for split in splits):
+    return None  # The TFDS path names the splits that exist.
+  shape = _image_shape(config, info)
+  files = {split: entry.split_file(split, shape) for split in splits}
+  if _placement(config, info, shape) != 'device' or None in files.values():
+    return None
+
+  def read_split(split):
+    with np.load(files[split], allow_pickle=False) as arrays:
+      return arrays['images'], arrays['labels']
+
+  return _device_resident(config, _common(info, shape, 'device'), read_split, train)
+
+
+def _common(info, shape, placement) -> dict:
+  """The fields of Data that describe the dataset."""
+  return dict(name=info.name, image_shape=shape, num_classes=info.num_classes,
+              class_names=info.class_names, placement=placement, image_key=info.image_key,
+              label_key=info.label_key)
 
 
 def _image_shape(config, info) -> tuple[int, int, int]:

@@ -159,6 +159,22 @@ def dataset_info(builder) -> DatasetInfo:
   )
 
 
+def info_to_json(info: DatasetInfo) -> dict:
+  """`info` as JSON-serialisable fields."""
+  return dataclasses.asdict(info)
+
+
+def info_from_json(fields: dict) -> DatasetInfo:
+  """The inverse of `info_to_json`."""
+  return DatasetInfo(**{**fields, 'image_shape': tuple(fields['image_shape']),
+                        'class_names': tuple(fields['class_names'])})
+
+
+def split_cache_file(builder, split: str, image_shape, cache_dir: str | None = None) -> str:
+  """The `.npz` in which `read_split` caches `split` decoded at `image_shape`."""
+  return _cache_path(builder, split, tuple(image_shape), cache_dir or caches.cache_dir())
+
+
 def read_split(builder, split: str, image_shape=None,
                cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images uint8 [N, H, W, C], labels int32 [N]) of a prepared split, in file order.

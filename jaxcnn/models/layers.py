@@ -1,23 +1,58 @@
 """Small building blocks shared by the model zoo."""
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxcnn.models import cpu_conv
 
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
   """Non-overlapping `window` x `window` max-pooling of NHWC input (floor mode, like Keras and PyTorch).
 
-  Written as a reshape and a max instead of `nnx.max_pool`: the gradient of XLA's reduce-window max
-  is a select-and-scatter that runs about 10x slower on CPU (41 ms against 4 ms for a 128x28x28x32
-  batch on the 2-core CI machine), while on GPU both fuse equally well. Rows and columns that do not
-  fill a window are dropped, as floor-mode pooling does.
+  Values are those of `nnx.max_pool`; the computation depends on whether a gradient is taken,
+  because XLA:CPU is fast at different formulations in each case (2-core CI machine, LeNet-5):
+
+  * Without a gradient (evaluation) it is XLA's reduce-window. A reshape and a max would let XLA
+    fuse the layer before it into the max's reduction, where it runs several times slower: the
+    10,000 MNIST test images take 0.25 s against 0.6 s.
+  * Under differentiation it is a reshape and a max, forward and backward: 13 ms per training
+    step against 16 ms with reduce-window forward, and reduce-window's own gradient (a
+    select-and-scatter) is about 10x slower still (41 ms against 4 ms for a 128x28x28x32 batch).
+    On ties the gradient is shared among the maximal elements (select-and-scatter gives it all
+    to the first).
+
+  On GPU every formulation fuses equally well. Rows and columns that do not fill a window are
+  dropped, as floor-mode pooling does.
   """
+  return _max_pool(x, window)
+
+
+def _reduce_window_max(x: jax.Array, window: int) -> jax.Array:
+  lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  size = (1, window, window, 1)
+  return jax.lax.reduce_window(x, jnp.array(lowest, x.dtype), jax.lax.max, size, size, 'VALID')
+
+
+def _reshape_max(x: jax.Array, window: int) -> jax.Array:
   batch, height, width, channels = x.shape
   out_h, out_w = height // window, width // window
   x = x[:, :out_h * window, :out_w * window, :]
-  x = x.reshape(batch, out_h, window, out_w, window, channels)
-  return jnp.max(x, axis=(2, 4))
+  return jnp.max(x.reshape(batch, out_h, window, out_w, window, channels), axis=(2, 4))
+
+
+def _max_pool_fwd(x, window):  # Used only when differentiating: see max_pool.
+  return _reshape_max(x, window), x
+
+
+def _max_pool_bwd(window, x, grad):
+  return jax.vjp(lambda x: _reshape_max(x, window), x)[1](grad)
+
+
+_max_pool = jax.custom_vjp(_reduce_window_max, nondiff_argnums=(1,))
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def flatten(x: jax.Array) -> jax.Array:
@@ -41,70 +76,34 @@ def conv_bn_relu(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
   )
 
 
-# A shift-and-add convolution beats XLA:CPU's for few input channels: for LeNet-5's first layer
-# (1 -> 6 channels, 5x5, 128 x 28x28 images) 1.8 ms against 7.5 ms on the 2-core CI machine,
-# which is a quarter of its whole training step. Gradients stay XLA's own.
-_SHIFT_CONV_MAX_INPUT_CHANNELS = 3
-
-
-def _shift_and_add(x, kernel, padding):
-  """Stride-1 convolution of NHWC `x` with an HWIO `kernel` as a sum of shifted products."""
-  kernel_h, kernel_w, in_features, _ = kernel.shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = x.shape[1] - kernel_h + 1, x.shape[2] - kernel_w + 1
-  out = None
-  for dy in range(kernel_h):
-    for dx in range(kernel_w):
-      window = x[:, dy:dy + out_h, dx:dx + out_w, :]
-      term = sum(window[..., c:c + 1] * kernel[dy, dx, c] for c in range(in_features))
-      out = term if out is None else out + term
-  return out
-
-
-def _lax_conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def _shift_and_add_conv_fwd(x, kernel, padding):
-  return _shift_and_add(x, kernel, padding), (x, kernel)
-
-
-def _shift_and_add_conv_bwd(padding, residuals, grad):
-  x, kernel = residuals
-  _, vjp = jax.vjp(lambda x, kernel: _lax_conv(x, kernel, padding), x, kernel)
-  return vjp(grad)
-
-
-_shift_and_add_conv = jax.custom_vjp(_shift_and_add, nondiff_argnums=(2,))
-_shift_and_add_conv.defvjp(_shift_and_add_conv_fwd, _shift_and_add_conv_bwd)
-
-
 class Conv(nnx.Conv):
-  """`nnx.Conv` (same parameters, same results) with a faster CPU kernel for few input channels.
+  """`nnx.Conv` (same parameters, same results) with faster CPU kernels for few input channels.
 
-  On the CPU backend, a stride-1, undilated, ungrouped convolution of at most 3 input channels
-  (a first layer on grayscale or RGB images) runs as a sum of shifted products; everything else,
-  and every other backend, is `nnx.Conv` unchanged.
+  On the CPU backend, a stride-1, undilated, ungrouped convolution of at most 8 input channels
+  runs on one of `cpu_conv`'s kernels (see there for the measurements); everything else, and every
+  other backend, is `nnx.Conv` unchanged.
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if not self._use_shift_and_add(inputs):
+    kernel_fn = self._cpu_kernel(inputs)
+    if kernel_fn is None:
       return super().__call__(inputs)
     kernel = self.kernel[...]
     padding = _explicit_padding(self.padding, kernel.shape[:2])
     dtype = self.dtype or inputs.dtype
-    y = _shift_and_add_conv(inputs.astype(dtype), kernel.astype(dtype), padding)
+    y = kernel_fn(inputs.astype(dtype), kernel.astype(dtype), padding)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y
 
-  def _use_shift_and_add(self, inputs) -> bool:
-    return (jax.default_backend() == 'cpu' and inputs.ndim == 4
-            and self.in_features <= _SHIFT_CONV_MAX_INPUT_CHANNELS
+  def _cpu_kernel(self, inputs) -> Callable | None:
+    """The CPU kernel this layer runs on for `inputs`, or None for XLA's own convolution."""
+    if not (jax.default_backend() == 'cpu' and inputs.ndim == 4
             and _is_one(self.strides) and self.feature_group_count == 1
             and _is_one(self.input_dilation) and _is_one(self.kernel_dilation)
-            and not self.mask and _explicit_padding(self.padding, self.kernel_size) is not None)
+            and not self.mask and _explicit_padding(self.padding, self.kernel_size) is not None):
+      return None
+    return cpu_conv.kernel_for(self.in_features)
 
 
 def _is_one(value) -> bool:

@@ -32,8 +32,10 @@ class LeNet5(nnx.Module):
     self.fc3 = nnx.Linear(84, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = max_pool(nnx.relu(self.conv1(x)))
-    x = max_pool(nnx.relu(self.conv2(x)))
+    # relu(max_pool(.)) is max_pool(relu(.)), values and gradients, with the ReLU on a quarter of
+    # the elements (about 0.3 ms of a 13 ms LeNet-5 step on the 2-core CPU machine).
+    x = nnx.relu(max_pool(self.conv1(x)))
+    x = nnx.relu(max_pool(self.conv2(x)))
     x = flatten(x)
     x = nnx.relu(self.fc1(x))
     x = nnx.relu(self.fc2(x))
@@ -55,8 +57,8 @@ class SimpleCNN(nnx.Module):
     self.fc2 = nnx.Linear(256, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = max_pool(nnx.relu(self.conv1(x)))
-    x = max_pool(nnx.relu(self.conv2(x)))
+    x = nnx.relu(max_pool(self.conv1(x)))
+    x = nnx.relu(max_pool(self.conv2(x)))
     x = nnx.relu(self.fc1(flatten(x)))
     return self.fc2(x)
 
@@ -75,7 +77,7 @@ class KerasCNN(nnx.Module):
     self.fc2 = nnx.Linear(64, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = max_pool(nnx.relu(self.conv(x)))
+    x = nnx.relu(max_pool(self.conv(x)))
     x = nnx.relu(self.fc1(flatten(x)))
     return self.fc2(self.dropout(x))
 

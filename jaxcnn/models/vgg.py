@@ -30,7 +30,7 @@ VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 51
 def ceil_max_pool(x: jax.Array) -> jax.Array:
   """2x2/2 max-pool that keeps a last odd row or column (PyTorch's ceil_mode=True).
 
-  Pads odd sizes with -inf, which never wins a max, and reuses the fast reshape `max_pool`.
+  Pads odd sizes with -inf, which never wins a max, and reuses `max_pool` (fast on CPU).
   """
   pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
   if pad_h or pad_w:
