@@ -30,7 +30,7 @@ def get_config(variant: str = ''):
                      num_train=6_400, num_eval=1_000)
   elif variant == 'lenet5_epoch':
     # benchmarks/run.py's CPU section: one epoch of LeNet-5 with Adam, exactly the work of the
-    # PyTorch reference (benchmarks/torch_reference.py mnist-epoch); measured 97.88%.
+    # PyTorch reference (benchmarks/torch_reference.py mnist-epoch); measured 97.78%.
     config.model = 'lenet5'
     config.num_epochs = 1
     config.optimizer = 'adam'
