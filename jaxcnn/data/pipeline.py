@@ -62,6 +62,9 @@ def check_dataset(config) -> None:
 def load_data(config, train: bool = True) -> Data:
   """Prepares (if needed) and loads the config's dataset for training and evaluation.
 
+  A device-resident TFDS dataset that an earlier run decoded is read from the decoded cache
+  without TFDS (see `decoded_index`).
+
   With `train=False` only the evaluation split is read (for evaluating a trained run, which
   normalises with its own statistics): `train`, `mean` and `std` are then None.
   """
