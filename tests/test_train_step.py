@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcnn import models
+from jaxcnn import models, xla_options
 from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import create_train_state
 from jaxcnn.train_step import StepOptions, ema_decay_at, make_eval_step, make_train_step
@@ -165,3 +165,19 @@ def test_bfloat16_training_tracks_float32():
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
     curves.append(np.array(losses))
   np.testing.assert_allclose(curves[1], curves[0], rtol=0.05, atol=0.02)
+
+
+def test_inference_options_are_known_to_this_jaxlib_and_keep_results():
+  """The CPU inference options compile as given (a renamed XLA flag would silently cost speed)."""
+  lowered = jax.jit(lambda x: jnp.max(jnp.tanh(x) @ x, axis=0)).lower(jnp.ones((8, 8)))
+  x = jax.random.normal(jax.random.key(0), (8, 8))
+  options = xla_options.inference_options()
+  assert options == ({'xla_cpu_experimental_ynn_fusion_type': ''}
+                     if jax.default_backend() == 'cpu' else {})
+  np.testing.assert_allclose(lowered.compile(options)(x), lowered.compile()(x), rtol=1e-6)
+
+
+def test_an_unknown_xla_option_falls_back_to_the_defaults():
+  lowered = jax.jit(lambda x: 2 * x).lower(jnp.ones(3))
+  compiled = xla_options.compile_lowered(lowered, {'xla_cpu_no_such_option_in_any_jaxlib': ''})
+  np.testing.assert_array_equal(compiled(jnp.ones(3)), np.full(3, 2.0))
