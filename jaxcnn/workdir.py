@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from jaxcnn import files
 from jaxcnn.errors import UserError
 from jaxcnn.metrics import METRICS_FILE
 
@@ -45,10 +46,7 @@ def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
 
 
 def _write_atomically(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_atomically(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 
-from jaxcnn import caches
+from jaxcnn import caches, files
 
 _VERSION = 1
 
@@ -80,14 +80,10 @@ def record(name: str, data_dir: str | None, *, info: dict, prepared_dir: str,
   previous = lookup(name, data_dir, cache_dir)
   if previous and previous.prepared_dir == prepared_dir:
     split_files = {**previous.split_files, **split_files}
-  path = _index_path(name, data_dir, cache_dir)
-  tmp = f'{path}.tmp-{os.getpid()}'
+  text = json.dumps({'version': _VERSION, 'info': info, 'prepared_dir': prepared_dir,
+                     'dataset_info_digest': digest, 'split_files': split_files})
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump({'version': _VERSION, 'info': info, 'prepared_dir': prepared_dir,
-                 'dataset_info_digest': digest, 'split_files': split_files}, f)
-    os.replace(tmp, path)
+    files.write_atomically(_index_path(name, data_dir, cache_dir),
+                           lambda f: f.write(text.encode('utf-8')))
   except OSError:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    pass  # Unrecorded, the next run only takes the TFDS path again.

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxcnn import caches
+from jaxcnn import caches, files
 from jaxcnn.data.image_ops import resize_and_center_crop
 from jaxcnn.errors import ConfigError, DataError
 
@@ -230,16 +230,10 @@ def _decode_split(builder, split: str, info: DatasetInfo,
 
 def _save_atomically(path: str, **arrays: np.ndarray) -> None:
   """Writes an .npz so that readers see either no file or the whole file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
+    files.write_atomically(path, lambda f: np.savez(f, **arrays))
   except OSError as e:  # A read-only cache only costs the decoding next time.
     print(f'warning: cannot cache decoded data in {os.path.dirname(path)}: {e}', file=sys.stderr)
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def load_splits(name: str, splits: Sequence[str], data_dir: str | None = None,
