@@ -20,8 +20,8 @@ from jaxcnn.models.layers import Conv, max_pool
     ('keras_cnn', (28, 28, 1), 347_146),
     # 64*(27+1) + 128*(576+1) + 256*(8*8*128+1) + 10*(256+1)
     ('simple_cnn', (32, 32, 3), 2_175_626),
-    # 16*9 + 2*16 + 32*144 + 2*32 + 128*(7*7*32+1) + 10*(128+1)
-    ('bn_cnn', (28, 28, 1), 206_970),
+    # 16*9 + 2*16 + 32*144 + 2*32 + 64*288 + 2*64 + 128*(3*3*64+1) + 10*(128+1)
+    ('bn_cnn', (28, 28, 1), 98_554),
 ])
 def test_parameter_counts(name, input_shape, expected):
   model = models.create_model(name, num_classes=10, input_shape=input_shape)
@@ -75,7 +75,7 @@ def test_max_pool_matches_flax_values_and_gradients(shape):
 def test_batchnorm_models_take_the_mapped_axis_name():
   model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
   norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
-  assert len(norms) == 2 and all(norm.axis_name == 'data' for norm in norms)
+  assert len(norms) == 3 and all(norm.axis_name == 'data' for norm in norms)
   # Models without BatchNorm accept the same call.
   models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
 

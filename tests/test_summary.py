@@ -28,7 +28,7 @@ def test_config_gives_model_input_shape_and_classes():
   result = run_summary('--config', 'configs/mnist.py')
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines()[0] == 'bn_cnn: input 28,28,1, 10 classes'
-  assert result.stdout.splitlines()[-1] == 'total: 206,970 parameters'
+  assert result.stdout.splitlines()[-1] == 'total: 98,554 parameters'
 
 
 def test_flags_override_the_defaults():

@@ -85,12 +85,14 @@ class KerasCNN(nnx.Module):
 class BNCNN(nnx.Module):
   """A small BatchNorm CNN, cheap enough to train on two CPU cores and accurate on MNIST.
 
-  Two stages of conv3x3-BatchNorm-ReLU-maxpool (16 and 32 channels by default) and one hidden
-  layer of 128 units. 99.4% on MNIST after 10 epochs (see configs/mnist.py).
+  Three stages of conv3x3-BatchNorm-ReLU-maxpool (16, 32 and 64 channels by default) and one
+  hidden layer of 128 units: 98,554 parameters for MNIST, 99.5% after 10 epochs (configs/mnist.py).
+  The third stage, on 7x7 maps, adds a quarter to the cost of a step and is what lifts MNIST from
+  99.45-99.48% to 99.5% (the two-stage (16, 32) network, measured on the 2-core CPU machine).
   """
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
-               rngs: nnx.Rngs, widths: Sequence[int] = (16, 32), hidden: int = 128,
+               rngs: nnx.Rngs, widths: Sequence[int] = (16, 32, 64), hidden: int = 128,
                axis_name: str | None = None):
     height, width, channels = input_shape
     stages = []
