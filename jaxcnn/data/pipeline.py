@@ -102,7 +102,7 @@ def load_data(config, train: bool = True) -> Data:
   if placement == 'device':
     data = _device_resident(config, common,
                             lambda split: tfds_data.read_split(builder, split, shape), train)
-    splits = (config.train_split, config.eval_split) if train else (config.eval_split,)
+    splits = _splits_read(config, train)
     if config.dataset != IMAGE_FOLDER and all(split in info.split_sizes for split in splits):
       # Only splits that read_split could cache (mocked datasets record no sizes, so none).
       decoded_index.record(
@@ -143,7 +143,7 @@ def _read_recorded(config, train: bool) -> Data | None:
   if entry is None:
     return None
   info = tfds_data.info_from_json(entry.info)
-  splits = (config.train_split, config.eval_split) if train else (config.eval_split,)
+  splits = _splits_read(config, train)
   if any(split not in info.split_sizes for split in splits):
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
@@ -156,6 +156,11 @@ def _read_recorded(config, train: bool) -> Data | None:
       return arrays['images'], arrays['labels']
 
   return _device_resident(config, _common(info, shape, 'device'), read_split, train)
+
+
+def _splits_read(config, train: bool) -> tuple[str, ...]:
+  """The splits `load_data` reads: the evaluation split, and with `train` the training split."""
+  return (config.train_split, config.eval_split) if train else (config.eval_split,)
 
 
 def _common(info, shape, placement) -> dict:

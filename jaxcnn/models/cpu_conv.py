@@ -37,16 +37,21 @@ def kernel_for(in_features: int) -> ConvKernel | None:
   return None
 
 
-def _shift_and_add(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
-  kernel_h, kernel_w, in_features, _ = kernel.shape
+def _shifted_windows(x: jax.Array, kernel_h: int, kernel_w: int, padding: Padding):
+  """((dy, dx), window) for each kernel tap of a stride-1 convolution: the padded input under
+  that tap, in (dy, dx) order, the order of an HWIO kernel's flattened taps."""
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out_h, out_w = x.shape[1] - kernel_h + 1, x.shape[2] - kernel_w + 1
+  return [((dy, dx), x[:, dy:dy + out_h, dx:dx + out_w, :])
+          for dy in range(kernel_h) for dx in range(kernel_w)]
+
+
+def _shift_and_add(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+  kernel_h, kernel_w, in_features, _ = kernel.shape
   out = None
-  for dy in range(kernel_h):
-    for dx in range(kernel_w):
-      window = x[:, dy:dy + out_h, dx:dx + out_w, :]
-      term = sum(window[..., c:c + 1] * kernel[dy, dx, c] for c in range(in_features))
-      out = term if out is None else out + term
+  for (dy, dx), window in _shifted_windows(x, kernel_h, kernel_w, padding):
+    term = sum(window[..., c:c + 1] * kernel[dy, dx, c] for c in range(in_features))
+    out = term if out is None else out + term
   return out
 
 
@@ -77,9 +82,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   """Stride-1 convolution of NHWC `x` with an HWIO `kernel` and explicit `padding`
   ((top, bottom), (left, right)), as one matrix product over the kernel-sized patches."""
   kernel_h, kernel_w, in_features, out_features = kernel.shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = x.shape[1] - kernel_h + 1, x.shape[2] - kernel_w + 1
   # Patch features in (dy, dx, channel) order, the order of the HWIO kernel's flattened rows.
-  patches = jnp.concatenate([x[:, dy:dy + out_h, dx:dx + out_w, :]
-                             for dy in range(kernel_h) for dx in range(kernel_w)], axis=-1)
+  patches = jnp.concatenate(
+      [window for _, window in _shifted_windows(x, kernel_h, kernel_w, padding)], axis=-1)
   return patches @ kernel.reshape(kernel_h * kernel_w * in_features, out_features)
