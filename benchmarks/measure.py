@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from jaxcnn import config as config_lib, parallel
+from jaxcnn import config as config_lib, parallel, xla_options
 from jaxcnn.data import device_data, tfds_data
 from jaxcnn.trainer import build_experiment, default_steps_per_call
 
@@ -71,7 +71,8 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
 
   start = time.perf_counter()
   train_fn = strategy.compile(experiment.train_fn, state, sums, split, permutation,
-                              strategy.index(0), static=(steps_per_call,))
+                              strategy.index(0), static=(steps_per_call,),
+                              options=xla_options.training_options())
   compile_seconds = time.perf_counter() - start
 
   def run_steps(state, sums):

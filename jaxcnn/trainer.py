@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
-from jaxcnn import caches, feeds, models, optim, parallel
+from jaxcnn import caches, feeds, models, optim, parallel, xla_options
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import Checkpointer
 from jaxcnn.data import pipeline
@@ -276,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if num_steps not in compiled_train:
       with stopwatch.timed('compile'):
         compiled_train[num_steps] = strategy.compile(train_feed.fn, *args,
-                                                     static=train_feed.static(num_steps))
+                                                     static=train_feed.static(num_steps),
+                                                     options=xla_options.training_options())
     return compiled_train[num_steps]
 
   with stopwatch.timed('compile'):

@@ -167,17 +167,40 @@ def test_bfloat16_training_tracks_float32():
   np.testing.assert_allclose(curves[1], curves[0], rtol=0.05, atol=0.02)
 
 
-def test_inference_options_are_known_to_this_jaxlib_and_keep_results():
-  """The CPU inference options compile as given (a renamed XLA flag would silently cost speed)."""
+@pytest.mark.parametrize('kind', ['training', 'inference'])
+def test_xla_options_are_known_to_this_jaxlib_and_keep_results(kind):
+  """The CPU options compile as given (a renamed XLA flag or value would silently cost speed)."""
   lowered = jax.jit(lambda x: jnp.max(jnp.tanh(x) @ x, axis=0)).lower(jnp.ones((8, 8)))
   x = jax.random.normal(jax.random.key(0), (8, 8))
-  options = xla_options.inference_options()
-  assert options == ({'xla_cpu_experimental_ynn_fusion_type': ''}
+  options = getattr(xla_options, f'{kind}_options')()
+  fusions = {'training': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+             'inference': ''}[kind]
+  assert options == ({'xla_cpu_experimental_ynn_fusion_type': fusions}
                      if jax.default_backend() == 'cpu' else {})
   np.testing.assert_allclose(lowered.compile(options)(x), lowered.compile()(x), rtol=1e-6)
 
 
-def test_an_unknown_xla_option_falls_back_to_the_defaults():
+def test_training_options_change_what_xla_cpu_compiles():
+  """A convolution's gradient step compiles differently with the training options on the CPU (it
+  stays with XLA instead of YNNPACK), and computes the same values."""
+  def loss(kernel, x):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.tanh(y))
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 32, 32))
+  x = jax.random.normal(jax.random.key(1), (64, 16, 16, 32))
+  lowered = jax.jit(jax.grad(loss)).lower(kernel, x)
+  tuned = xla_options.compile_lowered(lowered, xla_options.training_options())
+  default = lowered.compile()
+  if jax.default_backend() == 'cpu':
+    assert tuned.as_text() != default.as_text()
+  np.testing.assert_allclose(tuned(kernel, x), default(kernel, x), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('options', [
+    {'xla_cpu_no_such_option_in_any_jaxlib': ''},
+    {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_NO_SUCH_FUSION'}])
+def test_an_unknown_xla_option_or_value_falls_back_to_the_defaults(options):
   lowered = jax.jit(lambda x: 2 * x).lower(jnp.ones(3))
-  compiled = xla_options.compile_lowered(lowered, {'xla_cpu_no_such_option_in_any_jaxlib': ''})
+  compiled = xla_options.compile_lowered(lowered, options)
   np.testing.assert_array_equal(compiled(jnp.ones(3)), np.full(3, 2.0))
