@@ -82,10 +82,10 @@ def test_batchnorm_models_take_the_mapped_axis_name():
 
 @pytest.mark.parametrize('in_features, padding, kernel', [
     (1, 'SAME', cpu_conv.shift_and_add_conv), (3, 'VALID', cpu_conv.shift_and_add_conv),
-    (2, ((1, 2), (0, 1)), cpu_conv.shift_and_add_conv), (6, 'VALID', cpu_conv.im2col_conv),
-    (8, ((2, 1), (1, 0)), cpu_conv.im2col_conv), (9, 'SAME', None)])
+    (2, ((1, 2), (0, 1)), cpu_conv.shift_and_add_conv), (4, 'VALID', None),
+    (6, ((2, 1), (1, 0)), None)])
 def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel):
-  """layers.Conv (CPU kernels for few input channels) is nnx.Conv, numerically."""
+  """layers.Conv (a CPU kernel for few input channels) is nnx.Conv, numerically."""
   reference = nnx.Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
   conv = Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))

@@ -1,23 +1,20 @@
-"""Convolution kernels for XLA:CPU when a layer has few input channels.
+"""A convolution kernel for XLA:CPU when a layer has at most 3 input channels.
 
-XLA:CPU's convolutions are slow for the narrow layers at the start of small CNNs. Two formulations
-of the same stride-1 convolution (NHWC input, HWIO kernel) run faster there, measured on the 2-core
-CI machine with a batch of 128:
+XLA:CPU's convolutions are slow for the narrow first layer of small CNNs, whose one to three input
+channels leave its kernels little to vectorise over. There a stride-1 convolution (NHWC input,
+HWIO kernel) runs faster as shift-and-add: the output is a sum of shifted input windows times
+kernel taps, which XLA fuses into one elementwise loop. Its gradients stay XLA's own (custom VJP).
+Measured on the 2-core CI machine with a batch of 128: LeNet-5's first layer (1 -> 6 channels,
+5x5, 28x28) runs its forward pass in 1.2 ms against 6.0 ms, and LeNet-5 trains at 12,300
+images/s with this kernel against 8,500 without (train steps compiled with
+`xla_options.training_options`).
 
-* shift-and-add, for at most 3 input channels: the output is a sum of shifted input windows times
-  kernel taps, fused by XLA into one elementwise loop. LeNet-5's first layer (1 -> 6 channels, 5x5,
-  28x28) runs its forward pass in 1.2 ms against 6.0 ms; its gradients stay XLA's own (custom VJP).
-* im2col, for 4 to 8 input channels: the kernel-sized patches are gathered into one matrix and the
-  convolution is a single matrix product, differentiated by JAX as products and padded slices.
-  LeNet-5's second layer (6 -> 16 channels, 5x5, 14x14) takes 3.9 ms forward and backward against
-  5.8 ms, and the whole LeNet-5 training step 11.5 ms against 13.3 ms.
-
-They still win with XLA's own convolutions in place of YNNPACK's (`xla_options.training_options`):
-LeNet-5's train step at batch 128, 11,100 images/s with both kernels and 8,500 with neither.
-
-Wider layers stay on XLA's convolution: there im2col's patch matrix is larger than the layer's
-activations many times over and does not pay (a CIFAR ResNet-20 with im2col for its 16-channel
-stage: 2x slower against YNNPACK's convolutions, no faster than XLA's own).
+Wider layers stay on XLA's convolution. An im2col kernel (one matrix product over the
+kernel-sized patches) once won for LeNet-5's second layer (6 -> 16 channels) against YNNPACK's
+convolutions. Against XLA's own (interleaved in one process, 12 rounds of 50 steps) it makes the
+float32 step 7-15% faster but costs 0.6 s more compile time, which a one-epoch run does not earn
+back, and it makes the bfloat16 step 15% slower; for 16 channels (a CIFAR ResNet-20 stage) its
+patch matrix is many times the layer's activations and it does not pay either.
 """
 
 from typing import Callable
@@ -29,33 +26,25 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 ConvKernel = Callable[[jax.Array, jax.Array, Padding], jax.Array]
 
 SHIFT_AND_ADD_MAX_INPUT_CHANNELS = 3
-IM2COL_MAX_INPUT_CHANNELS = 8
 
 
 def kernel_for(in_features: int) -> ConvKernel | None:
   """The faster CPU kernel for a layer with `in_features` input channels, or None for XLA's."""
   if in_features <= SHIFT_AND_ADD_MAX_INPUT_CHANNELS:
     return shift_and_add_conv
-  if in_features <= IM2COL_MAX_INPUT_CHANNELS:
-    return im2col_conv
   return None
-
-
-def _shifted_windows(x: jax.Array, kernel_h: int, kernel_w: int, padding: Padding):
-  """((dy, dx), window) for each kernel tap of a stride-1 convolution: the padded input under
-  that tap, in (dy, dx) order, the order of an HWIO kernel's flattened taps."""
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = x.shape[1] - kernel_h + 1, x.shape[2] - kernel_w + 1
-  return [((dy, dx), x[:, dy:dy + out_h, dx:dx + out_w, :])
-          for dy in range(kernel_h) for dx in range(kernel_w)]
 
 
 def _shift_and_add(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   kernel_h, kernel_w, in_features, _ = kernel.shape
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out_h, out_w = x.shape[1] - kernel_h + 1, x.shape[2] - kernel_w + 1
   out = None
-  for (dy, dx), window in _shifted_windows(x, kernel_h, kernel_w, padding):
-    term = sum(window[..., c:c + 1] * kernel[dy, dx, c] for c in range(in_features))
-    out = term if out is None else out + term
+  for dy in range(kernel_h):
+    for dx in range(kernel_w):
+      window = x[:, dy:dy + out_h, dx:dx + out_w, :]  # The padded input under tap (dy, dx).
+      term = sum(window[..., c:c + 1] * kernel[dy, dx, c] for c in range(in_features))
+      out = term if out is None else out + term
   return out
 
 
@@ -80,13 +69,3 @@ shift_and_add_conv = jax.custom_vjp(_shift_and_add, nondiff_argnums=(2,))
 shift_and_add_conv.defvjp(_shift_and_add_fwd, _shift_and_add_bwd)
 shift_and_add_conv.__doc__ = """Stride-1 convolution of NHWC `x` with an HWIO `kernel` and explicit
 `padding` ((top, bottom), (left, right)), as a sum of shifted products."""
-
-
-def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
-  """Stride-1 convolution of NHWC `x` with an HWIO `kernel` and explicit `padding`
-  ((top, bottom), (left, right)), as one matrix product over the kernel-sized patches."""
-  kernel_h, kernel_w, in_features, out_features = kernel.shape
-  # Patch features in (dy, dx, channel) order, the order of the HWIO kernel's flattened rows.
-  patches = jnp.concatenate(
-      [window for _, window in _shifted_windows(x, kernel_h, kernel_w, padding)], axis=-1)
-  return patches @ kernel.reshape(kernel_h * kernel_w * in_features, out_features)
