@@ -1,7 +1,7 @@
 """jaxcnn's benchmark suite: jaxcnn against PyTorch on this machine's device, in one invocation.
 
   python benchmarks/run.py [--quick] [--mnist_dir ../shared/datasets/mnist] [--seeds 5]
-      [--output_dir benchmarks/results]
+      [--output_dir benchmarks/results] [--sections mnist,throughput,cpu] [--budget_seconds S]
 
 Writes `<output_dir>/<date>-<device>.json` with the device, library versions, the command, every
 raw measurement (median, min and max of several repeats) and a flat `summary`. Sections:
@@ -17,8 +17,18 @@ raw measurement (median, min and max of several repeats) and a flat `summary`. S
   `python train.py --config configs/mnist.py:lenet5_epoch` against the PyTorch reference script.
 
 `--quick` runs every section with few steps and one seed: a smoke check for CI, not a measurement.
+
+The suite is a list of measurements (one MNIST seed, one model and dtype of the throughput
+section, the CPU epoch), run with the README's summary figures first: MNIST's first seed, then
+ResNet-50 and the fast CIFAR network in bfloat16, then the CPU epoch, then the other seeds and
+throughputs. The results file is rewritten after every measurement, so a run stopped from outside
+keeps what it measured; `--budget_seconds` starts no measurement after that many seconds and lists
+the ones it left under `skipped` (for a lent GPU with minutes of device time). A measurement that
+fails is recorded under `errors` with its one-line cause, the others still run, and the exit
+status is then 1.
 """
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -30,12 +40,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 
-import jax
+# PyTorch shares the accelerator with JAX in this process: JAX must not take 75% of its memory up
+# front, as it does by default, but only what its programs use.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 from absl import app, flags
 
 from jaxcnn import cli
+from jaxcnn.files import write_atomically
 from jaxcnn.metrics import read_metrics
 from measure import measure_throughput
 
@@ -57,8 +74,12 @@ _UPDATE = flags.DEFINE_bool(
     'update', False, "Replace only the sections run in today's results file for this device, "
     'keeping the others (e.g. re-measure the cpu section after a change without the hour-long '
     'mnist one); each section keeps the environment and command it was measured with.')
-_SECTIONS = flags.DEFINE_list('sections', ['mnist', 'throughput', 'cpu'],
-                              'Sections to run: mnist, throughput, cpu.')
+SECTIONS = ('mnist', 'throughput', 'cpu')
+_SECTIONS = flags.DEFINE_list('sections', list(SECTIONS), 'Sections to run: mnist, throughput, cpu.')
+_BUDGET_SECONDS = flags.DEFINE_float(
+    'budget_seconds', 0.0, 'Start no measurement after this many seconds of the run (0: no limit); '
+    "the ones left are listed under 'skipped'. Leave the longest measurement's time (a few "
+    'minutes for ResNet-50 with torch.compile on a GPU) between this and any outside time limit.')
 
 
 def _spread(values: list[float]) -> dict:
@@ -105,30 +126,36 @@ def matmul_flops(quick: bool) -> dict:
 
 # ---------------------------------------------------------------- Time to accuracy
 
-def mnist_time_to_accuracy(seeds: int, quick: bool, data_dir: str | None, mnist_dir: str) -> dict:
-  """Training seconds until the MNIST test accuracy reaches 99.0% and 99.5%, per seed."""
+def mnist_seed(seed: int, quick: bool, data_dir: str | None, mnist_dir: str) -> dict:
+  """One training run of `configs/mnist.py`: its accuracy curve against training seconds, and the
+  seconds at which it first reached 99.0% and 99.5% (None where it never did)."""
   from jaxcnn import cli as cli_lib  # pylint: disable=g-import-not-at-top,reimported
   from jaxcnn.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  runs = []
-  for seed in range(seeds):
-    config = cli_lib.load_config_file(os.path.join(REPO_ROOT, 'configs', 'mnist.py'))
-    config.seed = seed
-    config.data_dir, config.manual_dir = data_dir, mnist_dir
-    config.eval_every_steps = 25 if quick else 117  # Four evaluations per epoch.
-    config.log_every_steps = config.eval_every_steps
-    if quick:
-      config.num_train_steps = 50
-    with tempfile.TemporaryDirectory() as workdir:
-      result = train_and_evaluate(config, workdir)
-      evals = [r for r in read_metrics(workdir) if 'test/accuracy' in r]
-    run = {'seed': seed, 'final_accuracy': result['test/accuracy'],
-           'compile_seconds': result['time/compile_seconds'],
-           'train_seconds': result['time/train_seconds'],
-           'curve': [(r['step'], r['train/seconds'], r['test/accuracy']) for r in evals]}
-    for target, key in ((0.99, 'seconds_to_99'), (0.995, 'seconds_to_99_5')):
-      reached = [r['train/seconds'] for r in evals if r['test/accuracy'] >= target]
-      run[key] = reached[0] if reached else None
-    runs.append(run)
+  config = cli_lib.load_config_file(os.path.join(REPO_ROOT, 'configs', 'mnist.py'))
+  config.seed = seed
+  config.data_dir, config.manual_dir = data_dir, mnist_dir
+  config.eval_every_steps = 25 if quick else 117  # Four evaluations per epoch.
+  config.log_every_steps = config.eval_every_steps
+  # One checkpoint, at the end: saving is not training (it is not in the training seconds), and
+  # saving at every evaluation would only lengthen the suite.
+  config.checkpoint_every_steps = 10 ** 9
+  if quick:
+    config.num_train_steps = 50
+  with tempfile.TemporaryDirectory() as workdir:
+    result = train_and_evaluate(config, workdir)
+    evals = [r for r in read_metrics(workdir) if 'test/accuracy' in r]
+  run = {'seed': seed, 'final_accuracy': result['test/accuracy'],
+         'compile_seconds': result['time/compile_seconds'],
+         'train_seconds': result['time/train_seconds'],
+         'curve': [(r['step'], r['train/seconds'], r['test/accuracy']) for r in evals]}
+  for target, key in ((0.99, 'seconds_to_99'), (0.995, 'seconds_to_99_5')):
+    reached = [r['train/seconds'] for r in evals if r['test/accuracy'] >= target]
+    run[key] = reached[0] if reached else None
+  return run
+
+
+def mnist_summary(runs: list[dict]) -> dict:
+  """The time-to-accuracy section: every seed's run and the spread of each figure over them."""
   summary = {}
   for key in ('seconds_to_99', 'seconds_to_99_5', 'compile_seconds'):
     values = [r[key] for r in runs if r[key] is not None]
@@ -159,35 +186,41 @@ def _throughput_config(model: str, dataset: str, batch_size: int, dtype: str):
   return config
 
 
-def throughput(quick: bool, repeats: int) -> dict:
-  """Images/s of every model and dtype, for jaxcnn and PyTorch, and their ratio."""
-  on_cpu = jax.default_backend() == 'cpu'
-  shapes = {'lenet5': (28, 28, 1, 10), 'cifar_resnet20': (32, 32, 3, 10),
-            'fastcifar': (32, 32, 3, 10), 'resnet50': (224, 224, 3, 1000)}
+def throughput_keys(quick: bool) -> list[str]:
+  """The `<model>_<dtype>` measurements of the throughput section."""
   names = ['lenet5', 'cifar_resnet20'] if quick else list(THROUGHPUT_MODELS)
   dtypes = ['float32'] if quick else ['float32', 'bfloat16']
+  return [f'{name}_{dtype}' for name in names for dtype in dtypes]
+
+
+def throughput(key: str, quick: bool, repeats: int) -> dict:
+  """Images/s of one model and dtype (`key`, e.g. 'resnet50_bfloat16'), for jaxcnn and PyTorch,
+  and their ratio."""
+  name, dtype = key.rsplit('_', 1)
+  on_cpu = jax.default_backend() == 'cpu'
   steps = 3 if quick else (10 if on_cpu else 50)
   repeats = 2 if quick else repeats
-  results = {}
-  for name in names:
-    model, dataset, accelerator_batch, cpu_batch = THROUGHPUT_MODELS[name]
-    batch = cpu_batch if on_cpu else accelerator_batch
-    height, width, channels, classes = shapes[name]
-    for dtype in dtypes:
-      key = f'{name}_{dtype}'
-      print(f'throughput: {key}, batch {batch}', file=sys.stderr, flush=True)
-      ours = measure_throughput(_throughput_config(model, dataset, batch, dtype), steps, repeats,
-                                image_shape=(height, width, channels), num_classes=classes)
-      theirs = torch_reference.measure_throughput(
-          name if name != 'fastcifar' else 'airbench', batch_size=batch, dtype=dtype, steps=steps,
-          repeats=repeats, compile=not on_cpu, device='cpu' if on_cpu else 'cuda')
-      entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
-               'jaxcnn_img_per_s': ours['examples_per_sec'],
-               'pytorch_img_per_s': theirs.get('images_per_s_median')}
-      if entry['pytorch_img_per_s']:
-        entry['ratio_jaxcnn_to_pytorch'] = entry['jaxcnn_img_per_s'] / entry['pytorch_img_per_s']
-      results[key] = entry
-  return results
+  model, dataset, accelerator_batch, cpu_batch = THROUGHPUT_MODELS[name]
+  batch = cpu_batch if on_cpu else accelerator_batch
+  torch_name = name if name != 'fastcifar' else 'airbench'
+  height, width, channels, classes = torch_reference.MODEL_SHAPES[torch_name]
+  ours = measure_throughput(_throughput_config(model, dataset, batch, dtype), steps, repeats,
+                            image_shape=(height, width, channels), num_classes=classes)
+  reference = dict(batch_size=batch, dtype=dtype, steps=steps, repeats=repeats,
+                   device='cpu' if on_cpu else 'cuda')
+  theirs = torch_reference.measure_throughput(torch_name, compile=not on_cpu, **reference)
+  entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
+           'jaxcnn_img_per_s': ours['examples_per_sec'],
+           'pytorch_img_per_s': theirs.get('images_per_s_median'),
+           'pytorch_mode': 'torch.compile' if theirs['compile'] else 'eager'}
+  if theirs['error'] and theirs['compile']:
+    # torch.compile failed here (the error is kept): PyTorch's eager mode is still a reference.
+    entry['pytorch_eager'] = torch_reference.measure_throughput(torch_name, **reference)
+    entry['pytorch_img_per_s'] = entry['pytorch_eager'].get('images_per_s_median')
+    entry['pytorch_mode'] = 'eager (torch.compile failed)'
+  if entry['pytorch_img_per_s']:
+    entry['ratio_jaxcnn_to_pytorch'] = entry['jaxcnn_img_per_s'] / entry['pytorch_img_per_s']
+  return entry
 
 
 # ---------------------------------------------------------------- CPU section
@@ -282,14 +315,18 @@ def result_path(output_dir: str, device: str, quick: bool) -> str:
 
 def merge_results(previous: dict | None, measured: dict, quick: bool) -> dict:
   """The results file: `measured` alone, or `previous` with the sections in `measured` replaced
-  and an entry in its `updates` naming them with the environment they were measured in."""
+  and an entry in its `updates` naming them with the environment they were measured in (and what
+  that update skipped or failed to measure)."""
+  incomplete = {k: measured[k] for k in ('skipped', 'errors') if measured.get(k)}
+  measured = {k: v for k, v in measured.items() if k not in ('skipped', 'errors')}
   if previous is None:
-    results = {'environment': measured['environment'], 'quick': quick}
+    results = {'environment': measured['environment'], 'quick': quick, **incomplete}
   else:
     results = dict(previous)
-    sections = [k for k in measured if k not in ('environment', 'matmul')]
+    sections = [k for k in measured if k in SECTIONS]
     results['updates'] = [*previous.get('updates', []),
-                          {'sections': sections, 'environment': measured['environment']}]
+                          {'sections': sections, 'environment': measured['environment'],
+                           **incomplete}]
     if 'throughput' not in measured:  # The MFU of the kept throughput uses the kept rate.
       measured = {k: v for k, v in measured.items() if k != 'matmul'}
   results.update({k: v for k, v in measured.items() if k != 'environment'})
@@ -297,30 +334,108 @@ def merge_results(previous: dict | None, measured: dict, quick: bool) -> dict:
   return results
 
 
+# ---------------------------------------------------------------- The run
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """One measurement of the suite: `measure()` returns what `section` records under `key`."""
+  section: str
+  key: str | int  # The seed of an MNIST run, `<model>_<dtype>` of a throughput, 'epoch'.
+  measure: Callable[[], dict]
+
+  @property
+  def name(self) -> str:
+    return f'{self.section} {"seed " if self.section == "mnist" else ""}{self.key}'
+
+
+# The throughputs behind the README's summary columns, measured before the others.
+SUMMARY_THROUGHPUTS = ('resnet50_bfloat16', 'fastcifar_bfloat16')
+
+
+def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_dir: str | None,
+                     mnist_dir: str) -> list[Measurement]:
+  """The suite's measurements in `sections`, those of the summary figures first."""
+  seed_runs = [Measurement('mnist', seed, lambda seed=seed: mnist_seed(seed, quick, data_dir,
+                                                                       mnist_dir))
+               for seed in range(1 if quick else seeds)] if 'mnist' in sections else []
+  throughputs = [Measurement('throughput', key, lambda key=key: throughput(key, quick, repeats))
+                 for key in throughput_keys(quick)] if 'throughput' in sections else []
+  first = [m for key in SUMMARY_THROUGHPUTS for m in throughputs if m.key == key]
+  epoch = ([Measurement('cpu', 'epoch', lambda: lenet5_epoch(quick, repeats, data_dir, mnist_dir))]
+           if 'cpu' in sections else [])
+  return [*seed_runs[:1], *first, *epoch, *seed_runs[1:],
+          *[m for m in throughputs if m not in first]]
+
+
+def record(measured: dict, measurement: Measurement, value: dict) -> None:
+  """Puts one measurement's result where its section keeps it in `measured`."""
+  if measurement.section == 'mnist':
+    runs = [*(measured['mnist']['runs'] if 'mnist' in measured else []), value]
+    measured['mnist'] = mnist_summary(runs)
+  elif measurement.section == 'throughput':
+    measured.setdefault('throughput', {})[measurement.key] = value
+  else:
+    measured[measurement.section] = value
+
+
+def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,
+                on_progress: Callable[[dict], None]) -> dict:
+  """Runs `plan` in order into `measured`, calling `on_progress(measured)` after each.
+
+  A measurement is started only while fewer than `budget_seconds` (0: no limit) have passed since
+  the call; the others are listed under `measured['skipped']`. One that raises is recorded under
+  `measured['errors']` with its one-line cause (the traceback goes to stderr) and the rest still
+  run: on a lent machine every other figure is worth having.
+  """
+  start = time.perf_counter()
+  for measurement in plan:
+    elapsed = time.perf_counter() - start
+    if budget_seconds and elapsed >= budget_seconds:
+      measured.setdefault('skipped', []).append(measurement.name)
+      continue
+    print(f'[{elapsed:6.0f} s] {measurement.name}', file=sys.stderr, flush=True)
+    try:
+      value = measurement.measure()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      traceback.print_exc()
+      measured.setdefault('errors', {})[measurement.name] = torch_reference.error_line(e)
+    else:
+      record(measured, measurement, value)
+    on_progress(measured)
+  return measured
+
+
 def main(argv):
   del argv
   quick = _QUICK.value
+  unknown = sorted(set(_SECTIONS.value) - set(SECTIONS))
+  if unknown:
+    raise app.UsageError(f'unknown section {unknown[0]!r} in --sections; choose from '
+                         f'{", ".join(SECTIONS)}')
   repeats = 1 if quick else _REPEATS.value
   measured = {'environment': environment(), 'matmul': matmul_flops(quick)}
-  if 'mnist' in _SECTIONS.value:
-    measured['mnist'] = mnist_time_to_accuracy(1 if quick else _SEEDS.value, quick,
-                                               _DATA_DIR.value, _MNIST_DIR.value)
-  if 'throughput' in _SECTIONS.value:
-    measured['throughput'] = throughput(quick, repeats)
-  if 'cpu' in _SECTIONS.value:
-    measured['cpu'] = lenet5_epoch(quick, repeats, _DATA_DIR.value, _MNIST_DIR.value)
-  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   path = result_path(_OUTPUT_DIR.value, measured['environment']['device'], quick)
   previous = None
   if _UPDATE.value and os.path.isfile(path):
     with open(path, encoding='utf-8') as f:
       previous = json.load(f)
-  results = merge_results(previous, measured, quick)
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2)
-    f.write('\n')
-  print(json.dumps(results['summary'], indent=2))
+
+  def write(measured: dict) -> None:
+    """Rewrites the results file whole: a run stopped from outside keeps what it measured."""
+    text = json.dumps(merge_results(previous, measured, quick), indent=2) + '\n'
+    write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+
+  plan = measurement_plan(_SECTIONS.value, quick=quick, seeds=_SEEDS.value, repeats=repeats,
+                          data_dir=_DATA_DIR.value, mnist_dir=_MNIST_DIR.value)
+  measured = measure_all(plan, measured, _BUDGET_SECONDS.value, write)
+  write(measured)
+  print(json.dumps(merge_results(previous, measured, quick)['summary'], indent=2))
   print(f'wrote {path}')
+  if measured.get('skipped'):
+    print(f'skipped (over --budget_seconds={_BUDGET_SECONDS.value:g}): '
+          f'{", ".join(measured["skipped"])}', file=sys.stderr)
+  if measured.get('errors'):
+    raise SystemExit('failed: ' + '; '.join(f'{k}: {v}' for k, v in measured['errors'].items()))
 
 
 if __name__ == '__main__':

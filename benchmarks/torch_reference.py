@@ -417,7 +417,8 @@ def _make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
   return train_step
 
 
-def _error_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
   message = str(error).strip().splitlines()
   return f'{type(error).__name__}: {message[0] if message else ""}'[:1000]
 
@@ -534,7 +535,7 @@ def measure_throughput(name: str, *, batch_size: int, dtype: str = 'float32', st
       # benchmark; anything else in eager mode is a bug to see.
       if not (compile or isinstance(e, torch.cuda.OutOfMemoryError)):
         raise
-      result['error'] = _error_line(e)
+      result['error'] = error_line(e)
     rates = [batch_size * steps / t for t in timings]
     result.update(
         timings_s=timings,
@@ -751,7 +752,7 @@ def main(argv=None) -> int:
       result = mnist_epoch(args.mnist_dir, batch_size=args.batch_size, seed=args.seed,
                            threads=args.threads, max_steps=args.max_steps)
   except (OSError, ValueError) as e:
-    print(f'torch_reference.py {args.command}: error: {_error_line(e)}', file=sys.stderr)
+    print(f'torch_reference.py {args.command}: error: {error_line(e)}', file=sys.stderr)
     return 2
   result['torch_import_s'] = _TORCH_IMPORT_S
   result['process_s'] = time.perf_counter() - _MODULE_START  # Up to here: all but the exit.

@@ -102,6 +102,48 @@ def test_update_replaces_only_the_sections_measured_again():
   assert updated['summary']['mnist_seconds_to_99'] == 70.0
 
 
+def test_plan_measures_the_summary_figures_first():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  plan = suite.measurement_plan(suite.SECTIONS, quick=False, seeds=3, repeats=1, data_dir=None,
+                                mnist_dir='')
+  names = [m.name for m in plan]
+  assert names[:5] == ['mnist seed 0', 'throughput resnet50_bfloat16',
+                       'throughput fastcifar_bfloat16', 'cpu epoch', 'mnist seed 1']
+  assert len(names) == len(set(names)) == 3 + 8 + 1  # Seeds, models x dtypes, the CPU epoch.
+  only_mnist = suite.measurement_plan(['mnist'], quick=True, seeds=5, repeats=1, data_dir=None,
+                                      mnist_dir='')
+  assert [m.name for m in only_mnist] == ['mnist seed 0']
+
+
+def test_a_failed_or_late_measurement_leaves_the_others_recorded(monkeypatch):
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  clock = iter([0.0, 1.0, 2.0, 3.0, 99.0])  # perf_counter at the start, then before each.
+  monkeypatch.setattr(suite.time, 'perf_counter', lambda: next(clock))
+
+  def fails():
+    raise RuntimeError('CUDA out of memory\nmore detail')
+
+  run = lambda seed: {'seed': seed, 'final_accuracy': 0.99, 'compile_seconds': 1.0,
+                      'train_seconds': 5.0, 'seconds_to_99': 4.0 + seed, 'seconds_to_99_5': None}
+  plan = [suite.Measurement('mnist', 0, lambda: run(0)),
+          suite.Measurement('throughput', 'resnet50_bfloat16', fails),
+          suite.Measurement('mnist', 1, lambda: run(1)),
+          suite.Measurement('throughput', 'lenet5_float32', lambda: {'jaxcnn_img_per_s': 1.0})]
+  written = []
+  measured = suite.measure_all(plan, {'environment': {}}, budget_seconds=10.0,
+                               on_progress=lambda m: written.append(json.loads(json.dumps(m))))
+  assert measured['errors'] == {
+      'throughput resnet50_bfloat16': 'RuntimeError: CUDA out of memory'}
+  assert measured['skipped'] == ['throughput lenet5_float32']  # Its turn came at 99 s.
+  assert measured['mnist']['seconds_to_99']['values'] == [4.0, 5.0]
+  assert measured['mnist']['seconds_to_99_5_reached'] == '0/2'
+  # Written after every measurement that ran: the first file already holds seed 0.
+  assert len(written) == 3 and written[0]['mnist']['seconds_to_99_reached'] == '1/1'
+  results = suite.merge_results(None, {**measured, 'environment': {'device': 'cpu'}},
+                                quick=False)
+  assert results['errors'] == measured['errors'] and results['summary']['mnist_seconds_to_99'] == 4.5
+
+
 def test_report_renders_a_row_per_full_result(tmp_path):
   summary = {key: None for key in SUMMARY_KEYS}
   summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8, resnet50_mfu=0.31)

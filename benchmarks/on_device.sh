@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The benchmark suite on a lent GPU machine, in one call of the device tool.
+#
+# That machine has jax, flax, optax, orbax-checkpoint and torch but not tensorflow-datasets, grain,
+# array_record or ml-collections, no TensorFlow to prepare MNIST, and no network. So, here first:
+#
+#   ../shared/device/stage.sh .venv/bin/python    # wheels and a prepared MNIST into .device/
+#
+# then run this there with carry [".device"] and a timeout_s above the budget by the longest
+# measurement (ResNet-50 with torch.compile, a few minutes):
+#
+#   bash benchmarks/on_device.sh [BUDGET_SECONDS [RUN_PY_FLAGS...]]     # default 420 s
+#
+# It writes the results JSON (rewritten after every measurement, so a run cut off by the timeout
+# still brings back what it measured), the suite's log and the GPU's description to $OUT (to
+# benchmarks/results outside the device tool). Copy the JSON into benchmarks/results/ and run
+# `python benchmarks/report.py` to put it in the README. The measurements run in the order of
+# benchmarks/run.py's plan: MNIST's first seed, ResNet-50 and the fast CIFAR network in bfloat16,
+# the other MNIST seeds, then the other throughputs; what the budget leaves out is listed under
+# 'skipped', and `--update --sections throughput` in a later call measures it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${1:-420}
+shift $(( $# > 0 ? 1 : 0 ))
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+
+# shellcheck source=/dev/null
+source .device/env.sh || { echo "error: .device/env.sh failed; run ../shared/device/stage.sh here first and carry .device" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+  > "$out/nvidia-smi.csv" 2>&1 || true
+
+python3 benchmarks/run.py --sections mnist,throughput --seeds 5 --repeats 3 \
+  --budget_seconds "$budget" --output_dir "$out" "$@" 2>&1 | tee "$out/suite.log"
