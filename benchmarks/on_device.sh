@@ -7,9 +7,10 @@
 #   ../shared/device/stage.sh .venv/bin/python    # wheels and a prepared MNIST into .device/
 #
 # then run this there with carry [".device"] and a timeout_s above the budget by the longest
-# measurement (ResNet-50 with torch.compile, a few minutes):
+# measurement (ResNet-50 with torch.compile, a few minutes): the default 360 s with timeout_s 600
+# fits one call into a session's 15 minutes of device time, the machine's start included.
 #
-#   bash benchmarks/on_device.sh [BUDGET_SECONDS [RUN_PY_FLAGS...]]     # default 420 s
+#   bash benchmarks/on_device.sh [BUDGET_SECONDS [RUN_PY_FLAGS...]]     # default 360 s
 #
 # It writes the results JSON (rewritten after every measurement, so a run cut off by the timeout
 # still brings back what it measured), the suite's log and the GPU's description to $OUT (to
@@ -20,7 +21,7 @@
 # 'skipped', and `--update --sections throughput` in a later call measures it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-budget=${1:-420}
+budget=${1:-360}
 shift $(( $# > 0 ? 1 : 0 ))
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
