@@ -379,7 +379,7 @@ def record(measured: dict, measurement: Measurement, value: dict) -> None:
 
 
 def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,
-                on_progress: Callable[[dict], None],
+                on_progress: Callable[[dict], object],
                 clock: Callable[[], float] = time.perf_counter) -> dict:
   """Runs `plan` in order into `measured`, calling `on_progress(measured)` after each.
 
@@ -421,16 +421,19 @@ def main(argv):
     with open(path, encoding='utf-8') as f:
       previous = json.load(f)
 
-  def write(measured: dict) -> None:
-    """Rewrites the results file whole: a run stopped from outside keeps what it measured."""
-    text = json.dumps(merge_results(previous, measured, quick), indent=2) + '\n'
+  def write(measured: dict) -> dict:
+    """Rewrites the results file whole (a run stopped from outside keeps what it measured) and
+    returns what it wrote."""
+    results = merge_results(previous, measured, quick)
+    text = json.dumps(results, indent=2) + '\n'
     write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+    return results
 
   plan = measurement_plan(_SECTIONS.value, quick=quick, seeds=_SEEDS.value, repeats=repeats,
                           data_dir=_DATA_DIR.value, mnist_dir=_MNIST_DIR.value)
   measured = measure_all(plan, measured, _BUDGET_SECONDS.value, write)
-  write(measured)
-  print(json.dumps(merge_results(previous, measured, quick)['summary'], indent=2))
+  results = write(measured)  # Again, for the measurements skipped after the last one.
+  print(json.dumps(results['summary'], indent=2))
   print(f'wrote {path}')
   if measured.get('skipped'):
     print(f'skipped (over --budget_seconds={_BUDGET_SECONDS.value:g}): '
