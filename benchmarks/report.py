@@ -26,6 +26,7 @@ COLUMNS = [
     ('mnist_seconds_to_99', 'MNIST to 99% (s)', '{:.2f}'.format),
     ('mnist_seconds_to_99_5', 'MNIST to 99.5% (s)', '{:.2f}'.format),
     ('mnist_compile_seconds', 'MNIST compile (s)', '{:.1f}'.format),
+    ('mnist_speedrun_seconds_to_99', 'MNIST speedrun to 99% (s)', '{:.2f}'.format),
     ('resnet50_bf16_img_per_s', 'ResNet-50 bf16 img/s', _rate),
     ('resnet50_bf16_img_per_s_pytorch', 'PyTorch', _rate),
     ('resnet50_mfu', 'ResNet-50 MFU', '{:.1%}'.format),

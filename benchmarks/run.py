@@ -1,13 +1,16 @@
 """jaxcnn's benchmark suite: jaxcnn against PyTorch on this machine's device, in one invocation.
 
   python benchmarks/run.py [--quick] [--mnist_dir ../shared/datasets/mnist] [--seeds 5]
-      [--output_dir benchmarks/results] [--sections mnist,throughput,cpu] [--budget_seconds S]
+      [--output_dir benchmarks/results] [--sections mnist,mnist_speedrun,throughput,cpu]
+      [--budget_seconds S]
 
 Writes `<output_dir>/<date>-<device>.json` with the device, library versions, the command, every
 raw measurement (median, min and max of several repeats) and a flat `summary`. Sections:
 
 * time to accuracy: training seconds (compile and evaluation excluded, as airbench reports them)
-  until the full MNIST test set reaches 99.0% and 99.5%, with `configs/mnist.py`, over several seeds;
+  until the full MNIST test set reaches 99.0% and 99.5%, with `configs/mnist.py`, over several seeds
+  (section mnist), and the same for its batch-512 variant `configs/mnist.py:speedrun`, which needs a
+  quarter of the steps (section mnist_speedrun);
 * throughput: steady-state training images/s of LeNet-5, CIFAR ResNet-20, the fast CIFAR network
   and ResNet-50 at 224x224, float32 and bfloat16, on synthetic data in device memory, for jaxcnn
   and for the PyTorch reference of `benchmarks/torch_reference.py` (channels_last, bf16 autocast,
@@ -18,14 +21,14 @@ raw measurement (median, min and max of several repeats) and a flat `summary`. S
 
 `--quick` runs every section with few steps and one seed: a smoke check for CI, not a measurement.
 
-The suite is a list of measurements (one MNIST seed, one model and dtype of the throughput
-section, the CPU epoch), run with the README's summary figures first: MNIST's first seed, then
-ResNet-50 and the fast CIFAR network in bfloat16, then the CPU epoch, then the other seeds and
-throughputs. The results file is rewritten after every measurement, so a run stopped from outside
-keeps what it measured; `--budget_seconds` starts no measurement after that many seconds and lists
-the ones it left under `skipped` (for a lent GPU with minutes of device time). A measurement that
-fails is recorded under `errors` with its one-line cause, the others still run, and the exit
-status is then 1.
+The suite is a list of measurements (one MNIST seed of a recipe, one model and dtype of the
+throughput section, the CPU epoch), run with the README's summary figures first: the first seed of
+each MNIST recipe, then ResNet-50 and the fast CIFAR network in bfloat16, then the CPU epoch, then
+the other seeds and throughputs. The results file is rewritten after every measurement, so a run
+stopped from outside keeps what it measured; `--budget_seconds` starts no measurement after that
+many seconds and lists the ones it left under `skipped` (for a lent GPU with minutes of device
+time). A measurement that fails is recorded under `errors` with its one-line cause, the others
+still run, and the exit status is then 1.
 """
 
 import dataclasses
@@ -74,8 +77,11 @@ _UPDATE = flags.DEFINE_bool(
     'update', False, "Replace only the sections run in today's results file for this device, "
     'keeping the others (e.g. re-measure the cpu section after a change without the hour-long '
     'mnist one); each section keeps the environment and command it was measured with.')
-SECTIONS = ('mnist', 'throughput', 'cpu')
-_SECTIONS = flags.DEFINE_list('sections', list(SECTIONS), 'Sections to run: mnist, throughput, cpu.')
+# The time-to-accuracy sections and the config file (and variant) each trains.
+MNIST_RECIPES = {'mnist': 'configs/mnist.py', 'mnist_speedrun': 'configs/mnist.py:speedrun'}
+SECTIONS = (*MNIST_RECIPES, 'throughput', 'cpu')
+_SECTIONS = flags.DEFINE_list('sections', list(SECTIONS),
+                              f'Sections to run: {", ".join(SECTIONS)}.')
 _BUDGET_SECONDS = flags.DEFINE_float(
     'budget_seconds', 0.0, 'Start no measurement after this many seconds of the run (0: no limit); '
     "the ones left are listed under 'skipped'. Leave the longest measurement's time (a few "
@@ -126,15 +132,20 @@ def matmul_flops(quick: bool) -> dict:
 
 # ---------------------------------------------------------------- Time to accuracy
 
-def mnist_seed(seed: int, quick: bool, data_dir: str | None, mnist_dir: str) -> dict:
-  """One training run of `configs/mnist.py`: its accuracy curve against training seconds, and the
-  seconds at which it first reached 99.0% and 99.5% (None where it never did)."""
+MNIST_TRAIN_EXAMPLES = 60_000
+
+
+def mnist_seed(recipe: str, seed: int, quick: bool, data_dir: str | None, mnist_dir: str) -> dict:
+  """One training run of `recipe` (a config file, e.g. 'configs/mnist.py:speedrun'): its accuracy
+  curve against training seconds, and the seconds at which it first reached 99.0% and 99.5% (None
+  where it never did)."""
   from jaxcnn import cli as cli_lib  # pylint: disable=g-import-not-at-top,reimported
   from jaxcnn.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  config = cli_lib.load_config_file(os.path.join(REPO_ROOT, 'configs', 'mnist.py'))
+  config = cli_lib.load_config_file(os.path.join(REPO_ROOT, recipe))
   config.seed = seed
   config.data_dir, config.manual_dir = data_dir, mnist_dir
-  config.eval_every_steps = 25 if quick else 117  # Four evaluations per epoch.
+  steps_per_epoch = MNIST_TRAIN_EXAMPLES // config.batch_size
+  config.eval_every_steps = 25 if quick else steps_per_epoch // 4  # Four evaluations per epoch.
   config.log_every_steps = config.eval_every_steps
   # One checkpoint, at the end: saving is not training (it is not in the training seconds), and
   # saving at every evaluation would only lengthen the suite.
@@ -154,14 +165,15 @@ def mnist_seed(seed: int, quick: bool, data_dir: str | None, mnist_dir: str) -> 
   return run
 
 
-def mnist_summary(runs: list[dict]) -> dict:
-  """The time-to-accuracy section: every seed's run and the spread of each figure over them."""
+def mnist_summary(recipe: str, runs: list[dict]) -> dict:
+  """A time-to-accuracy section: every seed's run of `recipe` and the spread of each figure over
+  them."""
   summary = {}
   for key in ('seconds_to_99', 'seconds_to_99_5', 'compile_seconds'):
     values = [r[key] for r in runs if r[key] is not None]
     summary[key] = _spread(values) if values else None
     summary[f'{key}_reached'] = f'{len(values)}/{len(runs)}'
-  return {'config': 'configs/mnist.py', 'runs': runs, **summary}
+  return {'config': recipe, 'runs': runs, **summary}
 
 
 # ---------------------------------------------------------------- Throughput
@@ -288,6 +300,8 @@ def summarise(results: dict) -> dict:
              'mnist_seconds_to_99': get('mnist', 'seconds_to_99', 'median'),
              'mnist_seconds_to_99_5': get('mnist', 'seconds_to_99_5', 'median'),
              'mnist_compile_seconds': get('mnist', 'compile_seconds', 'median'),
+             'mnist_speedrun_seconds_to_99': get('mnist_speedrun', 'seconds_to_99', 'median'),
+             'mnist_speedrun_seconds_to_99_5': get('mnist_speedrun', 'seconds_to_99_5', 'median'),
              'resnet50_bf16_img_per_s': get('throughput', 'resnet50_bfloat16', 'jaxcnn_img_per_s'),
              'resnet50_bf16_img_per_s_pytorch': get('throughput', 'resnet50_bfloat16',
                                                     'pytorch_img_per_s'),
@@ -345,7 +359,7 @@ class Measurement:
 
   @property
   def name(self) -> str:
-    return f'{self.section} {"seed " if self.section == "mnist" else ""}{self.key}'
+    return f'{self.section} {"seed " if self.section in MNIST_RECIPES else ""}{self.key}'
 
 
 # The throughputs behind the README's summary columns, measured before the others.
@@ -355,27 +369,35 @@ SUMMARY_THROUGHPUTS = ('resnet50_bfloat16', 'fastcifar_bfloat16')
 def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_dir: str | None,
                      mnist_dir: str) -> list[Measurement]:
   """The suite's measurements in `sections`, those of the summary figures first."""
-  seed_runs = [Measurement('mnist', seed, lambda seed=seed: mnist_seed(seed, quick, data_dir,
-                                                                       mnist_dir))
-               for seed in range(1 if quick else seeds)] if 'mnist' in sections else []
+  def seed_runs(section: str) -> list[Measurement]:
+    if section not in sections:
+      return []
+    recipe = MNIST_RECIPES[section]
+    return [Measurement(section, seed, lambda seed=seed: mnist_seed(recipe, seed, quick, data_dir,
+                                                                    mnist_dir))
+            for seed in range(1 if quick else seeds)]
+
+  mnist_runs = [seed_runs(section) for section in MNIST_RECIPES]
   throughputs = [Measurement('throughput', key, lambda key=key: throughput(key, quick, repeats))
                  for key in throughput_keys(quick)] if 'throughput' in sections else []
   first = [m for key in SUMMARY_THROUGHPUTS for m in throughputs if m.key == key]
   epoch = ([Measurement('cpu', 'epoch', lambda: lenet5_epoch(quick, repeats, data_dir, mnist_dir))]
            if 'cpu' in sections else [])
-  return [*seed_runs[:1], *first, *epoch, *seed_runs[1:],
+  return [*(runs[0] for runs in mnist_runs if runs), *first, *epoch,
+          *(run for runs in mnist_runs for run in runs[1:]),
           *[m for m in throughputs if m not in first]]
 
 
 def record(measured: dict, measurement: Measurement, value: dict) -> None:
   """Puts one measurement's result where its section keeps it in `measured`."""
-  if measurement.section == 'mnist':
-    runs = [*(measured['mnist']['runs'] if 'mnist' in measured else []), value]
-    measured['mnist'] = mnist_summary(runs)
-  elif measurement.section == 'throughput':
+  section = measurement.section
+  if section in MNIST_RECIPES:
+    runs = [*(measured[section]['runs'] if section in measured else []), value]
+    measured[section] = mnist_summary(MNIST_RECIPES[section], runs)
+  elif section == 'throughput':
     measured.setdefault('throughput', {})[measurement.key] = value
   else:
-    measured[measurement.section] = value
+    measured[section] = value
 
 
 def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,

@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SUMMARY_KEYS = {'device', 'mnist_seconds_to_99', 'mnist_seconds_to_99_5', 'mnist_compile_seconds',
+                'mnist_speedrun_seconds_to_99', 'mnist_speedrun_seconds_to_99_5',
                 'resnet50_bf16_img_per_s', 'resnet50_bf16_img_per_s_pytorch', 'resnet50_mfu',
                 'fastcifar_bf16_img_per_s', 'fastcifar_bf16_img_per_s_pytorch',
                 'lenet5_cpu_epoch_seconds', 'lenet5_cpu_epoch_seconds_pytorch'}
@@ -78,7 +79,10 @@ def test_suite_quick_mode_writes_every_summary_figure(tmp_path, mnist_data_dir):
   cpu = results['cpu']
   assert cpu['jaxcnn']['runs'][0]['process_seconds'] > cpu['jaxcnn']['runs'][0]['train_seconds']
   assert results['summary']['lenet5_cpu_epoch_seconds'] > 0
-  assert results['mnist']['runs'][0]['curve']  # Test accuracy against training seconds.
+  for section, recipe in (('mnist', 'configs/mnist.py'),
+                          ('mnist_speedrun', 'configs/mnist.py:speedrun')):
+    assert results[section]['config'] == recipe
+    assert results[section]['runs'][0]['curve']  # Test accuracy against training seconds.
   # Quick runs never reach the README.
   assert path.name not in {os.path.basename(p) for p in report.result_files(str(tmp_path))}
 
@@ -107,9 +111,12 @@ def test_plan_measures_the_summary_figures_first():
   plan = suite.measurement_plan(suite.SECTIONS, quick=False, seeds=3, repeats=1, data_dir=None,
                                 mnist_dir='')
   names = [m.name for m in plan]
-  assert names[:5] == ['mnist seed 0', 'throughput resnet50_bfloat16',
-                       'throughput fastcifar_bfloat16', 'cpu epoch', 'mnist seed 1']
-  assert len(names) == len(set(names)) == 3 + 8 + 1  # Seeds, models x dtypes, the CPU epoch.
+  assert names[:7] == ['mnist seed 0', 'mnist_speedrun seed 0', 'throughput resnet50_bfloat16',
+                       'throughput fastcifar_bfloat16', 'cpu epoch', 'mnist seed 1',
+                       'mnist seed 2']
+  assert names[7:9] == ['mnist_speedrun seed 1', 'mnist_speedrun seed 2']
+  # Seeds of both recipes, models x dtypes, the CPU epoch.
+  assert len(names) == len(set(names)) == 2 * 3 + 8 + 1
   only_mnist = suite.measurement_plan(['mnist'], quick=True, seeds=5, repeats=1, data_dir=None,
                                       mnist_dir='')
   assert [m.name for m in only_mnist] == ['mnist seed 0']
@@ -144,9 +151,26 @@ def test_a_failed_or_late_measurement_leaves_the_others_recorded():
   assert results['errors'] == measured['errors'] and results['summary']['mnist_seconds_to_99'] == 4.5
 
 
+def test_each_mnist_recipe_is_summarised_in_its_own_section():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  run = lambda seed, seconds: {'seed': seed, 'compile_seconds': 1.0, 'seconds_to_99': seconds,
+                               'seconds_to_99_5': None}
+  measured = {'environment': {'device': 'cpu'}}
+  for section, seed, seconds in (('mnist', 0, 30.0), ('mnist_speedrun', 0, 40.0),
+                                 ('mnist', 1, 20.0), ('mnist_speedrun', 1, 50.0)):
+    suite.record(measured, suite.Measurement(section, seed, measure=dict), run(seed, seconds))
+  assert measured['mnist']['config'] == 'configs/mnist.py'
+  assert measured['mnist_speedrun']['config'] == 'configs/mnist.py:speedrun'
+  assert [r['seed'] for r in measured['mnist_speedrun']['runs']] == [0, 1]
+  summary = suite.merge_results(None, measured, quick=False)['summary']
+  assert (summary['mnist_seconds_to_99'], summary['mnist_speedrun_seconds_to_99']) == (25.0, 45.0)
+  assert summary['mnist_speedrun_seconds_to_99_5'] is None  # Reached by no seed.
+
+
 def test_report_renders_a_row_per_full_result(tmp_path):
   summary = {key: None for key in SUMMARY_KEYS}
-  summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8, resnet50_mfu=0.31)
+  summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8,
+                 mnist_speedrun_seconds_to_99=0.3, resnet50_mfu=0.31)
   (tmp_path / '2026-01-01-nvidia-h100.json').write_text(json.dumps(
       {'environment': {'date': '2026-01-01T00:00:00+00:00'}, 'summary': summary}))
   (tmp_path / '2026-01-02-cpu-quick.json').write_text('{}')  # Quick runs are left out.
@@ -154,8 +178,8 @@ def test_report_renders_a_row_per_full_result(tmp_path):
   rendered = report.render(readme, str(tmp_path))
   assert rendered.startswith('intro\n') and rendered.endswith(f'{report.END}\noutro\n')
   row = [line for line in rendered.splitlines() if line.startswith('| 2026-01-01')]
-  assert row == ['| 2026-01-01 | NVIDIA H100 80GB HBM3 | 0.80 | - | - | - | - | 31.0% | - | - | '
-                 '- | - |']
+  assert row == ['| 2026-01-01 | NVIDIA H100 80GB HBM3 | 0.80 | - | - | 0.30 | - | - | 31.0% | '
+                 '- | - | - | - |']
   assert 'old table' not in rendered
 
 
