@@ -18,8 +18,9 @@
 # `python benchmarks/report.py` to put it in the README. The measurements run in the order of
 # benchmarks/run.py's plan: the first seed of each MNIST recipe (configs/mnist.py and its
 # :speedrun variant), ResNet-50 and the fast CIFAR network in bfloat16, the other MNIST seeds, then
-# the other throughputs; what the budget leaves out is listed under 'skipped'. A later call with `--update --sections throughput` measures that section again,
-# whole (an update replaces the sections it names), keeping the MNIST one.
+# the other throughputs; what the budget leaves out is listed under 'skipped'. A later call with
+# `--update --sections throughput` measures that section again, whole (an update replaces the
+# sections it names), keeping the MNIST ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-360}
