@@ -6,7 +6,9 @@ usage errors; a diverged run ends the same way with status 1. Anything else is a
 its traceback.
 """
 
+import atexit
 import difflib
+import gc
 import importlib.util
 import os
 import re
@@ -64,6 +66,10 @@ def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None)
     except app.UsageError as e:
       exit_with_error(str(e))
 
+  # Python's shutdown runs full garbage collections over every object that JAX, Flax and Orbax
+  # made (about 170,000): 0.4 to 0.5 s at the end of every run on a 2-core CPU. Frozen objects are
+  # skipped by those collections; the process's memory goes back to the system all the same.
+  atexit.register(gc.freeze)
   app.run(guarded_main, flags_parser=parse_flags)
 
 
