@@ -110,6 +110,22 @@ def test_gradient_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(one_metrics['loss'], four_metrics['loss'], rtol=1e-5)
 
 
+def test_initial_state_is_the_model_and_a_fresh_optimizer_state():
+  model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1))
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  _, state = create_train_state(model, tx, ema=True)
+  params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+  assert int(state.step) == 0
+  for expected, got in [(params, state.params), (params, state.ema_params),
+                        (batch_stats, state.ema_model_state), (tx.init(params), state.opt_state)]:
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(g, e)
+  # The averages are buffers of their own: a step that donates the state may overwrite the weights.
+  params_buffers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.params)}
+  assert not params_buffers & {x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.ema_params)}
+
+
 def test_ema_follows_the_weights_with_the_ramped_decay():
   _, state, step = setup(ema_decay=0.9)
   data = batch()
