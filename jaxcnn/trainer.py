@@ -143,8 +143,7 @@ def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, floa
   """
   metrics = _evaluate_weights(experiment, state, feed, prefix, '')
   if experiment.config.ema_decay > 0:
-    averaged = experiment.strategy.fetch_structure(state).averaged() if False else state.averaged()
-    metrics.update(_evaluate_weights(experiment, averaged, feed, prefix, 'ema_'))
+    metrics.update(_evaluate_weights(experiment, state.averaged(), feed, prefix, 'ema_'))
   return metrics
 
 
