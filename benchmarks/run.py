@@ -99,7 +99,7 @@ def environment() -> dict:
   """The device and the library versions the numbers belong to."""
   versions = {}
   for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets',
-                  'grain', 'torch', 'numpy'):
+                  'grain', 'torch', 'numpy', 'ml_dtypes'):
     try:
       versions[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
