@@ -1,7 +1,6 @@
 """Checkpointing: exact resume after kill -9 and SIGTERM, damage, retention, mismatch, divergence,
 and the evaluate and predict command lines."""
 
-import json
 import os
 import signal
 import subprocess

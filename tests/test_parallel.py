@@ -71,7 +71,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_p
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in processes]
-  for p, (out, err) in zip(processes, outputs):
+  for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
   records = read_metrics(str(workdir))
   # Only process 0 wrote metrics: one record per log step, not two.

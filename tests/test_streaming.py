@@ -1,6 +1,5 @@
 """Streaming through Grain: training, full evaluation, host augmentation, exact resume."""
 
-import jax
 import numpy as np
 import pytest
 
