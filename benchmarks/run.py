@@ -57,6 +57,7 @@ from absl import app, flags
 from jaxcnn import cli
 from jaxcnn.files import write_atomically
 from jaxcnn.metrics import read_metrics
+from jaxcnn.trainer import TIMED_PHASES
 from measure import measure_throughput
 
 import torch_reference  # pylint: disable=g-bad-import-order
@@ -269,8 +270,7 @@ def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str
       timing = [r for r in final if 'time/train_seconds' in r][-1]
       accuracy = [r for r in final if 'test/accuracy' in r][-1]['test/accuracy']
       if i:
-        phases = {f'{phase}_seconds': timing[f'time/{phase}_seconds']
-                  for phase in ('data', 'compile', 'train', 'eval', 'checkpoint')}
+        phases = {f'{phase}_seconds': timing[f'time/{phase}_seconds'] for phase in TIMED_PHASES}
         # What the trainer does not time: imports, building the model and optimizer, and exit.
         jax_runs.append({'process_seconds': seconds, **phases,
                          'other_seconds': seconds - sum(phases.values()),

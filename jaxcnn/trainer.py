@@ -33,6 +33,9 @@ from jaxcnn.train_step import (NO_STEP, StepOptions, init_eval_sums, init_train_
                                make_eval_step, make_train_step)
 
 
+# The phases a run times; each is reported as `time/<phase>_seconds` in metrics.jsonl.
+TIMED_PHASES = ('compile', 'train', 'eval', 'checkpoint', 'data')
+
 # Training images that initialise a data-dependent first layer (airbench uses 5,000).
 _WHITENING_IMAGES = 5000
 
@@ -382,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   with stopwatch.timed('checkpoint'):
     checkpointer.close()  # Waits for the last checkpoint to be completely written.
   timing = {f'time/{phase}_seconds': stopwatch.totals.get(phase, 0.0)
-            for phase in ('compile', 'train', 'eval', 'checkpoint', 'data')}
+            for phase in TIMED_PHASES}
   timing['time/checkpoint_saves'] = num_saves
   writer.write_scalars(step, timing)
   writer.close()
