@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxcnn import config as config_lib, parallel, xla_options
-from jaxcnn.data import device_data, tfds_data
+from jaxcnn.data import device_data, pipeline
 from jaxcnn.trainer import build_experiment, default_steps_per_call
 
 
@@ -31,9 +31,8 @@ _SYNTHETIC_MEAN, _SYNTHETIC_STD = 127.5, 73.6
 
 
 def dataset_shape(config) -> tuple[tuple[int, ...], int]:
-  """(image_shape, num_classes) of `config.dataset`, from its TFDS metadata (nothing is read)."""
-  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir))
-  return tuple(info.image_shape), info.num_classes
+  """(image_shape, num_classes) the config's model trains on, from metadata (no image is read)."""
+  return pipeline.input_spec(config)
 
 
 def build_synthetic_experiment(config, image_shape, num_classes: int, num_train_examples: int,

@@ -31,22 +31,26 @@ def exit_with_error(message: str, status: int = USAGE_ERROR_STATUS, label: str =
   sys.exit(status)
 
 
-def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None) -> None:
+def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None,
+        config_required: bool = True) -> None:
   """Runs `main` under absl, turning user errors into one-line messages with exit status 2.
 
   Args:
     main: the absl main function.
     config_flag: the name of a `config_flags.DEFINE_config_file` flag, if the command has one, so
       that a mistyped `--config.KEY` is reported with the keys that exist.
+    config_required: whether the command needs a config file (without a default, a missing
+      `--config` is then a one-line error).
   """
 
   def parse_flags(argv: list[str]) -> list[str]:
     try:
       asks_for_help = any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:])
-      if config_flag and not asks_for_help:
+      given = config_flag and _config_file_argument(argv, config_flag) is not None
+      if config_flag and (given or config_required) and not asks_for_help:
         _check_config_file(argv, config_flag)
       remaining = flags.FLAGS(argv)
-      if config_flag and not isinstance(flags.FLAGS[config_flag].value, ml_collections.ConfigDict):
+      if given and not isinstance(flags.FLAGS[config_flag].value, ml_collections.ConfigDict):
         # config_flags keeps a config file's import error for later; raise it now instead.
         load_config_file(_config_file_argument(argv, config_flag))
       if not flags.FLAGS['verbosity'].present:  # Library INFO logs are noise to a user.

@@ -3,13 +3,14 @@
   python -m jaxcnn.summary resnet50                       # 224x224x3 input, 1000 classes
   python -m jaxcnn.summary cifar_resnet20 --num_classes 100
   python -m jaxcnn.summary --config configs/mnist.py      # the config's model and dataset
+  python -m jaxcnn.summary --config configs/imagenet_resnet50.py --config.image_size=160
   python -m jaxcnn.summary mymodels.net:Net --input_shape 64,64,3
 
 The model is built under `nnx.eval_shape`, so no parameter is ever materialised: ResNet-152 costs
 no memory and no initialisation time. Without --config the input defaults to 224x224x3 with 1000
 classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
 classes otherwise. With --config the model and the dataset's image shape and class count come from
-the config file; MODEL, --input_shape and --num_classes override them. The last line is the total,
+the config file, at its `image_size`; MODEL, --input_shape and --num_classes override them. The last line is the total,
 `total: 25,557,032 parameters`.
 """
 
@@ -18,14 +19,17 @@ from collections.abc import Sequence
 
 from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from jaxcnn import cli, models
+from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
 
 _INPUT_SHAPE = flags.DEFINE_string('input_shape', None, 'Image shape H,W,C, e.g. 32,32,3.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Number of classes.')
-_CONFIG = flags.DEFINE_string('config', None,
-                              'A config file (path.py[:variant]) whose model and dataset to use.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A config file (path.py[:variant]) whose model and dataset to use; '
+    '--config.KEY=VALUE overrides its keys, as for train.py.', lock_config=True)
 
 _IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
 _CIFAR_PREFIXES = ('cifar_', 'wrn', 'vgg', 'airbench')
@@ -72,13 +76,13 @@ def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]]) -> str:
   return '\n'.join(lines)
 
 
-def resolve(model: str | None, config_file: str | None, input_shape: str | None,
+def resolve(model: str | None, config, input_shape: str | None,
             num_classes: int | None) -> tuple[str, tuple[int, int, int], int]:
-  """The model name, input shape and class count to summarise, from the arguments' sources."""
-  if config_file:
-    config = _load_config(config_file)
+  """The model name, input shape and class count to summarise, from the arguments' sources
+  (`config` is the --config ConfigDict, or None)."""
+  if config is not None:
     model = model or config.model
-    shape, classes = _dataset_input(config)
+    shape, classes = pipeline.input_spec(config)
   elif model:
     shape, classes = default_input(model)
   else:
@@ -101,21 +105,6 @@ def summarize(model: str, input_shape: Sequence[int], num_classes: int) -> str:
   return header + '\n' + format_table(parameter_rows(abstract))
 
 
-def _load_config(spec: str):
-  path = spec.partition(':')[0]
-  try:
-    return cli.load_config_file(spec)
-  except FileNotFoundError:
-    raise ConfigError(f'config file {path!r} does not exist') from None
-
-
-def _dataset_input(config) -> tuple[tuple[int, int, int], int]:
-  """The image shape and class count of the config's dataset, read from TFDS's metadata only."""
-  from jaxcnn.data import tfds_data  # pylint: disable=g-import-not-at-top  (imports TFDS: slow)
-  info = tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.get('data_dir')))
-  return tuple(info.image_shape), info.num_classes
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 2:
     raise ConfigError(f'expected one model name, got: {" ".join(argv[1:])}')
@@ -125,4 +114,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, config_flag='config', config_required=False)

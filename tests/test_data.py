@@ -41,6 +41,22 @@ def test_unknown_dataset_and_split_are_config_errors(fake_tfds):
     tfds_data.get_builder('mnist_v9')
 
 
+def test_input_spec_is_the_shape_training_sees_without_reading_images(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_data, 'read_split', lambda *a, **k: pytest.fail('images were read'))
+  data_dir = str(tmp_path)  # Nothing is prepared there: metadata alone gives the answers.
+  assert pipeline.input_spec(tiny_config(data_dir=data_dir)) == ((28, 28, 1), 10)
+  assert pipeline.input_spec(tiny_config(data_dir=data_dir, image_size=32)) == ((32, 32, 1), 10)
+  synthetic = tiny_config(dataset='synthetic', **{'synthetic.image_shape': (20, 24, 3),
+                                                  'synthetic.num_classes': 7})
+  assert pipeline.input_spec(synthetic) == ((20, 24, 3), 7)
+  # ImageNet's images vary in size: the model's input is image_size, or a one-line error.
+  imagenet = tiny_config(data_dir=data_dir, dataset='imagenet2012')
+  with pytest.raises(ConfigError, match='--config.image_size'):
+    pipeline.input_spec(imagenet)
+  imagenet.image_size = 160
+  assert pipeline.input_spec(imagenet) == ((160, 160, 3), 1000)
+
+
 def test_decoded_cache_is_written_whole_and_read_back(tmp_path):
   path = str(tmp_path / 'sub' / 'x.npz')
   images = np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)

@@ -31,6 +31,18 @@ def test_config_gives_model_input_shape_and_classes():
   assert result.stdout.splitlines()[-1] == 'total: 98,554 parameters'
 
 
+def test_config_overrides_and_image_size_give_the_input():
+  # ImageNet's images vary in size: the config's image_size, here overridden, is the input.
+  result = run_summary('--config', 'configs/imagenet_resnet50.py', '--config.image_size=160')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == 'resnet50: input 160,160,3, 1000 classes'
+  assert result.stdout.splitlines()[-1] == 'total: 25,557,032 parameters'
+  result = run_summary('--config', 'configs/mnist.py', '--config.image_sise=32')
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: unknown config key 'image_sise'; did you mean 'image_size'")
+  assert result.stderr.count('\n') == 1
+
+
 def test_flags_override_the_defaults():
   result = run_summary('cifar_resnet20', '--input_shape', '28,28,1', '--num_classes', '100')
   assert result.returncode == 0, result.stderr

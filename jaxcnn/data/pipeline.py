@@ -59,6 +59,26 @@ def check_dataset(config) -> None:
     tfds_data.get_builder(config.dataset, config.data_dir)  # A recorded dataset is known.
 
 
+def input_spec(config) -> tuple[tuple[int, int, int], int]:
+  """The image shape the model sees and the number of classes, without reading any image.
+
+  For a model built without its data (throughput benchmarks, `jaxcnn.summary --config`): the
+  config's synthetic shape, or the dataset's metadata with `image_size` applied as `load_data`
+  applies it. An image folder is listed and prepared, as training would.
+  """
+  check_dataset(config)
+  if config.dataset == SYNTHETIC:
+    return tuple(config.synthetic.image_shape), config.synthetic.num_classes
+  if config.dataset == IMAGE_FOLDER:
+    if not config.image_folder:  # A smoke config: load_data's synthetic stand-in.
+      return _folder_stand_in_shape(config), config.synthetic.num_classes
+    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
+  else:
+    builder = tfds_data.get_builder(config.dataset, config.data_dir)
+  info = tfds_data.dataset_info(builder)
+  return _image_shape(config, info), info.num_classes
+
+
 def load_data(config, train: bool = True) -> Data:
   """Prepares (if needed) and loads the config's dataset for training and evaluation.
 
@@ -74,7 +94,7 @@ def load_data(config, train: bool = True) -> Data:
                       name=SYNTHETIC)
   if config.dataset == IMAGE_FOLDER:
     if not config.image_folder:
-      shape = (config.image_size or 64,) * 2 + (3,)
+      shape = _folder_stand_in_shape(config)
       print(f'no image_folder given: using synthetic data of shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
@@ -179,6 +199,11 @@ def _image_shape(config, info) -> tuple[int, int, int]:
     raise ConfigError(f'dataset {info.name!r} has images of varied sizes; set '
                       '--config.image_size to the size to train at (e.g. 224)')
   return tuple(info.image_shape)
+
+
+def _folder_stand_in_shape(config) -> tuple[int, int, int]:
+  """The shape of the synthetic data that stands in for an image folder that was not given."""
+  return (config.image_size or 64,) * 2 + (3,)
 
 
 def _placement(config, info, shape) -> str:
