@@ -92,27 +92,23 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     axis_name: str | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch, first_example=0) -> (new_state, metrics)`.
 
-  The step draws its augmentation and dropout keys from (seed, state.step), takes gradients with
-  respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns the
+  The step draws its augmentation, mixing and dropout keys from (seed, state.step), takes gradients
+  with respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns the
   batch's mean loss, accuracy and gradient norm. With `axis_name` the step runs per device
   (shard_map, pmap): gradients and metrics are averaged across that mapped axis. A step whose loss
   or gradient is not finite leaves the state as it was and reports its number as `nonfinite_step`,
   so a diverged run never holds, nor saves, a NaN state.
   """
   num_micro = options.grad_accum_steps
+  # XLA:CPU runs a rolled loop's body several times slower than the same code unrolled (as for
+  # `steps_per_call`); accelerators keep the loop, which holds one micro-batch's activations.
+  unroll_micro_batches = jax.default_backend() == 'cpu'
 
-  def micro_step(params, model_state, images, labels, keys, first_example):
-    """Loss and gradient of one micro-batch; returns the updated BatchNorm statistics too.
-
-    Augmentation draws per-example keys from the example's index in the global batch, so it is
-    the same whether the batch arrives whole, in micro-batches, or split over devices.
-    """
-    augment_key, model_key, mix_key = keys
+  def micro_step(params, model_state, inputs, targets, labels, model_key, mix_key):
+    """Loss and gradient of one (micro-)batch of preprocessed inputs; returns the updated
+    BatchNorm statistics too."""
     if axis_name is not None:  # Each device drops out different units of its own examples.
       model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis_name))
-      mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(axis_name))
-    inputs = preprocess(images, augment_key, train=True, first_example=first_example)
-    targets = one_hot_targets(labels, options.num_classes, options.label_smoothing)
     inputs, targets = mix_batch(inputs, targets, mix_key, options.mixup_alpha,
                                 options.cutmix_alpha)
 
@@ -130,31 +126,46 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Batch,
                  first_example: int | jax.Array = 0) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch`, whose first example is `first_example` of the global batch
-    (non-zero for a device's shard of it)."""
+    (non-zero for a device's shard of it).
+
+    Augmentation draws per-example keys from each example's index in the global batch. Micro-batch
+    k holds every `grad_accum_steps`-th example from the k-th, and Mixup and CutMix pair
+    neighbouring examples of a micro-batch, so that augmentation, mixing and the examples behind
+    each BatchNorm statistic are the same whether the batch runs on one device or is split over
+    several (given an even number of examples per device and micro-batch). Dropout is the
+    exception: each device draws its own masks.
+    """
     augment_key, model_key, mix_key = jax.random.split(rng.step_key(options.seed, state.step), 3)
+    inputs = preprocess(batch['image'], augment_key, train=True, first_example=first_example)
+    labels = batch['label']
+    targets = one_hot_targets(labels, options.num_classes, options.label_smoothing)
     if num_micro == 1:
       grads, model_state, loss, accuracy = micro_step(
-          state.params, state.model_state, batch['image'], batch['label'],
-          (augment_key, model_key, mix_key), first_example)
+          state.params, state.model_state, inputs, targets, labels, model_key, mix_key)
     else:
-      micro_size = batch['label'].shape[0] // num_micro
+      def micro_batch(x, index):
+        return x.reshape(-1, num_micro, *x.shape[1:])[:, index]
 
-      def accumulate_micro(carry, micro):
+      def run_micro(model_state, index):
+        return micro_step(state.params, model_state, micro_batch(inputs, index),
+                          micro_batch(targets, index), micro_batch(labels, index),
+                          jax.random.fold_in(model_key, index), jax.random.fold_in(mix_key, index))
+
+      def accumulate_micro(carry, index):
         grads_sum, model_state, loss_sum, accuracy_sum = carry
-        index, images, labels = micro
-        keys = (augment_key, jax.random.fold_in(model_key, index),
-                jax.random.fold_in(mix_key, index))
-        grads, model_state, loss, accuracy = micro_step(
-            state.params, model_state, images, labels, keys, first_example + index * micro_size)
+        grads, model_state, loss, accuracy = run_micro(model_state, index)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state, loss_sum + loss,
                 accuracy_sum + accuracy), None
 
-      micro_batches = (jnp.arange(num_micro),
-                       batch['image'].reshape(num_micro, micro_size, *batch['image'].shape[1:]),
-                       batch['label'].reshape(num_micro, micro_size))
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, model_state, loss, accuracy), _ = jax.lax.scan(
-          accumulate_micro, (zeros, state.model_state, jnp.float32(0), jnp.float32(0)), micro_batches)
+      # The first micro-batch starts the sums: under shard_map they are then per-device values
+      # from the start, as the loop's carry must be.
+      carry = run_micro(state.model_state, 0)
+      if unroll_micro_batches:
+        for index in range(1, num_micro):
+          carry, _ = accumulate_micro(carry, index)
+      else:
+        carry, _ = jax.lax.scan(accumulate_micro, carry, jnp.arange(1, num_micro))
+      grads, model_state, loss, accuracy = carry
       grads = jax.tree.map(lambda g: g / num_micro, grads)
       loss, accuracy = loss / num_micro, accuracy / num_micro
 

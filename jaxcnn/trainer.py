@@ -98,6 +98,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   """
   for key in ('batch_size', 'eval_batch_size'):
     strategy.check_batch_size(key, config[key])
+  per_device_batch = config.batch_size // strategy.num_devices
+  if per_device_batch % config.grad_accum_steps:
+    raise ConfigError(f"config key 'grad_accum_steps' ({config.grad_accum_steps}) must divide the "
+                      f'batch of each device ({config.batch_size} / {strategy.num_devices} devices '
+                      f'= {per_device_batch})')
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "

@@ -33,6 +33,17 @@ def test_every_device_count_trains_like_one_device(fake_tfds, tmp_path, strategy
     assert result['test/num_examples'] == 200
 
 
+@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
+def test_micro_batches_and_mixup_are_the_same_on_any_device_count(fake_tfds, tmp_path, strategy):
+  """Micro-batch k takes every k-th example and Mixup pairs neighbours, so neither depends on how
+  the batch is split: the BatchNorm statistics and mixed images of 4 devices are those of one."""
+  options = {'grad_accum_steps': 2, 'augment.mixup_alpha': 0.4}
+  reference = run(tmp_path, 'one', parallel='jit', num_devices=1, **options)
+  result = run(tmp_path, strategy, parallel=strategy, num_devices=4, **options)
+  for key in ('train/loss', 'test/loss'):  # The test loss is near 0.015 here: atol for rounding.
+    np.testing.assert_allclose(result[key], reference[key], rtol=RTOL, atol=1e-4, err_msg=key)
+
+
 def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
   """A different data order moves the losses by far more than the tolerance above."""
   first = run(tmp_path, 'a', num_devices=2)
@@ -43,6 +54,12 @@ def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
 def test_batch_not_divisible_by_devices_is_refused(fake_tfds, tmp_path):
   with pytest.raises(ConfigError, match=r"'batch_size' \(36\) .* number of devices \(8\)"):
     run(tmp_path, 'x', batch_size=36, num_devices=8)
+
+
+def test_micro_batches_must_divide_each_devices_batch(fake_tfds, tmp_path):
+  with pytest.raises(ConfigError, match=r"'grad_accum_steps' \(8\) must divide the batch of each "
+                                        r'device \(32 / 8 devices = 4\)'):
+    run(tmp_path, 'x', grad_accum_steps=8, num_devices=8)
 
 
 def test_more_devices_than_exist_is_refused():

@@ -145,13 +145,13 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike(mixup, cutmix):
   mixed, mixed_targets = mix_batch(images, targets, jax.random.key(1), mixup, cutmix)
   assert mixed.shape == images.shape
   np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)  # Still distributions.
-  # One weight for the batch: lam on each example's class, 1 - lam on its mirror's class.
-  lam = mixed_targets - targets[::-1]
-  np.testing.assert_allclose(mixed_targets, lam[0] @ targets[0] * targets
-                             + (1 - lam[0] @ targets[0]) * targets[::-1], atol=1e-6)
-  # Images are convex combinations (mixup) or pastes (cutmix) of an example and its mirror.
-  partner = images[::-1]
-  low, high = jnp.minimum(images, partner), jnp.maximum(images, partner)
+  # One weight for the batch: lam on each example's class, 1 - lam on its neighbour's (0 <-> 1,
+  # 2 <-> 3, ...), so that the partners stay together when the batch is split over devices.
+  partner = np.arange(8) ^ 1
+  lam = float(mixed_targets[0] @ targets[0])
+  np.testing.assert_allclose(mixed_targets, lam * targets + (1 - lam) * targets[partner], atol=1e-6)
+  # Images are convex combinations (mixup) or pastes (cutmix) of an example and its neighbour.
+  low, high = jnp.minimum(images, images[partner]), jnp.maximum(images, images[partner])
   assert bool(jnp.all(mixed >= low - 1e-6)) and bool(jnp.all(mixed <= high + 1e-6))
   # Deterministic per key, different across keys.
   again, _ = mix_batch(images, targets, jax.random.key(1), mixup, cutmix)
@@ -161,7 +161,7 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike(mixup, cutmix):
 
 
 def test_cutmix_weight_is_the_area_of_the_pasted_box():
-  images = jnp.zeros((2, 10, 10, 1)).at[1].set(1.0)  # Example 0 is black, its mirror white.
+  images = jnp.zeros((2, 10, 10, 1)).at[1].set(1.0)  # Example 0 is black, its partner white.
   targets = jnp.eye(2)
   mixed, mixed_targets = mix_batch(images, targets, jax.random.key(3), 0.0, 1.0)
   pasted = float(mixed[0].mean())  # The fraction of example 0 covered by the white box.

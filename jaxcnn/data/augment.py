@@ -131,14 +131,19 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 def mix_batch(images: jax.Array, targets: jax.Array, key: jax.Array, mixup_alpha: float,
               cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
-  """Mixup (Zhang et al.) or CutMix (Yun et al.) of a batch with its own reverse, as timm does.
+  """Mixup (Zhang et al.) or CutMix (Yun et al.) of each pair of neighbouring examples.
+
+  Examples 0 and 1 are mixed with each other, 2 and 3, and so on (an odd last example with
+  itself): in a shuffled batch that is as random a partner as timm's reversed batch, and unlike
+  it the partners stay the same when the batch is split over devices.
 
   With both enabled, each batch uses one of the two with probability 1/2. The mixing weight is
   drawn from Beta(alpha, alpha); for CutMix it is corrected to the area of the pasted box, which
   is clipped at the image border. `targets` are one-hot (or smoothed) class distributions.
   """
   choice_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
-  partner_images, partner_targets = images[::-1], targets[::-1]
+  partner = _neighbour_indices(images.shape[0])
+  partner_images, partner_targets = images[partner], targets[partner]
   candidates = []
   if mixup_alpha > 0:
     lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha)
@@ -167,3 +172,10 @@ def mix_batch(images: jax.Array, targets: jax.Array, key: jax.Array, mixup_alpha
     mixed, lam = candidates[0]
   lam = lam.astype(jnp.float32)
   return mixed.astype(images.dtype), lam * targets + (1 - lam) * partner_targets
+
+
+def _neighbour_indices(num_examples: int) -> np.ndarray:
+  """0 <-> 1, 2 <-> 3, ...; an odd last index is its own partner."""
+  partner = np.arange(num_examples) ^ 1
+  partner[partner >= num_examples] = num_examples - 1
+  return partner
