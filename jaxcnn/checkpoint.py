@@ -14,7 +14,9 @@ Checkpoints are stored as nested dicts of plain arrays (`{'params': {'conv1': {'
 independent of the Python classes that hold them in memory.
 """
 
+import logging
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 
@@ -22,11 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, JaxcnnError
 
 CHECKPOINT_DIR = 'checkpoints'
+# Where damaged checkpoints are moved, beside CHECKPOINT_DIR: kept for inspection, never restored.
+DAMAGED_DIR = 'checkpoints-damaged'
 
 
 # ---------------------------------------------------------------- Pytrees <-> nested dicts
@@ -110,6 +115,43 @@ class CheckpointError(Exception):
   """A checkpoint could not be restored (unreadable, or its arrays fail their checksums)."""
 
 
+class NoGoodCheckpoint(JaxcnnError):
+  """Every checkpoint of a run is damaged: the run is neither resumed nor silently restarted."""
+
+
+def _short(message: str, limit: int = 160) -> str:
+  """The first line of an exception message, cut to `limit` characters (TensorStore's messages
+  hold whole JSON specs)."""
+  line = message.splitlines()[0] if message else ''
+  line = line.split(' See full TensorStore details')[0]
+  return line if len(line) <= limit else line[:limit] + '...'
+
+
+def _ignore_failed_read_leftovers() -> None:
+  """Installed before a restore: after a failed read, Orbax leaves the reads of the other arrays to fail on their own, as
+  coroutines never awaited and TensorStore callbacks on the asyncio loop it has closed; Python
+  would print a traceback for each (dozens to thousands of lines, each with a JSON spec) as the
+  process goes on or exits. Those alone are dropped; other unraisable exceptions are reported as
+  before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'jaxcnn_filter', False):
+    return
+
+  def from_a_failed_read(unraisable) -> bool:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return True
+    code = getattr(unraisable.object, 'cr_code', None)  # A coroutine of Orbax's reading.
+    return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+  def hook(unraisable):
+    if not from_a_failed_read(unraisable):
+      previous(unraisable)
+
+  hook.jaxcnn_filter = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
@@ -142,6 +184,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
     steps = self.steps()
     return steps[-1] if steps else None
 
@@ -168,9 +211,13 @@ class Checkpointer:
     nested = to_nested_dict(tree)
     meta = {**meta, 'step': int(step), 'metrics': dict(metrics or {}),
             'checksums': checksums(nested)}
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
-                                                     meta=ocp.args.JsonSave(meta)),
-                       metrics=dict(metrics) if metrics and self.best_metric in metrics else None)
+    saved = self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=dict(metrics) if metrics and self.best_metric in metrics else None)
+    if not saved:  # Orbax skips, without an error, a step not newer than the latest on disk.
+      raise RuntimeError(f'checkpoint {step} was not written: {self.directory} holds checkpoints '
+                         f'up to step {self.latest_step()}')
 
   def read_meta(self, step: int) -> dict:
     """The JSON record of checkpoint `step`."""
@@ -186,7 +233,8 @@ class Checkpointer:
     try:
       saved = _flat_shapes(self._manager.item_metadata(step)['state'].tree)
     except Exception as e:  # pylint: disable=broad-except  (unreadable metadata means damage)
-      raise CheckpointError(f'checkpoint {step} has unreadable metadata: {type(e).__name__}') from e
+      raise CheckpointError(f'checkpoint {step} has unreadable metadata: {type(e).__name__}: '
+                            f'{_short(str(e))}') from e
     wanted = _flat_shapes(to_nested_dict(template))
     for path in sorted(set(saved) | set(wanted), key=lambda p: ('.params.' not in f'.{p}', p)):
       if saved.get(path) == wanted.get(path):
@@ -210,12 +258,16 @@ class Checkpointer:
     """
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             to_nested_dict(template))
+    _ignore_failed_read_leftovers()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (any read failure means damage)
+      # The reads of the other arrays end as asyncio tasks whose exceptions nobody retrieves;
+      # asyncio would log each with its whole TensorStore spec. The warning below says it all.
+      logging.getLogger('asyncio').setLevel(logging.CRITICAL)
       raise CheckpointError(f'checkpoint {step} cannot be read: {type(e).__name__}: '
-                            f'{str(e).splitlines()[0] if str(e) else ""}') from e
+                            f'{_short(str(e))}') from e
     nested, meta = restored['state'], dict(restored['meta'])
     if checksums(nested) != meta.get('checksums'):
       raise CheckpointError(f'checkpoint {step} does not match its checksums')
@@ -224,21 +276,55 @@ class Checkpointer:
   def restore_latest_good(self, template, sharding) -> tuple[object, dict] | None:
     """Restores the newest checkpoint that reads back intact, warning about each damaged one.
 
-    Returns None when there is no checkpoint; raises a ConfigError when the checkpoints were
-    written by a different model or optimizer.
+    Damaged checkpoints newer than the one restored are moved to `checkpoints-damaged/` beside
+    the checkpoints (kept, never restored), so that the run saves its next steps again.
+
+    Returns None when there is no checkpoint. Raises a ConfigError when the checkpoints were
+    written by a different model or optimizer, and NoGoodCheckpoint when every one is damaged:
+    starting again from step 0 in their place would quietly discard the run.
     """
+    damaged = []
     for step in reversed(self.steps()):
       try:
         self.check_compatible(step, template)
-        return self.restore(step, template, sharding)
+        restored = self.restore(step, template, sharding)
       except CheckpointError as e:
-        print(f'warning: {e}; trying the previous checkpoint', file=sys.stderr, flush=True)
+        print(f'warning: {str(e).rstrip(".")}; trying the previous checkpoint', file=sys.stderr, flush=True)
+        damaged.append(step)
+        continue
+      if damaged:
+        self._set_aside(damaged)
+      return restored
+    if damaged:
+      raise NoGoodCheckpoint(
+          f'every checkpoint in {self.directory} is damaged (steps '
+          f'{", ".join(map(str, sorted(damaged)))}), so the run cannot resume; move that folder '
+          'away to train again from step 0, or start a new --workdir')
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves the checkpoints of `steps` out of the manager's folder, into DAMAGED_DIR."""
+    damaged_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(damaged_dir, exist_ok=True)
+      for step in steps:
+        target = os.path.join(damaged_dir, str(step))
+        suffix = 1
+        while os.path.exists(target):
+          target = os.path.join(damaged_dir, f'{step}.{suffix}')
+          suffix += 1
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        print(f'warning: moved the damaged checkpoint {step} to {target}', file=sys.stderr,
+              flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('jaxcnn_damaged_checkpoints_set_aside')
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until every checkpoint started so far is completely written."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for every checkpoint to be written, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()

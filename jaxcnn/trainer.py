@@ -224,19 +224,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                       'same directory')
   workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    workdir_lib.write_config(workdir, config)
+  workdir_lib.make_workdir(workdir)
   stopwatch = Stopwatch()
 
   # ---------------------------------------------------------------- Data
   with stopwatch.timed('data'):
     data = pipeline.load_data(config)
-  if is_chief:
-    workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
-        name=data.name, image_shape=data.image_shape, num_classes=data.num_classes,
-        class_names=data.class_names, num_train_examples=data.num_train_examples,
-        mean=data.mean, std=data.std))
 
   # ---------------------------------------------------------------- Model, optimizer, steps
   experiment, state = build_experiment(
@@ -268,10 +261,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
                        config.batch_size)
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
+    for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
+      stopwatch.add(phase, seconds)
     if is_chief:
       workdir_lib.truncate_metrics(workdir, step)
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})',
           flush=True)
+  # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
+  # `evaluate` and `predict` rebuild the model from.
+  if is_chief:
+    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
+        name=data.name, image_shape=data.image_shape, num_classes=data.num_classes,
+        class_names=data.class_names, num_train_examples=data.num_train_examples,
+        mean=data.mean, std=data.std))
 
   # ---------------------------------------------------------------- Compile
   steps_per_call = (config.steps_per_call if config.steps_per_call > 0
@@ -369,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         with stopwatch.timed('checkpoint'):
           checkpointer.save(
               step, {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
-              meta={'data': train_feed.position(step), 'batch_size': config.batch_size},
+              meta={'data': train_feed.position(step), 'batch_size': config.batch_size,
+                    'seconds': dict(stopwatch.totals)},
               metrics=last_eval if eval_now else None)
         num_saves += 1
       if stopping:

@@ -35,14 +35,31 @@ class DatasetRecord:
 
 
 def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
-  """A fresh directory `runs/<dataset>-<model>-<date>-<time>[-N]` for a run given no workdir."""
+  """Creates and returns a fresh directory `runs/<dataset>-<model>-<date>-<time>[-N]` for a run
+  given no workdir (created here, so that two runs started in the same second never share it)."""
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   base = os.path.join(root, f'{dataset.replace("/", "_")}-{model.replace(":", "_")}-{stamp}')
   path, n = base, 1
-  while os.path.exists(path):
-    n += 1
-    path = f'{base}-{n}'
-  return path
+  while True:
+    try:
+      os.makedirs(path)
+      return path
+    except FileExistsError:
+      n += 1
+      path = f'{base}-{n}'
+
+
+def make_workdir(path: str) -> None:
+  """Creates the workdir `path` if needed, or raises a UserError saying why it cannot be one."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise UserError(f'--workdir {path!r} is not a folder: it, or a folder above it, is a file; '
+                    'give a new or existing folder') from None
+  except OSError as e:
+    raise UserError(f'--workdir {path!r} cannot be created: {e.strerror}') from None
+  if not os.access(path, os.W_OK):
+    raise UserError(f'--workdir {path!r} is not writable')
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -50,6 +67,7 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the run's resolved config as `config.json` (read back by `read_config`)."""
   _write_atomically(os.path.join(workdir, CONFIG_FILE),
                     config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
@@ -66,11 +84,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_dataset(workdir: str, record: DatasetRecord) -> None:
+  """Records what the run was trained on as `dataset.json` (read back by `read_dataset`)."""
   _write_atomically(os.path.join(workdir, DATASET_FILE),
                     json.dumps(dataclasses.asdict(record), indent=2) + '\n')
 
 
 def read_dataset(workdir: str) -> DatasetRecord:
+  """The `DatasetRecord` of a run, or a UserError if it has none."""
   path = os.path.join(workdir, DATASET_FILE)
   if not os.path.isfile(path):
     raise UserError(f'{workdir!r} has no {DATASET_FILE}; was the run started?')
@@ -80,7 +100,8 @@ def read_dataset(workdir: str) -> DatasetRecord:
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops metric records after `last_step`: a resumed run logs those steps again."""
+  """Drops metric records after `last_step` (a resumed run logs those steps again) and the
+  end-of-run times of an earlier process."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return
@@ -89,8 +110,12 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   kept = []
   for line in lines:
     try:
-      if json.loads(line)['step'] <= last_step:
-        kept.append(line)
-    except (ValueError, KeyError):  # A line cut short by a kill: drop it.
+      record = json.loads(line)
+    except ValueError:  # A line cut short by a kill: drop it.
       continue
+    if 'step' not in record or record['step'] > last_step:
+      continue
+    if all(key == 'step' or key.startswith('time/') for key in record):
+      continue  # An earlier process's end-of-run times: the resumed run writes the run's own.
+    kept.append(line)
   _write_atomically(path, ''.join(kept))

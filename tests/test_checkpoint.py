@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jaxcnn import trainer
-from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer
+from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint
 from jaxcnn.errors import ConfigError, TrainingDiverged
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
@@ -152,6 +152,48 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_p
   assert 'warning: checkpoint 24' in captured.err
   assert 'resuming from the checkpoint at step 16' in captured.out
   assert result['step'] == 32
+  # The damaged 24 was set aside, so the resumed run saved its own step 24 again, intact.
+  assert os.listdir(tmp_path / 'checkpoints-damaged') == ['24']
+  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  assert checkpointer.steps() == [16, 24, 32]
+  assert checkpointer.read_meta(24)['step'] == 24
+  checkpointer.close()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_when_every_checkpoint_is_damaged_the_run_is_not_restarted_over_them(fake_tfds, tmp_path):
+  config = tiny_config(num_train_steps=16, checkpoint_every_steps=8)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  records = read_metrics(str(tmp_path))
+  for step in ('8', '16'):
+    _delete_array_data(os.path.join(tmp_path, CHECKPOINT_DIR, step, 'state'))
+  config.num_train_steps = 24
+  with pytest.raises(NoGoodCheckpoint, match=r'every checkpoint in .* is damaged \(steps 8, 16\)'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert complete_steps(tmp_path) == [8, 16]  # Nothing was moved, deleted or written over.
+  assert read_metrics(str(tmp_path)) == records
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resumes(
+    fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path))
+  first = read_metrics(str(tmp_path))
+  config_json = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ConfigError, match='does not match this config'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=24, model='bn_cnn'), str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == config_json  # evaluate still rebuilds lenet5.
+  result = trainer.train_and_evaluate(tiny_config(num_train_steps=24), str(tmp_path))
+  assert '"num_train_steps": 24' in (tmp_path / 'config.json').read_text()
+  # Training seconds continue from the checkpoint's: time to accuracy spans the whole run.
+  seconds_at_12 = [r['train/seconds'] for r in first if 'train/seconds' in r][-1]
+  records = read_metrics(str(tmp_path))
+  seconds = [r['train/seconds'] for r in records if 'train/seconds' in r]
+  assert seconds == sorted(seconds) and seconds[-1] > seconds_at_12
+  assert result['time/train_seconds'] > [r['time/train_seconds'] for r in first
+                                         if 'time/train_seconds' in r][0]
+  # One end-of-run record of times, the resumed run's.
+  assert [r['step'] for r in records if 'time/train_seconds' in r] == [24]
 
 
 def test_last_k_and_best_k_are_kept(tmp_path):
