@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing import event_file_loader
 
 from jaxcnn import trainer
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.metrics import read_metrics
 
 from conftest import tiny_config
@@ -88,10 +88,17 @@ def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
 
 def test_new_workdir_is_unique_under_runs(tmp_path):
   first = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))
-  os.makedirs(first)
-  second = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))
+  second = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))  # In the same second.
   assert first != second and os.path.dirname(first) == str(tmp_path)
+  assert os.path.isdir(first) and os.path.isdir(second)  # Created, so that no other run takes it.
   assert os.path.basename(first).startswith('mnist-lenet5-')
+
+
+def test_a_workdir_that_cannot_be_a_folder_is_a_one_line_error(fake_tfds, tmp_path):
+  (tmp_path / 'afile').write_text('')
+  for workdir in (tmp_path / 'afile', tmp_path / 'afile' / 'sub'):
+    with pytest.raises(UserError, match=r"--workdir '.*afile.*' is not a folder"):
+      trainer.train_and_evaluate(tiny_config(), str(workdir))
 
 
 def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
