@@ -23,9 +23,10 @@ from ml_collections import config_flags
 
 from jaxcnn import cli, parallel
 from jaxcnn.checkpoint import Checkpointer
-from measure import build_synthetic_experiment, dataset_shape, device_description
+from measure import REPO_ROOT, build_synthetic_experiment, dataset_shape, device_description
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config whose state to save.',
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'mnist.py'),
+                                          'Config whose state to save.',
                                           lock_config=True)
 _SAVES = flags.DEFINE_integer('saves', 10, 'Checkpoints saved in each mode.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the JSON here.')

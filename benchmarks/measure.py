@@ -5,6 +5,7 @@ parallel strategy, steps per call) on synthetic uint8 images of the dataset's sh
 memory, so the input pipeline is not measured and no dataset needs to be prepared.
 """
 
+import os
 import platform
 import statistics
 import time
@@ -15,6 +16,8 @@ import numpy as np
 from jaxcnn import config as config_lib, parallel, xla_options
 from jaxcnn.data import device_data, pipeline
 from jaxcnn.trainer import build_experiment, default_steps_per_call
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def device_description() -> dict:

@@ -6,6 +6,7 @@
 Only full runs are reported (files of `--quick` smoke runs are left out), newest first.
 """
 
+import argparse
 import glob
 import json
 import os
@@ -67,11 +68,16 @@ def render(readme: str, directory: str) -> str:
 
 
 def main() -> int:
+  parser = argparse.ArgumentParser(description='Regenerates the performance table in README.md '
+                                   'from benchmarks/results/*.json.')
+  parser.add_argument('--check', action='store_true',
+                      help='write nothing; exit 1 if the table in README.md is out of date')
+  args = parser.parse_args()
   directory = os.path.join(REPO_ROOT, 'benchmarks', 'results')
   with open(README, encoding='utf-8') as f:
     readme = f.read()
   updated = render(readme, directory)
-  if '--check' in sys.argv:
+  if args.check:
     if updated != readme:
       print('README.md performance table is out of date: run python benchmarks/report.py',
             file=sys.stderr)

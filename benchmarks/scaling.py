@@ -1,7 +1,7 @@
 """Data-parallel scaling of each strategy over 1, 2, 4 and 8 devices, as JSON and a table.
 
   python benchmarks/scaling.py [--config configs/mnist.py] [--strategies jit,shard_map,pmap]
-      [--devices 1,2,4,8] [--per_device_batch 128] [--global_batch 512] [--steps 20]
+      [--devices 1,2,4,8] [--per_device_batch 64] [--global_batch 512] [--steps 20]
       [--repeats 3] [--output scaling.json]
 
 Weak scaling keeps the per-device batch fixed (the global batch grows with the devices); strong
@@ -32,9 +32,10 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from jaxcnn import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
-from measure import device_description, measure_throughput  # pylint: disable=g-import-not-at-top
+from measure import REPO_ROOT, device_description, measure_throughput  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/mnist.py', 'Config to measure.',
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'mnist.py'),
+                                          'Config to measure.',
                                           lock_config=True)
 _STRATEGIES = flags.DEFINE_list('strategies', ['jit', 'shard_map', 'pmap'], 'Strategies.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts.')

@@ -92,8 +92,8 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, *, num_train_steps: int 
                      num_eval: int = 200) -> ml_collections.ConfigDict:
   """Turns `config` into its `:smoke` variant: a few small steps that run on a CPU in seconds.
 
-  The smoke run trains on synthetic data of the dataset's shape when the dataset is not prepared
-  (and cannot be), so it checks the whole pipeline on any machine.
+  The smoke run trains on synthetic data of the dataset's shape when the dataset is neither
+  prepared nor in manual_dir (it never downloads), so it checks the whole pipeline on any machine.
   """
   config.batch_size = batch_size
   config.eval_batch_size = eval_batch_size
@@ -141,8 +141,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'keep_best', _is_int(config.keep_best) and config.keep_best >= 0,
            'an integer >= 0')
   _choice(config, 'best_mode', ('max', 'min'))
-  _require(config, 'best_metric', isinstance(config.best_metric, str) and '/' in config.best_metric,
-           "a metric name such as 'test/accuracy'")
+  # Checkpoints are ranked by the evaluation metrics saved with them.
+  best_metrics = [f'{config.eval_split}/{name}' for name in
+                  ('accuracy', 'loss', *(('ema_accuracy', 'ema_loss') if config.ema_decay else ()))]
+  _choice(config, 'best_metric', best_metrics)
   _require(config, 'async_checkpointing', isinstance(config.async_checkpointing, bool),
            'true or false')
   for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices',
@@ -157,6 +159,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a positive number')
   for key in ('weight_decay', 'warmup_epochs', 'grad_clip_norm'):
     _require(config, key, _is_number(config[key]) and config[key] >= 0, 'a number >= 0')
+  _require(config, 'lr_decay_epochs',
+           isinstance(config.lr_decay_epochs, (tuple, list))
+           and all(_is_number(e) and e > 0 for e in config.lr_decay_epochs)
+           and list(config.lr_decay_epochs) == sorted(config.lr_decay_epochs),
+           'increasing positive numbers of epochs, e.g. 30,60,80')
+  _require(config, 'lr_decay_factor',
+           _is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
+           'a number in (0, 1]')
   for key in ('momentum', 'beta1', 'beta2', 'label_smoothing'):
     _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, 'a number in [0, 1)')
   _require(config, 'seed', _is_int(config.seed), 'an integer')

@@ -15,25 +15,32 @@ from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.trainer import evaluate
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to evaluate.', required=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
-                                  "'latest', 'best' (by the run's best_metric) or a step number.")
-_SPLIT = flags.DEFINE_string('split', None, "Split to evaluate (default: the run's eval_split).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command: importing this module beside
+  another command's `--workdir` (train.py's, predict's) must not clash."""
+  flags.DEFINE_string('workdir', None, 'The run directory to evaluate.', required=True)
+  flags.DEFINE_string('checkpoint', 'latest',
+                      "'latest', 'best' (by the run's best_metric) or a step number.")
+  flags.DEFINE_string('split', None, "Split to evaluate (default: the run's eval_split).")
 
 
 def main(argv):
+  """Evaluates `--workdir`'s `--checkpoint` on `--split` and prints the metrics."""
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = workdir_lib.read_config(_WORKDIR.value)
-  split = _SPLIT.value or config.eval_split
+  config = workdir_lib.read_config(FLAGS.workdir)
+  split = FLAGS.split or config.eval_split
   with config.unlocked():
     config.eval_split = split
   data = pipeline.load_data(config, train=False)
-  run = restore_run(_WORKDIR.value, _CHECKPOINT.value, placement=data.placement)
+  run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)
   feed.compile(run.state, run.experiment.zero_eval_sums())
   metrics = evaluate(run.experiment, run.state, feed, split)
-  print(f'{_WORKDIR.value}, checkpoint at step {run.step} ({_CHECKPOINT.value}), '
+  print(f'{FLAGS.workdir}, checkpoint at step {run.step} ({FLAGS.checkpoint}), '
         f'{data.name} {split}:')
   count = metrics[f'{split}/num_examples']
   for name, value in metrics.items():
@@ -44,4 +51,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -26,8 +26,9 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Sched
   elif name == 'linear':
     main = optax.linear_schedule(base, 0.0, max(total_steps - warmup, 1))
   elif name == 'step':
+    # Decays after the last step never happen (and would overflow int32 step counts).
     boundaries = {int(epoch * steps_per_epoch) - warmup: config.lr_decay_factor
-                  for epoch in config.lr_decay_epochs}
+                  for epoch in config.lr_decay_epochs if epoch * steps_per_epoch < total_steps}
     main = optax.piecewise_constant_schedule(base, boundaries)
   elif name == 'onecycle':
     return optax.cosine_onecycle_schedule(total_steps, base)

@@ -20,11 +20,16 @@ from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.train_step import make_predict_step
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to predict with.',
-                               required=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
-                                  "'latest', 'best' (by the run's best_metric) or a step number.")
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command: importing this module (for
+  `load_image`, say) beside another command's `--workdir` must not clash."""
+  flags.DEFINE_string('workdir', None, 'The run directory to predict with.', required=True)
+  flags.DEFINE_string('checkpoint', 'latest',
+                      "'latest', 'best' (by the run's best_metric) or a step number.")
+  flags.DEFINE_integer('top_k', 5, 'Classes to print per image (1 or more).', lower_bound=1)
 
 
 def load_image(path: str, image_shape) -> np.ndarray:
@@ -43,10 +48,11 @@ def load_image(path: str, image_shape) -> np.ndarray:
 
 
 def main(argv):
+  """Prints the `--top_k` classes of each image named in `argv`, by `--workdir`'s model."""
   paths = argv[1:]
   if not paths:
     raise UserError('name at least one image file: python -m jaxcnn.predict --workdir DIR IMAGE...')
-  run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
+  run = restore_run(FLAGS.workdir, FLAGS.checkpoint)
   record = run.dataset
   images, readable, failed = [], [], 0
   for path in paths:
@@ -61,7 +67,7 @@ def main(argv):
     predict = jax.jit(make_predict_step(run.experiment.model_def, run.experiment.preprocess))
     state = run.experiment.strategy.fetch(run.state)
     probabilities = np.asarray(predict(state, np.stack(images)))
-    top_k = min(_TOP_K.value, record.num_classes)
+    top_k = min(FLAGS.top_k, record.num_classes)
     for path, probs in zip(readable, probabilities):
       best = np.argsort(-probs)[:top_k]
       ranked = ', '.join(f'{record.class_names[i]} ({probs[i]:.4f})' for i in best)
@@ -71,4 +77,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import optax
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -110,6 +111,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   total_steps = train_steps(config, steps_per_epoch)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
                               dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name)
+  if strategy.axis_name is not None and strategy.num_devices > 1:
+    _check_batchnorm_axes(config.model, model, strategy)
   if init_images is not None and hasattr(model, 'init_whitening'):
     model.init_whitening(init_images[:_WHITENING_IMAGES])
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
@@ -139,6 +142,26 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
       schedule=optim.make_schedule(config, total_steps, steps_per_epoch), preprocess=preprocess,
       train_fn=train_fn, eval_fn=eval_fn)
   return experiment, strategy.replicate(state)
+
+
+def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None:
+  """Refuses BatchNorm layers that would keep per-device statistics under shard_map or pmap.
+
+  Such layers normalise each device's examples alone, and only device 0's running statistics
+  would be saved: a different model from the one trained on one device, or with `jit`.
+  """
+  local = [_path_name(path) for path, module in nnx.iter_graph(model)
+           if isinstance(module, nnx.BatchNorm) and module.axis_name is None]
+  if local:
+    raise ConfigError(
+        f'model {name!r} has BatchNorm layers without axis_name ({", ".join(local[:3])}'
+        f'{", ..." if len(local) > 3 else ""}): under {strategy.name} on {strategy.num_devices} '
+        'devices each would normalise its device\'s examples alone. Accept axis_name in the '
+        "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
+
+
+def _path_name(path) -> str:
+  return '.'.join(str(part) for part in path)
 
 
 def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:

@@ -22,6 +22,9 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.batch_size=-32', "config key 'batch_size' must be a positive integer, got -32"),
     ('--config.learning_rate=fast', "invalid value 'fast' for config key 'learning_rate'"),
     ('--config.dtype=float16', "config key 'dtype' must be one of float32, bfloat16, got 'float16'"),
+    ('--config.best_metric=test/acc',
+     "config key 'best_metric' must be one of test/accuracy, test/loss, got 'test/acc'"),
+    ('--config.lr_decay_epochs=abc', "config key 'lr_decay_epochs' must be increasing positive"),
 ])
 def test_config_mistakes_are_one_line_errors(override, expected, tmp_path):
   result = run_train('--config', 'configs/mnist.py', override, f'--workdir={tmp_path / "run"}')

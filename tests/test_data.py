@@ -36,6 +36,18 @@ def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):
   assert tfds_data.check_can_prepare(builder, str(MNIST_MANUAL_DIR)) is True
 
 
+def test_offline_never_probes_the_network_and_names_the_flag(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_data, '_hosts_reachable', lambda builder: pytest.fail('probed'))
+  builder = tfds_data.get_builder('mnist', str(tmp_path))
+  with pytest.raises(DataError, match=r'not downloaded \(offline\); .* point --manual_dir at'):
+    tfds_data.check_can_prepare(builder, str(tmp_path / 'empty'), offline=True,
+                                manual_dir_flag='--manual_dir')
+  assert tfds_data.check_can_prepare(builder, str(MNIST_MANUAL_DIR), offline=True) is True
+  # So a :smoke run given the files prepares the real dataset instead of a synthetic stand-in.
+  assert pipeline._preparable_offline(builder, str(MNIST_MANUAL_DIR))
+  assert not pipeline._preparable_offline(builder, str(tmp_path / 'empty'))
+
+
 def test_unknown_dataset_and_split_are_config_errors(fake_tfds):
   with pytest.raises(ConfigError, match="unknown dataset 'mnist_v9'"):
     tfds_data.get_builder('mnist_v9')

@@ -62,6 +62,13 @@ def test_unknown_model_names_the_choices():
     models.create_model('resnet9000', num_classes=10, input_shape=(28, 28, 1))
 
 
+@pytest.mark.parametrize('name, input_shape', [('bn_cnn', (3, 3, 1)), ('lenet5', (8, 8, 1))])
+def test_images_too_small_for_a_model_are_a_config_error(name, input_shape):
+  with pytest.raises(ConfigError, match=rf"model '{name}' cannot be built for "
+                                        rf"{input_shape[0]}x{input_shape[1]}x1 images .* larger"):
+    models.create_model(name, num_classes=10, input_shape=input_shape)
+
+
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 1)])
 def test_max_pool_matches_flax_values_and_gradients(shape):
   x = jax.random.normal(jax.random.key(0), shape)

@@ -62,6 +62,23 @@ def test_micro_batches_must_divide_each_devices_batch(fake_tfds, tmp_path):
     run(tmp_path, 'x', grad_accum_steps=8, num_devices=8)
 
 
+@pytest.mark.parametrize('strategy', ['shard_map', 'pmap'])
+def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monkeypatch, strategy):
+  (tmp_path / 'localbn.py').write_text(
+      'from flax import nnx\n\n\n'
+      'class Net(nnx.Module):\n\n'
+      '  def __init__(self, *, num_classes, rngs):\n'
+      '    self.bn = nnx.BatchNorm(4, rngs=rngs)\n'
+      '    self.fc = nnx.Linear(4, num_classes, rngs=rngs)\n\n'
+      '  def __call__(self, x):\n'
+      '    return self.fc(self.bn(x.reshape(x.shape[0], -1)[:, :4]))\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ConfigError, match=r"model 'localbn:Net' has BatchNorm layers without "
+                                        r"axis_name \(bn\)"):
+    trainer.train_and_evaluate(tiny_config(model='localbn:Net', parallel=strategy, num_devices=2),
+                               str(tmp_path / 'run'))
+
+
 def test_more_devices_than_exist_is_refused():
   with pytest.raises(ConfigError, match="'num_devices' \\(9\\) is more than the 8 devices"):
     parallel.make_mesh(9)

@@ -207,6 +207,13 @@ def build(**kwargs):
   return Net(num_classes=kwargs['num_classes'], rngs=kwargs['rngs'])
 
 
+class WrongOutput(Net):
+  """Returns one output too many."""
+
+  def __init__(self, *, num_classes, rngs):
+    super().__init__(num_classes=num_classes + 1, rngs=rngs)
+
+
 class NotAModule:
   pass
 
@@ -249,6 +256,12 @@ def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
   with pytest.raises(ConfigError, match=message) as error:
     models.get_model_constructor(name)
   assert '\n' not in str(error.value)
+
+
+def test_a_model_must_return_one_logit_per_class(user_module):
+  with pytest.raises(ConfigError, match=r"model 'mymod:WrongOutput' returns outputs of shape "
+                                        r'\(2, 6\) .* \(2, 5\)'):
+    models.create_model('mymod:WrongOutput', num_classes=5, input_shape=(2, 2, 1))
 
 
 # airbench's whitening initialisation.

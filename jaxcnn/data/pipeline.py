@@ -15,7 +15,7 @@ import numpy as np
 from jaxcnn.data import decoded_index, device_data, image_folder, synthetic, tfds_data
 from jaxcnn.data.augment import channel_stats
 from jaxcnn.data.image_ops import resize_and_center_crop
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, DataError
 
 SYNTHETIC = 'synthetic'
 IMAGE_FOLDER = 'imagefolder'
@@ -104,7 +104,8 @@ def load_data(config, train: bool = True) -> Data:
     if recorded is not None:
       return recorded
     builder = tfds_data.get_builder(config.dataset, config.data_dir)
-    if config.synthetic_if_unprepared and not builder.is_prepared():
+    if (config.synthetic_if_unprepared and not builder.is_prepared()
+        and not _preparable_offline(builder, config.manual_dir)):
       info = tfds_data.dataset_info(builder)
       shape = _image_shape(config, info)
       print(f'{config.dataset} is not prepared: using synthetic data of its shape {shape} '
@@ -199,6 +200,14 @@ def _image_shape(config, info) -> tuple[int, int, int]:
     raise ConfigError(f'dataset {info.name!r} has images of varied sizes; set '
                       '--config.image_size to the size to train at (e.g. 224)')
   return tuple(info.image_shape)
+
+
+def _preparable_offline(builder, manual_dir: str | None) -> bool:
+  """Whether every file of the dataset is in manual_dir, so that it can be prepared here."""
+  try:
+    return tfds_data.check_can_prepare(builder, manual_dir, offline=True)
+  except DataError:
+    return False
 
 
 def _folder_stand_in_shape(config) -> tuple[int, int, int]:

@@ -48,7 +48,8 @@ def main(argv):
   if builder.is_prepared():
     print(f'{builder.info.full_name} is already prepared in {builder.data_dir}')
     return
-  offline = _OFFLINE.value or tfds_data.check_can_prepare(builder, _MANUAL_DIR.value)
+  offline = tfds_data.check_can_prepare(builder, _MANUAL_DIR.value, offline=_OFFLINE.value,
+                                        manual_dir_flag='--manual_dir')
   prepare(name, _DATA_DIR.value, _MANUAL_DIR.value, offline)
 
 

@@ -82,8 +82,11 @@ def _hosts_reachable(builder) -> bool:
   return True
 
 
-def check_can_prepare(builder, manual_dir: str | None) -> bool:
-  """Raises a DataError at once if `builder` can be neither taken from manual_dir nor downloaded.
+def check_can_prepare(builder, manual_dir: str | None, offline: bool = False,
+                      manual_dir_flag: str = '--config.manual_dir') -> bool:
+  """Raises a DataError at once if `builder` can be neither taken from manual_dir nor downloaded
+  (with `offline`, if not every file is in manual_dir). `manual_dir_flag` is the flag that sets
+  manual_dir in the command the user ran, for the message.
 
   Returns:
     True if every file is in manual_dir, so that preparing needs no network at all.
@@ -98,15 +101,16 @@ def check_can_prepare(builder, manual_dir: str | None) -> bool:
       return True
     raise DataError(
         f'dataset {builder.name!r} must be downloaded by hand into manual_dir {manual_dir} '
-        f'(or set --config.manual_dir): '
+        f'(or set {manual_dir_flag}): '
         f'{" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
-  if _hosts_reachable(builder):
+  if not offline and _hosts_reachable(builder):
     return False
   files = ', '.join(missing) if missing else '(the files listed in its TFDS checksums)'
+  why = 'not downloaded (offline)' if offline else 'cannot be downloaded (no network)'
   raise DataError(
-      f'dataset {builder.name!r} is not prepared in {builder.data_dir_root} and cannot be '
-      f'downloaded (no network); put these files in manual_dir {manual_dir} or point '
-      f'--config.manual_dir at a folder holding them: {files}')
+      f'dataset {builder.name!r} is not prepared in {builder.data_dir_root} and {why}; put these '
+      f'files in manual_dir {manual_dir} or point {manual_dir_flag} at a folder holding them: '
+      f'{files}')
 
 
 def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | None = None):

@@ -103,7 +103,27 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
     return constructor(**{k: nnx.Rngs(params=seed, dropout=seed) if k == 'rngs' else kwargs[k]
                           for k in names})
 
-  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  def build_and_apply():
+    # The model applied to a batch of two, abstractly, to check what it returns: a copy in
+    # evaluation mode, which neither updates statistics nor needs the mapped axis of axis_name.
+    model = build()
+    probe = nnx.merge(*nnx.split(model))
+    probe.eval()
+    return model, probe(jnp.zeros((2, *input_shape), DTYPES[dtype]))
+
+  try:
+    abstract_model, logits = nnx.eval_shape(build_and_apply)
+  except (ZeroDivisionError, ValueError, TypeError) as e:
+    if name not in MODELS:
+      raise  # A user's model: its own traceback says more than we could.
+    reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
+    raise ConfigError(f'model {name!r} cannot be built for {"x".join(map(str, input_shape))} '
+                      f'images ({reason}); it needs larger images (--config.image_size)') from None
+  if tuple(logits.shape) != (2, num_classes):
+    raise ConfigError(f'model {name!r} returns outputs of shape {tuple(logits.shape)} for a batch '
+                      f'of 2 images; it must return logits of shape (batch, num_classes) = '
+                      f'(2, {num_classes})')
+  graphdef, _ = nnx.split(abstract_model)
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
 
 
