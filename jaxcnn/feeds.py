@@ -11,6 +11,7 @@ steps, and the data position to store in a checkpoint. An eval feed runs a whole
 
 import queue
 import threading
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -70,11 +71,15 @@ class DeviceTrainFeed:
 class StreamTrainFeed:
   """Batches from a Grain loader, moved to the devices ahead of time by a background thread."""
 
-  def __init__(self, strategy, train_fn, loader):
+  def __init__(self, strategy, train_fn, make_loader: Callable[[int], object], worker_count: int):
+    """`make_loader(worker_count)` builds the Grain loader; Grain forms each batch within one
+    worker, so the batches (and a saved iterator state) belong to one worker count."""
     self.strategy = strategy
     self.fn = train_fn
-    self._loader = loader
-    self._iterator = iter(loader)
+    self._make_loader = make_loader
+    self._workers = worker_count
+    self._loader = make_loader(worker_count)
+    self._iterator = iter(self._loader)
     self._queue: queue.Queue | None = None
     self._thread = None
     self._stop = threading.Event()
@@ -121,7 +126,8 @@ class StreamTrainFeed:
   def position(self, step: int) -> dict:
     del step
     state = self._position
-    return {'grain_iterator': state.decode() if isinstance(state, bytes) else state}
+    return {'grain_iterator': state.decode() if isinstance(state, bytes) else state,
+            'data_workers': self._workers}
 
   def restore(self, step: int, position: dict, batch_size: int) -> None:
     del step, batch_size
@@ -129,6 +135,14 @@ class StreamTrainFeed:
       raise ConfigError('the checkpoint was written by a run whose data lived in device memory; '
                         "resume with --config.data_placement=device")
     self._stop_thread()
+    workers = position.get('data_workers', self._workers)
+    if workers != self._workers:
+      print(f'resuming with the checkpoint\'s {workers} data workers (not {self._workers}): '
+            'Grain batches within each worker, so only that count continues the same batches',
+            flush=True)
+      self._workers = workers
+      self._loader = self._make_loader(workers)
+      self._iterator = iter(self._loader)
     state = position['grain_iterator'].encode()
     self._iterator.set_state(state)
     self._position = state
@@ -216,11 +230,13 @@ def make_train_feed(config, experiment, data: Data):
                                   crop_padding=config.augment.crop_padding,
                                   flip=config.augment.flip,
                                   inception_crop=config.augment.inception_crop)
-  loader = streaming.train_loader(data.train, augment=augment,
+  def make_loader(worker_count: int):
+    return streaming.train_loader(data.train, augment=augment,
                                   batch_size=config.batch_size // jax.process_count(),
-                                  seed=config.seed, worker_count=_workers(config),
+                                  seed=config.seed, worker_count=worker_count,
                                   image_key=data.image_key, label_key=data.label_key)
-  return StreamTrainFeed(strategy, experiment.train_fn, loader)
+
+  return StreamTrainFeed(strategy, experiment.train_fn, make_loader, _workers(config))
 
 
 def make_eval_feed(config, experiment, data: Data):

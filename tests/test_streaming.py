@@ -11,7 +11,7 @@ from conftest import FakeSource, learnable_images, tiny_config
 
 
 def stream_config(**overrides):
-  return tiny_config(data_placement='stream', data_workers=0, **overrides)
+  return tiny_config(**{'data_placement': 'stream', 'data_workers': 0, **overrides})
 
 
 def test_streamed_training_learns_and_evaluates_every_example(fake_tfds, tmp_path):
@@ -49,6 +49,22 @@ def test_resumed_stream_continues_with_the_same_batches(fake_tfds, tmp_path):
     final = [(r['step'], r['test/loss'], r['test/accuracy']) for r in records if 'test/loss' in r]
     return train, final[-1]
   assert logged('halves') == logged('whole')  # Every train/loss and the final test metrics.
+
+
+def test_a_resume_keeps_the_checkpoints_worker_count(fake_tfds, tmp_path, capsys):
+  """Grain batches within each worker: resumed with another data_workers, the run goes on with
+  the checkpoint's count, and so with the same batches (instead of failing in Grain)."""
+  config = stream_config(model='lenet5', lr_schedule='constant', num_train_steps=16,
+                         log_every_steps=4, eval_every_steps=8, data_workers=2)
+  trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
+  config.num_train_steps = 8
+  trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
+  config.num_train_steps, config.data_workers = 16, 0
+  trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
+  assert "resuming with the checkpoint's 2 data workers (not 0)" in capsys.readouterr().out
+  losses = lambda name: [(r['step'], r['train/loss']) for r in read_metrics(str(tmp_path / name))
+                         if 'train/loss' in r]
+  assert losses('halves') == losses('whole')
 
 
 def test_grain_iterator_state_resumes_with_worker_processes():

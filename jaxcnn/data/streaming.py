@@ -6,7 +6,11 @@ The iterator's position is a small JSON state that goes into every checkpoint, s
 reads exactly the batches the uninterrupted run would have read.
 
 Augmentation here works on one uint8 HWC image at a time with a NumPy generator that Grain derives
-from (seed, example index), so it is deterministic whatever the number of workers.
+from (seed, example index), so each example's augmentation is the same whatever the number of
+workers. Which examples make up a batch is not: Grain's DataLoader deals examples out to its
+workers in turn and each worker batches its own. A streamed run is repeatable for a given
+`data_workers` (set it explicitly to repeat a run on another machine: its default is one per
+core), and a resume continues with the worker count its checkpoint was written with.
 """
 
 import dataclasses
