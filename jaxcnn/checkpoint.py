@@ -273,11 +273,13 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint {step} does not match its checksums')
     return from_nested_dict(template, nested), meta
 
-  def restore_latest_good(self, template, sharding) -> tuple[object, dict] | None:
+  def restore_latest_good(self, template, sharding,
+                          set_aside_damaged: bool = True) -> tuple[object, dict] | None:
     """Restores the newest checkpoint that reads back intact, warning about each damaged one.
 
-    Damaged checkpoints newer than the one restored are moved to `checkpoints-damaged/` beside
-    the checkpoints (kept, never restored), so that the run saves its next steps again.
+    With `set_aside_damaged` (a run about to train on), damaged checkpoints newer than the one
+    restored are moved to `checkpoints-damaged/` beside the checkpoints (kept, never restored), so
+    that the run saves those steps again; Orbax would skip them while they are there.
 
     Returns None when there is no checkpoint. Raises a ConfigError when the checkpoints were
     written by a different model or optimizer, and NoGoodCheckpoint when every one is damaged:
@@ -292,7 +294,7 @@ class Checkpointer:
         print(f'warning: {str(e).rstrip(".")}; trying the previous checkpoint', file=sys.stderr, flush=True)
         damaged.append(step)
         continue
-      if damaged:
+      if damaged and set_aside_damaged:
         self._set_aside(damaged)
       return restored
     if damaged:

@@ -85,7 +85,10 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
       key, value, reason = match.groups()
       return f'invalid value {value!r} for config key {key!r}: {_first_line(reason)}'
     if isinstance(error, (AttributeError, KeyError)):
-      unknown = _unknown_override(argv, config_flag)
+      try:
+        unknown = _unknown_override(argv, config_flag)
+      except UserError as e:  # The config file itself is at fault.
+        return str(e)
       if unknown:
         return unknown
   return _first_line(str(error)) or type(error).__name__
@@ -116,7 +119,13 @@ def load_config_file(spec: str):
   module_spec = importlib.util.spec_from_file_location('_jaxcnn_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  if not callable(getattr(module, 'get_config', None)):
+    raise UserError(f'config file {path!r} defines no get_config() function')
+  config = module.get_config(variant) if variant else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f'get_config() of config file {path!r} returned a {type(config).__name__}, '
+                    'not an ml_collections.ConfigDict')
+  return config
 
 
 def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:

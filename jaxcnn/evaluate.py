@@ -33,15 +33,23 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = workdir_lib.read_config(FLAGS.workdir)
   split = FLAGS.split or config.eval_split
+  record = workdir_lib.read_dataset(FLAGS.workdir)
   with config.unlocked():
     config.eval_split = split
+    if record.name.split()[0] == pipeline.SYNTHETIC and config.dataset != pipeline.SYNTHETIC:
+      # A :smoke run that trained on a synthetic stand-in: its evaluation split is that data's,
+      # even if the real dataset has been prepared since.
+      print(f'{FLAGS.workdir} was trained on {record.name} data: evaluating on that', flush=True)
+      config.dataset = pipeline.SYNTHETIC
+      config.synthetic.image_shape = tuple(record.image_shape)
+      config.synthetic.num_classes = record.num_classes
   data = pipeline.load_data(config, train=False)
   run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)
   feed.compile(run.state, run.experiment.zero_eval_sums())
   metrics = evaluate(run.experiment, run.state, feed, split)
-  print(f'{FLAGS.workdir}, checkpoint at step {run.step} ({FLAGS.checkpoint}), '
-        f'{data.name} {split}:')
+  which = '' if FLAGS.checkpoint.isdigit() else f' ({FLAGS.checkpoint})'
+  print(f'{FLAGS.workdir}, checkpoint at step {run.step}{which}, {data.name} {split}:')
   count = metrics[f'{split}/num_examples']
   for name, value in metrics.items():
     if name.endswith('accuracy'):

@@ -48,9 +48,8 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   if not steps:
     raise UserError(f'{workdir} has no checkpoint yet')
   if checkpoint == 'latest':
-    restored = checkpointer.restore_latest_good(template, sharding)
-    if restored is None:
-      raise UserError(f'no checkpoint in {checkpointer.directory} can be read')
+    # Reading only: damaged checkpoints stay where they are, for the run itself to deal with.
+    restored = checkpointer.restore_latest_good(template, sharding, set_aside_damaged=False)
   else:
     if checkpoint == 'best':
       step = checkpointer.best_step()

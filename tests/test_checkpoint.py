@@ -300,3 +300,24 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
     assert ranked[0].startswith(f'{label} (')  # The model learned the fake task.
     probabilities = [float(r.split('(')[1].rstrip(')')) for r in ranked]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
+
+
+def test_a_run_trained_on_a_synthetic_stand_in_is_evaluated_on_it(mnist_data_dir, tmp_path):
+  """A :smoke run on an unprepared dataset trains on synthetic data; once the real dataset is
+  prepared, evaluating that run still means its own evaluation data, not the real test set."""
+  workdir = tmp_path / 'run'
+  config = tiny_config(num_train_steps=8, synthetic_if_unprepared=True,
+                       data_dir=str(tmp_path / 'empty_tfds'), **{'synthetic.num_eval': 64})
+  result = trainer.train_and_evaluate(config, str(workdir))
+  config_file = workdir / 'config.json'  # Now point the run at a prepared MNIST.
+  config_file.write_text(config_file.read_text().replace(str(tmp_path / 'empty_tfds'),
+                                                         str(mnist_data_dir)))
+  evaluation = subprocess.run(
+      [sys.executable, '-m', 'jaxcnn.evaluate', f'--workdir={workdir}', '--checkpoint=8'],
+      cwd=REPO_ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=300,
+      check=False)
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  assert 'was trained on synthetic mnist data: evaluating on that' in evaluation.stdout
+  assert 'checkpoint at step 8, synthetic test:' in evaluation.stdout
+  accuracy = result['test/accuracy']
+  assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 64)}/64)' in evaluation.stdout
