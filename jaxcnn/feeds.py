@@ -56,13 +56,19 @@ class DeviceTrainFeed:
 
   def restore(self, step: int, position: dict, batch_size: int) -> None:
     """Checks that this config continues from the checkpoint's data position."""
+    saved_batch_size = position.get('batch_size', batch_size)
+    if saved_batch_size != batch_size:
+      raise ConfigError(
+          f'the checkpoint at step {step} was written with batch_size {saved_batch_size}; with '
+          f'batch_size {batch_size} the run would not continue with the same examples. Resume '
+          f'with --config.batch_size={saved_batch_size}, or start a new --workdir')
     if (position.get('epoch'), position.get('batch_in_epoch')) != divmod(step,
                                                                          self.steps_per_epoch):
       raise ConfigError(
           f'the checkpoint at step {step} was taken at epoch {position.get("epoch")}, batch '
-          f'{position.get("batch_in_epoch")} with batch_size {position.get("batch_size")}; '
-          f'with batch_size {batch_size} this config cannot continue from the same example. '
-          f'Resume with --config.batch_size={position.get("batch_size")}')
+          f'{position.get("batch_in_epoch")}, but this training split has '
+          f'{self.steps_per_epoch} batches per epoch: the dataset or split has changed since. '
+          'Resume with the data the run was trained on, or start a new --workdir')
 
   def close(self) -> None:
     pass

@@ -227,6 +227,14 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_parameter(fake_tfds
          'in the model' in str(error.value)
 
 
+def test_a_changed_batch_size_is_refused_even_within_the_first_epoch(fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=4, checkpoint_every_steps=4),
+                             str(tmp_path))
+  with pytest.raises(ConfigError, match=r'written with batch_size 32; with batch_size 16 .* '
+                                        r'--config.batch_size=32'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=8, batch_size=16), str(tmp_path))
+
+
 def test_a_changed_optimizer_is_refused(fake_tfds, tmp_path):
   trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
   with pytest.raises(ConfigError, match='is in the checkpoint but not in the model'):
