@@ -83,6 +83,7 @@ class Experiment:
     return self.strategy.replicate(init_train_sums())
 
   def zero_eval_sums(self):
+    """Device-side accumulators of an evaluation's sums."""
     return self.strategy.replicate(init_eval_sums())
 
 
