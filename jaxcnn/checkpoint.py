@@ -128,11 +128,14 @@ def _short(message: str, limit: int = 160) -> str:
 
 
 def _ignore_failed_read_leftovers() -> None:
-  """Installed before a restore: after a failed read, Orbax leaves the reads of the other arrays to fail on their own, as
+  """Filters what a failed checkpoint read leaves behind out of Python's unraisable reports.
+
+  After a failed read, Orbax leaves the reads of the other arrays to fail on their own, as
   coroutines never awaited and TensorStore callbacks on the asyncio loop it has closed; Python
   would print a traceback for each (dozens to thousands of lines, each with a JSON spec) as the
   process goes on or exits. Those alone are dropped; other unraisable exceptions are reported as
-  before."""
+  before. Installed before every restore, once per process.
+  """
   previous = sys.unraisablehook
   if getattr(previous, 'jaxcnn_filter', False):
     return
@@ -291,7 +294,8 @@ class Checkpointer:
         self.check_compatible(step, template)
         restored = self.restore(step, template, sharding)
       except CheckpointError as e:
-        print(f'warning: {str(e).rstrip(".")}; trying the previous checkpoint', file=sys.stderr, flush=True)
+        print(f'warning: {str(e).rstrip(".")}; trying the previous checkpoint', file=sys.stderr,
+              flush=True)
         damaged.append(step)
         continue
       if damaged and set_aside_damaged:

@@ -236,6 +236,7 @@ def make_train_feed(config, experiment, data: Data):
                                   crop_padding=config.augment.crop_padding,
                                   flip=config.augment.flip,
                                   inception_crop=config.augment.inception_crop)
+
   def make_loader(worker_count: int):
     return streaming.train_loader(data.train, augment=augment,
                                   batch_size=config.batch_size // jax.process_count(),
