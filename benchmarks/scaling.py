@@ -32,7 +32,8 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from jaxcnn import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
-from measure import REPO_ROOT, device_description, measure_throughput  # pylint: disable=g-import-not-at-top
+from measure import (  # pylint: disable=g-import-not-at-top
+    REPO_ROOT, device_description, measure_throughput)
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'mnist.py'),
                                           'Config to measure.',

@@ -36,7 +36,7 @@ def main(argv):
   record = workdir_lib.read_dataset(FLAGS.workdir)
   with config.unlocked():
     config.eval_split = split
-    if record.name.split()[0] == pipeline.SYNTHETIC and config.dataset != pipeline.SYNTHETIC:
+    if pipeline.is_synthetic(record.name) and config.dataset != pipeline.SYNTHETIC:
       # A :smoke run that trained on a synthetic stand-in: its evaluation split is that data's,
       # even if the real dataset has been prepared since.
       print(f'{FLAGS.workdir} was trained on {record.name} data: evaluating on that', flush=True)

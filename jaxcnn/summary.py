@@ -9,9 +9,9 @@
 The model is built under `nnx.eval_shape`, so no parameter is ever materialised: ResNet-152 costs
 no memory and no initialisation time. Without --config the input defaults to 224x224x3 with 1000
 classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
-classes otherwise. With --config the model and the dataset's image shape and class count come from
-the config file, at its `image_size`; MODEL, --input_shape and --num_classes override them. The last line is the total,
-`total: 25,557,032 parameters`.
+classes otherwise. With --config the model and the dataset's image shape (at the config's
+`image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
+override them. The last line is the total, `total: 25,557,032 parameters`.
 """
 
 import math

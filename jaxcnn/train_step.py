@@ -93,8 +93,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   """Builds `train_step(state, batch, first_example=0) -> (new_state, metrics)`.
 
   The step draws its augmentation, mixing and dropout keys from (seed, state.step), takes gradients
-  with respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns the
-  batch's mean loss, accuracy and gradient norm. With `axis_name` the step runs per device
+  with respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns
+  the batch's mean loss, accuracy and gradient norm. With `axis_name` the step runs per device
   (shard_map, pmap): gradients and metrics are averaged across that mapped axis. A step whose loss
   or gradient is not finite leaves the state as it was and reports its number as `nonfinite_step`,
   so a diverged run never holds, nor saves, a NaN state.

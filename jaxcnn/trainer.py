@@ -7,7 +7,6 @@ device and fetched only at log and evaluation steps.
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time

@@ -39,7 +39,8 @@ def test_config_overrides_and_image_size_give_the_input():
   assert result.stdout.splitlines()[-1] == 'total: 25,557,032 parameters'
   result = run_summary('--config', 'configs/mnist.py', '--config.image_sise=32')
   assert result.returncode == 2
-  assert result.stderr.startswith("error: unknown config key 'image_sise'; did you mean 'image_size'")
+  assert result.stderr.startswith(
+      "error: unknown config key 'image_sise'; did you mean 'image_size'")
   assert result.stderr.count('\n') == 1
 
 

@@ -237,6 +237,12 @@ def _sample_stats(source, shape, image_key: str):
   return channel_stats(images)
 
 
+def is_synthetic(dataset_name: str) -> bool:
+  """Whether a `Data.name` (as recorded in a run's dataset.json) is synthetic data: 'synthetic',
+  or 'synthetic <dataset>' standing in for a dataset that was not prepared."""
+  return dataset_name.split()[0] == SYNTHETIC
+
+
 def _synthetic(config, shape, num_classes: int, name: str) -> Data:
   spec = config.synthetic
   train_images, train_labels = synthetic.synthetic_split(spec.num_train, shape, num_classes, 0)
