@@ -11,7 +11,7 @@ steps, and the data position to store in a checkpoint. An eval feed runs a whole
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import jax
 import numpy as np
@@ -75,21 +75,22 @@ class DeviceTrainFeed:
 
 
 class StreamTrainFeed:
-  """Batches from a Grain loader, moved to the devices ahead of time by a background thread."""
+  """Batches from a Grain pipeline, moved to the devices ahead of time by a background thread."""
 
-  def __init__(self, strategy, train_fn, make_loader: Callable[[int], object], worker_count: int):
-    """`make_loader(worker_count)` builds the Grain loader; Grain forms each batch within one
-    worker, so the batches (and a saved iterator state) belong to one worker count."""
+  def __init__(self, strategy, train_fn, make_batches: Callable[[int], Generator[dict]], *,
+               batch_size: int, num_examples: int):
+    """`make_batches(g)` iterates over this process's share of global batches g, g + 1, ...
+    (`streaming.train_batches`): a batch depends only on its number, so that number is the
+    whole data position."""
     self.strategy = strategy
     self.fn = train_fn
-    self._make_loader = make_loader
-    self._workers = worker_count
-    self._loader = make_loader(worker_count)
-    self._iterator = iter(self._loader)
+    self._make_batches = make_batches
+    self._batch_size, self._num_examples = batch_size, num_examples
+    self._next_batch = 0  # The number of the batch the next step trains on.
+    self._iterator = None
     self._queue: queue.Queue | None = None
     self._thread = None
     self._stop = threading.Event()
-    self._position = self._iterator.get_state()
 
   def max_steps(self, step: int) -> int:
     del step
@@ -102,9 +103,7 @@ class StreamTrainFeed:
   def _produce(self) -> None:
     try:
       while not self._stop.is_set():
-        batch = next(self._iterator)
-        state_after = self._iterator.get_state()
-        item = (self.strategy.put_batch(batch), state_after)
+        item = self.strategy.put_batch(next(self._iterator))
         while not self._stop.is_set():
           try:
             self._queue.put(item, timeout=0.1)
@@ -116,6 +115,7 @@ class StreamTrainFeed:
 
   def _start(self) -> None:
     if self._thread is None:
+      self._iterator = self._make_batches(self._next_batch)
       self._queue = queue.Queue(maxsize=_PREFETCH)
       self._thread = threading.Thread(target=self._produce, daemon=True, name='jaxcnn-prefetch')
       self._thread.start()
@@ -126,42 +126,47 @@ class StreamTrainFeed:
     item = self._queue.get()
     if isinstance(item, BaseException):
       raise item
-    batch, self._position = item
-    return (state, sums, batch)
+    self._next_batch += 1
+    return (state, sums, item)
 
   def position(self, step: int) -> dict:
     del step
-    state = self._position
-    return {'grain_iterator': state.decode() if isinstance(state, bytes) else state,
-            'data_workers': self._workers}
+    return {'stream_batch': self._next_batch, 'batch_size': self._batch_size,
+            'num_examples': self._num_examples}
 
   def restore(self, step: int, position: dict, batch_size: int) -> None:
-    del step, batch_size
-    if 'grain_iterator' not in position:
-      raise ConfigError('the checkpoint was written by a run whose data lived in device memory; '
-                        "resume with --config.data_placement=device")
+    """Continues from the checkpoint's batch, if this config reads the same stream."""
+    del batch_size  # Recorded in the position, with the split's size.
     self._stop_thread()
-    workers = position.get('data_workers', self._workers)
-    if workers != self._workers:
-      print(f'resuming with the checkpoint\'s {workers} data workers (not {self._workers}): '
-            'Grain batches within each worker, so only that count continues the same batches',
+    if 'grain_iterator' in position:  # A DataLoader state, from jaxcnn before 0.1.0's release.
+      print(f'the checkpoint at step {step} holds an earlier jaxcnn\'s data position: continuing '
+            f'at batch {step} of the stream, whose examples differ from the uninterrupted run\'s',
             flush=True)
-      self._workers = workers
-      self._loader = self._make_loader(workers)
-      self._iterator = iter(self._loader)
-    state = position['grain_iterator'].encode()
-    self._iterator.set_state(state)
-    self._position = state
+      self._next_batch = step
+      return
+    if 'stream_batch' not in position:
+      raise ConfigError('the checkpoint was written by a run whose data lived in device memory; '
+                        'resume with --config.data_placement=device')
+    for key, name, changed in (('batch_size', 'batch_size', 'the config'),
+                               ('num_examples', 'training examples', 'the split')):
+      saved, now = position[key], getattr(self, f'_{key}')
+      if saved != now:
+        raise ConfigError(
+            f'the checkpoint at step {step} was written with {saved} {name}, this run has '
+            f'{now}: {changed} has changed, and the run would not continue with the same '
+            'examples. Resume with what the run was trained with, or start a new --workdir')
+    self._next_batch = position['stream_batch']
 
   def _stop_thread(self) -> None:
     if self._thread is not None:
       self._stop.set()
       self._thread.join()
       self._thread, self._stop = None, threading.Event()
+      self._iterator.close()  # Stops Grain's workers now, not at garbage collection.
+      self._iterator = None
 
   def close(self) -> None:
     self._stop_thread()
-    del self._iterator
 
 
 class DeviceEvalFeed:
@@ -237,13 +242,15 @@ def make_train_feed(config, experiment, data: Data):
                                   flip=config.augment.flip,
                                   inception_crop=config.augment.inception_crop)
 
-  def make_loader(worker_count: int):
-    return streaming.train_loader(data.train, augment=augment,
-                                  batch_size=config.batch_size // jax.process_count(),
-                                  seed=config.seed, worker_count=worker_count,
-                                  image_key=data.image_key, label_key=data.label_key)
+  def make_batches(start_batch: int):
+    return streaming.train_batches(data.train, augment=augment,
+                                   batch_size=config.batch_size // jax.process_count(),
+                                   seed=config.seed, worker_count=_workers(config),
+                                   start_batch=start_batch, image_key=data.image_key,
+                                   label_key=data.label_key)
 
-  return StreamTrainFeed(strategy, experiment.train_fn, make_loader, _workers(config))
+  return StreamTrainFeed(strategy, experiment.train_fn, make_batches,
+                         batch_size=config.batch_size, num_examples=data.num_train_examples)
 
 
 def make_eval_feed(config, experiment, data: Data):

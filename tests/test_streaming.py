@@ -1,10 +1,12 @@
 """Streaming through Grain: training, full evaluation, host augmentation, exact resume."""
 
+import jax
 import numpy as np
 import pytest
 
-from jaxcnn import trainer
+from jaxcnn import feeds, trainer
 from jaxcnn.data import image_ops, streaming
+from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
 from conftest import FakeSource, learnable_images, tiny_config
@@ -51,39 +53,88 @@ def test_resumed_stream_continues_with_the_same_batches(fake_tfds, tmp_path):
   assert logged('halves') == logged('whole')  # Every train/loss and the final test metrics.
 
 
-def test_a_resume_keeps_the_checkpoints_worker_count(fake_tfds, tmp_path, capsys):
-  """Grain batches within each worker: resumed with another data_workers, the run goes on with
-  the checkpoint's count, and so with the same batches (instead of failing in Grain)."""
+def test_a_streamed_run_is_the_same_for_any_worker_count(fake_tfds, tmp_path):
+  """Batches are a function of (seed, batch number): a run made by two worker processes, and one
+  made in this process and resumed with two workers, log the same losses."""
   config = stream_config(model='lenet5', lr_schedule='constant', num_train_steps=16,
-                         log_every_steps=4, eval_every_steps=8, data_workers=2)
-  trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
-  config.num_train_steps = 8
+                         log_every_steps=4, eval_every_steps=8, data_workers=2,
+                         **{'augment.crop_padding': 2, 'augment.flip': True})
+  trainer.train_and_evaluate(config, str(tmp_path / 'workers'))
+  config.num_train_steps, config.data_workers = 8, 0
   trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
-  config.num_train_steps, config.data_workers = 16, 0
+  config.num_train_steps, config.data_workers = 16, 2
   trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
-  assert "resuming with the checkpoint's 2 data workers (not 0)" in capsys.readouterr().out
   losses = lambda name: [(r['step'], r['train/loss']) for r in read_metrics(str(tmp_path / name))
                          if 'train/loss' in r]
-  assert losses('halves') == losses('whole')
+  assert len(losses('workers')) == 4
+  assert losses('halves') == losses('workers')
 
 
-def test_grain_iterator_state_resumes_with_worker_processes():
+def numbered_source(num_examples):
+  """Examples whose image is filled with their index, so that a batch shows which they are."""
+  images = np.broadcast_to(np.arange(num_examples, dtype=np.uint8)[:, None, None, None],
+                           (num_examples, 4, 4, 1))
+  return FakeSource(np.ascontiguousarray(images), np.arange(num_examples) % 3)
+
+
+def example_indexes(batch):
+  return batch['image'][:, 0, 0, 0].tolist()
+
+
+def take(iterator, count):
+  batches = [next(iterator) for _ in range(count)]
+  iterator.close()
+  return batches
+
+
+def test_train_batches_depend_only_on_the_batch_number():
   source = FakeSource(*learnable_images(64, (8, 8, 1), 10, seed=0))
   augment = streaming.HostAugment(image_shape=(8, 8, 1), crop_padding=2, flip=True)
-  make = lambda: iter(streaming.train_loader(source, augment=augment, batch_size=8, seed=1,
-                                             worker_count=2))
-  first = make()
-  for _ in range(3):
-    next(first)
-  state = first.get_state()
-  expected = [next(first) for _ in range(2)]
-  second = make()
-  second.set_state(state)
-  for batch in expected:
-    got = next(second)
+  batches = lambda workers, start: streaming.train_batches(
+      source, augment=augment, batch_size=8, seed=1, worker_count=workers, start_batch=start)
+  expected = take(batches(0, 0), 12)
+  for got, batch in zip(take(batches(2, 5), 7), expected[5:], strict=True):
     np.testing.assert_array_equal(got['image'], batch['image'])
     np.testing.assert_array_equal(got['label'], batch['label'])
-  del first, second
+  assert not np.array_equal(expected[0]['image'], expected[8]['image'])  # Epoch 2 differs.
+
+
+def test_every_epoch_is_a_new_permutation_of_the_split():
+  augment = streaming.HostAugment(image_shape=(4, 4, 1))
+  batches = take(streaming.train_batches(numbered_source(40), augment=augment, batch_size=8,
+                                         seed=3, worker_count=0), 10)
+  epochs = [sum((example_indexes(b) for b in batches[e * 5:(e + 1) * 5]), []) for e in (0, 1)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+  assert epochs[0] != epochs[1] and epochs[0] != list(range(40))
+
+
+def test_processes_share_each_global_batch(monkeypatch):
+  """With P processes, each takes every P-th example of the same global batches."""
+  augment = streaming.HostAugment(image_shape=(4, 4, 1))
+  global_batches = take(streaming.train_batches(numbered_source(48), augment=augment,
+                                                batch_size=8, seed=0, worker_count=0), 9)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  shares = []
+  for process in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda process=process: process)
+    shares.append(take(streaming.train_batches(numbered_source(48), augment=augment,
+                                               batch_size=4, seed=0, worker_count=0), 9))
+  for whole, first, second in zip(global_batches, *shares, strict=True):
+    assert example_indexes(first) == example_indexes(whole)[0::2]
+    assert example_indexes(second) == example_indexes(whole)[1::2]
+
+
+def test_a_stream_resume_refuses_a_changed_batch_size_or_split():
+  feed = feeds.StreamTrainFeed(None, None, make_batches=None, batch_size=64, num_examples=1000)
+  position = {'stream_batch': 7, 'batch_size': 64, 'num_examples': 1000}
+  feed.restore(7, position, 64)
+  assert feed.position(7) == position
+  with pytest.raises(ConfigError, match='written with 128 batch_size, this run has 64'):
+    feed.restore(7, {**position, 'batch_size': 128}, 64)
+  with pytest.raises(ConfigError, match='written with 999 training examples'):
+    feed.restore(7, {**position, 'num_examples': 999}, 64)
+  with pytest.raises(ConfigError, match='data_placement=device'):
+    feed.restore(7, {'epoch': 0, 'batch_in_epoch': 7}, 64)
 
 
 def test_eval_batches_pad_and_mask_the_last_batch():

@@ -1,16 +1,13 @@
 """Datasets too large for device memory: streamed from `tfds.data_source` through Grain.
 
-Grain reads examples by index from the prepared ArrayRecord files, decodes and augments them in
-worker processes, and batches each process's share of every global batch (`ShardByJaxProcess`).
-The iterator's position is a small JSON state that goes into every checkpoint, so a resumed run
-reads exactly the batches the uninterrupted run would have read.
+Grain reads examples by index from the prepared ArrayRecord files, then decodes, augments and
+batches them in worker processes. The pipeline is index-based end to end (Grain's `MapDataset`):
+global batch g is a fixed function of the seed and g, whichever process or worker makes it. A
+checkpoint therefore stores only the number of the next batch, a resumed run reads exactly the
+batches the uninterrupted run would have read, and neither depends on `data_workers`.
 
 Augmentation here works on one uint8 HWC image at a time with a NumPy generator that Grain derives
-from (seed, example index), so each example's augmentation is the same whatever the number of
-workers. Which examples make up a batch is not: Grain's DataLoader deals examples out to its
-workers in turn and each worker batches its own. A streamed run is repeatable for a given
-`data_workers` (set it explicitly to repeat a run on another machine: its default is one per
-core), and a resume continues with the worker count its checkpoint was written with.
+from the seed and the example's place in the stream.
 """
 
 import dataclasses
@@ -73,44 +70,79 @@ def _allow_grain_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def train_loader(source, *, augment: HostAugment, batch_size: int, seed: int, worker_count: int,
-                 image_key: str = 'image', label_key: str = 'label') -> grain.DataLoader:
-  """An endless, shuffled loader of this process's `batch_size` examples of each global batch."""
+def _iterate(batches: grain.MapDataset, worker_count: int):
+  """An iterator over `batches`, made in `worker_count` processes (0: threads of this one).
+
+  Grain gives worker k the batches k, k + worker_count, ... and interleaves their output back
+  into order, so the sequence of batches does not depend on the number of workers. Each batch is
+  made whole by one thread: one per worker process, two where there are no workers.
+  """
   _allow_grain_flags()
-  sampler = grain.IndexSampler(len(source), shard_options=grain.ShardByJaxProcess(
-      drop_remainder=True), shuffle=True, num_epochs=None, seed=seed)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=worker_count,
-      operations=[_TrainTransform(augment, image_key, label_key),
-                  grain.Batch(batch_size, drop_remainder=True)])
+  threads = 1 if worker_count else 2
+  iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                       prefetch_buffer_size=threads))
+  if worker_count:
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(iterable)
+
+
+def train_batches(source, *, augment: HostAugment, batch_size: int, seed: int, worker_count: int,
+                  start_batch: int = 0, image_key: str = 'image', label_key: str = 'label'):
+  """An endless generator of this process's `batch_size` examples of each global batch,
+  from global batch `start_batch` on.
+
+  The training stream is the split shuffled afresh each epoch (from `seed` and the epoch),
+  epoch after epoch, with each example augmented by a generator drawn from `seed` and its place
+  in the stream. Global batch g is the stream's examples g * B to (g + 1) * B - 1 (B: the global
+  batch size); process p of P takes every P-th of them from the p-th. So a batch is a function
+  of (seed, g) alone: the same for any number of workers, and a resume at batch g needs only g.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (Grain's workers import this module)
+  process, num_processes = jax.process_index(), jax.process_count()
+  stream = (grain.MapDataset.source(source).seed(seed % 2**32).shuffle().repeat(None)
+            .random_map(_TrainTransform(augment, image_key, label_key)))
+  batches = stream[process::num_processes].batch(batch_size, drop_remainder=True)
+  iterator = _iterate(batches[start_batch:], worker_count)
+  try:
+    yield from iterator
+  finally:
+    _close(iterator)
 
 
 def eval_batches(source, *, image_shape, batch_size: int, worker_count: int,
                  image_key: str = 'image', label_key: str = 'label'):
-  """This process's share of a split in order, as full batches padded with masked examples.
+  """This process's share of a split (every P-th example from the p-th, for process p of P) in
+  order, as full batches padded with masked examples.
 
   Every process yields the same number of batches (some wholly masked), so that processes stay
   in step in the collective evaluation.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  _allow_grain_flags()
-  shard = grain.ShardByJaxProcess(drop_remainder=False)
-  per_process = math.ceil(len(source) / jax.process_count())
-  num_batches = math.ceil(per_process / batch_size)
-  sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=False, num_epochs=1)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=worker_count,
-      operations=[_EvalTransform(image_shape, image_key, label_key),
-                  grain.Batch(batch_size, drop_remainder=False)])
+  process, num_processes = jax.process_index(), jax.process_count()
+  num_batches = math.ceil(math.ceil(len(source) / num_processes) / batch_size)
+  examples = grain.MapDataset.source(source)[process::num_processes]
+  iterator = _iterate(examples.map(_EvalTransform(image_shape, image_key, label_key))
+                      .batch(batch_size, drop_remainder=False), worker_count)
   height, width, channels = image_shape
   empty = {'image': np.zeros((batch_size, height, width, channels), np.uint8),
            'label': np.zeros((batch_size,), np.int32), 'mask': np.zeros((batch_size,), bool)}
   produced = 0
-  for batch in loader:
-    missing = batch_size - len(batch['label'])
-    if missing:
-      batch = {k: np.concatenate([v, empty[k][:missing]]) for k, v in batch.items()}
-    produced += 1
-    yield batch
+  try:
+    for batch in iterator:
+      missing = batch_size - len(batch['label'])
+      if missing:
+        batch = {k: np.concatenate([v, empty[k][:missing]]) for k, v in batch.items()}
+      produced += 1
+      yield batch
+  finally:
+    _close(iterator)
   for _ in range(num_batches - produced):
     yield empty
+
+
+def _close(iterator) -> None:
+  """Stops an iterator's worker processes and threads now rather than at garbage collection
+  (older Grain iterators have none)."""
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
