@@ -138,7 +138,7 @@ class StreamTrainFeed:
     """Continues from the checkpoint's batch, if this config reads the same stream."""
     del batch_size  # Recorded in the position, with the split's size.
     self._stop_thread()
-    if 'grain_iterator' in position:  # A DataLoader state, from jaxcnn before 0.1.0's release.
+    if 'grain_iterator' in position:  # An earlier jaxcnn's Grain DataLoader state.
       print(f'the checkpoint at step {step} holds an earlier jaxcnn\'s data position: continuing '
             f'at batch {step} of the stream, whose examples differ from the uninterrupted run\'s',
             flush=True)

@@ -137,6 +137,13 @@ def test_a_stream_resume_refuses_a_changed_batch_size_or_split():
     feed.restore(7, {'epoch': 0, 'batch_in_epoch': 7}, 64)
 
 
+def test_a_checkpoint_of_the_earlier_dataloader_stream_resumes_at_its_step(capsys):
+  feed = feeds.StreamTrainFeed(None, None, make_batches=None, batch_size=64, num_examples=1000)
+  feed.restore(30, {'grain_iterator': '{"last_seen_indices": {}}', 'data_workers': 2}, 64)
+  assert feed.position(30)['stream_batch'] == 30
+  assert 'continuing at batch 30 of the stream' in capsys.readouterr().out
+
+
 def test_eval_batches_pad_and_mask_the_last_batch():
   source = FakeSource(*learnable_images(21, (4, 4, 1), 3, seed=0))
   batches = list(streaming.eval_batches(source, image_shape=(4, 4, 1), batch_size=8,
