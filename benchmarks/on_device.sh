@@ -4,7 +4,7 @@
 # That machine has jax, flax, optax, orbax-checkpoint and torch but not tensorflow-datasets, grain,
 # array_record or ml-collections, no TensorFlow to prepare MNIST, and no network. So, here first:
 #
-#   ../shared/device/stage.sh .venv/bin/python    # wheels and a prepared MNIST into .device/
+#   bash benchmarks/stage_device.sh          # wheels and a prepared MNIST into .device/
 #
 # then run this there with carry [".device"] and a timeout_s above the budget by the longest
 # measurement (ResNet-50 with torch.compile, a few minutes): the default 360 s with timeout_s 600
@@ -29,7 +29,7 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 
 # shellcheck source=/dev/null
-source .device/env.sh || { echo "error: .device/env.sh failed; run ../shared/device/stage.sh here first and carry .device" >&2; exit 1; }
+source .device/env.sh || { echo "error: .device/env.sh failed; run benchmarks/stage_device.sh here first and carry .device" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
   > "$out/nvidia-smi.csv" 2>&1 || true
 
