@@ -163,7 +163,8 @@ class StreamTrainFeed:
       self._thread.join()
       self._thread, self._stop = None, threading.Event()
       self._iterator.close()  # Stops Grain's workers now, not at garbage collection.
-      self._iterator = None
+      # Batches read ahead may still hold Grain's shared memory: let it go now, not at exit.
+      self._iterator = self._queue = None
 
   def close(self) -> None:
     self._stop_thread()
