@@ -108,6 +108,33 @@ def test_sigterm_finishes_the_step_saves_and_exits(tmp_path, uninterrupted):
   assert logged(workdir) == uninterrupted
 
 
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_stops_a_streamed_run_with_workers_at_a_checkpoint(
+    tmp_path, stop_signal):
+  """Ctrl-C in a terminal, or `timeout`, signals Grain's worker processes too: they must leave
+  stopping to the trainer, which saves the step it is at and exits 128 + the signal."""
+  workdir = tmp_path / 'run'
+  command = train_command(workdir, '--config.data_placement=stream', '--config.data_workers=2',
+                          '--config.num_train_steps=100000')
+  process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # Its own process group, as in a terminal.
+  deadline = time.monotonic() + 240
+  while not complete_steps(workdir):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+  os.killpg(process.pid, stop_signal)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + stop_signal, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  # (Python's resource tracker may still warn after it of shared memory Grain left: grain#398.)
+  stopped = [line for line in stderr.splitlines() if line.startswith('stopped: ')]
+  assert len(stopped) == 1, stderr[-3000:]
+  assert stopped[0].startswith(f'stopped: stopped by {stop_signal.name} at step ')
+  assert complete_steps(workdir)[-1] == int(stopped[0].split(' at step ')[1].split()[0])
+
+
 def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path):
   config = tiny_config(num_train_steps=24)
   trainer.train_and_evaluate(config, str(tmp_path))

@@ -12,6 +12,7 @@ from the seed and the example's place in the stream.
 
 import dataclasses
 import math
+import signal
 
 import grain.python as grain
 import numpy as np
@@ -70,6 +71,17 @@ def _allow_grain_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _leave_stopping_to_the_trainer(unused_worker_index: int, unused_worker_count: int) -> None:
+  """Grain worker init: ignore SIGINT and SIGTERM.
+
+  Ctrl-C in a terminal and `timeout` signal the whole process group. A worker that died of it
+  would fail the run before the trainer, which takes these signals as a request to save and
+  stop, got there; the trainer closes the workers itself when it stops.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _iterate(batches: grain.MapDataset, worker_count: int):
   """An iterator over `batches`, made in `worker_count` processes (0: threads of this one).
 
@@ -82,7 +94,8 @@ def _iterate(batches: grain.MapDataset, worker_count: int):
   iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                        prefetch_buffer_size=threads))
   if worker_count:
-    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                    worker_init_fn=_leave_stopping_to_the_trainer)
   return iter(iterable)
 
 
