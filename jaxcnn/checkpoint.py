@@ -251,7 +251,9 @@ class Checkpointer:
                       'the model')
       raise ConfigError(
           f'the checkpoint at step {step} in {self.directory} does not match this config: '
-          f"{difference}; resume with the run's own config.json, or start a new --workdir")
+          f"{difference}; resume with the run's own config (--config "
+          f'{os.path.join(os.path.dirname(self.directory), "config.json")}), or start a new '
+          '--workdir')
 
   def restore(self, step: int, template, sharding) -> tuple[object, dict]:
     """Restores checkpoint `step` into `template`'s structure, placed with `sharding`.

@@ -49,7 +49,7 @@ def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None,
       given = config_flag and _config_file_argument(argv, config_flag) is not None
       if config_flag and (given or config_required) and not asks_for_help:
         _check_config_file(argv, config_flag)
-      remaining = flags.FLAGS(argv)
+      remaining = flags.FLAGS(_read_json_through_loader(argv, config_flag) if given else argv)
       if given and not isinstance(flags.FLAGS[config_flag].value, ml_collections.ConfigDict):
         # config_flags keeps a config file's import error for later; raise it now instead.
         load_config_file(_config_file_argument(argv, config_flag))
@@ -113,8 +113,34 @@ def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
   return None if flag.default is None else config_flags.get_config_filename(flag)
 
 
+def _read_json_through_loader(argv: list[str], config_flag: str) -> list[str]:
+  """`--config RUN/config.json` becomes `--config jaxcnn/config_from_json.py:RUN/config.json`:
+  `config_flags` loads only Python config files."""
+  rewritten = []
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{config_flag}='):
+      spec = arg.split('=', 1)[1]
+    elif i and argv[i - 1] == f'--{config_flag}':
+      spec = arg
+    else:
+      rewritten.append(arg)
+      continue
+    if spec.endswith('.json'):
+      spec = f'{_JSON_LOADER}:{spec}'
+    rewritten.append(f'--{config_flag}={spec}' if arg.startswith('--') else spec)
+  return rewritten
+
+
+_JSON_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config_from_json.py')
+
+
 def load_config_file(spec: str):
-  """Loads `path.py[:variant]` the way `config_flags` does: `get_config(variant)` or `get_config()`."""
+  """Loads `path.py[:variant]` the way `config_flags` does: `get_config(variant)` or `get_config()`
+  (or a run's `config.json`)."""
+  if spec.endswith('.json'):
+    # Imported here: the TensorFlow process that prepares datasets uses this module without jax.
+    from jaxcnn.config import config_from_json  # pylint: disable=g-import-not-at-top
+    return config_from_json(spec)
   path, _, variant = spec.partition(':')
   module_spec = importlib.util.spec_from_file_location('_jaxcnn_config', path)
   module = importlib.util.module_from_spec(module_spec)

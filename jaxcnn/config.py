@@ -6,6 +6,7 @@ line then overrides single keys (`--config.batch_size=256`). Because configs are
 value into a one-line `ConfigError` before any work starts.
 """
 
+import json
 import math
 import numbers
 
@@ -85,6 +86,41 @@ def default_config() -> ml_collections.ConfigDict:
   config.best_mode = 'max'  # 'max' or 'min'.
   config.async_checkpointing = True  # Write checkpoints while training goes on.
   return config
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+  """A run's `config.json` as a config again: `default_config()` with the recorded values.
+
+  Starting from the defaults keeps what JSON loses: which keys are tuples, and the type of the
+  keys that are None (so that `--config.data_dir=DIR` still parses on top of it).
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      values = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'config file {path!r} cannot be read as JSON: {e}') from None
+  if not isinstance(values, dict):
+    raise ConfigError(f'config file {path!r} holds a JSON {type(values).__name__}, not an object '
+                      'of config keys')
+  config = default_config()
+  _update_from_json(config, values, path)
+  return config
+
+
+def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str,
+                      prefix: str = '') -> None:
+  for key, value in values.items():
+    default = config.get(key)
+    if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
+      _update_from_json(default, value, path, f'{prefix}{key}.')
+    elif isinstance(default, tuple) and isinstance(value, list):
+      config[key] = tuple(value)
+    else:
+      try:
+        config[key] = value
+      except TypeError:
+        raise ConfigError(f"config file {path!r} gives config key '{prefix}{key}' the value "
+                          f'{value!r}; it takes {type(default).__name__} values') from None
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict, *, num_train_steps: int = 20,

@@ -77,8 +77,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise UserError(f'{workdir!r} is not a jaxcnn run directory: it has no {CONFIG_FILE}')
-  with open(path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  from jaxcnn.config import config_from_json  # pylint: disable=g-import-not-at-top  (models: jax)
+  config = config_from_json(path)
   config.lock()
   return config
 

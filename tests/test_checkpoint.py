@@ -135,6 +135,24 @@ def test_a_signal_to_the_process_group_stops_a_streamed_run_with_workers_at_a_ch
   assert complete_steps(workdir)[-1] == int(stopped[0].split(' at step ')[1].split()[0])
 
 
+def test_a_refused_resume_says_how_to_resume_and_that_command_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  def train(*flags):
+    return subprocess.run([sys.executable, 'tests/fake_tfds_run.py', 'train.py', *flags,
+                           f'--workdir={workdir}'], cwd=REPO_ROOT, env=environment(tmp_path),
+                          capture_output=True, text=True, timeout=300, check=False)
+  first = train('--config=tests/tiny_config.py', '--config.num_train_steps=8')
+  assert first.returncode == 0, first.stderr[-3000:]
+  refused = train('--config=tests/tiny_config.py:bn_cnn', '--config.num_train_steps=16')
+  assert refused.returncode == 2 and refused.stderr.startswith('error: the checkpoint at step 8')
+  advice = refused.stderr.split("resume with the run's own config (--config ")[1].split(')')[0]
+  assert advice == str(workdir / 'config.json')
+  resumed = train('--config', advice, '--config.num_train_steps=16')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming from the checkpoint at step 8' in resumed.stdout
+  assert [r['step'] for r in read_metrics(str(workdir)) if 'train/loss' in r][-1] == 16
+
+
 def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path):
   config = tiny_config(num_train_steps=24)
   trainer.train_and_evaluate(config, str(tmp_path))

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxcnn import cli, config as config_lib, trainer
+from jaxcnn import cli, config as config_lib, trainer, workdir as workdir_lib
 from jaxcnn.errors import ConfigError
 
 from conftest import REPO_ROOT
@@ -42,3 +42,18 @@ def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(path,
   assert 'synthetic' in capsys.readouterr().out
   assert result['step'] == config.num_train_steps
   assert 0.0 <= result[f'{config.eval_split}/accuracy'] <= 1.0
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_a_runs_config_json_reads_back_as_the_config_it_records(path, tmp_path):
+  config = cli.load_config_file(path)
+  workdir_lib.write_config(str(tmp_path), config)
+  again = cli.load_config_file(str(tmp_path / 'config.json'))
+  assert again.to_dict() == config.to_dict()  # Tuples included: (30, 60) != [30, 60].
+  assert again.get_ref('data_dir').get_type() is str  # A None key keeps its type for overrides.
+
+
+def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):
+  (tmp_path / 'config.json').write_text('{"augment": {"flip": 3}}')
+  with pytest.raises(ConfigError, match="gives config key 'augment.flip' the value 3; it takes bool"):
+    config_lib.config_from_json(str(tmp_path / 'config.json'))
