@@ -30,6 +30,23 @@ def test_unprepared_dataset_without_network_fails_fast_naming_manual_dir(tmp_pat
     assert name in message
 
 
+def test_a_wrong_file_in_manual_dir_is_a_one_line_error_naming_it(tmp_path, capfd):
+  """TFDS's checksum error in the TensorFlow child becomes our one line, with no traceback."""
+  manual_dir = tmp_path / 'manual'
+  manual_dir.mkdir()
+  for path in MNIST_MANUAL_DIR.glob('*-ubyte.gz'):
+    (manual_dir / path.name).write_bytes(path.read_bytes())
+  wrong = manual_dir / 't10k-labels-idx1-ubyte.gz'
+  wrong.write_bytes(wrong.read_bytes()[:1000])
+  with pytest.raises(DataError) as error:
+    tfds_data.ensure_prepared('mnist', data_dir=str(tmp_path / 'tfds'),
+                              manual_dir=str(manual_dir))
+  assert str(error.value).startswith(
+      f"{wrong} is not the file dataset 'mnist' is made from: it has 1000 bytes where the "
+      'official file has ')
+  assert 'Traceback' not in capfd.readouterr().err
+
+
 def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_data, '_hosts_reachable', lambda builder: pytest.fail('probed'))
   builder = tfds_data.get_builder('mnist', str(tmp_path))

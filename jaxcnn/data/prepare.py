@@ -7,16 +7,21 @@ by itself when a dataset is not prepared yet; run it by hand to prepare on anoth
 """
 
 import os
+import re
 import sys
 
 # Hide GPUs before anything below can import TensorFlow.
 os.environ['CUDA_VISIBLE_DEVICES'] = ''
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Preparing does no arithmetic that oneDNN would speed up; without it TensorFlow does not print
+# its notice about oneDNN's rounding at every start.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from jaxcnn import cli  # pylint: disable=g-import-not-at-top
 from jaxcnn.data import tfds_data  # pylint: disable=g-import-not-at-top
+from jaxcnn.errors import DataError  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, "TFDS data_dir (default: TFDS's own).")
 _MANUAL_DIR = flags.DEFINE_string(
@@ -29,14 +34,31 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None, offline: bo
   """Downloads `name` (or takes its files from manual_dir) and writes it as ArrayRecord files."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
     tfds.disable_progress_bar()
   builder = tfds_data.get_builder(name, data_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir,
                                                  try_download_gcs=not offline)
-  builder.download_and_prepare(file_format='array_record', download_config=download_config)
+  try:
+    builder.download_and_prepare(file_format='array_record', download_config=download_config)
+  except download_manager.NonMatchingChecksumError as e:
+    raise DataError(_describe_checksum_error(name, str(e))) from None
   print(f'prepared {builder.info.full_name} in {builder.data_dir}', flush=True)
+
+
+def _describe_checksum_error(name: str, message: str) -> str:
+  """TFDS's NonMatchingChecksumError (a paragraph) as one line that names the file to replace."""
+  match = re.match(r'Artifact (\S+), downloaded to (.+), has wrong checksum:\s*'
+                   r'\* Expected: UrlInfo\(size=([^,]+),.*?\* Got: UrlInfo\(size=([^,]+),',
+                   message, re.S)
+  if not match:
+    return f'preparing dataset {name!r}: {" ".join(message.split())}'
+  url, path, expected, got = match.groups()
+  return (f'{path} is not the file dataset {name!r} is made from: it has {got} where the '
+          f'official file has {expected}, and its checksum differs; replace it with a fresh '
+          f'download of {url}')
 
 
 def main(argv):

@@ -9,6 +9,7 @@ decoding, about 10 s for MNIST on two cores, happens once per machine.
 import dataclasses
 import hashlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -44,7 +45,17 @@ class DatasetInfo:
 def _tfds():
   """Imports tensorflow_datasets lazily: it is slow to import and only the data path needs it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger('absl')
+  if _not_yet_prepared_warning not in absl_logger.filters:
+    absl_logger.addFilter(_not_yet_prepared_warning)
   return tfds
+
+
+def _not_yet_prepared_warning(record: logging.LogRecord) -> bool:
+  """Drops TFDS's 'Variant folder .../mnist/3.0.1 has no dataset_info.json': TFDS says it of
+  every dataset not prepared yet, which jaxcnn then prepares or reports in its own words."""
+  return not (record.pathname.endswith(os.path.join('core', 'utils', 'file_utils.py'))
+              and str(record.msg).startswith('Variant folder'))
 
 
 def get_builder(name: str, data_dir: str | None = None):
@@ -131,10 +142,16 @@ def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | No
   if offline:
     command.append('--offline')
   print(f'preparing {name} in {builder.data_dir_root} (one time, TensorFlow on CPU)', flush=True)
-  result = subprocess.run(command, check=False)
-  if result.returncode != 0:
-    raise DataError(f'preparing dataset {name!r} failed (exit status {result.returncode}); '
-                    'its output is above')
+  child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+  child_error = None  # The child's one-line error for a user's mistake, said once, by us.
+  for line in child.stderr:
+    if line.startswith('error: '):
+      child_error = line.removeprefix('error: ').strip()
+    else:
+      sys.stderr.write(line)
+  if child.wait() != 0:
+    raise DataError(child_error or f'preparing dataset {name!r} failed (exit status '
+                    f'{child.returncode}); its output is above')
   builder = get_builder(name, data_dir)
   if not builder.is_prepared():
     raise DataError(f'dataset {name!r} was prepared but TFDS does not find it in '
