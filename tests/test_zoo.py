@@ -218,6 +218,10 @@ class NotAModule:
   pass
 
 
+def build_a_dict(num_classes):
+  return {'classes': num_classes}
+
+
 WIDTH = 3
 '''
 
@@ -256,6 +260,12 @@ def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
   with pytest.raises(ConfigError, match=message) as error:
     models.get_model_constructor(name)
   assert '\n' not in str(error.value)
+
+
+def test_a_model_function_must_build_an_nnx_module(user_module):
+  with pytest.raises(ConfigError, match=r"model 'mymod:build_a_dict' built a dict, not an "
+                                        r'nnx.Module'):
+    models.create_model('mymod:build_a_dict', num_classes=5, input_shape=(2, 2, 1))
 
 
 def test_a_model_must_return_one_logit_per_class(user_module):

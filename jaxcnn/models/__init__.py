@@ -100,8 +100,12 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
 
   def build() -> nnx.Module:
     # The Rngs are made inside each trace: NNX refuses to advance them from another one.
-    return constructor(**{k: nnx.Rngs(params=seed, dropout=seed) if k == 'rngs' else kwargs[k]
-                          for k in names})
+    model = constructor(**{k: nnx.Rngs(params=seed, dropout=seed) if k == 'rngs' else kwargs[k]
+                           for k in names})
+    if not isinstance(model, nnx.Module):
+      raise ConfigError(f'model {name!r} built a {type(model).__name__}, not an nnx.Module; name '
+                        "an nnx.Module subclass or a function that returns one")
+    return model
 
   def build_and_apply():
     # The model applied to a batch of two, abstractly, to check what it returns: a copy in
