@@ -22,7 +22,6 @@ def get_config(variant: str = ''):
   config = default_config()
   config.dataset = 'imagenet2012'
   config.eval_split = 'validation'
-  config.best_metric = 'validation/accuracy'
   config.model = 'resnet50'
   config.dtype = 'bfloat16'
   config.image_size = 224

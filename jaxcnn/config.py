@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = -1  # -1: at every evaluation. Always at the end.
   config.keep_checkpoints = 3  # The most recent ones...
   config.keep_best = 1  # ...and, separately, the best ones by best_metric.
-  config.best_metric = 'test/accuracy'
+  # '<eval_split>/accuracy', following eval_split until set itself.
+  config.best_metric = config.get_ref('eval_split') + '/accuracy'
   config.best_mode = 'max'  # 'max' or 'min'.
   config.async_checkpointing = True  # Write checkpoints while training goes on.
   return config

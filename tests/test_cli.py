@@ -46,3 +46,13 @@ def test_unknown_config_variant_is_one_line_error():
   assert result.returncode == 2
   assert "unknown variant 'smok' of configs/mnist.py" in result.stderr
   assert result.stderr.count('\n') == 1
+
+
+def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_dir, tmp_path):
+  """Not a best_metric error: best_metric follows eval_split."""
+  result = run_train('--config', 'configs/mnist.py', '--config.eval_split=validation',
+                     f'--config.data_dir={mnist_data_dir}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr == ("error: dataset 'mnist/3.0.1' has no split 'validation'; it has: "
+                           'test, train\n')
+  assert not (tmp_path / 'run').exists()

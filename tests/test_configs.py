@@ -57,3 +57,12 @@ def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text('{"augment": {"flip": 3}}')
   with pytest.raises(ConfigError, match="gives config key 'augment.flip' the value 3; it takes bool"):
     config_lib.config_from_json(str(tmp_path / 'config.json'))
+
+
+def test_best_metric_follows_eval_split_until_it_is_set():
+  config = config_lib.default_config()
+  config.eval_split = 'validation'
+  assert config.best_metric == 'validation/accuracy'
+  config.best_metric = 'validation/loss'
+  config.eval_split = 'test'
+  assert config.best_metric == 'validation/loss'

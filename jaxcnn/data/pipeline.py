@@ -54,9 +54,18 @@ def check_dataset(config) -> None:
     if not config.image_folder and not config.synthetic_if_unprepared:
       raise ConfigError("dataset 'imagefolder' needs --config.image_folder=ROOT, a folder of "
                         'ROOT/<split>/<class>/<images>')
-  elif config.dataset != SYNTHETIC and decoded_index.lookup(config.dataset,
-                                                           config.data_dir) is None:
-    tfds_data.get_builder(config.dataset, config.data_dir)  # A recorded dataset is known.
+  elif config.dataset != SYNTHETIC:
+    recorded = decoded_index.lookup(config.dataset, config.data_dir)
+    # TFDS's metadata names the splits of a dataset, prepared or not.
+    _check_splits(config, tfds_data.info_from_json(recorded.info) if recorded else
+                  tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir)))
+
+
+def _check_splits(config, info: tfds_data.DatasetInfo) -> None:
+  for split in (config.train_split, config.eval_split):
+    if info.split_sizes and split not in info.split_sizes:
+      raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
+                        f'{", ".join(sorted(info.split_sizes))}')
 
 
 def input_spec(config) -> tuple[tuple[int, int, int], int]:
@@ -113,10 +122,7 @@ def load_data(config, train: bool = True) -> Data:
       return _synthetic(config, shape, info.num_classes, name=f'synthetic {config.dataset}')
     builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
   info = tfds_data.dataset_info(builder)
-  for split in (config.train_split, config.eval_split):
-    if info.split_sizes and split not in info.split_sizes:
-      raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
-                        f'{", ".join(sorted(info.split_sizes))}')
+  _check_splits(config, info)
   shape = _image_shape(config, info)
   placement = _placement(config, info, shape)
   common = _common(info, shape, placement)
