@@ -83,6 +83,8 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
     match = re.match(rf'flag --{config_flag}\.([\w.]+)=(.*?): (.*)', str(error), re.S)
     if match:
       key, value, reason = match.groups()
+      if 'Non-boolean argument' in reason:  # absl's reason is then the repr of a tuple.
+        reason = 'it takes true or false'
       return f'invalid value {value!r} for config key {key!r}: {_first_line(reason)}'
     if isinstance(error, (AttributeError, KeyError)):
       try:

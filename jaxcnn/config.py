@@ -152,6 +152,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError naming the first key whose value is not accepted."""
   _require(config, 'dataset', isinstance(config.dataset, str) and config.dataset,
            "a TFDS dataset name or 'synthetic'")
+  if config.image_folder and config.dataset != 'imagefolder':
+    raise ConfigError(f"config key 'image_folder' is read only with --config.dataset=imagefolder; "
+                      f'this config trains on {config.dataset!r}')
   models.get_model_constructor(config.model)
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)

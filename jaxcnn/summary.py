@@ -110,7 +110,10 @@ def main(argv: Sequence[str]) -> None:
     raise ConfigError(f'expected one model name, got: {" ".join(argv[1:])}')
   model = argv[1] if len(argv) == 2 else None
   name, shape, classes = resolve(model, _CONFIG.value, _INPUT_SHAPE.value, _NUM_CLASSES.value)
-  print(summarize(name, shape, classes))
+  try:
+    print(summarize(name, shape, classes))
+  except models.ImagesTooSmall as e:
+    raise e.with_flag('--input_shape' if _INPUT_SHAPE.value else '--config.image_size') from None
 
 
 if __name__ == '__main__':

@@ -56,3 +56,11 @@ def test_bad_model_name_is_one_line_error():
   assert result.returncode == 2
   assert result.stderr.startswith("error: unknown model 'resnet9000'; choose one of: ")
   assert result.stderr.count('\n') == 1 and not result.stdout
+
+
+def test_images_too_small_name_the_flag_that_was_given():
+  result = run_summary('bn_cnn', '--input_shape', '4,4,1')
+  assert result.returncode == 2
+  assert result.stderr == ("error: model 'bn_cnn' cannot be built for 4x4x1 images (its "
+                           'downsampling leaves nothing of them); it needs larger images '
+                           '(--input_shape)\n')

@@ -120,15 +120,31 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
   except (ZeroDivisionError, ValueError, TypeError) as e:
     if name not in MODELS:
       raise  # A user's model: its own traceback says more than we could.
-    reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
-    raise ConfigError(f'model {name!r} cannot be built for {"x".join(map(str, input_shape))} '
-                      f'images ({reason}); it needs larger images (--config.image_size)') from None
+    if isinstance(e, ZeroDivisionError):
+      reason = 'its downsampling leaves nothing of them'
+    else:
+      reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
+    raise ImagesTooSmall(name, input_shape, reason) from None
   if tuple(logits.shape) != (2, num_classes):
     raise ConfigError(f'model {name!r} returns outputs of shape {tuple(logits.shape)} for a batch '
                       f'of 2 images; it must return logits of shape (batch, num_classes) = '
                       f'(2, {num_classes})')
   graphdef, _ = nnx.split(abstract_model)
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
+
+
+class ImagesTooSmall(ConfigError):
+  """A zoo model cannot be built for images this small; `size_flag` is the flag that sets the
+  image size in the command the user ran."""
+
+  def __init__(self, model: str, input_shape, reason: str,
+               size_flag: str = '--config.image_size'):
+    self.model, self.input_shape, self.reason = model, tuple(input_shape), reason
+    super().__init__(f'model {model!r} cannot be built for {"x".join(map(str, input_shape))} '
+                     f'images ({reason}); it needs larger images ({size_flag})')
+
+  def with_flag(self, size_flag: str) -> 'ImagesTooSmall':
+    return ImagesTooSmall(self.model, self.input_shape, self.reason, size_flag)
 
 
 def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
