@@ -304,10 +304,13 @@ class Checkpointer:
         self._set_aside(damaged)
       return restored
     if damaged:
+      steps = ', '.join(map(str, sorted(damaged)))
+      if not set_aside_damaged:  # Reading the weights, not resuming.
+        raise NoGoodCheckpoint(f'every checkpoint in {self.directory} is damaged (steps {steps}): '
+                               'there are no weights to read')
       raise NoGoodCheckpoint(
-          f'every checkpoint in {self.directory} is damaged (steps '
-          f'{", ".join(map(str, sorted(damaged)))}), so the run cannot resume; move that folder '
-          'away to train again from step 0, or start a new --workdir')
+          f'every checkpoint in {self.directory} is damaged (steps {steps}), so the run cannot '
+          'resume; move that folder away to train again from step 0, or start a new --workdir')
     return None
 
   def _set_aside(self, steps: list[int]) -> None:

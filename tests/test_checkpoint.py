@@ -217,6 +217,8 @@ def test_when_every_checkpoint_is_damaged_the_run_is_not_restarted_over_them(fak
     trainer.train_and_evaluate(config, str(tmp_path))
   assert complete_steps(tmp_path) == [8, 16]  # Nothing was moved, deleted or written over.
   assert read_metrics(str(tmp_path)) == records
+  with pytest.raises(NoGoodCheckpoint, match=r'\(steps 8, 16\): there are no weights to read'):
+    restore_run(str(tmp_path), 'latest')  # What evaluate and predict do.
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
