@@ -2,7 +2,8 @@
 
   python train.py --config configs/cifar10.py              # cifar_resnet20, 182 epochs
   python train.py --config configs/cifar10.py:airbench     # the fast network, 10 epochs, bf16
-  python train.py --config configs/cifar10.py:smoke
+  python train.py --config configs/cifar10.py:smoke           # of each, a few steps on a CPU
+  python train.py --config configs/cifar10.py:airbench_smoke
 
 ResNet-20 follows He et al. 2016, section 4.2: SGD with momentum 0.9, batch 128, learning rate
 0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all (182 epochs), weight decay 1e-4,
@@ -20,7 +21,8 @@ from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
 
 
 def get_config(variant: str = ''):
-  """The CIFAR-10 config; `variant` is '', 'airbench' or 'smoke' (of ResNet-20)."""
+  """The CIFAR-10 config; `variant` is '', 'airbench', 'smoke' (of ResNet-20) or
+  'airbench_smoke'."""
   config = default_config()
   config.dataset = 'cifar10'
   config.model = 'cifar_resnet20'
@@ -36,7 +38,10 @@ def get_config(variant: str = ''):
   config.augment.crop_padding = 4
   config.augment.flip = True
   config.eval_batch_size = 1000
-  if variant == 'airbench':
+  if variant not in ('', 'airbench', 'smoke', 'airbench_smoke'):
+    raise unknown_variant('configs/cifar10.py', variant,
+                          ('', 'airbench', 'smoke', 'airbench_smoke'))
+  if variant.startswith('airbench'):
     config.model = 'airbench'
     config.dtype = 'bfloat16'
     config.batch_size = 1024
@@ -49,8 +54,6 @@ def get_config(variant: str = ''):
     config.weight_decay = 5e-4
     config.label_smoothing = 0.2
     config.augment.crop_padding = 2
-  elif variant == 'smoke':
+  if variant.endswith('smoke'):
     shrink_for_smoke(config)
-  elif variant:
-    raise unknown_variant('configs/cifar10.py', variant, ('', 'airbench', 'smoke'))
   return config

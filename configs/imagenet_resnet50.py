@@ -45,7 +45,6 @@ def get_config(variant: str = ''):
     config.dtype = 'float32'
     config.image_size = 64
     config.warmup_epochs = 0
-    config.data_placement = 'auto'
     config.synthetic.num_classes = 1000
     shrink_for_smoke(config, num_train_steps=6, batch_size=8, eval_batch_size=40, num_train=64,
                      num_eval=40)

@@ -31,15 +31,19 @@ def test_config_is_valid_and_its_docstring_gives_the_command_and_expected_result
     cli.load_config_file(f'{REPO_ROOT / path}:nonsense')
 
 
-@pytest.mark.parametrize('path', CONFIG_FILES)
-def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(path, tmp_path,
+@pytest.mark.parametrize('spec', [f'{path}:smoke' for path in CONFIG_FILES]
+                         + ['configs/cifar10.py:airbench_smoke'])
+def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(spec, tmp_path,
                                                                           monkeypatch, capsys):
   monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
-  config = cli.load_config_file(f'{REPO_ROOT / path}:smoke')
+  config = cli.load_config_file(str(REPO_ROOT / spec))
   config.data_dir = str(tmp_path / 'empty_tfds')  # Nothing is prepared here.
   config.num_devices = 1
   result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert 'synthetic' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'synthetic' in out
+  if config.data_placement == 'stream':  # Through Grain, like the dataset it stands in for.
+    assert f'synthetic {config.dataset} (stream)' in out
   assert result['step'] == config.num_train_steps
   assert 0.0 <= result[f'{config.eval_split}/accuracy'] <= 1.0
 

@@ -254,10 +254,15 @@ def _synthetic(config, shape, num_classes: int, name: str) -> Data:
   train_images, train_labels = synthetic.synthetic_split(spec.num_train, shape, num_classes, 0)
   eval_images, eval_labels = synthetic.synthetic_split(spec.num_eval, shape, num_classes, 1)
   mean, std = channel_stats(train_images)
-  return Data(name=name, image_shape=tuple(shape), num_classes=num_classes,
-              class_names=tuple(str(i) for i in range(num_classes)),
-              num_train_examples=spec.num_train, num_eval_examples=spec.num_eval,
-              mean=mean, std=std, placement='device',
+  common = dict(name=name, image_shape=tuple(shape), num_classes=num_classes,
+                class_names=tuple(str(i) for i in range(num_classes)),
+                num_train_examples=spec.num_train, num_eval_examples=spec.num_eval,
+                mean=mean, std=std)
+  if config.data_placement == 'stream':  # Through Grain, as the dataset it stands in for.
+    return Data(**common, placement='stream',
+                train=synthetic.ArraySource(train_images, train_labels),
+                eval=synthetic.ArraySource(eval_images, eval_labels))
+  return Data(**common, placement='device',
               train=device_data.pad_split(train_images, train_labels),
               eval=device_data.pad_split(eval_images, eval_labels,
                                          pad_to_multiple_of=config.eval_batch_size))

@@ -24,3 +24,23 @@ def synthetic_split(num_examples: int, image_shape, num_classes: int,
     top, left = min(row * cell_h, height - cell_h), min(col * cell_w, width - cell_w)
     images[labels == label, top:top + cell_h, left:left + cell_w, :] = 255
   return images, labels
+
+
+class ArraySource:
+  """In-memory examples with the random-access API of `tfds.data_source`, so that synthetic data
+  can take the streaming path (Grain) too."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self._images, self._labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'image': self._images[index], 'label': self._labels[index]}
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f'ArraySource({len(self)} examples of shape {self._images.shape[1:]})'
