@@ -115,6 +115,9 @@ def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
   return None if flag.default is None else config_flags.get_config_filename(flag)
 
 
+_JSON_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config_from_json.py')
+
+
 def _read_json_through_loader(argv: list[str], config_flag: str) -> list[str]:
   """`--config RUN/config.json` becomes `--config jaxcnn/config_from_json.py:RUN/config.json`:
   `config_flags` loads only Python config files."""
@@ -131,9 +134,6 @@ def _read_json_through_loader(argv: list[str], config_flag: str) -> list[str]:
       spec = f'{_JSON_LOADER}:{spec}'
     rewritten.append(f'--{config_flag}={spec}' if arg.startswith('--') else spec)
   return rewritten
-
-
-_JSON_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config_from_json.py')
 
 
 def load_config_file(spec: str):

@@ -1,6 +1,7 @@
 """The data path: TFDS preparation checks, device-resident splits, augmentation."""
 
 import os
+import sys
 import time
 
 import jax
@@ -45,6 +46,14 @@ def test_a_wrong_file_in_manual_dir_is_a_one_line_error_naming_it(tmp_path, capf
       f"{wrong} is not the file dataset 'mnist' is made from: it has 1000 bytes where the "
       'official file has ')
   assert 'Traceback' not in capfd.readouterr().err
+
+
+def test_the_prepare_child_error_line_is_kept_and_the_rest_passed_through_as_it_comes(capfd):
+  child = ("import sys; sys.stderr.write('50%\\r'); sys.stderr.flush(); "
+           "sys.stderr.write('100%\\nwarning: w\\nerror: the bad thing\\n'); sys.exit(2)")
+  status, error = tfds_data._run_keeping_error_line([sys.executable, '-c', child])
+  assert (status, error) == (2, 'the bad thing')
+  assert capfd.readouterr().err == '50%\r100%\nwarning: w\n'
 
 
 def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None, offline: bo
   """Downloads `name` (or takes its files from manual_dir) and writes it as ArrayRecord files."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import (  # pylint: disable=g-import-not-at-top
+      download_manager)
   tf.config.set_visible_devices([], 'GPU')
   if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
     tfds.disable_progress_bar()

@@ -142,21 +142,41 @@ def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | No
   if offline:
     command.append('--offline')
   print(f'preparing {name} in {builder.data_dir_root} (one time, TensorFlow on CPU)', flush=True)
-  child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-  child_error = None  # The child's one-line error for a user's mistake, said once, by us.
-  for line in child.stderr:
-    if line.startswith('error: '):
-      child_error = line.removeprefix('error: ').strip()
-    else:
-      sys.stderr.write(line)
-  if child.wait() != 0:
-    raise DataError(child_error or f'preparing dataset {name!r} failed (exit status '
-                    f'{child.returncode}); its output is above')
+  status, child_error = _run_keeping_error_line(command)
+  if status != 0:  # The child's one-line error for a user's mistake is said once, by us.
+    raise DataError(child_error or f'preparing dataset {name!r} failed (exit status {status}); '
+                    'its output is above')
   builder = get_builder(name, data_dir)
   if not builder.is_prepared():
     raise DataError(f'dataset {name!r} was prepared but TFDS does not find it in '
                     f'{builder.data_dir_root}')
   return builder
+
+
+def _run_keeping_error_line(command: list[str]) -> tuple[int, str | None]:
+  """Runs a jaxcnn command, passing its stderr through as it comes (progress bars included),
+  except an `error: ...` line, which is returned with the exit status instead of printed."""
+  prefix = b'error: '
+  child = subprocess.Popen(command, stderr=subprocess.PIPE)
+  error, pending, mid_line = None, b'', False  # pending: the unprinted start of a line.
+  for chunk in iter(lambda: os.read(child.stderr.fileno(), 65536), b''):
+    *lines, pending = (pending + chunk).split(b'\n')
+    for line in lines:
+      if not mid_line and line.startswith(prefix):
+        error = line[len(prefix):].decode(errors='replace').strip()
+      else:
+        sys.stderr.buffer.write(line + b'\n')
+      mid_line = False
+    if pending and (mid_line or not (pending.startswith(prefix) or prefix.startswith(pending))):
+      sys.stderr.buffer.write(pending)  # Cannot be an error line: show it now.
+      pending, mid_line = b'', True
+    sys.stderr.flush()
+  if pending.startswith(prefix) and not mid_line:
+    error = pending[len(prefix):].decode(errors='replace').strip()
+  elif pending:
+    sys.stderr.buffer.write(pending)
+  child.stderr.close()
+  return child.wait(), error
 
 
 def dataset_info(builder) -> DatasetInfo:

@@ -81,6 +81,20 @@ def get_model_constructor(name: str) -> Callable[..., nnx.Module]:
         "or name your own as 'package.module:ClassName'") from None
 
 
+class ImagesTooSmall(ConfigError):
+  """A zoo model cannot be built for images this small; `size_flag` is the flag that sets the
+  image size in the command the user ran."""
+
+  def __init__(self, model: str, input_shape, reason: str,
+               size_flag: str = '--config.image_size'):
+    self.model, self.input_shape, self.reason = model, tuple(input_shape), reason
+    super().__init__(f'model {model!r} cannot be built for {"x".join(map(str, input_shape))} '
+                     f'images ({reason}); it needs larger images ({size_flag})')
+
+  def with_flag(self, size_flag: str) -> 'ImagesTooSmall':
+    return ImagesTooSmall(self.model, self.input_shape, self.reason, size_flag)
+
+
 def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
                  dtype: str = 'float32', seed: int = 0, axis_name: str | None = None) -> nnx.Module:
   """Builds model `name` (a zoo name or `package.module:ClassName`) for `input_shape` images.
@@ -131,20 +145,6 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
                       f'(2, {num_classes})')
   graphdef, _ = nnx.split(abstract_model)
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
-
-
-class ImagesTooSmall(ConfigError):
-  """A zoo model cannot be built for images this small; `size_flag` is the flag that sets the
-  image size in the command the user ran."""
-
-  def __init__(self, model: str, input_shape, reason: str,
-               size_flag: str = '--config.image_size'):
-    self.model, self.input_shape, self.reason = model, tuple(input_shape), reason
-    super().__init__(f'model {model!r} cannot be built for {"x".join(map(str, input_shape))} '
-                     f'images ({reason}); it needs larger images ({size_flag})')
-
-  def with_flag(self, size_flag: str) -> 'ImagesTooSmall':
-    return ImagesTooSmall(self.model, self.input_shape, self.reason, size_flag)
 
 
 def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
