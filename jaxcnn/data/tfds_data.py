@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -66,7 +67,14 @@ def get_builder(name: str, data_dir: str | None = None):
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'unknown dataset {name!r}: not a TFDS dataset name '
                       '(e.g. mnist, fashion_mnist, cifar10; see tfds.list_builders())') from None
-  return tfds.builder(name, data_dir=data_dir)
+  # TFDS makes an empty temporary folder for every builder of a dataset not prepared yet (to
+  # fetch metadata from its bucket) and never removes it: give it one that is removed.
+  with tempfile.TemporaryDirectory(prefix='jaxcnn-tfds-') as scratch:
+    default_tempdir, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      return tfds.builder(name, data_dir=data_dir)
+    finally:
+      tempfile.tempdir = default_tempdir
 
 
 def default_manual_dir(builder) -> str:
