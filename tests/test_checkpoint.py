@@ -119,13 +119,18 @@ def test_a_signal_to_the_process_group_stops_a_streamed_run_with_workers_at_a_ch
   process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment(tmp_path),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # Its own process group, as in a terminal.
-  deadline = time.monotonic() + 240
-  while not complete_steps(workdir):
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.monotonic() < deadline, 'no checkpoint appeared'
-    time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
-  os.killpg(process.pid, stop_signal)
-  _, stderr = process.communicate(timeout=120)
+  try:
+    deadline = time.monotonic() + 240
+    while not complete_steps(workdir):
+      assert process.poll() is None, process.communicate()[1][-3000:]
+      assert time.monotonic() < deadline, 'no checkpoint appeared'
+      time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+    os.killpg(process.pid, stop_signal)
+    _, stderr = process.communicate(timeout=120)
+  finally:  # A run that did not stop must not outlive the test, nor its workers.
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.communicate()
   assert process.returncode == 128 + stop_signal, stderr[-3000:]
   assert 'Traceback' not in stderr, stderr[-3000:]
   # (Python's resource tracker may still warn after it of shared memory Grain left: grain#398.)
