@@ -10,7 +10,11 @@ Augmentation here works on one uint8 HWC image at a time with a NumPy generator 
 from the seed and the example's place in the stream.
 """
 
+import atexit
+import contextlib
 import dataclasses
+import functools
+import gc
 import math
 import signal
 
@@ -71,32 +75,56 @@ def _allow_grain_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _leave_stopping_to_the_trainer(unused_worker_index: int, unused_worker_count: int) -> None:
-  """Grain worker init: ignore SIGINT and SIGTERM.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_END = object()  # next()'s default: the iterator had nothing.
 
-  Ctrl-C in a terminal and `timeout` signal the whole process group. A worker that died of it
-  would fail the run before the trainer, which takes these signals as a request to save and
-  stop, got there; the trainer closes the workers itself when it stops.
-  """
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def _leave_stopping_to_the_trainer(unused_worker_index: int, unused_worker_count: int) -> None:
+  """Grain worker init: ignore SIGINT and SIGTERM (see `_iterate`)."""
+  for number in _STOP_SIGNALS:
+    signal.signal(number, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+  """Blocks SIGINT and SIGTERM in this thread; a signal that arrives meanwhile is delivered after."""
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _iterate(batches: grain.MapDataset, worker_count: int):
-  """An iterator over `batches`, made in `worker_count` processes (0: threads of this one).
+  """A generator of `batches`, made in `worker_count` processes (0: threads of this one).
 
   Grain gives worker k the batches k, k + worker_count, ... and interleaves their output back
   into order, so the sequence of batches does not depend on the number of workers. Each batch is
   made whole by one thread: one per worker process, two where there are no workers.
+
+  Ctrl-C in a terminal and `timeout` signal the whole process group. A worker that died of it
+  would fail the run before the trainer, which takes these signals as a request to save and stop
+  (and closes the workers itself), got there. So the workers ignore them, and until they have
+  set that up (while Grain starts them and its threads, up to the first batch) they are born
+  with the signals blocked, inherited from this thread.
   """
   _allow_grain_flags()
   threads = 1 if worker_count else 2
   iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                        prefetch_buffer_size=threads))
   if worker_count:
+    _release_shared_memory_at_exit()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
                                     worker_init_fn=_leave_stopping_to_the_trainer)
-  return iter(iterable)
+  with _stop_signals_blocked():
+    iterator = iter(iterable)
+    first = next(iterator, _END)
+  try:
+    if first is not _END:
+      yield first
+      yield from iterator
+  finally:
+    _close(iterator)
 
 
 def train_batches(source, *, augment: HostAugment, batch_size: int, seed: int, worker_count: int,
@@ -115,11 +143,7 @@ def train_batches(source, *, augment: HostAugment, batch_size: int, seed: int, w
   stream = (grain.MapDataset.source(source).seed(seed % 2**32).shuffle().repeat(None)
             .random_map(_TrainTransform(augment, image_key, label_key)))
   batches = stream[process::num_processes].batch(batch_size, drop_remainder=True)
-  iterator = _iterate(batches[start_batch:], worker_count)
-  try:
-    yield from iterator
-  finally:
-    _close(iterator)
+  yield from _iterate(batches[start_batch:], worker_count)
 
 
 def eval_batches(source, *, image_shape, batch_size: int, worker_count: int,
@@ -134,23 +158,50 @@ def eval_batches(source, *, image_shape, batch_size: int, worker_count: int,
   process, num_processes = jax.process_index(), jax.process_count()
   num_batches = math.ceil(math.ceil(len(source) / num_processes) / batch_size)
   examples = grain.MapDataset.source(source)[process::num_processes]
-  iterator = _iterate(examples.map(_EvalTransform(image_shape, image_key, label_key))
-                      .batch(batch_size, drop_remainder=False), worker_count)
+  batches = (examples.map(_EvalTransform(image_shape, image_key, label_key))
+             .batch(batch_size, drop_remainder=False))
+  iterator = _iterate(batches, worker_count)
   height, width, channels = image_shape
   empty = {'image': np.zeros((batch_size, height, width, channels), np.uint8),
            'label': np.zeros((batch_size,), np.int32), 'mask': np.zeros((batch_size,), bool)}
-  produced = 0
   try:
-    for batch in iterator:
+    # Exactly len(batches) reads: a worker iterator run to its end leaves one shared memory
+    # block behind (grain 0.2.18), which Python's resource tracker then reports at exit.
+    for _ in range(len(batches)):
+      batch = next(iterator)
       missing = batch_size - len(batch['label'])
       if missing:
         batch = {k: np.concatenate([v, empty[k][:missing]]) for k, v in batch.items()}
-      produced += 1
       yield batch
   finally:
-    _close(iterator)
-  for _ in range(num_batches - produced):
+    iterator.close()
+  for _ in range(num_batches - len(batches)):
     yield empty
+
+
+@functools.cache  # Once per process.
+def _release_shared_memory_at_exit() -> None:
+  atexit.register(_release_shared_memory)
+
+
+def _release_shared_memory() -> None:
+  """Frees the batches no longer referenced and waits until Grain has unlinked their shared
+  memory; run at exit by a process that had Grain workers.
+
+  A closed Grain iterator's read-ahead batches are freed only by the garbage collector (they sit
+  in reference cycles); on a CPU the last batches trained on are freed only when training
+  returns; and Grain unlinks a freed batch's shared memory on a background thread. Blocks still
+  there at exit are left to Python's resource tracker, which removes them but warns of "leaked
+  shared_memory objects". Grain offers no public call for this; its deletion pool is private, so
+  a Grain without one is simply not waited for.
+  """
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  pool = getattr(getattr(shared_memory_array, 'SharedMemoryArray', None), '_del_thread_pool', None)
+  if pool is not None:
+    # The pool has one thread (Grain's process prefetch makes it so): a task queued now runs
+    # after every deletion queued before it.
+    pool.apply(lambda: None)
 
 
 def _close(iterator) -> None:
