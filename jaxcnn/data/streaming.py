@@ -195,13 +195,22 @@ def _release_shared_memory() -> None:
   shared_memory objects". Grain offers no public call for this; its deletion pool is private, so
   a Grain without one is simply not waited for.
   """
-  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    try:  # Older Grain (0.2.10).
+      from grain._src.python import shared_memory_array  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return
   gc.collect()
   pool = getattr(getattr(shared_memory_array, 'SharedMemoryArray', None), '_del_thread_pool', None)
   if pool is not None:
     # The pool has one thread (Grain's process prefetch makes it so): a task queued now runs
     # after every deletion queued before it.
-    pool.apply(lambda: None)
+    try:
+      pool.apply(lambda: None)
+    except ValueError:  # The pool was closed.
+      pass
 
 
 def _close(iterator) -> None:
