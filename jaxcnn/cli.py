@@ -121,18 +121,17 @@ _JSON_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config_
 def _read_json_through_loader(argv: list[str], config_flag: str) -> list[str]:
   """`--config RUN/config.json` becomes `--config jaxcnn/config_from_json.py:RUN/config.json`:
   `config_flags` loads only Python config files."""
-  rewritten = []
+  spec = _config_file_argument(argv, config_flag)
+  if not spec.endswith('.json'):
+    return argv
+  flag = f'--{config_flag}'
+  through_loader = f'{_JSON_LOADER}:{spec}'
+  rewritten = list(argv)
   for i, arg in enumerate(argv):
-    if arg.startswith(f'--{config_flag}='):
-      spec = arg.split('=', 1)[1]
-    elif i and argv[i - 1] == f'--{config_flag}':
-      spec = arg
-    else:
-      rewritten.append(arg)
-      continue
-    if spec.endswith('.json'):
-      spec = f'{_JSON_LOADER}:{spec}'
-    rewritten.append(f'--{config_flag}={spec}' if arg.startswith('--') else spec)
+    if arg == f'{flag}={spec}':
+      rewritten[i] = f'{flag}={through_loader}'
+    elif i and argv[i - 1] == flag and arg == spec:
+      rewritten[i] = through_loader
   return rewritten
 
 

@@ -53,25 +53,6 @@ def learnable_images(num_examples: int, image_shape, num_classes: int, seed: int
   return synthetic_split(num_examples, image_shape, num_classes, seed)
 
 
-class FakeSource:
-  """A list of TFDS-style examples with the random-access API of `tfds.data_source`."""
-
-  def __init__(self, images, labels):
-    self._images, self._labels = images, labels
-
-  def __len__(self):
-    return len(self._labels)
-
-  def __getitem__(self, index):
-    return {'image': self._images[index], 'label': self._labels[index]}
-
-  def __getitems__(self, indices):
-    return [self[i] for i in indices]
-
-  def __repr__(self):  # Grain checks a restored iterator's source by its repr.
-    return f'FakeSource({len(self)} examples of shape {self._images.shape[1:]})'
-
-
 @contextlib.contextmanager
 def mock_tfds(sizes):
   """Mocks TFDS (`tfds.testing.mock_data`) so that any dataset reads as learnable fake images.
@@ -86,7 +67,8 @@ def mock_tfds(sizes):
     shape = tuple(features['image'].shape)
     num_classes = features['label'].num_classes
     seed = {'train': 0, 'test': 1}.get(split, 2)
-    return FakeSource(*learnable_images(sizes[split], shape, num_classes, seed))
+    from jaxcnn.data.synthetic import ArraySource  # The same API as tfds.data_source.
+    return ArraySource(*learnable_images(sizes[split], shape, num_classes, seed))
 
   with tfds.testing.mock_data(as_data_source_fn=as_data_source), mock.patch.object(
       tfds.core.DatasetBuilder, 'is_prepared', lambda self: True):

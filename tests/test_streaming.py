@@ -6,10 +6,11 @@ import pytest
 
 from jaxcnn import feeds, trainer
 from jaxcnn.data import image_ops, streaming
+from jaxcnn.data.synthetic import ArraySource
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
-from conftest import FakeSource, learnable_images, tiny_config
+from conftest import learnable_images, tiny_config
 
 
 def stream_config(**overrides):
@@ -74,7 +75,7 @@ def numbered_source(num_examples):
   """Examples whose image is filled with their index, so that a batch shows which they are."""
   images = np.broadcast_to(np.arange(num_examples, dtype=np.uint8)[:, None, None, None],
                            (num_examples, 4, 4, 1))
-  return FakeSource(np.ascontiguousarray(images), np.arange(num_examples) % 3)
+  return ArraySource(np.ascontiguousarray(images), np.arange(num_examples) % 3)
 
 
 def example_indexes(batch):
@@ -88,7 +89,7 @@ def take(iterator, count):
 
 
 def test_train_batches_depend_only_on_the_batch_number():
-  source = FakeSource(*learnable_images(64, (8, 8, 1), 10, seed=0))
+  source = ArraySource(*learnable_images(64, (8, 8, 1), 10, seed=0))
   augment = streaming.HostAugment(image_shape=(8, 8, 1), crop_padding=2, flip=True)
   batches = lambda workers, start: streaming.train_batches(
       source, augment=augment, batch_size=8, seed=1, worker_count=workers, start_batch=start)
@@ -145,7 +146,7 @@ def test_a_checkpoint_of_the_earlier_dataloader_stream_resumes_at_its_step(capsy
 
 
 def test_eval_batches_pad_and_mask_the_last_batch():
-  source = FakeSource(*learnable_images(21, (4, 4, 1), 3, seed=0))
+  source = ArraySource(*learnable_images(21, (4, 4, 1), 3, seed=0))
   batches = list(streaming.eval_batches(source, image_shape=(4, 4, 1), batch_size=8,
                                         worker_count=0))
   assert len(batches) == 3
