@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.steps_per_call = -1  # Train steps per compiled call; -1: chosen for the backend.
   config.parallel = 'jit'  # Data-parallel strategy: 'jit', 'shard_map' or 'pmap'.
   config.num_devices = -1  # Devices to train on; -1: every device of every process.
+  # A jax.profiler trace of this many train steps into <workdir>/plugins/profile; 0: none. It
+  # begins with the first compiled call from step profile_start_step on (compilation excluded).
+  config.profile_steps = 0
+  config.profile_start_step = 10
 
   # Checkpoints (in <workdir>/checkpoints; a run started again in the same workdir resumes).
   config.checkpoint_every_steps = -1  # -1: at every evaluation. Always at the end.
@@ -178,8 +182,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a number in [0, 1)')
   _require(config, 'augment.inception_crop', isinstance(config.augment.inception_crop, bool),
            'true or false')
-  _require(config, 'keep_best', _is_int(config.keep_best) and config.keep_best >= 0,
-           'an integer >= 0')
+  for key in ('keep_best', 'profile_steps', 'profile_start_step'):
+    _require(config, key, _is_int(config[key]) and config[key] >= 0, 'an integer >= 0')
   _choice(config, 'best_mode', ('max', 'min'))
   # Checkpoints are ranked by the evaluation metrics saved with them.
   best_metrics = [f'{config.eval_split}/{name}' for name in

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
-from jaxcnn import caches, feeds, models, optim, parallel, xla_options
+from jaxcnn import caches, feeds, models, optim, parallel, profiling, xla_options
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import Checkpointer
 from jaxcnn.data import pipeline
@@ -332,7 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   window_seconds, window_step = 0.0, step  # Training time and first step of the log window.
   num_saves = 0
 
-  with _StopRequests() as stop_requests:
+  profile = profiling.ProfileWindow(workdir, start_step=config.profile_start_step,
+                                    num_steps=config.profile_steps)
+  with _StopRequests() as stop_requests, profile:
     window_start = time.perf_counter()
     while step < total_steps:
       next_event = min(_next_multiple(step, every)
@@ -343,9 +345,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       compile_seconds = stopwatch.totals.get('compile', 0.0)
       train_fn = compiled_train_fn(num_steps, args)
       window_start += stopwatch.totals.get('compile', 0.0) - compile_seconds  # Not training.
+      profile.before_call(step)
       state, sums = train_fn(*args)
       step += num_steps
       progress.advance(num_steps)
+      profile_start = time.perf_counter()
+      if profiled := profile.after_call(step, state):
+        progress.message(profiled)
+        window_start += time.perf_counter() - profile_start  # Writing the trace is not training.
 
       stopping = stop_requests.should_stop(step)
       log_now = step % config.log_every_steps == 0

@@ -105,3 +105,19 @@ def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
   fake_tfds({'train': 16, 'test': 16})
   with pytest.raises(ConfigError, match='batch_size'):
     trainer.train_and_evaluate(tiny_config(batch_size=32), str(tmp_path))
+
+
+def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfds, tmp_path,
+                                                                        capsys):
+  config = tiny_config(steps_per_call=3)
+  plain = trainer.train_and_evaluate(config, str(tmp_path / 'plain'))
+  config.profile_start_step, config.profile_steps = 4, 4
+  profiled = trainer.train_and_evaluate(config, str(tmp_path / 'profiled'))
+  # The window follows the compiled calls (0-3, 3-6, 6-8, 8-11, ...): it begins with the first
+  # call from step 4 on and ends with the call that completes 4 steps.
+  assert 'profiled steps 7 to 11 into ' in capsys.readouterr().out
+  (trace,) = (tmp_path / 'profiled' / 'plugins' / 'profile').glob('*/*.xplane.pb')
+  assert b'jit(train_steps)' in trace.read_bytes()
+  assert not (tmp_path / 'plain' / 'plugins').exists()
+  assert profiled['train/loss'] == plain['train/loss']
+  assert profiled['test/loss'] == plain['test/loss']

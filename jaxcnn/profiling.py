@@ -1,0 +1,56 @@
+"""A trace of a few training steps with `jax.profiler`, for TensorBoard's Profile tab or Perfetto.
+
+`--config.profile_steps=N` traces the compiled train calls from the first one that starts at or
+after step `profile_start_step` until at least N steps have run, and writes the trace into
+`<workdir>/plugins/profile/<time>/` (`<workdir>/profile_process_<i>/...` for each process of a
+multi-process run), where `tensorboard --logdir <workdir>` finds it. The window follows the
+boundaries of the compiled calls rather than splitting one, so that profiling compiles nothing
+that training would not.
+"""
+
+import os
+
+import jax
+
+
+class ProfileWindow:
+  """Starts and stops one `jax.profiler` trace around the train calls of the chosen steps.
+
+  Used as a context manager around the training loop, so that a run that stops early (a signal,
+  a diverged loss) still writes the trace it has.
+  """
+
+  def __init__(self, workdir: str, *, start_step: int, num_steps: int):
+    self.log_dir = (workdir if jax.process_count() == 1
+                    else os.path.join(workdir, f'profile_process_{jax.process_index()}'))
+    self.start_step, self.num_steps = start_step, num_steps
+    self.first_step: int | None = None  # The first traced step, while tracing.
+    self.done = num_steps == 0
+
+  def before_call(self, step: int) -> None:
+    """Called before the train call that starts at `step`."""
+    if not self.done and self.first_step is None and step >= self.start_step:
+      jax.profiler.start_trace(self.log_dir)
+      self.first_step = step
+
+  def after_call(self, step: int, state) -> str | None:
+    """Called after dispatching the call that ends at `step`; ends the trace once it holds
+    `num_steps` steps, and then returns a line saying where it is."""
+    if self.first_step is None or step - self.first_step < self.num_steps:
+      return None
+    jax.block_until_ready(state)  # The trace is to hold the device's work, not just its dispatch.
+    first_step = self.first_step
+    self._stop()
+    return (f'profiled steps {first_step + 1} to {step} into {self.log_dir}/plugins/profile '
+            f'(tensorboard --logdir {self.log_dir}, Profile tab)')
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self.first_step, self.done = None, True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.first_step is not None:
+      self._stop()
