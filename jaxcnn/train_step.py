@@ -107,8 +107,14 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   def micro_step(params, model_state, inputs, targets, labels, model_key, mix_key):
     """Loss and gradient of one (micro-)batch of preprocessed inputs; returns the updated
     BatchNorm statistics too."""
-    if axis_name is not None:  # Each device drops out different units of its own examples.
+    if axis_name is not None:
+      # Each device drops out different units of its own examples.
       model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis_name))
+      # shard_map knows the parameters are the same on every device, so the gradient of this
+      # device's loss with respect to them would come out already summed over the devices (and
+      # the pmean after it would leave that sum): D times the mean gradient. Taken with respect
+      # to a per-device copy, it is this device's own, for the pmean to average.
+      params = _per_device(params, axis_name)
     inputs, targets = mix_batch(inputs, targets, mix_key, options.mixup_alpha,
                                 options.cutmix_alpha)
 
@@ -189,6 +195,13 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def _per_device(tree, axis_name: str):
+  """`tree` marked as varying over `axis_name` (a no-op under pmap, which tracks no such thing)."""
+  if hasattr(jax.lax, 'pcast'):
+    return jax.lax.pcast(tree, axis_name, to='varying')
+  return jax.lax.pvary(tree, axis_name)  # JAX before pcast.
 
 
 def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes: int,
