@@ -7,6 +7,7 @@ device and fetched only at log and evaluation steps.
 
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -193,18 +194,23 @@ class _StopRequests:
 
   Preemption (SIGTERM) and Ctrl-C (SIGINT) then end the run with a saved checkpoint instead of a
   lost one; a second Ctrl-C interrupts at once. In a multi-process run every process must stop at
-  the same step, so JAX's preemption sync point decides there.
+  the same step, also when only one of them was signalled, so JAX's preemption sync point decides
+  there. Its notifier, which `jax.distributed.initialize` installs, listens for SIGTERM and tells
+  every process: a Python handler for SIGTERM would take the signal from it, so there SIGTERM is
+  left to it, and a first SIGINT is passed on to it as a SIGTERM.
   """
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signal_number = None
     self._previous = {}
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for number in self.SIGNALS:
-        self._previous[number] = signal.signal(number, self._handle)
+        if not (self._multi_process and number == signal.SIGTERM):
+          self._previous[number] = signal.signal(number, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -215,9 +221,11 @@ class _StopRequests:
     if self.signal_number == signal.SIGINT and number == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal_number = number
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # To JAX's preemption notifier.
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._multi_process:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.signal_number is not None
 

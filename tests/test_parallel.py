@@ -1,14 +1,17 @@
 """jit over a mesh, shard_map and pmap compute the same training run on 1 to 8 devices."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from jaxcnn import parallel, trainer
+from jaxcnn.checkpoint import CHECKPOINT_DIR
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
@@ -93,21 +96,26 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
-def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy):
-  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4)
-  workdir = tmp_path / 'multi'
+def start_two_processes(tmp_path, workdir, *flags):
+  """Starts `train.py` as two processes of two CPU devices each on localhost."""
   address = f'localhost:{_free_port()}'
-  env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache'),
+  env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache'), 'PYTHONUNBUFFERED': '1',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   command = [sys.executable, 'tests/fake_tfds_run.py', 'train.py',
              '--config=tests/tiny_config.py:bn_cnn', '--config.augment.crop_padding=2',
              '--config.optimizer=momentum', '--config.learning_rate=0.05',
-             f'--config.parallel={strategy}', '--config.num_devices=-1', f'--workdir={workdir}',
-             f'--coordinator_address={address}', '--num_processes=2']
-  processes = [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+             '--config.num_devices=-1', f'--workdir={workdir}',
+             f'--coordinator_address={address}', '--num_processes=2', *flags]
+  return [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO_ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
+@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
+def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy):
+  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4)
+  workdir = tmp_path / 'multi'
+  processes = start_two_processes(tmp_path, workdir, f'--config.parallel={strategy}')
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -118,3 +126,34 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_p
            **[r for r in records if 'test/loss' in r][-1]}
   for key in ('train/loss', 'train/grad_norm', 'test/loss', 'test/accuracy'):
     np.testing.assert_allclose(final[key], reference[key], rtol=RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_signal):
+  """A preemption notice (or a Ctrl-C) that reaches one host stops every host at the same step,
+  with that step's checkpoint saved, through JAX's preemption sync point."""
+  workdir = tmp_path / 'multi'
+  processes = start_two_processes(
+      tmp_path, workdir, '--config.num_train_steps=100000', '--config.log_every_steps=10',
+      '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=20')
+  checkpoints = workdir / CHECKPOINT_DIR
+  try:
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+      assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+      assert time.monotonic() < deadline, 'no checkpoint appeared'
+      time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+    processes[1].send_signal(stop_signal)
+    outputs = [p.communicate(timeout=120) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  # The signalled process names its signal; the other was told by JAX's preemption notice.
+  for p, expected in zip(processes, (signal.SIGTERM, stop_signal)):
+    assert p.returncode == 128 + expected, outputs[processes.index(p)][1][-3000:]
+  last_lines = [err.strip().splitlines()[-1] for _, err in outputs]
+  assert last_lines[1].startswith(f'stopped: stopped by {stop_signal.name} at step ')
+  steps = {int(line.split(' at step ')[1].split()[0]) for line in last_lines}
+  assert len(steps) == 1, last_lines
+  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert saved[-1] == steps.pop()
