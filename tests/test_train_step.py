@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcnn import models, xla_options
+from jaxcnn import models, parallel, xla_options
 from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import create_train_state
 from jaxcnn.train_step import StepOptions, ema_decay_at, make_eval_step, make_train_step
@@ -158,6 +158,31 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike(mixup, cutmix):
   np.testing.assert_array_equal(mixed, again)
   other, _ = mix_batch(images, targets, jax.random.key(2), mixup, cutmix)
   assert not np.array_equal(mixed, other)
+
+
+def test_an_odd_last_example_is_mixed_with_itself():
+  images = jax.random.uniform(jax.random.key(0), (7, 4, 4, 1))
+  targets = jax.nn.one_hot(jnp.arange(7) % 3, 3)
+  mixed, mixed_targets = mix_batch(images, targets, jax.random.key(1), 0.2, 0.0)
+  np.testing.assert_allclose(mixed[6], images[6], rtol=1e-6)
+  np.testing.assert_allclose(mixed_targets[6], targets[6], rtol=1e-6)
+  lam = float(mixed_targets[0] @ targets[0])
+  np.testing.assert_allclose(mixed[5], lam * images[5] + (1 - lam) * images[4], rtol=1e-5)
+
+
+def test_mixing_a_batch_sharded_over_devices_moves_no_example_between_them():
+  """Partners are neighbours, so under jit over a mesh each device mixes its own examples: no
+  all-gather of the batch onto every device (a gather by partner index made one)."""
+  mesh = parallel.make_mesh(4)
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+  images = jax.device_put(jax.random.uniform(jax.random.key(0), (32, 8, 8, 3)), sharded)
+  targets = jax.device_put(jax.nn.one_hot(jnp.arange(32) % 10, 10), sharded)
+  mix = jax.jit(lambda i, t, k: mix_batch(i, t, k, 0.2, 1.0))
+  compiled = mix.lower(images, targets, jax.random.key(1)).compile().as_text()
+  assert 'all-gather' not in compiled and 'all-to-all' not in compiled
+  expected = mix_batch(np.asarray(images), np.asarray(targets), jax.random.key(1), 0.2, 1.0)
+  for got, want in zip(mix(images, targets, jax.random.key(1)), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_cutmix_weight_is_the_area_of_the_pasted_box():

@@ -142,8 +142,7 @@ def mix_batch(images: jax.Array, targets: jax.Array, key: jax.Array, mixup_alpha
   is clipped at the image border. `targets` are one-hot (or smoothed) class distributions.
   """
   choice_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
-  partner = _neighbour_indices(images.shape[0])
-  partner_images, partner_targets = images[partner], targets[partner]
+  partner_images, partner_targets = _swap_neighbours(images), _swap_neighbours(targets)
   candidates = []
   if mixup_alpha > 0:
     lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha)
@@ -174,8 +173,14 @@ def mix_batch(images: jax.Array, targets: jax.Array, key: jax.Array, mixup_alpha
   return mixed.astype(images.dtype), lam * targets + (1 - lam) * partner_targets
 
 
-def _neighbour_indices(num_examples: int) -> np.ndarray:
-  """0 <-> 1, 2 <-> 3, ...; an odd last index is its own partner."""
-  partner = np.arange(num_examples) ^ 1
-  partner[partner >= num_examples] = num_examples - 1
-  return partner
+def _swap_neighbours(x: jax.Array) -> jax.Array:
+  """`x` with examples 0 and 1 swapped, 2 and 3, ...; an odd last example stays in place.
+
+  A reshape rather than a gather with the partners' indices: XLA's partitioner sees that each
+  device's partners are its own, where a gather of a batch sharded over devices (`jit` over a
+  mesh) would first all-gather the whole batch onto every device.
+  """
+  num_pairs = x.shape[0] // 2
+  pairs = x[:2 * num_pairs].reshape(num_pairs, 2, *x.shape[1:])[:, ::-1]
+  swapped = pairs.reshape(2 * num_pairs, *x.shape[1:])
+  return swapped if x.shape[0] % 2 == 0 else jnp.concatenate([swapped, x[-1:]])
