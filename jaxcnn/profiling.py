@@ -9,6 +9,8 @@ that training would not.
 """
 
 import os
+import time
+from collections.abc import Callable
 
 import jax
 
@@ -20,10 +22,11 @@ class ProfileWindow:
   a diverged loss) still writes the trace it has.
   """
 
-  def __init__(self, workdir: str, *, start_step: int, num_steps: int):
+  def __init__(self, workdir: str, *, start_step: int, num_steps: int,
+               report: Callable[[str], None] = print):
     self.log_dir = (workdir if jax.process_count() == 1
                     else os.path.join(workdir, f'profile_process_{jax.process_index()}'))
-    self.start_step, self.num_steps = start_step, num_steps
+    self.start_step, self.num_steps, self.report = start_step, num_steps, report
     self.first_step: int | None = None  # The first traced step, while tracing.
     self.done = num_steps == 0
 
@@ -33,16 +36,18 @@ class ProfileWindow:
       jax.profiler.start_trace(self.log_dir)
       self.first_step = step
 
-  def after_call(self, step: int, state) -> str | None:
+  def after_call(self, step: int, state) -> float:
     """Called after dispatching the call that ends at `step`; ends the trace once it holds
-    `num_steps` steps, and then returns a line saying where it is."""
+    `num_steps` steps, and returns the seconds spent writing it (not training)."""
     if self.first_step is None or step - self.first_step < self.num_steps:
-      return None
+      return 0.0
     jax.block_until_ready(state)  # The trace is to hold the device's work, not just its dispatch.
+    start = time.perf_counter()
     first_step = self.first_step
     self._stop()
-    return (f'profiled steps {first_step + 1} to {step} into {self.log_dir}/plugins/profile '
-            f'(tensorboard --logdir {self.log_dir}, Profile tab)')
+    self.report(f'profiled steps {first_step + 1} to {step} into {self.log_dir}/plugins/profile '
+                f'(tensorboard --logdir {self.log_dir}, Profile tab)')
+    return time.perf_counter() - start
 
   def _stop(self) -> None:
     jax.profiler.stop_trace()

@@ -58,6 +58,20 @@ def default_steps_per_call(backend: str) -> int:
   return 1 if backend == 'cpu' else 25
 
 
+def call_length(steps_per_call: int, steps_to_boundary: int) -> int:
+  """Steps of the next compiled call: `steps_per_call`, or, where a log, evaluation or checkpoint
+  step, an epoch's end or the last step comes sooner, the largest power of two that fits.
+
+  Each length is a program of its own (a scan's length is static). Cutting a call to fit each
+  boundary exactly compiled one per distinct remainder (all 25 lengths for configs/mnist.py at 25
+  steps per call); powers of two bound them to log2(steps_per_call) + 2 programs, and a remainder
+  takes at most that many calls.
+  """
+  if steps_to_boundary >= steps_per_call:
+    return steps_per_call
+  return 1 << (steps_to_boundary.bit_length() - 1)
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything static about a run: the model definition, optimizer and compiled steps.
@@ -341,14 +355,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   num_saves = 0
 
   profile = profiling.ProfileWindow(workdir, start_step=config.profile_start_step,
-                                    num_steps=config.profile_steps)
+                                    num_steps=config.profile_steps, report=progress.message)
   with _StopRequests() as stop_requests, profile:
     window_start = time.perf_counter()
     while step < total_steps:
       next_event = min(_next_multiple(step, every)
                        for every in (config.log_every_steps, eval_every, checkpoint_every))
-      num_steps = min(steps_per_call, train_feed.max_steps(step), next_event - step,
-                      total_steps - step)
+      num_steps = call_length(steps_per_call, min(train_feed.max_steps(step), next_event - step,
+                                                  total_steps - step))
       args = train_feed.args(state, sums, step, num_steps)
       compile_seconds = stopwatch.totals.get('compile', 0.0)
       train_fn = compiled_train_fn(num_steps, args)
@@ -357,10 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       state, sums = train_fn(*args)
       step += num_steps
       progress.advance(num_steps)
-      profile_start = time.perf_counter()
-      if profiled := profile.after_call(step, state):
-        progress.message(profiled)
-        window_start += time.perf_counter() - profile_start  # Writing the trace is not training.
+      window_start += profile.after_call(step, state)  # Writing a trace is not training.
 
       stopping = stop_requests.should_stop(step)
       log_now = step % config.log_every_steps == 0

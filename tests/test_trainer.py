@@ -86,6 +86,21 @@ def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
   np.testing.assert_allclose(results[0]['test/loss'], results[1]['test/loss'], rtol=1e-5)
 
 
+def test_a_call_cut_short_by_a_boundary_runs_a_power_of_two_steps():
+  assert [trainer.call_length(25, n) for n in (400, 25, 24, 17, 16, 9, 3, 2, 1)] == [
+      25, 25, 16, 16, 16, 8, 2, 2, 1]
+  # The steps up to any boundary take few calls and few distinct (compiled) lengths.
+  lengths = set()
+  for boundary in range(1, 200):
+    step, calls = 0, 0
+    while step < boundary:
+      length = trainer.call_length(25, boundary - step)
+      lengths.add(length)
+      step, calls = step + length, calls + 1
+    assert step == boundary and calls <= boundary // 25 + 4  # 23 = 16 + 4 + 2 + 1.
+  assert lengths == {25, 16, 8, 4, 2, 1}
+
+
 def test_new_workdir_is_unique_under_runs(tmp_path):
   first = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))
   second = workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path))  # In the same second.
