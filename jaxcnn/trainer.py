@@ -129,7 +129,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   if strategy.axis_name is not None and strategy.num_devices > 1:
     _check_batchnorm_axes(config.model, model, strategy)
   if init_images is not None and hasattr(model, 'init_whitening'):
-    model.init_whitening(init_images[:_WHITENING_IMAGES])
+    model.init_whitening(init_images[pipeline.sample_indices(num_train_examples,
+                                                            _WHITENING_IMAGES)])
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'

@@ -248,3 +248,16 @@ def test_normalisation_uses_the_training_statistics():
   np.testing.assert_allclose(np.asarray(normalized).reshape(-1, 3).std(0), 1, atol=1e-4)
   bf16 = augment.Preprocessor(mean=mean, std=std, dtype='bfloat16').normalize(jnp.asarray(images))
   assert bf16.dtype == jnp.bfloat16
+
+
+def test_streamed_statistics_sample_the_whole_split_not_its_first_images():
+  """An image folder is stored sorted by class: its first 1,024 images may all be one class."""
+  from jaxcnn.data.synthetic import ArraySource
+  images = np.concatenate([np.full((1500, 4, 4, 1), 20, np.uint8),
+                           np.full((1500, 4, 4, 1), 230, np.uint8)])
+  source = ArraySource(images, np.repeat(np.arange(2), 1500))
+  (mean,), (std,) = pipeline._sample_stats(source, (4, 4, 1), 'image')  # pylint: disable=protected-access
+  assert mean == pytest.approx(125, abs=10) and std == pytest.approx(105, abs=5)
+  indices = pipeline.sample_indices(3000, 1024)
+  assert len(set(indices.tolist())) == 1024 and list(indices) == sorted(indices)
+  assert list(pipeline.sample_indices(10, 1024)) == list(range(10))

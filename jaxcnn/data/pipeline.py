@@ -234,12 +234,24 @@ def _placement(config, info, shape) -> str:
   return 'device' if size <= budget else 'stream'
 
 
+def sample_indices(num_examples: int, count: int) -> np.ndarray:
+  """`count` example indices (all of them, if fewer) drawn from the whole split without
+  replacement, with a fixed seed, in increasing order.
+
+  Not the first `count`: an image folder's examples are stored sorted by class, so its first
+  images would describe one class.
+  """
+  if count >= num_examples:
+    return np.arange(num_examples)
+  return np.sort(np.random.default_rng(0).choice(num_examples, count, replace=False))
+
+
 def _sample_stats(source, shape, image_key: str):
-  """Channel statistics of the first training images, for data that never sits in memory."""
+  """Channel statistics of a sample of the training images, for data never held in memory."""
   height, width, _ = shape
-  count = min(len(source), _STATS_SAMPLE)
+  indices = sample_indices(len(source), _STATS_SAMPLE)
   images = np.stack([resize_and_center_crop(np.asarray(example[image_key]), height, width)
-                     for example in source.__getitems__(list(range(count)))])
+                     for example in source.__getitems__(indices.tolist())])
   return channel_stats(images)
 
 
