@@ -2,8 +2,8 @@
 
   python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5] IMAGE...
 
-Each image is decoded, converted to the run's channels, resized to its image size and normalised
-with its training statistics, as training did; the top classes and their probabilities are
+Each image is decoded, converted to the run's channels, resized and centre-cropped to its image
+size and normalised with its training statistics, as evaluation does; the top classes and their probabilities are
 printed one image per line. An unreadable image is named in a one-line error on stderr and the
 others are still predicted (the exit status is then 2).
 """
@@ -16,6 +16,7 @@ from absl import flags
 from PIL import Image
 
 from jaxcnn import cli
+from jaxcnn.data.image_ops import resize_and_center_crop
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.train_step import make_predict_step
@@ -33,18 +34,16 @@ def define_flags() -> None:
 
 
 def load_image(path: str, image_shape) -> np.ndarray:
-  """Decodes `path` into uint8 [H, W, C] with the run's size and channels.
+  """Decodes `path` into uint8 [H, W, C] with the run's channels and size, resized and
+  centre-cropped as evaluation does (the shorter side to size / 0.875, then the centre).
 
   Raises:
     OSError: the file cannot be read or is not an image.
   """
   height, width, channels = image_shape
   with Image.open(path) as image:
-    image = image.convert('L' if channels == 1 else 'RGB')
-    if image.size != (width, height):
-      image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, np.uint8)
-  return pixels.reshape(height, width, channels)
+    pixels = np.asarray(image.convert('L' if channels == 1 else 'RGB'), np.uint8)
+  return resize_and_center_crop(pixels.reshape(*pixels.shape[:2], channels), height, width)
 
 
 def main(argv):

@@ -78,3 +78,16 @@ def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
   again = trainer.train_and_evaluate(config, str(tmp_path / 'run2'))
   assert 'preparing image folder' not in capfd.readouterr().out
   np.testing.assert_allclose(again['test/accuracy'], result['test/accuracy'])
+
+
+def test_predict_reads_an_image_as_evaluation_does(tmp_path):
+  """Resized on its shorter side and centre-cropped, not squashed to the run's shape."""
+  from jaxcnn.data import streaming
+  from jaxcnn.predict import load_image
+  pixels = np.random.default_rng(0).integers(0, 256, (80, 120, 3), np.uint8)
+  Image.fromarray(pixels).save(tmp_path / 'wide.png')
+  evaluated = streaming._EvalTransform((64, 64, 3), 'image', 'label').map(  # pylint: disable=protected-access
+      {'image': pixels, 'label': 0})['image']
+  np.testing.assert_array_equal(load_image(str(tmp_path / 'wide.png'), (64, 64, 3)), evaluated)
+  grey = load_image(str(tmp_path / 'wide.png'), (28, 28, 1))
+  assert grey.shape == (28, 28, 1) and grey.dtype == np.uint8
