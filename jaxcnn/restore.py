@@ -40,7 +40,7 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   experiment, state = build_experiment(
       config, image_shape=record.image_shape, num_classes=record.num_classes,
       num_train_examples=record.num_train_examples, mean=record.mean, std=record.std,
-      strategy=strategy, placement=placement)
+      strategy=strategy, placement=placement, training=False)
   checkpointer = make_checkpointer(config, workdir)
   template = {'state': state, 'train_sums': experiment.zero_train_sums()}
   sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())

@@ -103,22 +103,25 @@ class Experiment:
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
                      num_train_examples: int, mean, std, strategy: parallel.Strategy,
-                     placement: str = 'device',
-                     init_images=None) -> tuple[Experiment, TrainState]:
+                     placement: str = 'device', init_images=None,
+                     training: bool = True) -> tuple[Experiment, TrainState]:
   """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
 
   The initial state is already placed on the devices in `strategy`'s layout. For streamed data
   (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
   `init_images` (uint8 training images) initialise models that learn their first layer from the
-  data, such as airbench's patch whitening.
+  data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
+  trained run's state) leaves out the checks of the training batch against the devices, which may
+  not be those it was trained on.
   """
-  for key in ('batch_size', 'eval_batch_size'):
-    strategy.check_batch_size(key, config[key])
-  per_device_batch = config.batch_size // strategy.num_devices
-  if per_device_batch % config.grad_accum_steps:
-    raise ConfigError(f"config key 'grad_accum_steps' ({config.grad_accum_steps}) must divide the "
-                      f'batch of each device ({config.batch_size} / {strategy.num_devices} devices '
-                      f'= {per_device_batch})')
+  strategy.check_batch_size('eval_batch_size', config.eval_batch_size)
+  if training:
+    strategy.check_batch_size('batch_size', config.batch_size)
+    per_device_batch = config.batch_size // strategy.num_devices
+    if per_device_batch % config.grad_accum_steps:
+      raise ConfigError(f"config key 'grad_accum_steps' ({config.grad_accum_steps}) must divide "
+                        f'the batch of each device ({config.batch_size} / {strategy.num_devices} '
+                        f'devices = {per_device_batch})')
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "

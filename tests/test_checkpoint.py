@@ -328,12 +328,15 @@ def _write_digit_images(directory, count):
 
 def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
   workdir = tmp_path / 'run'
-  config = tiny_config(model='bn_cnn', num_train_steps=48, eval_every_steps=16)
+  # Trained on one device with a batch that 8 devices could not split: evaluating on 8 (the
+  # evaluation batch of 64 splits) must not trip over the training batch.
+  config = tiny_config(model='bn_cnn', num_train_steps=48, eval_every_steps=16, batch_size=36)
   result = trainer.train_and_evaluate(config, str(workdir))
   env = environment(tmp_path)
   evaluation = subprocess.run(
       [sys.executable, 'tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}'],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+      cwd=REPO_ROOT, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+      capture_output=True, text=True, timeout=300, check=False)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   assert 'checkpoint at step 48 (latest)' in evaluation.stdout
   accuracy = result['test/accuracy']
