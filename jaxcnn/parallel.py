@@ -281,6 +281,7 @@ class PmapStrategy(_PerDeviceStrategy):
     local_mesh = jax.sharding.Mesh(np.array(local), (DATA_AXIS,))
     self._stacked = NamedSharding(local_mesh, P(DATA_AXIS))
     self._num_local = len(local)
+    self._permutation_fns = {}
 
   def replicate(self, tree):
     def stack(x):
@@ -312,9 +313,13 @@ class PmapStrategy(_PerDeviceStrategy):
     return functools.partial(_call_with_static, fn, static)
 
   def permutation(self, seed, epoch, num_examples):
-    fn = jax.pmap(lambda s, e: device_data.epoch_permutation(s, e, num_examples),
-                  axis_name=DATA_AXIS, in_axes=(None, 0), devices=self._devices)
-    return fn(jnp.int32(seed), self.replicate(np.int32(epoch)))
+    # One pmapped function per split size, kept: pmap caches its compilation on the function, so
+    # a new one each epoch compiled anew each epoch (0.7 to 1.1 s on a CPU, inside training).
+    if num_examples not in self._permutation_fns:
+      self._permutation_fns[num_examples] = jax.pmap(
+          functools.partial(device_data.epoch_permutation, num_examples=num_examples),
+          axis_name=DATA_AXIS, in_axes=(None, 0), devices=self._devices)
+    return self._permutation_fns[num_examples](jnp.int32(seed), self.replicate(np.int32(epoch)))
 
   def train_fn(self, train_step, batch_size):
     return jax.pmap(self._per_device_train(train_step, batch_size), axis_name=DATA_AXIS,

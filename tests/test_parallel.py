@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,6 +84,22 @@ def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monke
                                         r"axis_name \(bn\)"):
     trainer.train_and_evaluate(tiny_config(model='localbn:Net', parallel=strategy, num_devices=2),
                                str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
+def test_each_epochs_permutation_compiles_once_per_run(strategy):
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kwargs: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  mesh_strategy = parallel.make_strategy(strategy, 4)
+  orders = []
+  for epoch in range(3):
+    compiles.clear()
+    orders.append(np.asarray(mesh_strategy.fetch(mesh_strategy.permutation(0, epoch, 1000))))
+    if epoch:
+      assert not compiles, f'epoch {epoch} compiled again'
+  assert sorted(orders[2]) == list(range(1000)) and not np.array_equal(orders[1], orders[2])
 
 
 def test_more_devices_than_exist_is_refused():
