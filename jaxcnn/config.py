@@ -203,6 +203,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a positive number')
   for key in ('weight_decay', 'warmup_epochs', 'grad_clip_norm'):
     _require(config, key, _is_number(config[key]) and config[key] >= 0, 'a number >= 0')
+  if config.lr_schedule == 'onecycle' and config.warmup_epochs:
+    raise ConfigError(f"config key 'warmup_epochs' ({config.warmup_epochs:g}) is not used by "
+                      "lr_schedule 'onecycle', which warms up over its first 30% itself; set it "
+                      'to 0 or choose another schedule')
   _require(config, 'lr_decay_epochs',
            isinstance(config.lr_decay_epochs, (tuple, list))
            and all(_is_number(e) and e > 0 for e in config.lr_decay_epochs)

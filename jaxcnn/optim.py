@@ -14,7 +14,8 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Sched
 
   `cosine` and `linear` decay to zero at `total_steps` after `warmup_epochs` of linear warm-up;
   `step` multiplies the rate by `lr_decay_factor` at each epoch in `lr_decay_epochs`; `onecycle`
-  is Smith's one-cycle policy peaking at 30% of training.
+  is Smith's one-cycle policy peaking at 30% of training (its own warm-up). Warm-up step s of W
+  runs at (s + 1) / W of the rate, so that the first step already trains.
   """
   base = float(config.learning_rate)
   warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
@@ -36,7 +37,8 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Sched
     raise ConfigError(f'unknown lr_schedule {name!r}; choose one of: {", ".join(SCHEDULES)}')
   if warmup == 0:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+  ramp = optax.linear_schedule(base / warmup, base, max(warmup - 1, 1))
+  return optax.join_schedules([ramp, main], [warmup])
 
 
 def _decay_mask(params):

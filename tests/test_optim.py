@@ -1,0 +1,67 @@
+"""Learning-rate schedules and optimizers built from the config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn import config as config_lib
+from jaxcnn import optim
+from jaxcnn.errors import ConfigError
+
+from conftest import tiny_config
+
+
+def rates(schedule, steps):
+  return np.array([float(schedule(step)) for step in steps])
+
+
+@pytest.mark.parametrize('name', ['constant', 'cosine', 'linear', 'step'])
+def test_warm_up_trains_from_the_first_step_and_reaches_the_rate(name):
+  config = tiny_config(learning_rate=0.4, lr_schedule=name, warmup_epochs=1)
+  schedule = optim.make_schedule(config, total_steps=1000, steps_per_epoch=100)
+  np.testing.assert_allclose(rates(schedule, [0, 49, 99]), [0.004, 0.2, 0.4], rtol=1e-5)
+  assert np.all(np.diff(rates(schedule, range(100))) > 0)
+  assert float(schedule(100)) == pytest.approx(0.4, rel=1e-4)  # The main schedule's start.
+
+
+def test_cosine_and_linear_decay_to_zero_at_the_last_step():
+  for name in ('cosine', 'linear'):
+    config = tiny_config(learning_rate=0.1, lr_schedule=name)
+    schedule = optim.make_schedule(config, total_steps=500, steps_per_epoch=50)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    assert float(schedule(250)) == pytest.approx(0.05, rel=1e-3)  # Half-way, both.
+    assert float(schedule(500)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_step_schedule_decays_at_the_given_epochs():
+  config = tiny_config(learning_rate=1.0, lr_schedule='step', lr_decay_epochs=(2, 4),
+                       lr_decay_factor=0.1)
+  schedule = optim.make_schedule(config, total_steps=600, steps_per_epoch=100)
+  np.testing.assert_allclose(rates(schedule, [0, 199, 200, 399, 400, 599]),
+                             [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-5)
+
+
+def test_onecycle_warms_up_itself_and_refuses_a_warm_up():
+  config = tiny_config(learning_rate=0.2, lr_schedule='onecycle')
+  schedule = optim.make_schedule(config, total_steps=1000, steps_per_epoch=100)
+  peak = int(np.argmax(rates(schedule, range(1000))))
+  assert 290 <= peak <= 310 and float(schedule(peak)) == pytest.approx(0.2, rel=1e-3)
+  config = tiny_config(lr_schedule='onecycle', warmup_epochs=2)
+  with pytest.raises(ConfigError, match="'warmup_epochs' \\(2\\) is not used by lr_schedule "
+                                        "'onecycle'"):
+    config_lib.validate(config)
+
+
+def test_weight_decay_leaves_biases_and_norm_scales_alone():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.ones(4)},
+            'norm': {'scale': jnp.ones(4)}}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  for name in ('sgd', 'adamw'):
+    config = tiny_config(optimizer=name, learning_rate=0.1, lr_schedule='constant',
+                         weight_decay=0.5)
+    tx = optim.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert float(jnp.abs(updates['conv']['kernel']).max()) > 0, name  # Decayed.
+    assert float(jnp.abs(updates['conv']['bias']).max()) == 0, name
+    assert float(jnp.abs(updates['norm']['scale']).max()) == 0, name
