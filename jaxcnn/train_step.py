@@ -191,7 +191,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
           ema_model_state=jax.tree.map(average, state.ema_model_state, model_state))
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics['nonfinite_step'] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
+    # Numbered as metrics and checkpoints count steps: the step that takes state.step to this.
+    metrics['nonfinite_step'] = jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32)
     return new_state, metrics
 
   return train_step

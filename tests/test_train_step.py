@@ -10,7 +10,8 @@ from flax import nnx
 from jaxcnn import models, parallel, xla_options
 from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import create_train_state
-from jaxcnn.train_step import StepOptions, ema_decay_at, make_eval_step, make_train_step
+from jaxcnn.train_step import (NO_STEP, StepOptions, ema_decay_at, make_eval_step,
+                               make_train_step)
 
 from conftest import learnable_images
 
@@ -42,6 +43,19 @@ def test_steps_lower_the_loss():
     losses.append(float(metrics['loss']))
   assert int(state.step) == 15
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_step_that_is_not_finite_changes_nothing_and_reports_its_number():
+  _, state, step = setup()
+  state, metrics = step(state, batch())  # Step 1: finite.
+  assert int(metrics['nonfinite_step']) == NO_STEP
+  poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan),
+                                               state.params))
+  after, metrics = step(poisoned, batch())
+  assert int(metrics['nonfinite_step']) == 2  # Numbered as metrics.jsonl numbers steps.
+  assert int(after.step) == int(state.step)  # Not counted as taken...
+  for old, new in zip(jax.tree.leaves(poisoned), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(old, new)  # ...and nothing moved.
 
 
 def test_only_parameters_get_gradients_and_batchnorm_statistics_update():
