@@ -155,6 +155,19 @@ def _ignore_failed_read_leftovers() -> None:
   sys.unraisablehook = hook
 
 
+def damaged_for_any_process(step: int, error: CheckpointError | None) -> CheckpointError | None:
+  """This process's verdict on checkpoint `step` (`error` if it failed to read it), agreed with
+  the other processes of a multi-process run: a checkpoint that any of them failed to read is
+  damaged for all, so that every process resumes from the same step."""
+  if jax.process_count() == 1:
+    return error
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+  if error is None and failed.any():
+    processes = ', '.join(str(i) for i in np.flatnonzero(failed))
+    return CheckpointError(f'checkpoint {step} could not be read by process {processes}')
+  return error
+
+
 class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
@@ -294,10 +307,13 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         self.check_compatible(step, template)
-        restored = self.restore(step, template, sharding)
+        restored, error = self.restore(step, template, sharding), None
       except CheckpointError as e:
-        print(f'warning: {str(e).rstrip(".")}; trying the previous checkpoint', file=sys.stderr,
-              flush=True)
+        restored, error = None, e
+      error = damaged_for_any_process(step, error)
+      if error is not None:
+        print(f'warning: {str(error).rstrip(".")}; trying the previous checkpoint',
+              file=sys.stderr, flush=True)
         damaged.append(step)
         continue
       if damaged and set_aside_damaged:

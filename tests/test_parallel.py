@@ -174,3 +174,50 @@ def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_sig
   assert len(steps) == 1, last_lines
   saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   assert saved[-1] == steps.pop()
+
+
+def test_process_0_prepares_the_dataset_before_the_others_and_its_error_reaches_them(
+    monkeypatch):
+  from jax.experimental import multihost_utils
+  from jaxcnn.data import pipeline
+  from jaxcnn.errors import DataError
+  events = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: events.append('sync'))
+
+  def prepare():
+    events.append('prepare')
+    return 'builder'
+
+  for index, expected in ((0, ['prepare', 'sync']), (1, ['sync', 'prepare'])):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    events.clear()
+    assert pipeline.prepared_by_process_0_first(prepare) == 'builder'
+    assert events == expected
+
+  def fail():
+    events.append('prepare')
+    raise DataError('no files')
+
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  events.clear()
+  with pytest.raises(DataError, match='no files'):
+    pipeline.prepared_by_process_0_first(fail)
+  assert events == ['prepare', 'sync']  # The others were let go before process 0 failed.
+
+
+def test_a_checkpoint_one_process_cannot_read_is_damaged_for_every_process(monkeypatch):
+  from jax.experimental import multihost_utils
+  from jaxcnn.checkpoint import CheckpointError, damaged_for_any_process
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  failed_on = []  # The processes that failed to read the checkpoint.
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda flag: np.array([int(i in failed_on) for i in range(2)]))
+  assert damaged_for_any_process(16, None) is None
+  failed_on[:] = [1]
+  error = damaged_for_any_process(16, None)
+  assert isinstance(error, CheckpointError)
+  assert str(error) == 'checkpoint 16 could not be read by process 1'
+  own = CheckpointError('checkpoint 16 does not match its checksums')
+  failed_on[:] = [0, 1]
+  assert damaged_for_any_process(16, own) is own

@@ -8,14 +8,17 @@ names, `dataset` may be `imagefolder` (the user's own images, `image_folder.py`)
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxcnn.data import decoded_index, device_data, image_folder, synthetic, tfds_data
 from jaxcnn.data.augment import channel_stats
 from jaxcnn.data.image_ops import resize_and_center_crop
-from jaxcnn.errors import ConfigError, DataError
+from jaxcnn.errors import ConfigError, DataError, UserError
 
 SYNTHETIC = 'synthetic'
 IMAGE_FOLDER = 'imagefolder'
@@ -24,6 +27,8 @@ _HOST_DEVICE_BYTES = 4 << 30
 # A device keeps a dataset if it takes at most this fraction of the device's memory.
 _DEVICE_MEMORY_FRACTION = 0.25
 _STATS_SAMPLE = 1024
+
+T = TypeVar('T')
 
 
 @dataclasses.dataclass
@@ -107,7 +112,8 @@ def load_data(config, train: bool = True) -> Data:
       print(f'no image_folder given: using synthetic data of shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
-    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
+    builder = prepared_by_process_0_first(
+        lambda: image_folder.ensure_prepared(config.image_folder, config.data_dir))
   else:
     recorded = _read_recorded(config, train)
     if recorded is not None:
@@ -120,7 +126,8 @@ def load_data(config, train: bool = True) -> Data:
       print(f'{config.dataset} is not prepared: using synthetic data of its shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, info.num_classes, name=f'synthetic {config.dataset}')
-    builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
+    builder = prepared_by_process_0_first(
+        lambda: tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir))
   info = tfds_data.dataset_info(builder)
   _check_splits(config, info)
   shape = _image_shape(config, info)
@@ -146,6 +153,28 @@ def load_data(config, train: bool = True) -> Data:
   mean, std = _sample_stats(train_source, shape, info.image_key)
   return Data(**common, num_train_examples=len(train_source), num_eval_examples=len(evaluation),
               mean=mean, std=std, train=train_source, eval=evaluation)
+
+
+def prepared_by_process_0_first(prepare: Callable[[], T]) -> T:
+  """`prepare()` (which prepares a dataset if needed) on process 0 first, then on the others.
+
+  Run at once, the processes of a multi-process run would all prepare the same folder of a shared
+  data_dir; after process 0 the others find it prepared (or prepare their own, where each host
+  has its own data_dir). A user error on process 0 is raised after the others are let go, so
+  that they meet it themselves rather than wait for a process that has ended.
+  """
+  if jax.process_count() == 1:
+    return prepare()
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = prepare()
+    except UserError as e:
+      error = e
+  multihost_utils.sync_global_devices('jaxcnn_dataset_prepared')
+  if error is not None:
+    raise error
+  return result if jax.process_index() == 0 else prepare()
 
 
 def _device_resident(config, common: dict, read_split, train: bool) -> Data:
