@@ -6,6 +6,7 @@ line then overrides single keys (`--config.batch_size=256`). Because configs are
 value into a one-line `ConfigError` before any work starts.
 """
 
+import difflib
 import json
 import math
 import numbers
@@ -115,6 +116,11 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
 def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str,
                       prefix: str = '') -> None:
   for key, value in values.items():
+    if key not in config:
+      close = difflib.get_close_matches(key, list(config.keys()), n=3)
+      hint = (f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else
+              '; jaxcnn/config.py defines every key')
+      raise ConfigError(f"config file {path!r} has an unknown config key '{prefix}{key}'{hint}")
     default = config.get(key)
     if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
       _update_from_json(default, value, path, f'{prefix}{key}.')

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -60,6 +61,19 @@ def test_a_runs_config_json_reads_back_as_the_config_it_records(path, tmp_path):
 def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text('{"augment": {"flip": 3}}')
   with pytest.raises(ConfigError, match="gives config key 'augment.flip' the value 3; it takes bool"):
+    config_lib.config_from_json(str(tmp_path / 'config.json'))
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"batch_sizz": 64}', "unknown config key 'batch_sizz'; did you mean 'batch_size'"),
+    ('{"augment": {"flipp": true}}', "unknown config key 'augment.flipp'; did you mean "
+                                     "'augment.flip'?"),
+    ('{"zzz": 1}', "unknown config key 'zzz'; jaxcnn/config.py defines every key"),
+])
+def test_a_config_json_with_an_unknown_key_is_refused(tmp_path, text, message):
+  """Locked like any config: a misspelt key is not quietly trained without."""
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(ConfigError, match=re.escape(message)):
     config_lib.config_from_json(str(tmp_path / 'config.json'))
 
 
