@@ -172,11 +172,12 @@ class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
   Keeps the `keep_last` most recent checkpoints and, separately, the `keep_best` best ones by
-  `best_metric` (among checkpoints saved with that metric).
+  `best_metric` (among checkpoints saved with that metric). `reading_only` (evaluating a run)
+  leaves the folder as it is: not even created where it is missing.
   """
 
   def __init__(self, workdir: str, *, keep_last: int, keep_best: int, best_metric: str,
-               best_mode: str = 'max', async_save: bool = True):
+               best_mode: str = 'max', async_save: bool = True, reading_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.best_metric = best_metric
     self.best_mode = best_mode
@@ -188,7 +189,8 @@ class Checkpointer:
           n=keep_best, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not reading_only,
+        create=not reading_only)
     # Handlers named up front, so that a new process can read metadata before any restore.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,

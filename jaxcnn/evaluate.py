@@ -1,6 +1,7 @@
 """Evaluates a trained run on its evaluation split.
 
   python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split test]
+                           [--data_dir DIR]
 
 Rebuilds the run from its `config.json` and `dataset.json`, restores the chosen checkpoint and
 prints the metrics over every example of the split.
@@ -25,6 +26,7 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'latest',
                       "'latest', 'best' (by the run's best_metric) or a step number.")
   flags.DEFINE_string('split', None, "Split to evaluate (default: the run's eval_split).")
+  flags.DEFINE_string('data_dir', None, "TFDS data_dir to read it from (default: the run's).")
 
 
 def main(argv):
@@ -43,6 +45,10 @@ def main(argv):
       config.dataset = pipeline.SYNTHETIC
       config.synthetic.image_shape = tuple(record.image_shape)
       config.synthetic.num_classes = record.num_classes
+    else:  # Trained on real data: never evaluated on a synthetic stand-in for it.
+      config.synthetic_if_unprepared = False
+    if FLAGS.data_dir:
+      config.data_dir = FLAGS.data_dir
   data = pipeline.load_data(config, train=False)
   run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)

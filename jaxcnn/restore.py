@@ -41,32 +41,34 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
       config, image_shape=record.image_shape, num_classes=record.num_classes,
       num_train_examples=record.num_train_examples, mean=record.mean, std=record.std,
       strategy=strategy, placement=placement, training=False)
-  checkpointer = make_checkpointer(config, workdir)
-  template = {'state': state, 'train_sums': experiment.zero_train_sums()}
-  sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
-  steps = checkpointer.steps()
-  if not steps:
-    raise UserError(f'{workdir} has no checkpoint yet')
-  if checkpoint == 'latest':
-    # Reading only: damaged checkpoints stay where they are, for the run itself to deal with.
-    restored = checkpointer.restore_latest_good(template, sharding, set_aside_damaged=False)
-  else:
-    if checkpoint == 'best':
-      step = checkpointer.best_step()
-      if step is None:
-        raise UserError(f'no checkpoint in {checkpointer.directory} was saved with '
-                        f'{config.best_metric}; use --checkpoint=latest')
-    elif checkpoint.isdigit() and int(checkpoint) in steps:
-      step = int(checkpoint)
+  checkpointer = make_checkpointer(config, workdir, reading_only=True)
+  try:  # Closed on every path: an open manager's threads fail noisily at interpreter exit.
+    template = {'state': state, 'train_sums': experiment.zero_train_sums()}
+    sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+    steps = checkpointer.steps()
+    if not steps:
+      raise UserError(f'{workdir} has no checkpoint yet')
+    if checkpoint == 'latest':
+      # Reading only: damaged checkpoints stay where they are, for the run itself to deal with.
+      restored = checkpointer.restore_latest_good(template, sharding, set_aside_damaged=False)
     else:
-      raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or one of the saved "
-                      f'steps: {", ".join(map(str, steps))}')
-    checkpointer.check_compatible(step, template)
-    try:
-      restored = checkpointer.restore(step, template, sharding)
-    except CheckpointError as e:
-      raise UserError(str(e)) from e
-  checkpointer.close()
+      if checkpoint == 'best':
+        step = checkpointer.best_step()
+        if step is None:
+          raise UserError(f'no checkpoint in {checkpointer.directory} was saved with '
+                          f'{config.best_metric}; use --checkpoint=latest')
+      elif checkpoint.isdigit() and int(checkpoint) in steps:
+        step = int(checkpoint)
+      else:
+        raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or one of the saved "
+                        f'steps: {", ".join(map(str, steps))}')
+      checkpointer.check_compatible(step, template)
+      try:
+        restored = checkpointer.restore(step, template, sharding)
+      except CheckpointError as e:
+        raise UserError(str(e)) from e
+  finally:
+    checkpointer.close()
   tree, meta = restored
   return RestoredRun(config=config, dataset=record, experiment=experiment, state=tree['state'],
                      step=meta['step'])

@@ -460,11 +460,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   return {**last_train, **last_eval, **timing, 'workdir': workdir, 'step': step}
 
 
-def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
+                      reading_only: bool = False) -> Checkpointer:
   """The checkpoint manager of a run, with the config's retention and saving options."""
   return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
                       best_metric=config.best_metric, best_mode=config.best_mode,
-                      async_save=config.async_checkpointing)
+                      async_save=config.async_checkpointing, reading_only=reading_only)
 
 
 def _describe_position(position: dict) -> str:

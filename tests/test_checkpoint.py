@@ -2,6 +2,7 @@
 and the evaluate and predict command lines."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -383,3 +384,33 @@ def test_a_run_trained_on_a_synthetic_stand_in_is_evaluated_on_it(mnist_data_dir
   assert 'checkpoint at step 8, synthetic test:' in evaluation.stdout
   accuracy = result['test/accuracy']
   assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 64)}/64)' in evaluation.stdout
+
+
+def test_a_run_trained_on_real_data_is_never_evaluated_on_a_synthetic_stand_in(mnist_data_dir,
+                                                                               tmp_path):
+  """A :smoke config may stand synthetic data in for an unprepared dataset when training, but a
+  run that trained on the real data is evaluated on it or not at all."""
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8, synthetic_if_unprepared=True,
+                                         data_dir=str(mnist_data_dir)), str(workdir))
+  empty = tmp_path / 'empty_tfds'
+  command = [sys.executable, '-m', 'jaxcnn.evaluate', f'--workdir={workdir}']
+  missing = subprocess.run(command + [f'--data_dir={empty}'], cwd=REPO_ROOT,
+                           env=environment(tmp_path), capture_output=True, text=True, timeout=300,
+                           check=False)
+  assert missing.returncode == 2, missing.stderr[-3000:]
+  assert missing.stderr.startswith(f"error: dataset 'mnist' is not prepared in {empty}")
+  assert 'synthetic' not in missing.stdout + missing.stderr
+  assert 'Traceback' not in missing.stderr
+
+
+def test_evaluate_and_predict_before_the_first_checkpoint_say_so_in_one_line(fake_tfds, tmp_path):
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(workdir))
+  shutil.rmtree(workdir / CHECKPOINT_DIR)  # As a run is before its first checkpoint.
+  for command in (['tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}'],
+                  ['-m', 'jaxcnn.predict', f'--workdir={workdir}', 'image.png']):
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=environment(tmp_path),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f'error: {workdir} has no checkpoint yet\n'  # Nothing more.
