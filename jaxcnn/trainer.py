@@ -247,6 +247,15 @@ class _StopRequests:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.signal_number is not None
 
+  def stop_if_requested_before_training(self, step: int = 0) -> None:
+    """Ends a single-process run that was asked to stop while it was setting up (loading data,
+    compiling); a multi-process run stops at its first sync point in the loop instead."""
+    if self.signal_number is None or self._multi_process:
+      return
+    kept = (f'its checkpoint of step {step} is unchanged' if step else 'nothing was saved')
+    raise TrainingInterrupted(f'stopped by {signal.Signals(self.signal_number).name} before '
+                              f'training began; {kept}', self.signal_number)
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
   """Trains `config.model` on `config.dataset` and evaluates it; returns the final metrics.
@@ -271,7 +280,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if workdir is None and jax.process_count() > 1:
     raise ConfigError('a multi-process run needs --workdir: every process must write to the '
                       'same directory')
+  new_workdir = workdir is None
   workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
+  try:
+    # From here on a signal asks the run to stop where it can: before training begins, or after
+    # a step, with a checkpoint.
+    with _StopRequests() as stop_requests:
+      return _train(config, workdir, strategy, stop_requests)
+  except KeyboardInterrupt:  # A second Ctrl-C: stop at once.
+    raise TrainingInterrupted(
+        f'stopped at once by a second SIGINT, without saving; {workdir} resumes from its latest '
+        'complete checkpoint, if it has one', signal.SIGINT) from None
+  finally:
+    if new_workdir:  # A run that ended before writing anything leaves no empty folder behind.
+      workdir_lib.remove_if_empty(workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.Strategy,
+           stop_requests: _StopRequests) -> dict:
+  """The run itself, from data to final metrics (see `train_and_evaluate`)."""
   is_chief = jax.process_index() == 0
   workdir_lib.make_workdir(workdir)
   stopwatch = Stopwatch()
@@ -279,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   # ---------------------------------------------------------------- Data
   with stopwatch.timed('data'):
     data = pipeline.load_data(config)
+  stop_requests.stop_if_requested_before_training()
 
   # ---------------------------------------------------------------- Model, optimizer, steps
   experiment, state = build_experiment(
@@ -341,6 +369,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   with stopwatch.timed('compile'):
     eval_feed.compile(state, experiment.zero_eval_sums())
+  try:
+    stop_requests.stop_if_requested_before_training(step)
+  except TrainingInterrupted:
+    train_feed.close()
+    checkpointer.close()
+    raise
 
   # ---------------------------------------------------------------- Loop
   writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1 if step else None)
@@ -360,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   profile = profiling.ProfileWindow(workdir, start_step=config.profile_start_step,
                                     num_steps=config.profile_steps, report=progress.message)
-  with _StopRequests() as stop_requests, profile:
+  with profile:
     window_start = time.perf_counter()
     while step < total_steps:
       next_event = min(_next_multiple(step, every)

@@ -49,6 +49,14 @@ def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
       path = f'{base}-{n}'
 
 
+def remove_if_empty(path: str) -> None:
+  """Removes the folder `path` if it holds nothing (a run that ended before writing anything)."""
+  try:
+    os.rmdir(path)
+  except OSError:  # Not empty, or already gone.
+    pass
+
+
 def make_workdir(path: str) -> None:
   """Creates the workdir `path` if needed, or raises a UserError saying why it cannot be one."""
   try:

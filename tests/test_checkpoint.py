@@ -16,7 +16,7 @@ from PIL import Image
 
 from jaxcnn import trainer
 from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint
-from jaxcnn.errors import ConfigError, TrainingDiverged
+from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
 
@@ -138,6 +138,44 @@ def test_a_signal_to_the_process_group_stops_a_streamed_run_with_workers_at_a_ch
   last_line = stderr.strip().splitlines()[-1]
   assert last_line.startswith(f'stopped: stopped by {stop_signal.name} at step '), stderr[-3000:]
   assert complete_steps(workdir)[-1] == int(last_line.split(' at step ')[1].split()[0])
+
+
+def test_ctrl_c_while_a_run_sets_up_stops_it_before_training_in_one_line(tmp_path):
+  """While the run loads its data or compiles, a Ctrl-C is neither a traceback nor swallowed."""
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(train_command(workdir), cwd=REPO_ROOT, env=environment(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = process.stdout.readline()  # Printed as the data phase begins; compiling comes next.
+    assert line.startswith('decoding '), line + process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+  assert stderr == 'stopped: stopped by SIGINT before training began; nothing was saved\n'
+  assert 'step 1/' not in stdout and not complete_steps(workdir)
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(fake_tfds, tmp_path, monkeypatch):
+  with trainer._StopRequests() as requests:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)  # The first asks to stop after the step...
+    assert requests.signal_number == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # ...the second interrupts.
+      os.kill(os.getpid(), signal.SIGINT)
+
+  def second_ctrl_c(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(trainer, '_train', second_ctrl_c)
+  with pytest.raises(TrainingInterrupted) as stopped:
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path / 'run'))
+  assert stopped.value.exit_status == 128 + signal.SIGINT
+  assert str(stopped.value).startswith('stopped at once by a second SIGINT, without saving; ')
+  # Nor does a run that stopped before writing anything leave its new folder behind.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(TrainingInterrupted):
+    trainer.train_and_evaluate(tiny_config())
+  assert not os.listdir(tmp_path / 'runs')
 
 
 def test_a_refused_resume_says_how_to_resume_and_that_command_resumes(tmp_path):
