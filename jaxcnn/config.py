@@ -177,6 +177,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) must be divisible by "
                       f"'grad_accum_steps' ({config.grad_accum_steps})")
   _choice(config, 'data_placement', ('auto', 'device', 'stream'))
+  shape = config.synthetic.image_shape
+  _require(config, 'synthetic.image_shape',
+           isinstance(shape, (tuple, list)) and len(shape) == 3
+           and all(_is_int(d) and d > 0 for d in shape),
+           'three positive integers, height,width,channels, e.g. 32,32,3')
+  _require(config, 'synthetic.num_classes',
+           _is_int(config.synthetic.num_classes) and config.synthetic.num_classes >= 2,
+           'an integer >= 2')
+  for key in ('num_train', 'num_eval'):
+    _require(config, f'synthetic.{key}',
+             _is_int(config.synthetic[key]) and config.synthetic[key] > 0, 'a positive integer')
   _require(config, 'image_size', _is_int(config.image_size) and config.image_size >= 0,
            'an integer >= 0')
   _require(config, 'data_workers', _is_int(config.data_workers) and config.data_workers >= -1,

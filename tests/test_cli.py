@@ -30,6 +30,8 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'best_metric' must be one of test/accuracy, test/loss, got 'test/acc'"),
     ('--config.lr_decay_epochs=abc', "config key 'lr_decay_epochs' must be increasing positive"),
     ('--config.profile_steps=-5', "config key 'profile_steps' must be an integer >= 0, got -5"),
+    ('--config.synthetic.image_shape=16,16',
+     "config key 'synthetic.image_shape' must be three positive integers, height,width,channels"),
 ])
 def test_config_mistakes_are_one_line_errors(override, expected, tmp_path):
   result = run_train('--config', 'configs/mnist.py', override, f'--workdir={tmp_path / "run"}')
