@@ -37,6 +37,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not 0 <= process_id < num_processes:
       raise ConfigError(f'--process_id ({process_id}) must be in [0, --num_processes '
                         f'({num_processes}))')
+    host, _, port = coordinator_address.rpartition(':')
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+      raise ConfigError(f'--coordinator_address {coordinator_address!r} must be HOST:PORT, the '
+                        'address of process 0 and a free port on it, e.g. node0:12355')
+    if num_processes > 1:
+      print(f'process {process_id} of {num_processes}: joining the run at {coordinator_address} '
+            '(JAX waits up to 5 minutes for every process to join)', flush=True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _cluster_environment():
     jax.distributed.initialize()

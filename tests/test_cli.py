@@ -63,3 +63,11 @@ def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_di
   assert result.stderr == ("error: dataset 'mnist/3.0.1' has no split 'validation'; it has: "
                            'test, train\n')
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_coordinator_address_without_a_port_is_a_one_line_error(tmp_path):
+  result = run_train('--config', 'configs/mnist.py', '--coordinator_address=localhost',
+                     '--num_processes=2', '--process_id=0', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr == ("error: --coordinator_address 'localhost' must be HOST:PORT, the "
+                           'address of process 0 and a free port on it, e.g. node0:12355\n')
