@@ -340,13 +340,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
       stopwatch.add(phase, seconds)
-    if is_chief:
-      workdir_lib.truncate_metrics(workdir, step)
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})',
           flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
-  # `evaluate` and `predict` rebuild the model from.
+  # `evaluate` and `predict` rebuild the model from. Metrics logged after the checkpoint (all of
+  # them, for a run killed before its first one) are logged again.
   if is_chief:
+    workdir_lib.truncate_metrics(workdir, step)
     workdir_lib.write_config(workdir, config)
     workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
         name=data.name, image_shape=data.image_shape, num_classes=data.num_classes,
@@ -377,7 +377,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     raise
 
   # ---------------------------------------------------------------- Loop
-  writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1 if step else None)
+  writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                       else eval_every)

@@ -136,3 +136,17 @@ def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfd
   assert not (tmp_path / 'plain' / 'plugins').exists()
   assert profiled['train/loss'] == plain['train/loss']
   assert profiled['test/loss'] == plain['test/loss']
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(fake_tfds,
+                                                                            tmp_path):
+  """A run killed before it saved anything left metrics behind; run again, it starts from step
+  0 and its records replace those."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"step": 8, "train/loss": 9.0}\n'
+                                         '{"step": 16, "train/loss": 9.0}\n')
+  trainer.train_and_evaluate(tiny_config(), str(workdir))
+  records = read_metrics(str(workdir))
+  assert [r['step'] for r in records if 'train/loss' in r] == [8, 12, 16, 24]
+  assert all(r['train/loss'] != 9.0 for r in records if 'train/loss' in r)
