@@ -56,6 +56,9 @@ class DeviceTrainFeed:
 
   def restore(self, step: int, position: dict, batch_size: int) -> None:
     """Checks that this config continues from the checkpoint's data position."""
+    if 'stream_batch' in position or 'grain_iterator' in position:
+      raise ConfigError(f'the checkpoint at step {step} was written by a run that streamed its '
+                        'data; resume with --config.data_placement=stream')
     saved_batch_size = position.get('batch_size', batch_size)
     if saved_batch_size != batch_size:
       raise ConfigError(
@@ -145,8 +148,8 @@ class StreamTrainFeed:
       self._next_batch = step
       return
     if 'stream_batch' not in position:
-      raise ConfigError('the checkpoint was written by a run whose data lived in device memory; '
-                        'resume with --config.data_placement=device')
+      raise ConfigError(f'the checkpoint at step {step} was written by a run whose data lived in '
+                        'device memory; resume with --config.data_placement=device')
     for key, name, changed in (('batch_size', 'batch_size', 'the config'),
                                ('num_examples', 'training examples', 'the split')):
       saved, now = position[key], getattr(self, f'_{key}')

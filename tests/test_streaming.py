@@ -138,6 +138,16 @@ def test_a_stream_resume_refuses_a_changed_batch_size_or_split():
     feed.restore(7, {'epoch': 0, 'batch_in_epoch': 7}, 64)
 
 
+def test_a_streamed_run_resumed_with_its_data_in_device_memory_is_told_to_stream(fake_tfds,
+                                                                                tmp_path):
+  trainer.train_and_evaluate(stream_config(num_train_steps=8), str(tmp_path))
+  with pytest.raises(ConfigError, match='the checkpoint at step 8 was written by a run that '
+                                        'streamed its data; resume with '
+                                        '--config.data_placement=stream'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=16, data_placement='device'),
+                               str(tmp_path))
+
+
 def test_a_checkpoint_of_the_earlier_dataloader_stream_resumes_at_its_step(capsys):
   feed = feeds.StreamTrainFeed(None, None, make_batches=None, batch_size=64, num_examples=1000)
   feed.restore(30, {'grain_iterator': '{"last_seen_indices": {}}', 'data_workers': 2}, 64)
