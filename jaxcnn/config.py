@@ -33,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.image_size = 0  # Train at this size (square); 0: the dataset's own (fixed) size.
   config.data_placement = 'auto'  # 'device' (in device memory), 'stream' (Grain) or 'auto'.
-  config.data_workers = -1  # Grain worker processes when streaming; -1: one per CPU core.
+  # Grain worker processes when streaming; -1: one per CPU core (none when training on the CPU).
+  config.data_workers = -1
   config.synthetic = ml_collections.ConfigDict()  # For dataset='synthetic'.
   config.synthetic.image_shape = (32, 32, 3)
   config.synthetic.num_classes = 10

@@ -310,5 +310,9 @@ def _synthetic(config, shape, num_classes: int, name: str) -> Data:
 
 
 def default_data_workers() -> int:
-  """Grain worker processes: one per CPU core, at most 16 (decoding is per-core work)."""
+  """Grain worker processes: one per CPU core, at most 16 (decoding is per-core work); none when
+  the CPU itself trains, whose cores the workers would only take from it (a 60-step streamed
+  MNIST run on 2 cores trained in 8.5 s without workers and 20.7 s with 2)."""
+  if jax.default_backend() == 'cpu':
+    return 0
   return max(1, min(os.cpu_count() or 1, 16))
