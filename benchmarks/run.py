@@ -438,6 +438,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'unknown section {unknown[0]!r} in --sections; choose from '
                          f'{", ".join(SECTIONS)}')
+  # The cpu section's PyTorch reference reads the official files themselves (the MNIST sections
+  # can do with a prepared TFDS MNIST, as on a GPU machine without them).
+  missing = [name for name in torch_reference.MNIST_FILES.values()
+             if not os.path.isfile(os.path.join(_MNIST_DIR.value, name))]
+  if 'cpu' in _SECTIONS.value and missing:
+    raise app.UsageError(f'--mnist_dir {_MNIST_DIR.value!r} lacks the official MNIST file(s) '
+                         f'{", ".join(missing)}, which the cpu section reads; point --mnist_dir '
+                         'at a folder of the four, or leave cpu out of --sections')
   repeats = 1 if quick else _REPEATS.value
   measured = {'environment': environment(), 'matmul': matmul_flops(quick)}
   path = result_path(_OUTPUT_DIR.value, measured['environment']['device'], quick)

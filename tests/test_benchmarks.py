@@ -90,6 +90,17 @@ def test_suite_quick_mode_writes_every_summary_figure(tmp_path, mnist_data_dir):
   assert path.name not in {os.path.basename(p) for p in report.result_files(str(tmp_path))}
 
 
+def test_the_suite_without_the_mnist_files_says_so_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/run.py', '--quick', f'--mnist_dir={tmp_path}',
+       f'--output_dir={tmp_path}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f"error: --mnist_dir '{tmp_path}' lacks the official MNIST "
+                                  'file(s) train-images-idx3-ubyte.gz')
+  assert result.stderr.count('\n') == 1 and not os.listdir(tmp_path)  # Nothing measured.
+
+
 def test_update_replaces_only_the_sections_measured_again():
   import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
   old_env = {'device': 'cpu', 'date': '2026-01-01', 'command': 'python benchmarks/run.py'}
