@@ -113,8 +113,10 @@ def ensure_prepared(root: str, data_dir: str | None = None):
     print(f'preparing image folder {root} ({sum(map(len, listing.splits.values()))} images, '
           f'{len(listing.class_names)} classes) in {directory} (one time, TensorFlow on CPU)',
           flush=True)
+    # TensorFlow's start-up notices (oneDNN, absl logging) are noise to a user.
+    quiet = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
     result = subprocess.run([sys.executable, '-m', 'jaxcnn.data.image_folder', listing_path,
-                             directory], check=False)
+                             directory], env={**quiet, **os.environ}, check=False)
     if result.returncode != 0:
       raise DataError(f'preparing image folder {root!r} failed (exit status '
                       f'{result.returncode}); its output is above')
@@ -135,7 +137,8 @@ def _write_dataset(listing_path: str, directory: str) -> None:
   os.environ['CUDA_VISIBLE_DEVICES'] = ''
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from jaxcnn.data.tfds_data import import_tfds  # pylint: disable=g-import-not-at-top
+  tfds = import_tfds()
   tf.config.set_visible_devices([], 'GPU')
   if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
     tfds.disable_progress_bar()

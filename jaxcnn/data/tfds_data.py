@@ -43,8 +43,9 @@ class DatasetInfo:
   label_key: str = 'label'
 
 
-def _tfds():
-  """Imports tensorflow_datasets lazily: it is slow to import and only the data path needs it."""
+def import_tfds():
+  """Imports tensorflow_datasets lazily (it is slow to import and only the data path needs it),
+  without its warning about datasets not prepared yet."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   absl_logger = logging.getLogger('absl')
   if _not_yet_prepared_warning not in absl_logger.filters:
@@ -61,7 +62,7 @@ def _not_yet_prepared_warning(record: logging.LogRecord) -> bool:
 
 def get_builder(name: str, data_dir: str | None = None):
   """Returns the TFDS builder of `name`, or raises a ConfigError if TFDS knows no such dataset."""
-  tfds = _tfds()
+  tfds = import_tfds()
   try:
     tfds.builder_cls(name.split('/')[0].split(':')[0])
   except tfds.core.registered.DatasetNotFoundError:
