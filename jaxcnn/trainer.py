@@ -26,7 +26,7 @@ from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import Checkpointer
 from jaxcnn.data import pipeline
 from jaxcnn.data.augment import Preprocessor
-from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from jaxcnn.metrics import MetricWriter
 from jaxcnn.progress import Progress, Stopwatch, format_duration
 from jaxcnn.train_state import ModelDef, TrainState, create_train_state
@@ -335,13 +335,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
             f'{total_steps} steps): nothing to train. Raise num_train_steps or num_epochs to '
             'train on.', flush=True)
       return {**meta['metrics'], 'workdir': workdir, 'step': step}
-    train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
-                       config.batch_size)
+    try:
+      changes = _config_changes(workdir, config)
+      train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
+                         config.batch_size)
+    except ConfigError:
+      checkpointer.close()
+      train_feed.close()
+      raise
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
       stopwatch.add(phase, seconds)
-    print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})',
-          flush=True)
+    print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})'
+          + (f' with changed config: {changes}' if changes else ''), flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
   # `evaluate` and `predict` rebuild the model from. Metrics logged after the checkpoint (all of
   # them, for a run killed before its first one) are logged again.
@@ -492,6 +498,39 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       f'{format_duration(timing["time/eval_seconds"])}, saving '
       f'{format_duration(timing["time/checkpoint_seconds"])}')
   return {**last_train, **last_eval, **timing, 'workdir': workdir, 'step': step}
+
+
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The keys a resume changes from the run's recorded config, as 'key old -> new, ...'.
+
+  Raises a ConfigError for a changed seed: the data order, augmentation and dropout of every step
+  derive from it, so a resumed run with another seed would no longer be the run.
+  """
+  try:
+    recorded = workdir_lib.read_config(workdir).to_dict()
+  except UserError:  # No record to compare with (written by hand, or lost).
+    return ''
+  recorded, changes = _flatten(recorded), []
+  for key, now in _flatten(config.to_dict()).items():
+    before = recorded.get(key)
+    if before != now and key in recorded:
+      if key == 'seed':
+        raise ConfigError(
+            f'the run in {workdir} was trained with seed {before}, and its data order, '
+            f'augmentation and dropout derive from it; resume with --config.seed={before}, or '
+            'start a new --workdir for another seed')
+      changes.append(f'{key} {before} -> {now}')
+  return ', '.join(changes)
+
+
+def _flatten(values: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return flat
 
 
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,

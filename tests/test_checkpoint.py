@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxcnn import trainer
+from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from jaxcnn.metrics import read_metrics
@@ -323,6 +324,18 @@ def test_a_changed_batch_size_is_refused_even_within_the_first_epoch(fake_tfds, 
   with pytest.raises(ConfigError, match=r'written with batch_size 32; with batch_size 16 .* '
                                         r'--config.batch_size=32'):
     trainer.train_and_evaluate(tiny_config(num_train_steps=8, batch_size=16), str(tmp_path))
+
+
+def test_a_resume_names_what_it_changes_and_refuses_another_seed(fake_tfds, tmp_path, capsys):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
+  trainer.train_and_evaluate(tiny_config(num_train_steps=16, learning_rate=0.01), str(tmp_path))
+  assert ('resuming from the checkpoint at step 8 (epoch 0, batch 8) with changed config: '
+          'learning_rate 0.003 -> 0.01, num_train_steps 8 -> 16\n') in capsys.readouterr().out
+  with pytest.raises(ConfigError, match='was trained with seed 0, and its data order, '
+                                        'augmentation and dropout derive from it; resume with '
+                                        '--config.seed=0'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=24, seed=3), str(tmp_path))
+  assert workdir_lib.read_config(str(tmp_path)).seed == 0  # The run's record is kept.
 
 
 def test_a_changed_optimizer_is_refused(fake_tfds, tmp_path):
