@@ -283,9 +283,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   new_workdir = workdir is None
   workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
   try:
+    workdir_lib.make_workdir(workdir)
     # From here on a signal asks the run to stop where it can: before training begins, or after
     # a step, with a checkpoint.
-    with _StopRequests() as stop_requests:
+    with (_StopRequests() as stop_requests,
+          workdir_lib.in_use(workdir, enabled=jax.process_index() == 0)):
       return _train(config, workdir, strategy, stop_requests)
   except KeyboardInterrupt:  # A second Ctrl-C: stop at once.
     raise TrainingInterrupted(
@@ -300,7 +302,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
            stop_requests: _StopRequests) -> dict:
   """The run itself, from data to final metrics (see `train_and_evaluate`)."""
   is_chief = jax.process_index() == 0
-  workdir_lib.make_workdir(workdir)
   stopwatch = Stopwatch()
 
   # ---------------------------------------------------------------- Data

@@ -7,8 +7,10 @@
   <workdir>/checkpoints/      Orbax checkpoints (see jaxcnn.checkpoint)
 """
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 
@@ -47,6 +49,30 @@ def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
     except FileExistsError:
       n += 1
       path = f'{base}-{n}'
+
+
+@contextlib.contextmanager
+def in_use(path: str, enabled: bool = True):
+  """Marks the workdir `path` as in use by this run while the block runs (an advisory lock on the
+  folder itself, released when the process ends however it ends).
+
+  Raises:
+    UserError: another run holds it: two runs in one workdir would interleave their metrics and
+      overwrite each other's checkpoints.
+  """
+  if not enabled:
+    yield
+    return
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise UserError(f'--workdir {path!r} is in use by another run; wait for it to end, or give '
+                      'another --workdir') from None
+    yield
+  finally:
+    os.close(descriptor)  # Releases the lock.
 
 
 def remove_if_empty(path: str) -> None:

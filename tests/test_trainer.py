@@ -116,6 +116,15 @@ def test_a_workdir_that_cannot_be_a_folder_is_a_one_line_error(fake_tfds, tmp_pa
       trainer.train_and_evaluate(tiny_config(), str(workdir))
 
 
+def test_a_workdir_in_use_by_another_run_is_refused(fake_tfds, tmp_path):
+  with workdir_lib.in_use(str(tmp_path)):  # As another run holds it.
+    with pytest.raises(UserError, match=r"--workdir '.*' is in use by another run; wait for it to "
+                                        'end, or give another --workdir'):
+      trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert not (tmp_path / 'metrics.jsonl').exists()
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))  # Once it is free.
+
+
 def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
   fake_tfds({'train': 16, 'test': 16})
   with pytest.raises(ConfigError, match='batch_size'):
