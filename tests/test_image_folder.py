@@ -48,6 +48,17 @@ def test_a_folder_without_the_layout_is_a_config_error(tmp_path):
     image_folder.list_folder(str(tmp_path / 'missing'))
 
 
+def test_a_missing_split_folder_is_named_before_the_folder_is_read(tmp_path, monkeypatch):
+  from jaxcnn.data import pipeline
+  make_folder(tmp_path / 'images', {'train': 4, 'val': 2})
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/imagefolder.py')
+  config.image_folder = str(tmp_path / 'images')
+  monkeypatch.setattr(image_folder, 'list_folder', None)  # Not even listed, let alone prepared.
+  with pytest.raises(ConfigError, match=r"image folder '.*images' has no split folder 'test' "
+                                        r"\(config key 'eval_split'\); it has: train, val"):
+    pipeline.check_dataset(config)
+
+
 def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
   monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
   root = tmp_path / 'images'

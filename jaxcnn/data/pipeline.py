@@ -59,6 +59,15 @@ def check_dataset(config) -> None:
     if not config.image_folder and not config.synthetic_if_unprepared:
       raise ConfigError("dataset 'imagefolder' needs --config.image_folder=ROOT, a folder of "
                         'ROOT/<split>/<class>/<images>')
+    if config.image_folder and os.path.isdir(config.image_folder):
+      # Before the folder is read and written as a dataset, which takes a while.
+      splits = sorted(d for d in os.listdir(config.image_folder)
+                      if os.path.isdir(os.path.join(config.image_folder, d)))
+      for key in ('train_split', 'eval_split'):
+        if config[key] not in splits:
+          raise ConfigError(f'image folder {config.image_folder!r} has no split folder '
+                            f'{config[key]!r} (config key {key!r}); it has: '
+                            f'{", ".join(splits) or "none"}')
   elif config.dataset != SYNTHETIC:
     recorded = decoded_index.lookup(config.dataset, config.data_dir)
     # TFDS's metadata names the splits of a dataset, prepared or not.
