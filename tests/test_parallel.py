@@ -176,7 +176,7 @@ def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_sig
   assert saved[-1] == steps.pop()
 
 
-def test_process_0_prepares_the_dataset_before_the_others_and_its_error_reaches_them(
+def test_process_0_loads_the_dataset_before_the_others_and_its_error_reaches_them(
     monkeypatch):
   from jax.experimental import multihost_utils
   from jaxcnn.data import pipeline
@@ -192,7 +192,7 @@ def test_process_0_prepares_the_dataset_before_the_others_and_its_error_reaches_
   for index, expected in ((0, ['prepare', 'sync']), (1, ['sync', 'prepare'])):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     events.clear()
-    assert pipeline.prepared_by_process_0_first(prepare) == 'builder'
+    assert pipeline.process_0_first(prepare) == 'builder'
     assert events == expected
 
   def fail():
@@ -202,7 +202,7 @@ def test_process_0_prepares_the_dataset_before_the_others_and_its_error_reaches_
   monkeypatch.setattr(jax, 'process_index', lambda: 0)
   events.clear()
   with pytest.raises(DataError, match='no files'):
-    pipeline.prepared_by_process_0_first(fail)
+    pipeline.process_0_first(fail)
   assert events == ['prepare', 'sync']  # The others were let go before process 0 failed.
 
 

@@ -110,19 +110,26 @@ def load_data(config, train: bool = True) -> Data:
 
   With `train=False` only the evaluation split is read (for evaluating a trained run, which
   normalises with its own statistics): `train`, `mean` and `std` are then None.
+
+  In a multi-process run process 0 loads first (preparing and decoding what is needed), then the
+  others, which find that work done where the data_dir is shared.
   """
   check_dataset(config)
   if config.dataset == SYNTHETIC:
     return _synthetic(config, tuple(config.synthetic.image_shape), config.synthetic.num_classes,
                       name=SYNTHETIC)
+  return process_0_first(lambda: _load(config, train))
+
+
+def _load(config, train: bool) -> Data:
+  """`load_data` of an image folder or a TFDS dataset."""
   if config.dataset == IMAGE_FOLDER:
     if not config.image_folder:
       shape = _folder_stand_in_shape(config)
       print(f'no image_folder given: using synthetic data of shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
-    builder = prepared_by_process_0_first(
-        lambda: image_folder.ensure_prepared(config.image_folder, config.data_dir))
+    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
   else:
     recorded = _read_recorded(config, train)
     if recorded is not None:
@@ -135,8 +142,7 @@ def load_data(config, train: bool = True) -> Data:
       print(f'{config.dataset} is not prepared: using synthetic data of its shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, info.num_classes, name=f'synthetic {config.dataset}')
-    builder = prepared_by_process_0_first(
-        lambda: tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir))
+    builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
   info = tfds_data.dataset_info(builder)
   _check_splits(config, info)
   shape = _image_shape(config, info)
@@ -164,26 +170,27 @@ def load_data(config, train: bool = True) -> Data:
               mean=mean, std=std, train=train_source, eval=evaluation)
 
 
-def prepared_by_process_0_first(prepare: Callable[[], T]) -> T:
-  """`prepare()` (which prepares a dataset if needed) on process 0 first, then on the others.
+def process_0_first(work: Callable[[], T]) -> T:
+  """`work()` on process 0 first, then on the other processes of a multi-process run.
 
-  Run at once, the processes of a multi-process run would all prepare the same folder of a shared
-  data_dir; after process 0 the others find it prepared (or prepare their own, where each host
-  has its own data_dir). A user error on process 0 is raised after the others are let go, so
-  that they meet it themselves rather than wait for a process that has ended.
+  Run at once, the processes would all prepare (and decode) the same folder of a shared data_dir;
+  after process 0 the others find it done (or do their own, where each host has its own
+  data_dir). Every process takes part whatever its own work will find, so that none waits for
+  another at a different point. A user error on process 0 is raised after the others are let go,
+  so that they meet it themselves rather than wait for a process that has ended.
   """
   if jax.process_count() == 1:
-    return prepare()
+    return work()
   result, error = None, None
   if jax.process_index() == 0:
     try:
-      result = prepare()
+      result = work()
     except UserError as e:
       error = e
-  multihost_utils.sync_global_devices('jaxcnn_dataset_prepared')
+  multihost_utils.sync_global_devices('jaxcnn_data_loaded_by_process_0')
   if error is not None:
     raise error
-  return result if jax.process_index() == 0 else prepare()
+  return result if jax.process_index() == 0 else work()
 
 
 def _device_resident(config, common: dict, read_split, train: bool) -> Data:
