@@ -54,12 +54,17 @@ def _is_readable(path: str) -> str | None:
     return f'{type(e).__name__}: {" ".join(str(e).split())}'
 
 
+def split_folders(root: str) -> list[str]:
+  """The split names of the image folder `root`: its subfolders, sorted."""
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
 def list_folder(root: str) -> FolderListing:
   """Scans `root`, warning about (and leaving out) every image that cannot be decoded."""
   if not os.path.isdir(root):
     raise ConfigError(f"config key 'image_folder' ({root!r}) is not a folder; it must hold "
                       'ROOT/<split>/<class>/<images>, e.g. ROOT/train/cat/1.jpg')
-  splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  splits = split_folders(root)
   class_names = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
                         if os.path.isdir(os.path.join(root, s, c))})
   if not splits or not class_names:

@@ -61,8 +61,7 @@ def check_dataset(config) -> None:
                         'ROOT/<split>/<class>/<images>')
     if config.image_folder and os.path.isdir(config.image_folder):
       # Before the folder is read and written as a dataset, which takes a while.
-      splits = sorted(d for d in os.listdir(config.image_folder)
-                      if os.path.isdir(os.path.join(config.image_folder, d)))
+      splits = image_folder.split_folders(config.image_folder)
       for key in ('train_split', 'eval_split'):
         if config[key] not in splits:
           raise ConfigError(f'image folder {config.image_folder!r} has no split folder '
