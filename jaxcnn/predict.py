@@ -3,9 +3,9 @@
   python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5] IMAGE...
 
 Each image is decoded, converted to the run's channels, resized and centre-cropped to its image
-size and normalised with its training statistics, as evaluation does; the top classes and their probabilities are
-printed one image per line. An unreadable image is named in a one-line error on stderr and the
-others are still predicted (the exit status is then 2).
+size and normalised with its training statistics, as evaluation does; the top classes and their
+probabilities are printed one image per line. An unreadable image is named in a one-line error on
+stderr and the others are still predicted (the exit status is then 2).
 """
 
 import sys

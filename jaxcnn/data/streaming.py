@@ -87,7 +87,7 @@ def _leave_stopping_to_the_trainer(unused_worker_index: int, unused_worker_count
 
 @contextlib.contextmanager
 def _stop_signals_blocked():
-  """Blocks SIGINT and SIGTERM in this thread; a signal that arrives meanwhile is delivered after."""
+  """Blocks SIGINT and SIGTERM in this thread; one that arrives meanwhile is delivered after."""
   previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
   try:
     yield
