@@ -11,7 +11,7 @@ no memory and no initialisation time. Without --config the input defaults to 224
 classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
 classes otherwise. With --config the model and the dataset's image shape (at the config's
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
-override them. The last line is the total, `total: 25,557,032 parameters`.
+override them (MODEL and a --config.model override may not name different models). The last line is the total, `total: 25,557,032 parameters`.
 """
 
 import math
@@ -76,11 +76,15 @@ def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]]) -> str:
   return '\n'.join(lines)
 
 
-def resolve(model: str | None, config, input_shape: str | None,
-            num_classes: int | None) -> tuple[str, tuple[int, int, int], int]:
+def resolve(model: str | None, config, input_shape: str | None, num_classes: int | None,
+            config_model_given: bool = False) -> tuple[str, tuple[int, int, int], int]:
   """The model name, input shape and class count to summarise, from the arguments' sources
-  (`config` is the --config ConfigDict, or None)."""
+  (`config` is the --config ConfigDict, or None; `config_model_given` says whether the command
+  line set --config.model, which then may not name another model than MODEL)."""
   if config is not None:
+    if model and config_model_given and model != config.model:
+      raise ConfigError(f'MODEL {model!r} and --config.model={config.model!r} name different '
+                        'models; give one of them')
     model = model or config.model
     shape, classes = pipeline.input_spec(config)
   elif model:
@@ -109,7 +113,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 2:
     raise ConfigError(f'expected one model name, got: {" ".join(argv[1:])}')
   model = argv[1] if len(argv) == 2 else None
-  name, shape, classes = resolve(model, _CONFIG.value, _INPUT_SHAPE.value, _NUM_CLASSES.value)
+  config_model_given = 'config.model' in flags.FLAGS and flags.FLAGS['config.model'].present
+  name, shape, classes = resolve(model, _CONFIG.value, _INPUT_SHAPE.value, _NUM_CLASSES.value,
+                                 config_model_given)
   try:
     print(summarize(name, shape, classes))
   except models.ImagesTooSmall as e:

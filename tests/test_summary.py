@@ -64,3 +64,15 @@ def test_images_too_small_name_the_flag_that_was_given():
   assert result.stderr == ("error: model 'bn_cnn' cannot be built for 4x4x1 images (its "
                            'downsampling leaves nothing of them); it needs larger images '
                            '(--input_shape)\n')
+
+
+def test_model_and_config_model_naming_different_models_is_refused():
+  result = run_summary('lenet5', '--config', 'configs/mnist.py', '--config.model=cifar_resnet20')
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr == ("error: MODEL 'lenet5' and --config.model='cifar_resnet20' name "
+                           "different models; give one of them\n")
+  # The same model named both ways, or MODEL against the config file's own model, is no conflict.
+  for args in (('lenet5', '--config.model=lenet5'), ('lenet5',)):
+    result = run_summary(args[0], '--config', 'configs/mnist.py', *args[1:])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == 'lenet5: input 28,28,1, 10 classes'
