@@ -44,7 +44,6 @@ def get_config(variant: str = ''):
     config.model = 'resnet18'  # ResNet-50 compiles for minutes on a CPU; the pipeline is the same.
     config.dtype = 'float32'
     config.image_size = 64
-    config.warmup_epochs = 0
     config.synthetic.num_classes = 1000
     shrink_for_smoke(config, num_train_steps=6, batch_size=8, eval_batch_size=40, num_train=64,
                      num_eval=40)

@@ -146,6 +146,8 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, *, num_train_steps: int 
   config.batch_size = batch_size
   config.eval_batch_size = eval_batch_size
   config.num_train_steps = num_train_steps
+  # The recipe's warm-up, in epochs of the real dataset, would outlast these few steps.
+  config.warmup_epochs = 0.0
   config.log_every_steps = max(1, num_train_steps // 2)
   config.synthetic_if_unprepared = True
   config.synthetic.num_train = num_train

@@ -9,16 +9,22 @@ OPTIMIZERS = ('adam', 'adamw', 'momentum', 'nesterov', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'linear', 'onecycle', 'step')
 
 
+def requested_warmup_steps(config, steps_per_epoch: int) -> int:
+  """The warm-up steps `warmup_epochs` asks for; a run shorter than that warms up throughout."""
+  return int(round(config.warmup_epochs * steps_per_epoch))
+
+
 def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """The learning rate as a function of the step.
 
   `cosine` and `linear` decay to zero at `total_steps` after `warmup_epochs` of linear warm-up;
   `step` multiplies the rate by `lr_decay_factor` at each epoch in `lr_decay_epochs`; `onecycle`
   is Smith's one-cycle policy peaking at 30% of training (its own warm-up). Warm-up step s of W
-  runs at (s + 1) / W of the rate, so that the first step already trains.
+  runs at (s + 1) / W of the rate, so that the first step already trains; a warm-up as long as
+  the run or longer is cut to the run: its last step runs at `learning_rate`.
   """
   base = float(config.learning_rate)
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  warmup = min(requested_warmup_steps(config, steps_per_epoch), total_steps)
   name = config.lr_schedule
   if name == 'constant':
     main = optax.constant_schedule(base)

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -134,6 +135,12 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   if init_images is not None and hasattr(model, 'init_whitening'):
     model.init_whitening(init_images[pipeline.sample_indices(num_train_examples,
                                                             _WHITENING_IMAGES)])
+  warmup = optim.requested_warmup_steps(config, steps_per_epoch)
+  if training and warmup >= total_steps and config.lr_schedule != 'onecycle' \
+      and jax.process_index() == 0:
+    print(f'warning: warmup_epochs={config.warmup_epochs:g} is {warmup} steps, as long as the '
+          f'run ({total_steps} steps) or longer: the learning rate rises over the whole run and '
+          'reaches learning_rate at its last step', file=sys.stderr, flush=True)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'

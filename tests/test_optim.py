@@ -25,6 +25,14 @@ def test_warm_up_trains_from_the_first_step_and_reaches_the_rate(name):
   assert float(schedule(100)) == pytest.approx(0.4, rel=1e-4)  # The main schedule's start.
 
 
+def test_a_warm_up_longer_than_the_run_rises_to_the_rate_at_the_last_step():
+  config = tiny_config(learning_rate=0.4, lr_schedule='cosine', warmup_epochs=10)
+  schedule = optim.make_schedule(config, total_steps=50, steps_per_epoch=100)
+  steps = rates(schedule, range(50))
+  assert np.all(np.diff(steps) > 0)
+  assert steps[0] == pytest.approx(0.4 / 50, rel=1e-5) and steps[-1] == pytest.approx(0.4, rel=1e-5)
+
+
 def test_cosine_and_linear_decay_to_zero_at_the_last_step():
   for name in ('cosine', 'linear'):
     config = tiny_config(learning_rate=0.1, lr_schedule=name)

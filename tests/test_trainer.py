@@ -131,6 +131,16 @@ def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
     trainer.train_and_evaluate(tiny_config(batch_size=32), str(tmp_path))
 
 
+def test_a_warm_up_that_outlasts_the_run_is_announced(fake_tfds, tmp_path, capsys):
+  fake_tfds({'train': 64, 'test': 32})  # Two steps an epoch: 3 epochs of warm-up are 6 steps.
+  trainer.train_and_evaluate(tiny_config(num_train_steps=6, warmup_epochs=3), str(tmp_path / 'a'))
+  assert capsys.readouterr().err == (
+      'warning: warmup_epochs=3 is 6 steps, as long as the run (6 steps) or longer: the learning '
+      'rate rises over the whole run and reaches learning_rate at its last step\n')
+  trainer.train_and_evaluate(tiny_config(num_train_steps=6, warmup_epochs=2.5), str(tmp_path / 'b'))
+  assert 'warmup_epochs' not in capsys.readouterr().err  # 5 steps of warm-up, then the schedule.
+
+
 def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfds, tmp_path,
                                                                         capsys):
   config = tiny_config(steps_per_call=3)
