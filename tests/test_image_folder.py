@@ -8,7 +8,7 @@ from PIL import Image
 
 from jaxcnn import cli, trainer
 from jaxcnn.data import image_folder
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, DataError
 
 from conftest import REPO_ROOT, learnable_images
 
@@ -28,16 +28,25 @@ def make_folder(root, counts, size=24, seed=0):
         picture.save(os.path.join(folder, f'{i}.{"jpg" if i % 2 else "png"}'), quality=95)
 
 
-def test_listing_skips_and_names_unreadable_images(tmp_path, capfd):
+def test_listing_names_files_and_the_check_skips_unreadable_images(tmp_path, capfd):
   make_folder(tmp_path, {'train': 12, 'test': 4})
   broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
   broken.write_bytes(b'\xff\xd8 not really a jpeg')
-  listing = image_folder.list_folder(str(tmp_path))
-  assert listing.class_names == ('cat', 'dog')
-  assert sorted(listing.splits) == ['test', 'train']
-  assert len(listing.splits['train']) == 12 and len(listing.splits['test']) == 4
+  (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  listed = image_folder.list_folder(str(tmp_path))
+  assert listed.class_names == ('cat', 'dog')
+  assert sorted(listed.splits) == ['test', 'train']
+  assert len(listed.splits['train']) == 13 and len(listed.splits['test']) == 4
+  assert capfd.readouterr().err == ''  # Listing opens no file.
+  listing = image_folder.without_unreadable(listed)
+  assert len(listing.splits['train']) == 12 and listing.splits['test'] == listed.splits['test']
+  assert (str(broken), 0) not in listing.splits['train'] and (str(broken), 0) in listed.splits['train']
   assert listing.unreadable == (str(broken),)
   assert f'warning: skipping unreadable image {broken}:' in capfd.readouterr().err
+  (tmp_path / 'only_broken' / 'train' / 'cat').mkdir(parents=True)
+  (tmp_path / 'only_broken' / 'train' / 'cat' / 'a.png').write_bytes(b'\x89PNG')
+  with pytest.raises(DataError, match="image folder '.*only_broken' has no readable images"):
+    image_folder.without_unreadable(image_folder.list_folder(str(tmp_path / 'only_broken')))
 
 
 def test_a_folder_without_the_layout_is_a_config_error(tmp_path):
@@ -89,7 +98,9 @@ def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
   assert os.path.isdir(directory)
   config.num_train_steps = 40
   again = trainer.train_and_evaluate(config, str(tmp_path / 'run2'))
-  assert 'preparing image folder' not in capfd.readouterr().out
+  output = capfd.readouterr()
+  assert 'preparing image folder' not in output.out
+  assert 'unreadable' not in output.err  # Said once, when the folder was prepared.
   np.testing.assert_allclose(again['test/accuracy'], result['test/accuracy'])
 
 

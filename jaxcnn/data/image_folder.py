@@ -2,12 +2,13 @@
 
 The layout is the common ImageFolder one: each subfolder of ROOT is a split (train, test, ...),
 each subfolder of a split is a class, and the classes are the union of all splits' class folders,
-sorted by name. The folder is checked first: every image that cannot be decoded is named in a
-warning and left out, and the others are used. The good images are then written once as a TFDS
-dataset (ArrayRecord files, with TFDS's dataset-writing API) so that they flow through the same
-pipeline as any TFDS dataset: device memory or Grain streaming, checkpointed positions, evaluate
-and predict. Preparing runs in a TensorFlow subprocess like every TFDS preparation; the prepared
-copy is keyed by the folder's contents, so a changed folder is prepared afresh.
+sorted by name. The good images are written once as a TFDS dataset (ArrayRecord files, with
+TFDS's dataset-writing API) so that they flow through the same pipeline as any TFDS dataset:
+device memory or Grain streaming, checkpointed positions, evaluate and predict. Preparing runs in
+a TensorFlow subprocess like every TFDS preparation. Before it, every image is decoded once, and
+each that cannot be is named in a warning and left out. The prepared copy is keyed by the
+folder's listing (names, sizes and modification times, which cost one `stat` per file), so a
+changed folder is prepared afresh, and an unchanged one is neither decoded nor warned about again.
 """
 
 import dataclasses
@@ -27,7 +28,8 @@ _LISTING = 'listing.json'
 
 @dataclasses.dataclass(frozen=True)
 class FolderListing:
-  """The readable images of an image folder, by split, as (path, class index) pairs."""
+  """The images of an image folder, by split, as (path, class index) pairs, and those of them
+  that were found unreadable (`without_unreadable` decodes them; `list_folder` does not)."""
   root: str
   class_names: tuple[str, ...]
   splits: dict[str, list[tuple[str, int]]]
@@ -60,7 +62,7 @@ def split_folders(root: str) -> list[str]:
 
 
 def list_folder(root: str) -> FolderListing:
-  """Scans `root`, warning about (and leaving out) every image that cannot be decoded."""
+  """Lists the image files of `root` by split and class, without opening any of them."""
   if not os.path.isdir(root):
     raise ConfigError(f"config key 'image_folder' ({root!r}) is not a folder; it must hold "
                       'ROOT/<split>/<class>/<images>, e.g. ROOT/train/cat/1.jpg')
@@ -70,31 +72,41 @@ def list_folder(root: str) -> FolderListing:
   if not splits or not class_names:
     raise ConfigError(f'image folder {root!r} has no ROOT/<split>/<class>/ subfolders; '
                       'expected e.g. ROOT/train/cat/1.jpg and ROOT/test/cat/2.jpg')
-  listing, unreadable = {}, []
+  listing = {}
   for split in splits:
     examples = []
     for label, name in enumerate(class_names):
       folder = os.path.join(root, split, name)
-      if not os.path.isdir(folder):
-        continue
-      for file in sorted(os.listdir(folder)):
-        path = os.path.join(folder, file)
-        if not file.lower().endswith(IMAGE_EXTENSIONS):
-          continue
-        problem = _is_readable(path)
-        if problem:
-          unreadable.append(path)
-          print(f'warning: skipping unreadable image {path}: {problem}', file=sys.stderr,
-                flush=True)
-        else:
-          examples.append((path, label))
+      if os.path.isdir(folder):
+        examples += [(os.path.join(folder, file), label) for file in sorted(os.listdir(folder))
+                     if file.lower().endswith(IMAGE_EXTENSIONS)]
     if examples:
       listing[split] = examples
   if not listing:
-    raise DataError(f'image folder {root!r} has no readable images with extensions '
+    raise DataError(f'image folder {root!r} has no images with extensions '
                     f'{", ".join(IMAGE_EXTENSIONS)}')
   return FolderListing(root=os.path.abspath(root), class_names=tuple(class_names),
-                       splits=listing, unreadable=tuple(unreadable))
+                       splits=listing, unreadable=())
+
+
+def without_unreadable(listing: FolderListing) -> FolderListing:
+  """`listing` without the images that cannot be decoded, each named in a warning."""
+  splits, unreadable = {}, []
+  for split, examples in listing.splits.items():
+    readable = []
+    for path, label in examples:
+      problem = _is_readable(path)
+      if problem:
+        unreadable.append(path)
+        print(f'warning: skipping unreadable image {path}: {problem}', file=sys.stderr,
+              flush=True)
+      else:
+        readable.append((path, label))
+    if readable:
+      splits[split] = readable
+  if not splits:
+    raise DataError(f'image folder {listing.root!r} has no readable images')
+  return dataclasses.replace(listing, splits=splits, unreadable=tuple(unreadable))
 
 
 def dataset_dir(root: str, data_dir: str | None, fingerprint: str) -> str:
@@ -111,6 +123,7 @@ def ensure_prepared(root: str, data_dir: str | None = None):
   listing = list_folder(root)
   directory = dataset_dir(root, data_dir, listing.fingerprint())
   if not _find_builder_dir(directory):
+    listing = without_unreadable(listing)
     os.makedirs(directory, exist_ok=True)
     listing_path = os.path.join(directory, _LISTING)
     with open(listing_path, 'w', encoding='utf-8') as f:
