@@ -24,12 +24,16 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'HOST:PORT of process 0, for a multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+    'join_timeout', distributed.DEFAULT_JOIN_TIMEOUT_S,
+    'Seconds each process of a multi-process run waits for all to join before giving up.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _JOIN_TIMEOUT.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

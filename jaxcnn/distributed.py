@@ -7,10 +7,17 @@ cluster's environment (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS), as
 """
 
 import os
+import sys
+import threading
 
 import jax
 
 from jaxcnn.errors import ConfigError
+
+DEFAULT_JOIN_TIMEOUT_S = 300  # JAX's own default.
+# JAX's own deadline, set this much later than ours: when it passes first, JAX ends the process
+# with a C++ abort and a stack trace.
+_JAX_DEADLINE_MARGIN_S = 60
 
 
 def _cluster_environment() -> bool:
@@ -25,8 +32,15 @@ def _cluster_environment() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-  """Joins this process to a multi-process run, if it is one; a single process does nothing."""
+               process_id: int | None = None,
+               join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S) -> None:
+  """Joins this process to a multi-process run, if it is one; a single process does nothing.
+
+  A process that is still waiting for the others after `join_timeout_s` seconds ends with a
+  one-line error and exit status 2.
+  """
+  if join_timeout_s < 1:
+    raise ConfigError(f'--join_timeout must be a positive number of seconds, got {join_timeout_s}')
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}
   if any(value is not None for value in given.values()):
@@ -43,7 +57,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                         'address of process 0 and a free port on it, e.g. node0:12355')
     if num_processes > 1:
       print(f'process {process_id} of {num_processes}: joining the run at {coordinator_address} '
-            '(JAX waits up to 5 minutes for every process to join)', flush=True)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            f'(waiting up to {join_timeout_s} s for every process to join; --join_timeout)',
+            flush=True)
+    _join(join_timeout_s, coordinator_address=coordinator_address,
+          num_processes=num_processes, process_id=process_id)
   elif _cluster_environment():
-    jax.distributed.initialize()
+    _join(join_timeout_s)
+
+
+def _join(timeout_s: int, **arguments) -> None:
+  """`jax.distributed.initialize(**arguments)`, given up after `timeout_s` in one line.
+
+  JAX's own deadline ends the process with a C++ abort and a stack trace, so JAX is given a later
+  one and joins in a thread that this one stops waiting for. Its wait cannot be cancelled, and
+  Python's shutdown would wait on JAX's coordination service (with pages of C++ log lines) before
+  exiting: so the process ends at once. Nothing has been written by then.
+  """
+  finished = threading.Event()
+  failure = []
+
+  def join():
+    try:
+      jax.distributed.initialize(**arguments,
+                                 initialization_timeout=timeout_s + _JAX_DEADLINE_MARGIN_S)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the caller)
+      failure.append(e)
+    finally:
+      finished.set()
+
+  threading.Thread(target=join, name='jax-distributed-join', daemon=True).start()
+  if not finished.wait(timeout_s):
+    who = (f'process {arguments["process_id"]} of {arguments["num_processes"]}'
+           if 'process_id' in arguments else 'this process')
+    print(f'error: {who} waited {timeout_s} s and not every process joined the run; start the '
+          'same command on every host with its own --process_id, the same --num_processes and '
+          "process 0's HOST:PORT as --coordinator_address (or a longer --join_timeout)",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)  # pylint: disable=protected-access
+  if failure:
+    raise failure[0]

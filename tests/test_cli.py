@@ -1,5 +1,6 @@
 """`python train.py`: a user's mistake is one line on stderr, exit status 2, and no traceback."""
 
+import socket
 import subprocess
 import sys
 
@@ -63,6 +64,27 @@ def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_di
   assert result.stderr == ("error: dataset 'mnist/3.0.1' has no split 'validation'; it has: "
                            'test, train\n')
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('process_id', [0, 1])
+def test_a_process_whose_peer_never_joins_gives_up_in_one_line(tmp_path, process_id):
+  with socket.socket() as s:  # A port nobody listens on, for process 1 to find no coordinator.
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  result = run_train('--config', 'configs/mnist.py', f'--coordinator_address=localhost:{port}',
+                     '--num_processes=2', f'--process_id={process_id}', '--join_timeout=3',
+                     f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stdout == (f'process {process_id} of 2: joining the run at localhost:{port} '
+                           '(waiting up to 3 s for every process to join; --join_timeout)\n')
+  assert result.stderr == (
+      f'error: process {process_id} of 2 waited 3 s and not every process joined the run; start '
+      'the same command on every host with its own --process_id, the same --num_processes and '
+      "process 0's HOST:PORT as --coordinator_address (or a longer --join_timeout)\n")
+  assert not (tmp_path / 'run').exists()
+  result = run_train('--config', 'configs/mnist.py', '--join_timeout=0')
+  assert result.returncode == 2
+  assert result.stderr == 'error: --join_timeout must be a positive number of seconds, got 0\n'
 
 
 def test_a_coordinator_address_without_a_port_is_a_one_line_error(tmp_path):
