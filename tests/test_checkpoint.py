@@ -1,6 +1,7 @@
 """Checkpointing: exact resume after kill -9 and SIGTERM, damage, retention, mismatch, divergence,
 and the evaluate and predict command lines."""
 
+import json
 import os
 import shutil
 import signal
@@ -223,10 +224,22 @@ def _delete_array_data(directory):
         os.remove(os.path.join(root, name))
 
 
+def _alter_a_checksum(directory):
+  """Arrays that read back but differ from what was saved (as a flipped bit on disk would):
+  their recorded checksum no longer matches them."""
+  path = os.path.join(os.path.dirname(directory), 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  name = sorted(meta['checksums'])[0]
+  meta['checksums'][name][0] ^= 1
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
 # A failed read leaves Orbax's tensorstore callbacks firing on an asyncio loop it already closed;
 # Python reports them as unraisable exceptions. They are noise here, not a failure.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-@pytest.mark.parametrize('damage', [_truncate_largest_file, _delete_array_data])
+@pytest.mark.parametrize('damage', [_truncate_largest_file, _delete_array_data, _alter_a_checksum])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_path, damage,
                                                                 capfd):
   config = tiny_config(num_train_steps=24, checkpoint_every_steps=8)
@@ -238,7 +251,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_p
   config.num_train_steps = 32
   result = trainer.train_and_evaluate(config, str(tmp_path))
   captured = capfd.readouterr()
-  assert 'warning: checkpoint 24' in captured.err
+  assert 'warning: checkpoint 24 ' in captured.err
+  assert ('warning: checkpoint 24 does not match its checksums' in captured.err) == (
+      damage is _alter_a_checksum)
   assert 'resuming from the checkpoint at step 16' in captured.out
   assert result['step'] == 32
   # The damaged 24 was set aside, so the resumed run saved its own step 24 again, intact.
@@ -300,13 +315,18 @@ def test_last_k_and_best_k_are_kept(tmp_path):
 
 
 def test_retention_in_a_run_follows_the_eval_metric(fake_tfds, tmp_path):
-  config = tiny_config(num_train_steps=48, eval_every_steps=8, keep_checkpoints=2, keep_best=1,
-                       best_metric='test/loss', best_mode='min')
+  # The 'best' by the highest test loss is an early step, which the last checkpoint alone would
+  # not keep: so the best checkpoint is kept by its metric or not at all.
+  config = tiny_config(num_train_steps=48, eval_every_steps=8, keep_checkpoints=1, keep_best=1,
+                       best_metric='test/loss', best_mode='max')
   trainer.train_and_evaluate(config, str(tmp_path))
   losses = {r['step']: r['test/loss'] for r in read_metrics(str(tmp_path)) if 'test/loss' in r}
-  best = min(losses, key=losses.get)
+  assert sorted(losses) == [8, 16, 24, 32, 40, 48]
+  best = max(losses, key=losses.get)
+  assert best != 48
   checkpointer = trainer.make_checkpointer(config, str(tmp_path))
-  assert checkpointer.steps() == sorted({best, 40, 48})
+  assert checkpointer.steps() == [best, 48]
+  assert checkpointer.best_step() == best
   checkpointer.close()
 
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from jaxcnn import feeds, trainer
-from jaxcnn.data import image_ops, streaming
+from jaxcnn.data import image_ops, pipeline, streaming
 from jaxcnn.data.synthetic import ArraySource
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
+from jaxcnn.restore import restore_run
 
 from conftest import learnable_images, tiny_config
 
@@ -28,11 +29,17 @@ def test_streamed_training_learns_and_evaluates_every_example(fake_tfds, tmp_pat
 def test_streamed_and_device_resident_evaluation_agree(fake_tfds, tmp_path):
   """The same weights give the same test metrics whichever way the data arrives."""
   fake_tfds({'train': 256, 'test': 203})
-  config = tiny_config(num_train_steps=8, eval_every_steps=8)
-  device = trainer.train_and_evaluate(config, str(tmp_path / 'device'))
-  streamed = trainer.train_and_evaluate(stream_config(num_train_steps=8, eval_every_steps=8),
-                                        str(tmp_path / 'device'))  # Resumes: evaluates only.
-  assert streamed['step'] == device['step']
+  workdir = str(tmp_path / 'device')
+  device = trainer.train_and_evaluate(tiny_config(num_train_steps=8, eval_every_steps=8), workdir)
+  # The run's last checkpoint evaluated again, as `jaxcnn.evaluate` does, but streamed.
+  data = pipeline.load_data(stream_config(), train=False)
+  assert data.placement == 'stream'
+  run = restore_run(workdir, 'latest', placement='stream')
+  feed = feeds.make_eval_feed(run.config, run.experiment, data)
+  feed.compile(run.state, run.experiment.zero_eval_sums())
+  streamed = trainer.evaluate(run.experiment, run.state, feed, 'test')
+  assert run.step == device['step'] == 8
+  assert streamed['test/num_examples'] == device['test/num_examples'] == 203
   np.testing.assert_allclose(streamed['test/accuracy'], device['test/accuracy'])
   np.testing.assert_allclose(streamed['test/loss'], device['test/loss'], rtol=1e-6)
 
@@ -175,8 +182,12 @@ def test_random_resized_crop_has_the_target_size_and_is_deterministic(shape):
 
 
 def test_centre_crop_keeps_the_middle():
-  image = np.zeros((80, 120, 1), np.uint8)
-  image[30:50, 50:70] = 255  # A bright square in the middle.
+  """The shorter side is resized to the target / 0.875 and the middle cut out: nothing is
+  squashed."""
+  image = np.random.default_rng(0).integers(0, 256, (80, 120, 1), np.uint8)
   out = image_ops.resize_and_center_crop(image, 40, 40)
-  assert out.shape == (40, 40, 1)
-  assert out[20, 20, 0] == 255 and out[0, 0, 0] == 0
+  # 80x120 scaled by 40 / 0.875 / 80 is 46x69 (rounded); its middle 40x40 starts at (3, 14).
+  np.testing.assert_array_equal(out, image_ops.resize(image, 46, 69)[3:43, 14:54])
+  tall = np.swapaxes(image, 0, 1)
+  np.testing.assert_array_equal(image_ops.resize_and_center_crop(tall, 40, 40),
+                                image_ops.resize(tall, 69, 46)[14:54, 3:43])
