@@ -31,6 +31,7 @@ COLUMNS = [
     ('resnet50_bf16_img_per_s', 'ResNet-50 bf16 img/s', _rate),
     ('resnet50_bf16_img_per_s_pytorch', 'PyTorch', _rate),
     ('resnet50_mfu', 'ResNet-50 MFU', '{:.1%}'.format),
+    ('resnet50_mfu_of_datasheet_peak', 'of datasheet peak', '{:.1%}'.format),
     ('fastcifar_bf16_img_per_s', 'fast CIFAR bf16 img/s', _rate),
     ('fastcifar_bf16_img_per_s_pytorch', 'PyTorch', _rate),
     ('lenet5_cpu_epoch_seconds', 'LeNet-5 CPU epoch (s)', '{:.1f}'.format),

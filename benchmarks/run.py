@@ -15,7 +15,8 @@ raw measurement (median, min and max of several repeats) and a flat `summary`. S
   and ResNet-50 at 224x224, float32 and bfloat16, on synthetic data in device memory, for jaxcnn
   and for the PyTorch reference of `benchmarks/torch_reference.py` (channels_last, bf16 autocast,
   torch.compile on accelerators);
-* MFU of ResNet-50: 24.6 GFLOP per training image against the bf16 matmul rate measured here;
+* MFU of ResNet-50: 24.6 GFLOP per training image against the bf16 matmul rate measured here
+  (`resnet50_mfu`), and against the card's datasheet bf16 peak (`resnet50_mfu_of_datasheet_peak`);
 * CPU: one epoch of LeNet-5 on MNIST at batch 128, the whole process timed from outside, jaxcnn's
   `python train.py --config configs/mnist.py:lenet5_epoch` against the PyTorch reference script.
 
@@ -23,11 +24,11 @@ raw measurement (median, min and max of several repeats) and a flat `summary`. S
 
 The suite is a list of measurements (one MNIST seed of a recipe, one model and dtype of the
 throughput section, the CPU epoch), run with the README's summary figures first: the first seed of
-each MNIST recipe, then ResNet-50 and the fast CIFAR network in bfloat16, then the CPU epoch, then
+each MNIST recipe, then the fast CIFAR network and ResNet-50 in bfloat16, then the CPU epoch, then
 the other seeds and throughputs. The results file is rewritten after every measurement, so a run
 stopped from outside keeps what it measured; `--budget_seconds` starts no measurement after that
-many seconds and lists the ones it left under `skipped` (for a lent GPU with minutes of device
-time). A measurement that fails is recorded under `errors` with its one-line cause, the others
+many seconds of the process and lists the ones it left under `skipped` (for a lent GPU with
+minutes of device time). A measurement that fails is recorded under `errors` with its one-line cause, the others
 still run, and the exit status is then 1.
 """
 
@@ -45,6 +46,9 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+
+# The budget counts from here, before the slow imports of JAX and PyTorch.
+_PROCESS_START = time.perf_counter()
 
 # PyTorch shares the accelerator with JAX in this process: JAX must not take 75% of its memory up
 # front, as it does by default, but only what its programs use.
@@ -115,25 +119,58 @@ def environment() -> dict:
 
 
 def matmul_flops(quick: bool) -> dict:
-  """The device's measured matmul rate: bf16 on accelerators, float32 on the CPU."""
+  """The device's measured matmul rate: bf16 on accelerators, float32 on the CPU.
+
+  On an accelerator each timing is 20 matmuls back to back with one synchronisation (one 8192^2
+  bf16 matmul takes about 1.5 ms on an H100, so a sync per matmul would cost a few percent), after
+  half a second of matmuls that bring the clocks up.
+  """
   on_cpu = jax.default_backend() == 'cpu'
   size = 256 if quick else (2048 if on_cpu else 8192)
+  calls = 1 if on_cpu or quick else 20
   dtype = jnp.float32 if on_cpu else jnp.bfloat16
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(lambda a, b: a @ b)
   matmul(a, b).block_until_ready()
+  warm_until = time.perf_counter() + (0.0 if on_cpu or quick else 0.5)
+  while time.perf_counter() < warm_until:
+    matmul(a, b).block_until_ready()
   rates = []
   for _ in range(3 if quick else 10):
     start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    rates.append(2 * size ** 3 / (time.perf_counter() - start))
-  return {'size': size, 'dtype': jnp.dtype(dtype).name, 'flops': _spread(rates)}
+    for _ in range(calls):
+      out = matmul(a, b)
+    out.block_until_ready()
+    rates.append(calls * 2 * size ** 3 / (time.perf_counter() - start))
+  return {'size': size, 'dtype': jnp.dtype(dtype).name, 'calls_per_timing': calls,
+          'flops': _spread(rates)}
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by a part
+# of the device name JAX reports: MFU as the field usually quotes it is against these.
+BF16_PEAK_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4),
+                    ('H200', 989.4), ('A100', 312.0), ('L4', 121.0))
+
+
+def datasheet_bf16_tflops(device: str) -> float | None:
+  """The datasheet's dense bf16 peak of `device` (a JAX device_kind), or None if not listed."""
+  return next((tflops for part, tflops in BF16_PEAK_TFLOPS if part in device), None)
 
 
 # ---------------------------------------------------------------- Time to accuracy
 
 MNIST_TRAIN_EXAMPLES = 60_000
+
+
+def evaluation_interval(steps_per_epoch: int) -> int:
+  """Steps between the evaluations of a time-to-accuracy run: the largest divisor of the epoch
+  that evaluates at least 8 times an epoch (52 of 468 steps at batch 128, 13 of 117 at 512).
+
+  An interval that divides the epoch lets every compiled call run the same number of steps;
+  evaluations are not timed, and more of them place the moment a target is reached more closely.
+  """
+  return max(d for d in range(1, max(steps_per_epoch // 8, 1) + 1) if steps_per_epoch % d == 0)
 
 
 def mnist_seed(recipe: str, seed: int, quick: bool, data_dir: str | None, mnist_dir: str) -> dict:
@@ -146,8 +183,11 @@ def mnist_seed(recipe: str, seed: int, quick: bool, data_dir: str | None, mnist_
   config.seed = seed
   config.data_dir, config.manual_dir = data_dir, mnist_dir
   steps_per_epoch = MNIST_TRAIN_EXAMPLES // config.batch_size
-  config.eval_every_steps = 25 if quick else steps_per_epoch // 4  # Four evaluations per epoch.
+  config.eval_every_steps = 25 if quick else evaluation_interval(steps_per_epoch)
   config.log_every_steps = config.eval_every_steps
+  if jax.default_backend() != 'cpu':
+    # Every call then runs exactly one interval: one program to compile, not one per remainder.
+    config.steps_per_call = config.eval_every_steps
   # One checkpoint, at the end: saving is not training (it is not in the training seconds), and
   # saving at every evaluation would only lengthen the suite.
   config.checkpoint_every_steps = 10 ** 9
@@ -219,8 +259,9 @@ def throughput(key: str, quick: bool, repeats: int) -> dict:
   height, width, channels, classes = torch_reference.MODEL_SHAPES[torch_name]
   ours = measure_throughput(_throughput_config(model, dataset, batch, dtype), steps, repeats,
                             image_shape=(height, width, channels), num_classes=classes)
+  # On a GPU, torch.compile's graphs and cuDNN's choices settle over the first few steps.
   reference = dict(batch_size=batch, dtype=dtype, steps=steps, repeats=repeats,
-                   device='cpu' if on_cpu else 'cuda')
+                   device='cpu' if on_cpu else 'cuda', warmup_steps=3 if on_cpu else 10)
   theirs = torch_reference.measure_throughput(torch_name, compile=not on_cpu, **reference)
   entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
            'jaxcnn_img_per_s': ours['examples_per_sec'],
@@ -321,6 +362,10 @@ def summarise(results: dict) -> dict:
                              if images and rate and results['matmul']['dtype'] == 'bfloat16'
                              else None)
   summary['matmul_tflops'] = rate / 1e12 if rate else None
+  peak = datasheet_bf16_tflops(summary['device'])
+  summary['datasheet_bf16_tflops'] = peak
+  summary['resnet50_mfu_of_datasheet_peak'] = (images * RESNET50_TRAIN_GFLOP / (peak * 1e3)
+                                               if images and peak else None)
   return summary
 
 
@@ -330,12 +375,17 @@ def result_path(output_dir: str, device: str, quick: bool) -> str:
   return os.path.join(output_dir, f'{date}-{slug}{"-quick" if quick else ""}.json')
 
 
+# What a run did not measure: skipped for the budget, failed, or cut off by an outside limit
+# while it ran.
+_INCOMPLETE = ('skipped', 'errors', 'running')
+
+
 def merge_results(previous: dict | None, measured: dict, quick: bool) -> dict:
   """The results file: `measured` alone, or `previous` with the sections in `measured` replaced
   and an entry in its `updates` naming them with the environment they were measured in (and what
   that update skipped or failed to measure)."""
-  incomplete = {k: measured[k] for k in ('skipped', 'errors') if measured.get(k)}
-  measured = {k: v for k, v in measured.items() if k not in ('skipped', 'errors')}
+  incomplete = {k: measured[k] for k in _INCOMPLETE if measured.get(k)}
+  measured = {k: v for k, v in measured.items() if k not in _INCOMPLETE}
   if previous is None:
     results = {'environment': measured['environment'], 'quick': quick, **incomplete}
   else:
@@ -365,8 +415,9 @@ class Measurement:
     return f'{self.section} {"seed " if self.section in MNIST_RECIPES else ""}{self.key}'
 
 
-# The throughputs behind the README's summary columns, measured before the others.
-SUMMARY_THROUGHPUTS = ('resnet50_bfloat16', 'fastcifar_bfloat16')
+# The throughputs behind the README's summary columns, measured before the others; the fast
+# CIFAR network first, since ResNet-50's compiles take minutes.
+SUMMARY_THROUGHPUTS = ('fastcifar_bfloat16', 'resnet50_bfloat16')
 
 
 def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_dir: str | None,
@@ -405,21 +456,26 @@ def record(measured: dict, measurement: Measurement, value: dict) -> None:
 
 def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,
                 on_progress: Callable[[dict], object],
-                clock: Callable[[], float] = time.perf_counter) -> dict:
-  """Runs `plan` in order into `measured`, calling `on_progress(measured)` after each.
+                clock: Callable[[], float] = time.perf_counter,
+                start: float | None = None) -> dict:
+  """Runs `plan` in order into `measured`, calling `on_progress(measured)` before and after each.
 
   A measurement is started only while fewer than `budget_seconds` (0: no limit) have passed since
-  the call; the others are listed under `measured['skipped']`. One that raises is recorded under
-  `measured['errors']` with its one-line cause (the traceback goes to stderr) and the rest still
-  run: on a lent machine every other figure is worth having. `clock` gives the time in seconds.
+  `start` (a reading of `clock`, which gives seconds; default: the call); the others are listed
+  under `measured['skipped']`. While one runs, `measured['running']` names it, so that a results
+  file written before an outside limit killed the run says what was cut off. One that raises is
+  recorded under `measured['errors']` with its one-line cause (the traceback goes to stderr) and
+  the rest still run: on a lent machine every other figure is worth having.
   """
-  start = clock()
+  start = clock() if start is None else start
   for measurement in plan:
     elapsed = clock() - start
     if budget_seconds and elapsed >= budget_seconds:
       measured.setdefault('skipped', []).append(measurement.name)
       continue
     print(f'[{elapsed:6.0f} s] {measurement.name}', file=sys.stderr, flush=True)
+    measured['running'] = measurement.name
+    on_progress(measured)
     try:
       value = measurement.measure()
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -427,6 +483,7 @@ def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,
       measured.setdefault('errors', {})[measurement.name] = torch_reference.error_line(e)
     else:
       record(measured, measurement, value)
+    del measured['running']
     on_progress(measured)
   return measured
 
@@ -464,7 +521,7 @@ def main(argv):
 
   plan = measurement_plan(_SECTIONS.value, quick=quick, seeds=_SEEDS.value, repeats=repeats,
                           data_dir=_DATA_DIR.value, mnist_dir=_MNIST_DIR.value)
-  measured = measure_all(plan, measured, _BUDGET_SECONDS.value, write)
+  measured = measure_all(plan, measured, _BUDGET_SECONDS.value, write, start=_PROCESS_START)
   results = write(measured)  # Again, for the measurements skipped after the last one.
   print(json.dumps(results['summary'], indent=2))
   print(f'wrote {path}')

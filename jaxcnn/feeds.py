@@ -41,6 +41,11 @@ class DeviceTrainFeed:
   def static(self, num_steps: int) -> tuple:
     return (num_steps,)
 
+  def warm_up(self, step: int) -> None:
+    """Draws the order of `step`'s epoch now, so that compiling its program is not timed as
+    training (the trainer calls this while it compiles)."""
+    self.args(None, None, step, 1)
+
   def args(self, state, sums, step: int, num_steps: int) -> tuple:
     epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
     if epoch != self._permutation_epoch:
@@ -98,6 +103,10 @@ class StreamTrainFeed:
   def max_steps(self, step: int) -> int:
     del step
     return 1  # Streamed steps are big enough that dispatch costs nothing.
+
+  def warm_up(self, step: int) -> None:
+    """Nothing to compile: the host pipeline starts with the first step."""
+    del step
 
   def static(self, num_steps: int) -> tuple:
     del num_steps

@@ -375,6 +375,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   def compiled_train_fn(num_steps: int, args) -> Callable:
     """Compiles one variant per chunk length ahead of time: compiling never counts as training."""
     if num_steps not in compiled_train:
+      # The steps already dispatched run on while this compiles: they are training time.
+      jax.block_until_ready(args[0])
       with stopwatch.timed('compile'):
         compiled_train[num_steps] = strategy.compile(train_feed.fn, *args,
                                                      static=train_feed.static(num_steps),
@@ -383,6 +385,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
 
   with stopwatch.timed('compile'):
     eval_feed.compile(state, experiment.zero_eval_sums())
+    train_feed.warm_up(step)
   try:
     stop_requests.stop_if_requested_before_training(step)
   except TrainingInterrupted:

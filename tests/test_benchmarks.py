@@ -125,8 +125,8 @@ def test_plan_measures_the_summary_figures_first():
   plan = suite.measurement_plan(suite.SECTIONS, quick=False, seeds=3, repeats=1, data_dir=None,
                                 mnist_dir='')
   names = [m.name for m in plan]
-  assert names[:7] == ['mnist seed 0', 'mnist_speedrun seed 0', 'throughput resnet50_bfloat16',
-                       'throughput fastcifar_bfloat16', 'cpu epoch', 'mnist seed 1',
+  assert names[:7] == ['mnist seed 0', 'mnist_speedrun seed 0', 'throughput fastcifar_bfloat16',
+                       'throughput resnet50_bfloat16', 'cpu epoch', 'mnist seed 1',
                        'mnist seed 2']
   assert names[7:9] == ['mnist_speedrun seed 1', 'mnist_speedrun seed 2']
   # Seeds of both recipes, models x dtypes, the CPU epoch.
@@ -138,7 +138,7 @@ def test_plan_measures_the_summary_figures_first():
 
 def test_a_failed_or_late_measurement_leaves_the_others_recorded():
   import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
-  times = iter([0.0, 1.0, 2.0, 3.0, 99.0])  # The clock at the start, then before each.
+  times = iter([1.0, 2.0, 3.0, 99.0])  # The clock before each; the budget counts from 0.5 s.
 
   def fails():
     raise RuntimeError('CUDA out of memory\nmore detail')
@@ -152,14 +152,18 @@ def test_a_failed_or_late_measurement_leaves_the_others_recorded():
   written = []
   measured = suite.measure_all(plan, {'environment': {}}, budget_seconds=10.0,
                                on_progress=lambda m: written.append(json.loads(json.dumps(m))),
-                               clock=lambda: next(times))
+                               clock=lambda: next(times), start=0.5)
   assert measured['errors'] == {
       'throughput resnet50_bfloat16': 'RuntimeError: CUDA out of memory'}
   assert measured['skipped'] == ['throughput lenet5_float32']  # Its turn came at 99 s.
   assert measured['mnist']['seconds_to_99']['values'] == [4.0, 5.0]
   assert measured['mnist']['seconds_to_99_5_reached'] == '0/2'
-  # Written after every measurement that ran: the first file already holds seed 0.
-  assert len(written) == 3 and written[0]['mnist']['seconds_to_99_reached'] == '1/1'
+  # Written before and after every measurement that ran: while one runs, the file names it (a
+  # run killed then says what it was measuring); the file after the first holds seed 0.
+  assert [w.get('running') for w in written] == [
+      'mnist seed 0', None, 'throughput resnet50_bfloat16', None, 'mnist seed 1', None]
+  assert 'mnist' not in written[0] and written[1]['mnist']['seconds_to_99_reached'] == '1/1'
+  assert 'running' not in measured
   results = suite.merge_results(None, {**measured, 'environment': {'device': 'cpu'}},
                                 quick=False)
   assert results['errors'] == measured['errors'] and results['summary']['mnist_seconds_to_99'] == 4.5
@@ -184,7 +188,8 @@ def test_each_mnist_recipe_is_summarised_in_its_own_section():
 def test_report_renders_a_row_per_full_result(tmp_path):
   summary = {key: None for key in SUMMARY_KEYS}
   summary.update(device='NVIDIA H100 80GB HBM3', mnist_seconds_to_99=0.8,
-                 mnist_speedrun_seconds_to_99=0.3, resnet50_mfu=0.31)
+                 mnist_speedrun_seconds_to_99=0.3, resnet50_mfu=0.31,
+                 resnet50_mfu_of_datasheet_peak=0.22)
   (tmp_path / '2026-01-01-nvidia-h100.json').write_text(json.dumps(
       {'environment': {'date': '2026-01-01T00:00:00+00:00'}, 'summary': summary}))
   (tmp_path / '2026-01-02-cpu-quick.json').write_text('{}')  # Quick runs are left out.
@@ -193,9 +198,32 @@ def test_report_renders_a_row_per_full_result(tmp_path):
   assert rendered.startswith('intro\n') and rendered.endswith(f'{report.END}\noutro\n')
   row = [line for line in rendered.splitlines() if line.startswith('| 2026-01-01')]
   assert row == ['| 2026-01-01 | NVIDIA H100 80GB HBM3 | 0.80 | - | - | 0.30 | - | - | 31.0% | '
-                 '- | - | - | - |']
+                 '22.0% | - | - | - | - |']
   assert 'old table' not in rendered
 
 
 def test_readme_table_is_generated_from_the_committed_results():
   run('benchmarks/report.py', '--check')
+
+
+def test_time_to_accuracy_evaluates_at_a_divisor_of_the_epoch_eight_times_or_more():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  # configs/mnist.py (batch 128) and its :speedrun (batch 512) on MNIST's 60,000 images.
+  assert suite.evaluation_interval(60_000 // 128) == 52 and suite.evaluation_interval(117) == 13
+  for steps_per_epoch in (468, 117, 97, 8, 7, 1):
+    interval = suite.evaluation_interval(steps_per_epoch)
+    assert steps_per_epoch % interval == 0 and steps_per_epoch // interval >= min(8, steps_per_epoch)
+
+
+def test_mfu_is_reported_against_the_measured_rate_and_the_datasheet_peak():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  measured = {'environment': {'device': 'NVIDIA H100 80GB HBM3'},
+              'matmul': {'dtype': 'bfloat16', 'flops': {'median': 700e12}},
+              'throughput': {'resnet50_bfloat16': {'jaxcnn_img_per_s': 8000.0}}}
+  summary = suite.merge_results(None, measured, quick=False)['summary']
+  assert summary['resnet50_mfu'] == pytest.approx(8000 * 24.6e9 / 700e12)
+  assert summary['datasheet_bf16_tflops'] == 989.4
+  assert summary['resnet50_mfu_of_datasheet_peak'] == pytest.approx(8000 * 24.6e9 / 989.4e12)
+  assert suite.datasheet_bf16_tflops('NVIDIA H100 PCIe') == 756.0
+  assert suite.datasheet_bf16_tflops('NVIDIA H200') == 989.4
+  assert suite.datasheet_bf16_tflops('cpu (2 cores, x86_64)') is None
