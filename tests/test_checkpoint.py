@@ -53,10 +53,15 @@ def start_and_wait_for_checkpoint(tmp_path, workdir):
   process = subprocess.Popen(train_command(workdir), cwd=REPO_ROOT, env=environment(tmp_path),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 240
-  while not complete_steps(workdir):
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.monotonic() < deadline, 'no checkpoint appeared'
-    time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+  try:
+    while not complete_steps(workdir):
+      assert process.poll() is None, process.communicate()[1][-3000:]
+      assert time.monotonic() < deadline, 'no checkpoint appeared'
+      time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
+  except BaseException:
+    process.kill()  # A failed test leaves no training process behind.
+    process.communicate()
+    raise
   return process
 
 
@@ -98,10 +103,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, uninte
 def test_sigterm_finishes_the_step_saves_and_exits(tmp_path, uninterrupted):
   workdir = tmp_path / 'run'
   process = start_and_wait_for_checkpoint(tmp_path, workdir)
-  sent = time.monotonic()
   process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=60)
-  assert time.monotonic() - sent < 60
+  try:
+    _, stderr = process.communicate(timeout=60)  # A run that ignored the signal fails here.
+  finally:
+    process.kill()  # A no-op for a process that has exited.
   assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
   last_line = stderr.strip().splitlines()[-1]
   assert last_line.startswith('stopped: stopped by SIGTERM at step ')
@@ -198,11 +204,14 @@ def test_a_refused_resume_says_how_to_resume_and_that_command_resumes(tmp_path):
   assert [r['step'] for r in read_metrics(str(workdir)) if 'train/loss' in r][-1] == 16
 
 
-def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path):
+def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path, capsys):
   config = tiny_config(num_train_steps=24)
   trainer.train_and_evaluate(config, str(tmp_path))
+  capsys.readouterr()
   again = trainer.train_and_evaluate(config, str(tmp_path))
   assert again['step'] == 24 and 'train/loss' not in again  # Nothing was trained.
+  assert (f'{tmp_path} already holds a checkpoint at step 24 (this config trains 24 steps): '
+          'nothing to train.') in capsys.readouterr().out
   config.num_train_steps = 36
   longer = trainer.train_and_evaluate(config, str(tmp_path))
   assert longer['step'] == 36

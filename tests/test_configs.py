@@ -51,7 +51,7 @@ def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(spec,
 
 @pytest.mark.parametrize('path', CONFIG_FILES)
 def test_a_runs_config_json_reads_back_as_the_config_it_records(path, tmp_path):
-  config = cli.load_config_file(path)
+  config = cli.load_config_file(str(REPO_ROOT / path))
   workdir_lib.write_config(str(tmp_path), config)
   again = cli.load_config_file(str(tmp_path / 'config.json'))
   assert again.to_dict() == config.to_dict()  # Tuples included: (30, 60) != [30, 60].

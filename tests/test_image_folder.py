@@ -105,7 +105,8 @@ def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
 
 
 def test_predict_reads_an_image_as_evaluation_does(tmp_path):
-  """Resized on its shorter side and centre-cropped, not squashed to the run's shape."""
+  """Predict reads an image as evaluation does: the same resize of the shorter side and centre
+  crop (which tests/test_streaming.py checks against an independent resize and crop)."""
   from jaxcnn.data import streaming
   from jaxcnn.predict import load_image
   pixels = np.random.default_rng(0).integers(0, 256, (80, 120, 3), np.uint8)

@@ -70,6 +70,23 @@ def test_weight_decay_leaves_biases_and_norm_scales_alone():
                          weight_decay=0.5)
     tx = optim.make_optimizer(config, total_steps=10, steps_per_epoch=10)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    assert float(jnp.abs(updates['conv']['kernel']).max()) > 0, name  # Decayed.
+    # Decayed by learning_rate * weight_decay * w, as optax's and PyTorch's AdamW and SGD's L2
+    # do; AdamW adds nothing more where the gradient is zero.
+    np.testing.assert_allclose(updates['conv']['kernel'], -0.1 * 0.5 * params['conv']['kernel'],
+                               rtol=1e-6, err_msg=name)
     assert float(jnp.abs(updates['conv']['bias']).max()) == 0, name
     assert float(jnp.abs(updates['norm']['scale']).max()) == 0, name
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+  params = {'w': jnp.zeros(4), 'b': jnp.zeros(3)}
+  grads = {'w': jnp.full(4, 3.0), 'b': jnp.full(3, 4.0)}  # Global norm sqrt(36 + 48) = 9.17.
+  for clip, expected_norm in ((1.0, 1.0), (100.0, float(np.sqrt(84.0)))):
+    config = tiny_config(optimizer='sgd', learning_rate=1.0, lr_schedule='constant',
+                         grad_clip_norm=clip)
+    tx = optim.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    norm = float(np.sqrt(sum(float(jnp.sum(u ** 2)) for u in jax.tree.leaves(updates))))
+    assert norm == pytest.approx(expected_norm, rel=1e-5)
+    # Clipping scales the gradient; it does not turn it.
+    np.testing.assert_allclose(updates['w'] / updates['w'][0], np.ones(4), rtol=1e-6)

@@ -19,10 +19,10 @@ PREPROCESS = Preprocessor(mean=(100.0,), std=(80.0,))
 
 
 def setup(model_name='bn_cnn', seed=0, learning_rate=3e-3, preprocess=PREPROCESS,
-          dtype='float32', **options):
+          dtype='float32', tx=None, **options):
   model = models.create_model(model_name, num_classes=10, input_shape=(28, 28, 1), seed=seed,
                               dtype=dtype)
-  tx = optax.adam(learning_rate)
+  tx = tx or optax.adam(learning_rate)
   model_def, state = create_train_state(model, tx, ema=options.get('ema_decay', 0) > 0)
   step_options = StepOptions(num_classes=10, seed=seed, **options)
   step = jax.jit(make_train_step(model_def, tx, preprocess, step_options))
@@ -109,11 +109,15 @@ def test_eval_step_sums_only_masked_examples():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  """k micro-batches of B/k examples make the same update as one batch of B (no BatchNorm)."""
+  """k micro-batches of B/k examples make the same update as one batch of B (no BatchNorm).
+
+  Momentum SGD moves by the gradient's scale, so a sum of micro-batch gradients left undivided
+  would show; Adam's updates hardly change with it."""
   data = batch(64)
   results = []
   for k in (1, 4):
     _, state, step = setup(model_name='lenet5', grad_accum_steps=k,
+                           tx=optax.sgd(0.05, momentum=0.9),
                            preprocess=Preprocessor(mean=(100.0,), std=(80.0,), crop_padding=2))
     for _ in range(3):
       state, metrics = step(state, data)
@@ -122,6 +126,25 @@ def test_gradient_accumulation_equals_one_big_batch():
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(one_metrics['loss'], four_metrics['loss'], rtol=1e-5)
+  np.testing.assert_allclose(one_metrics['grad_norm'], four_metrics['grad_norm'], rtol=1e-5)
+
+
+def test_label_smoothing_trains_against_smoothed_targets():
+  """The step's loss is the cross-entropy against (1 - e) * one-hot + e / K, computed here from
+  the logits of the weights it started from (LeNet-5 has no BatchNorm or dropout, so training
+  and evaluation give the same logits)."""
+  data = batch(32)
+  model_def, state, _ = setup(model_name='lenet5')
+  model = model_def.merge(state.params, state.model_state)
+  model.eval()
+  log_probs = jax.nn.log_softmax(model(PREPROCESS(data['image'], None, train=False)))
+  one_hot = np.eye(10)[np.asarray(data['label'])]
+  for smoothing in (0.0, 0.1):
+    _, _, step = setup(model_name='lenet5', label_smoothing=smoothing)
+    _, metrics = step(state, data)
+    targets = (1 - smoothing) * one_hot + smoothing / 10
+    expected = -np.mean(np.sum(targets * np.asarray(log_probs), axis=-1))
+    np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
 
 
 def test_initial_state_is_the_model_and_a_fresh_optimizer_state():

@@ -134,9 +134,10 @@ def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
 def test_a_warm_up_that_outlasts_the_run_is_announced(fake_tfds, tmp_path, capsys):
   fake_tfds({'train': 64, 'test': 32})  # Two steps an epoch: 3 epochs of warm-up are 6 steps.
   trainer.train_and_evaluate(tiny_config(num_train_steps=6, warmup_epochs=3), str(tmp_path / 'a'))
-  assert capsys.readouterr().err == (
+  warnings = [line for line in capsys.readouterr().err.splitlines() if 'warmup' in line]
+  assert warnings == [
       'warning: warmup_epochs=3 is 6 steps, as long as the run (6 steps) or longer: the learning '
-      'rate rises over the whole run and reaches learning_rate at its last step\n')
+      'rate rises over the whole run and reaches learning_rate at its last step']
   trainer.train_and_evaluate(tiny_config(num_train_steps=6, warmup_epochs=2.5), str(tmp_path / 'b'))
   assert 'warmup_epochs' not in capsys.readouterr().err  # 5 steps of warm-up, then the schedule.
 
@@ -169,3 +170,18 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(fak
   records = read_metrics(str(workdir))
   assert [r['step'] for r in records if 'train/loss' in r] == [8, 12, 16, 24]
   assert all(r['train/loss'] != 9.0 for r in records if 'train/loss' in r)
+
+
+def test_a_moving_average_of_the_weights_is_evaluated_and_resumed_exactly(fake_tfds, tmp_path):
+  # A constant rate: a schedule over 12 steps would be another run from the start.
+  config = tiny_config(ema_decay=0.9, lr_schedule='constant', num_train_steps=24,
+                       eval_every_steps=12, checkpoint_every_steps=12)
+  whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert {'test/ema_accuracy', 'test/ema_loss'} <= set(whole)
+  assert whole['test/ema_loss'] != whole['test/loss']  # The average, not the weights again.
+  config.num_train_steps = 12
+  trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
+  config.num_train_steps = 24
+  halves = trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
+  for name in ('test/ema_loss', 'test/ema_accuracy', 'test/loss'):
+    assert halves[name] == whole[name], name  # The average is in the checkpoint, bit for bit.

@@ -83,8 +83,7 @@ def test_output_shapes(name, input_shape):
   assert (logits.shape, logits.dtype) == ((2, 7), jnp.float32)
 
 
-# Real training-mode forward passes on the presets' classes (test_models.py runs every preset in
-# evaluation mode). XLA compiles a random initialiser for every new parameter shape (up to a second
+# Real forward passes, in training and evaluation mode, on the presets' classes. XLA compiles a random initialiser for every new parameter shape (up to a second
 # each on a CI core), so the networks are shrunk to share the CIFAR ResNet's shapes; the presets'
 # full sizes are checked above without materialising them. VGG's layers are bn_cnn's, tested there.
 SMALL_NETWORKS = {
@@ -112,6 +111,26 @@ def test_training_forward_pass_updates_batch_statistics(name):
   assert np.isfinite(np.asarray(logits)).all()
   after = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
   assert before and all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize('name', SMALL_NETWORKS)
+def test_evaluation_uses_the_running_statistics_and_changes_none(name):
+  """In evaluation mode an image's logits do not depend on the rest of its batch, and BatchNorm's
+  statistics stay as they are."""
+  model = SMALL_NETWORKS[name](num_classes=10, rngs=nnx.Rngs(0))
+  input_shape = SMALL_NETWORKS[name].keywords['input_shape']
+  images = jax.random.normal(jax.random.key(0), (4, *input_shape))
+  train_forward = nnx.jit(lambda model, x: model(x))
+  train_forward(model, images)  # Running statistics that are not the initial zeros and ones.
+  before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+  model.eval()
+  forward = nnx.jit(lambda model, x: model(x))
+  batch_logits, alone = forward(model, images), forward(model, images[:1])
+  assert np.isfinite(np.asarray(batch_logits)).all()
+  np.testing.assert_allclose(alone[0], batch_logits[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(forward(model, images), batch_logits)  # Deterministic.
+  for old, new in zip(before, jax.tree.leaves(nnx.state(model, nnx.BatchStat))):
+    np.testing.assert_array_equal(old, new)
 
 
 @pytest.mark.parametrize('name', ['cifar_resnet20', 'wrn16_8', 'vgg11_bn', 'airbench'])
