@@ -422,7 +422,11 @@ def _make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     if compile_optimizer:
       optimizer_step = torch.compile(optimizer_step, mode=mode)
 
+  cuda_graphs = compile_mode == 'reduce-overhead'
+
   def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if cuda_graphs:  # Each step begins a new replay of the recorded graphs.
+      torch.compiler.cudagraph_mark_step_begin()
     optimizer.zero_grad(set_to_none=True)
     loss = forward_loss(images, labels)
     loss.backward()

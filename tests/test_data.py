@@ -1,6 +1,7 @@
 """The data path: TFDS preparation checks, device-resident splits, augmentation."""
 
 import os
+import subprocess
 import sys
 import types
 
@@ -12,7 +13,7 @@ import pytest
 from jaxcnn.data import augment, device_data, pipeline, tfds_data
 from jaxcnn.errors import ConfigError, DataError
 
-from conftest import MNIST_MANUAL_DIR, tiny_config
+from conftest import MNIST_MANUAL_DIR, REPO_ROOT, tiny_config
 
 
 # ---------------------------------------------------------------- TFDS
@@ -61,6 +62,14 @@ def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_data, '_hosts_reachable', lambda builder: pytest.fail('probed'))
   builder = tfds_data.get_builder('mnist', str(tmp_path))
   assert tfds_data.check_can_prepare(builder, str(MNIST_MANUAL_DIR)) is True
+
+
+def test_preparing_by_hand_says_what_it_did_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'jaxcnn.data.prepare', 'mnist',
+                           f'--data_dir={tmp_path}', f'--manual_dir={MNIST_MANUAL_DIR}', '--offline'],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == f'prepared mnist/3.0.1 in {tmp_path}/mnist/3.0.1\n'  # No TFDS lines.
 
 
 def test_offline_never_probes_the_network_and_names_the_flag(tmp_path, monkeypatch):
