@@ -127,6 +127,22 @@ def _short(message: str, limit: int = 160) -> str:
   return line if len(line) <= limit else line[:limit] + '...'
 
 
+class _WithoutUnusedMetadataErrors(logging.Filter):
+  """Drops Orbax's ERROR log of a checkpoint's `_CHECKPOINT_METADATA` that does not parse.
+
+  jaxcnn reads nothing from that file (its own record is the `meta` item, checked with the
+  arrays), and Orbax goes on without it: yet it logs an error with the file's whole content,
+  once per thread, before a resume that then works.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Failed to json parse Metadata file')
+
+
+# Orbax logs through absl, whose records go to the 'absl' logger.
+logging.getLogger('absl').addFilter(_WithoutUnusedMetadataErrors())
+
+
 def _ignore_failed_read_leftovers() -> None:
   """Filters what a failed checkpoint read leaves behind out of Python's unraisable reports.
 

@@ -2,6 +2,7 @@
 and the evaluate and predict command lines."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -271,6 +272,23 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_p
   assert checkpointer.steps() == [16, 24, 32]
   assert checkpointer.read_meta(24)['step'] == 24
   checkpointer.close()
+
+
+def test_a_damaged_orbax_metadata_file_resumes_without_a_word(fake_tfds, tmp_path, capfd,
+                                                              caplog):
+  """Orbax's `_CHECKPOINT_METADATA` holds nothing jaxcnn reads: damaged, it costs nothing and
+  is not reported (Orbax's own log of it printed the file's content twice)."""
+  config = tiny_config(num_train_steps=16, checkpoint_every_steps=8)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / CHECKPOINT_DIR / '16' / '_CHECKPOINT_METADATA').write_text('garbage{')
+  capfd.readouterr()
+  config.num_train_steps = 24
+  with caplog.at_level(logging.INFO):  # Where absl's records go under pytest.
+    assert trainer.train_and_evaluate(config, str(tmp_path))['step'] == 24
+  captured = capfd.readouterr()
+  assert 'resuming from the checkpoint at step 16' in captured.out
+  assert not [r for r in caplog.records if 'garbage' in r.getMessage()]
+  assert 'garbage' not in captured.err
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
