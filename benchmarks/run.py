@@ -29,8 +29,8 @@ each MNIST recipe, then the fast CIFAR network and ResNet-50 in bfloat16, then t
 the other seeds and throughputs. The results file is rewritten after every measurement, so a run
 stopped from outside keeps what it measured; `--budget_seconds` starts no measurement after that
 many seconds of the process and lists the ones it left under `skipped` (for a lent GPU with
-minutes of device time). A measurement that fails is recorded under `errors` with its one-line cause, the others
-still run, and the exit status is then 1.
+minutes of device time). A measurement that fails is recorded under `errors` with its one-line
+cause, the others still run, and the exit status is then 1.
 """
 
 import dataclasses
@@ -151,7 +151,7 @@ def matmul_flops(quick: bool) -> dict:
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by a part
 # of the device name JAX reports: MFU as the field usually quotes it is against these.
 BF16_PEAK_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4),
-                    ('H200', 989.4), ('A100', 312.0), ('L4', 121.0))
+                    ('H200', 989.4), ('A100', 312.0))
 
 
 def datasheet_bf16_tflops(device: str) -> float | None:

@@ -44,14 +44,18 @@ class DeviceTrainFeed:
   def warm_up(self, step: int) -> None:
     """Draws the order of `step`'s epoch now, so that compiling its program is not timed as
     training (the trainer calls this while it compiles)."""
-    self.args(None, None, step, 1)
+    self._epoch_order(step // self.steps_per_epoch)
 
-  def args(self, state, sums, step: int, num_steps: int) -> tuple:
-    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+  def _epoch_order(self, epoch: int) -> jax.Array:
+    """The permutation of `epoch`, drawn on the devices once per epoch."""
     if epoch != self._permutation_epoch:
       self._permutation = self.strategy.permutation(self.seed, epoch, self.split.num_examples)
       self._permutation_epoch = epoch
-    return (state, sums, self.split, self._permutation,
+    return self._permutation
+
+  def args(self, state, sums, step: int, num_steps: int) -> tuple:
+    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+    return (state, sums, self.split, self._epoch_order(epoch),
             self.strategy.index(batch_in_epoch))
 
   def position(self, step: int) -> dict:

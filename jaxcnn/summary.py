@@ -11,7 +11,8 @@ no memory and no initialisation time. Without --config the input defaults to 224
 classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
 classes otherwise. With --config the model and the dataset's image shape (at the config's
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
-override them (MODEL and a --config.model override may not name different models). The last line is the total, `total: 25,557,032 parameters`.
+override them (MODEL and a --config.model override may not name different models). The last line
+is the total, `total: 25,557,032 parameters`.
 """
 
 import math

@@ -136,8 +136,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
     model.init_whitening(init_images[pipeline.sample_indices(num_train_examples,
                                                             _WHITENING_IMAGES)])
   warmup = optim.requested_warmup_steps(config, steps_per_epoch)
-  if training and warmup >= total_steps and config.lr_schedule != 'onecycle' \
-      and jax.process_index() == 0:
+  if (training and warmup >= total_steps and config.lr_schedule != 'onecycle'
+      and jax.process_index() == 0):
     print(f'warning: warmup_epochs={config.warmup_epochs:g} is {warmup} steps, as long as the '
           f'run ({total_steps} steps) or longer: the learning rate rises over the whole run and '
           'reaches learning_rate at its last step', file=sys.stderr, flush=True)
