@@ -1,23 +1,48 @@
 """Writing files that other processes (or a later run) may read at any moment."""
 
+import contextlib
 import os
+import socket
+import sys
+import uuid
+import zipfile
 from collections.abc import Callable
 from typing import BinaryIO
+
+import numpy as np
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
   """Writes `path` through `write(file)` so that readers see either no file or the whole file.
 
-  The data goes to a temporary file beside `path` (its folder is created if needed), which then
-  replaces `path` in one step. Raises OSError if that fails, leaving no temporary file behind.
+  The data goes to a temporary file beside `path` (its folder is created if needed), named for
+  this host, process and call (hosts sharing a folder can have the same process ids), and is
+  flushed to the disk before it replaces `path` in one step: a crash or power loss leaves the old
+  file or the new one, whole. Raises OSError if that fails, leaving no temporary file behind.
   """
-  tmp = f'{path}.tmp-{os.getpid()}'
+  tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   try:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(tmp, 'wb') as f:
+    with open(tmp, 'xb') as f:
       write(f)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
-  except OSError:
-    if os.path.exists(tmp):
+  except BaseException:
+    with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray] | None:
+  """The arrays of the .npz cache file `path`, or None where it cannot be read: the damaged file
+  is then removed, with a warning, so that the data is decoded and cached afresh."""
+  try:
+    with np.load(path, allow_pickle=False) as arrays:
+      return {name: arrays[name] for name in arrays.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    print(f'warning: removing the damaged cache file {path} ({type(e).__name__}: {e}); '
+          'decoding again', file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    return None

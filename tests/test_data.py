@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.data import augment, device_data, pipeline, tfds_data
+from jaxcnn.data import augment, decoded_index, device_data, pipeline, tfds_data
 from jaxcnn.errors import ConfigError, DataError
 
 from conftest import MNIST_MANUAL_DIR, REPO_ROOT, tiny_config
@@ -144,6 +144,23 @@ def test_recorded_dataset_loads_again_without_tfds_until_it_is_prepared_anew(
       pipeline.load_data(config, train=False)
   finally:
     info_file.write_bytes(original)
+
+
+def test_a_damaged_decoded_cache_is_decoded_again(mnist_data_dir, tmp_path, monkeypatch, capfd):
+  """A truncated cache file (a full disk, a crash on a file system without atomic renames) costs
+  one decode, on the recorded path and on TFDS's, never the run."""
+  monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
+  config = tiny_config(data_dir=str(mnist_data_dir), eval_batch_size=1000)
+  first = pipeline.load_data(config, train=False)
+  (cached,) = (tmp_path / 'cache' / 'decoded').glob('*.npz')
+  for _ in range(2):  # The first load finds it on the recorded path, the second on TFDS's.
+    cached.write_bytes(cached.read_bytes()[:1000])
+    again = pipeline.load_data(config, train=False)
+    np.testing.assert_array_equal(again.eval.images, first.eval.images)
+    assert f'warning: removing the damaged cache file {cached}' in capfd.readouterr().err
+    monkeypatch.setattr(decoded_index, 'lookup', lambda *args: None)
+  with np.load(cached, allow_pickle=False) as arrays:  # Written whole again.
+    np.testing.assert_array_equal(arrays['images'], first.eval.images)
 
 
 def test_auto_placement_streams_only_what_device_memory_cannot_hold():

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxcnn import files
 from jaxcnn.data import decoded_index, device_data, image_folder, synthetic, tfds_data
 from jaxcnn.data.augment import channel_stats
 from jaxcnn.data.image_ops import resize_and_center_crop
@@ -218,15 +219,14 @@ def _read_recorded(config, train: bool) -> Data | None:
   if any(split not in info.split_sizes for split in splits):
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
-  files = {split: entry.split_file(split, shape) for split in splits}
-  if _placement(config, info, shape) != 'device' or None in files.values():
+  paths = {split: entry.split_file(split, shape) for split in splits}
+  if _placement(config, info, shape) != 'device' or None in paths.values():
     return None
-
-  def read_split(split):
-    with np.load(files[split], allow_pickle=False) as arrays:
-      return arrays['images'], arrays['labels']
-
-  return _device_resident(config, _common(info, shape, 'device'), read_split, train)
+  arrays = {split: files.load_arrays(path) for split, path in paths.items()}
+  if None in arrays.values():  # Damaged, and removed: the TFDS path decodes it again.
+    return None
+  return _device_resident(config, _common(info, shape, 'device'),
+                          lambda split: (arrays[split]['images'], arrays[split]['labels']), train)
 
 
 def _splits_read(config, train: bool) -> tuple[str, ...]:

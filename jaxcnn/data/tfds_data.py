@@ -242,9 +242,9 @@ def read_split(builder, split: str, image_shape=None,
   # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
   cache_path = (_cache_path(builder, split, image_shape, cache_dir or caches.cache_dir())
                 if split in info.split_sizes else None)
-  if cache_path and os.path.isfile(cache_path):
-    with np.load(cache_path, allow_pickle=False) as arrays:
-      return arrays['images'], arrays['labels']
+  arrays = files.load_arrays(cache_path) if cache_path and os.path.isfile(cache_path) else None
+  if arrays is not None:
+    return arrays['images'], arrays['labels']
   images, labels = _decode_split(builder, split, info, image_shape)
   if cache_path:
     _save_atomically(cache_path, images=images, labels=labels)
