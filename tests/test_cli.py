@@ -62,7 +62,8 @@ def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_di
                      f'--config.data_dir={mnist_data_dir}', f'--workdir={tmp_path / "run"}')
   assert result.returncode == 2
   assert result.stderr == ("error: dataset 'mnist/3.0.1' has no split 'validation'; it has: "
-                           'test, train\n')
+                           "test, train (and TFDS slices of them, e.g. 'train[:90%]' and "
+                           "'train[90%:]' to hold out a tenth of train)\n")
   assert not (tmp_path / 'run').exists()
 
 

@@ -163,6 +163,23 @@ def test_a_damaged_decoded_cache_is_decoded_again(mnist_data_dir, tmp_path, monk
     np.testing.assert_array_equal(arrays['images'], first.eval.images)
 
 
+@pytest.mark.parametrize('placement', ['device', 'stream'])
+def test_a_slice_of_train_holds_out_a_validation_set(mnist_data_dir, tmp_path, monkeypatch,
+                                                      placement):
+  monkeypatch.setenv('JAXCNN_CACHE_DIR', str(tmp_path / 'cache'))
+  config = tiny_config(data_dir=str(mnist_data_dir), train_split='train[:59000]',
+                       eval_split='train[59000:]', data_placement=placement)
+  data = pipeline.load_data(config)
+  assert (data.num_train_examples, data.num_eval_examples) == (59_000, 1_000)
+  whole = tfds_data.get_builder('mnist', str(mnist_data_dir)).as_data_source(split='train')
+  held_out = data.eval.images[0] if placement == 'device' else data.eval[0]['image']
+  np.testing.assert_array_equal(held_out, whole[59_000]['image'])  # The 59,001st of train.
+  config.eval_split = 'train[:90]%'
+  with pytest.raises(ConfigError, match=r"dataset 'mnist/3.0.1' cannot read split "
+                                        r"'train\[:90\]%'"):
+    pipeline.load_data(config)
+
+
 def test_auto_placement_streams_only_what_device_memory_cannot_hold():
   config = tiny_config(data_placement='auto')
   imagenet = types.SimpleNamespace(split_sizes={'train': 1_281_167, 'validation': 50_000})

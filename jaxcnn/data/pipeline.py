@@ -77,9 +77,7 @@ def check_dataset(config) -> None:
 
 def _check_splits(config, info: tfds_data.DatasetInfo) -> None:
   for split in (config.train_split, config.eval_split):
-    if info.split_sizes and split not in info.split_sizes:
-      raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
-                        f'{", ".join(sorted(info.split_sizes))}')
+    tfds_data.check_split(info, split)
 
 
 def input_spec(config) -> tuple[tuple[int, int, int], int]:
@@ -145,14 +143,17 @@ def _load(config, train: bool) -> Data:
     builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
   info = tfds_data.dataset_info(builder)
   _check_splits(config, info)
+  splits = _splits_read(config, train)
+  if info.split_sizes:  # A slice's spec is checked by TFDS itself (mocked datasets have none).
+    for split in splits:
+      tfds_data.split_num_examples(builder, split)
   shape = _image_shape(config, info)
   placement = _placement(config, info, shape)
   common = _common(info, shape, placement)
   if placement == 'device':
     data = _device_resident(config, common,
                             lambda split: tfds_data.read_split(builder, split, shape), train)
-    splits = _splits_read(config, train)
-    if config.dataset != IMAGE_FOLDER and all(split in info.split_sizes for split in splits):
+    if config.dataset != IMAGE_FOLDER and info.split_sizes:
       # Only splits that read_split could cache (mocked datasets record no sizes, so none).
       decoded_index.record(
           config.dataset, config.data_dir, info=tfds_data.info_to_json(info),
@@ -216,7 +217,8 @@ def _read_recorded(config, train: bool) -> Data | None:
     return None
   info = tfds_data.info_from_json(entry.info)
   splits = _splits_read(config, train)
-  if any(split not in info.split_sizes for split in splits):
+  if any(name not in info.split_sizes for split in splits
+         for name in tfds_data.split_names(split)):
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
   paths = {split: entry.split_file(split, shape) for split in splits}
@@ -270,7 +272,7 @@ def _placement(config, info, shape) -> str:
     return config.data_placement
   if not info.split_sizes:  # Sizes unknown (a mocked dataset): small by construction.
     return 'device'
-  size = sum(info.split_sizes.get(s, 0) for s in (config.train_split, config.eval_split))
+  size = sum(tfds_data.split_size_bound(info, s) for s in (config.train_split, config.eval_split))
   size *= int(np.prod(shape))
   stats = jax.local_devices()[0].memory_stats() or {}
   budget = (stats['bytes_limit'] * _DEVICE_MEMORY_FRACTION if 'bytes_limit' in stats

@@ -43,6 +43,36 @@ class DatasetInfo:
   label_key: str = 'label'
 
 
+def split_names(split: str) -> list[str]:
+  """The named splits a TFDS split spec reads: 'train' and 'train[:90%]' read 'train', and
+  'train+test[:50%]' reads 'train' and 'test'."""
+  return [part.split('[', 1)[0].strip() for part in split.split('+')]
+
+
+def check_split(info: DatasetInfo, split: str) -> None:
+  """Raises a ConfigError unless the split spec `split` reads only splits the dataset has
+  (datasets whose splits are unknown, as mocked ones, accept any)."""
+  if info.split_sizes and any(name not in info.split_sizes for name in split_names(split)):
+    raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
+                      f'{", ".join(sorted(info.split_sizes))} (and TFDS slices of them, e.g. '
+                      "'train[:90%]' and 'train[90%:]' to hold out a tenth of train)")
+
+
+def split_size_bound(info: DatasetInfo, split: str) -> int:
+  """At most how many examples the split spec `split` reads: its named splits' sizes."""
+  return sum(info.split_sizes.get(name, 0) for name in split_names(split))
+
+
+def split_num_examples(builder, split: str) -> int:
+  """The examples of the split spec `split` (a slice such as 'train[:90%]' included), as TFDS
+  resolves it; a ConfigError for a spec TFDS cannot read."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ConfigError(f'dataset {builder.info.full_name!r} cannot read split {split!r}: '
+                      f'{" ".join(str(e).split())}') from None
+
+
 def import_tfds():
   """Imports tensorflow_datasets lazily (it is slow to import and only the data path needs it),
   without its warning about datasets not prepared yet."""
@@ -236,12 +266,10 @@ def read_split(builder, split: str, image_shape=None,
   if None in image_shape:
     raise ConfigError(f'dataset {info.name!r} has images of varied sizes; set '
                       '--config.image_size to the size to train at')
-  if info.split_sizes and split not in info.split_sizes:
-    raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
-                      f'{", ".join(sorted(info.split_sizes))}')
+  check_split(info, split)
   # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
   cache_path = (_cache_path(builder, split, image_shape, cache_dir or caches.cache_dir())
-                if split in info.split_sizes else None)
+                if info.split_sizes else None)
   arrays = files.load_arrays(cache_path) if cache_path and os.path.isfile(cache_path) else None
   if arrays is not None:
     return arrays['images'], arrays['labels']
