@@ -54,6 +54,7 @@ def get_config(variant: str = ''):
     config.weight_decay = 5e-4
     config.label_smoothing = 0.2
     config.augment.crop_padding = 2
+    config.augment.pad_mode = 'reflect'  # As airbench pads.
   if variant.endswith('smoke'):
     shrink_for_smoke(config)
   return config

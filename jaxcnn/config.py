@@ -18,6 +18,7 @@ from jaxcnn import models, optim
 from jaxcnn.errors import ConfigError
 
 PARALLEL_STRATEGIES = ('jit', 'shard_map', 'pmap')
+PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -42,7 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.synthetic.num_eval = 2_000
   config.synthetic_if_unprepared = False  # Smoke runs: synthetic data if the dataset is absent.
   config.augment = ml_collections.ConfigDict()
-  config.augment.crop_padding = 0  # Random crop after zero padding by this many pixels.
+  config.augment.crop_padding = 0  # Random crop after padding by this many pixels.
+  config.augment.pad_mode = 'constant'  # That padding: 'constant' (zeros) or 'reflect'.
   config.augment.flip = False  # Random horizontal flips.
   config.augment.inception_crop = False  # Random-resized (Inception) crops, ImageNet style.
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
@@ -241,6 +243,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.crop_padding',
            _is_int(config.augment.crop_padding) and config.augment.crop_padding >= 0,
            'an integer >= 0')
+  _require(config, 'augment.pad_mode', config.augment.pad_mode in PAD_MODES,
+           f'one of {", ".join(PAD_MODES)}')
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
 
 

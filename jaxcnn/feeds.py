@@ -256,6 +256,7 @@ def make_train_feed(config, experiment, data: Data):
   from jaxcnn.data import streaming  # pylint: disable=g-import-not-at-top  (Grain: 0.5 s to import)
   augment = streaming.HostAugment(image_shape=data.image_shape,
                                   crop_padding=config.augment.crop_padding,
+                                  pad_mode=config.augment.pad_mode,
                                   flip=config.augment.flip,
                                   inception_crop=config.augment.inception_crop)
 

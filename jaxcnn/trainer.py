@@ -146,6 +146,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   on_device = placement == 'device'
   preprocess = Preprocessor(mean=tuple(mean), std=tuple(std),
                             crop_padding=config.augment.crop_padding if on_device else 0,
+                            pad_mode=config.augment.pad_mode,
                             flip=config.augment.flip and on_device,
                             inception_crop=config.augment.inception_crop and on_device,
                             dtype=config.dtype)

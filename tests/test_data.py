@@ -232,16 +232,34 @@ def test_eval_split_is_padded_and_masked():
 
 # ---------------------------------------------------------------- Augmentation
 
-def test_random_crop_is_a_shifted_window_of_the_padded_image():
+@pytest.mark.parametrize('mode', ['constant', 'reflect'])
+def test_random_crop_is_a_shifted_window_of_the_padded_image(mode):
   images = jnp.asarray(np.random.default_rng(0).integers(1, 255, (16, 8, 8, 3)), jnp.uint8)
-  out = augment.random_crop_with_padding(images, augment.example_keys(jax.random.key(0), 16), 2)
+  keys = augment.example_keys(jax.random.key(0), 16)
+  out = augment.random_crop_with_padding(images, keys, 2, mode)
   assert out.shape == images.shape and out.dtype == jnp.uint8
-  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode=mode)
   for image, cropped in zip(padded, np.asarray(out)):
     windows = [image[y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
     assert any(np.array_equal(w, cropped) for w in windows)
   shifted = sum(not np.array_equal(a, b) for a, b in zip(np.asarray(out), np.asarray(images)))
   assert shifted >= 10  # 24 of 25 offsets move the image.
+  # The images hold no zero: zeros come from the padding alone, and reflection has none.
+  assert (np.asarray(out) == 0).any() == (mode == 'constant')
+
+
+def test_streamed_random_crop_pads_as_the_config_says():
+  from jaxcnn.data import streaming  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(1, 255, (8, 8, 3), np.uint8)
+  for mode in ('constant', 'reflect'):
+    transform = streaming._TrainTransform(  # pylint: disable=protected-access
+        streaming.HostAugment((8, 8, 3), crop_padding=2, pad_mode=mode), 'image', 'label')
+    crops = [transform.random_map({'image': image, 'label': 0}, np.random.default_rng(seed))
+             ['image'] for seed in range(20)]
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode=mode)
+    windows = [padded[y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+    assert all(any(np.array_equal(w, crop) for w in windows) for crop in crops)
+    assert any((crop == 0).any() for crop in crops) == (mode == 'constant')
 
 
 def test_random_crop_and_flip_are_deterministic_per_key():

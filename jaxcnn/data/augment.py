@@ -21,16 +21,19 @@ def example_keys(key: jax.Array, num_examples: int, first_example: int | jax.Arr
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(first_example + jnp.arange(num_examples))
 
 
-def random_crop_with_padding(images: jax.Array, keys: jax.Array, padding: int) -> jax.Array:
-  """Pads each image by `padding` zero pixels on every side and crops it back at a random offset.
+def random_crop_with_padding(images: jax.Array, keys: jax.Array, padding: int,
+                             mode: str = 'constant') -> jax.Array:
+  """Pads each image by `padding` pixels on every side and crops it back at a random offset.
 
   This is the standard 'random crop with padding' (and, for MNIST, a random shift of up to
-  `padding` pixels in each direction). `keys` holds one key per image.
+  `padding` pixels in each direction). The padding is zeros (`mode` 'constant', as torchvision's
+  RandomCrop) or the image mirrored at its edges ('reflect', as Wide ResNets and airbench pad).
+  `keys` holds one key per image.
   """
   if padding <= 0:
     return images
   _, height, width, channels = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=mode)
   offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * padding + 1))(keys)
 
   def crop(image, offset):
@@ -81,6 +84,7 @@ class Preprocessor:
     mean: per-channel mean of the training images, in [0, 255].
     std: per-channel standard deviation of the training images, in [0, 255].
     crop_padding: pixels of padding for the random crop; 0 disables it.
+    pad_mode: that padding, 'constant' (zeros) or 'reflect'.
     flip: random horizontal flips (off for digits, whose mirror images are other glyphs).
     inception_crop: random-resized crops (before the padded crop and the flip, if those are on).
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
@@ -88,6 +92,7 @@ class Preprocessor:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   crop_padding: int = 0
+  pad_mode: str = 'constant'
   flip: bool = False
   inception_crop: bool = False
   dtype: str = 'float32'
@@ -101,7 +106,7 @@ class Preprocessor:
           example_keys(key, images.shape[0], first_example))
       if self.inception_crop:
         images = random_resized_crop(images, keys[:, 2])
-      images = random_crop_with_padding(images, keys[:, 0], self.crop_padding)
+      images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
       if self.flip:
         images = random_flip_left_right(images, keys[:, 1])
     return self.normalize(images)

@@ -30,6 +30,7 @@ class HostAugment:
   """What the Grain workers do to each training example."""
   image_shape: tuple[int, int, int]
   crop_padding: int = 0
+  pad_mode: str = 'constant'  # np.pad's mode for that padding: 'constant' (zeros) or 'reflect'.
   flip: bool = False
   inception_crop: bool = False
 
@@ -49,7 +50,8 @@ class _TrainTransform(grain.RandomMapTransform):
       image = resize_and_center_crop(image, height, width)
     padding = self.augment.crop_padding
     if padding:
-      padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+      padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)),
+                      mode=self.augment.pad_mode)
       top, left = rng.integers(0, 2 * padding + 1, size=2)
       image = padded[top:top + height, left:left + width]
     if self.augment.flip and rng.integers(0, 2):
