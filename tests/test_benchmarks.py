@@ -212,7 +212,8 @@ def test_time_to_accuracy_evaluates_at_a_divisor_of_the_epoch_eight_times_or_mor
   assert suite.evaluation_interval(60_000 // 128) == 52 and suite.evaluation_interval(117) == 13
   for steps_per_epoch in (468, 117, 97, 8, 7, 1):
     interval = suite.evaluation_interval(steps_per_epoch)
-    assert steps_per_epoch % interval == 0 and steps_per_epoch // interval >= min(8, steps_per_epoch)
+    assert steps_per_epoch % interval == 0
+    assert steps_per_epoch // interval >= min(8, steps_per_epoch)
 
 
 def test_mfu_is_reported_against_the_measured_rate_and_the_datasheet_peak():

@@ -65,9 +65,10 @@ def test_manual_dir_with_every_file_needs_no_network(tmp_path, monkeypatch):
 
 
 def test_preparing_by_hand_says_what_it_did_in_one_line(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'jaxcnn.data.prepare', 'mnist',
-                           f'--data_dir={tmp_path}', f'--manual_dir={MNIST_MANUAL_DIR}', '--offline'],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  command = [sys.executable, '-m', 'jaxcnn.data.prepare', 'mnist', f'--data_dir={tmp_path}',
+             f'--manual_dir={MNIST_MANUAL_DIR}', '--offline']
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout == f'prepared mnist/3.0.1 in {tmp_path}/mnist/3.0.1\n'  # No TFDS lines.
 

@@ -83,9 +83,10 @@ def test_output_shapes(name, input_shape):
   assert (logits.shape, logits.dtype) == ((2, 7), jnp.float32)
 
 
-# Real forward passes, in training and evaluation mode, on the presets' classes. XLA compiles a random initialiser for every new parameter shape (up to a second
-# each on a CI core), so the networks are shrunk to share the CIFAR ResNet's shapes; the presets'
-# full sizes are checked above without materialising them. VGG's layers are bn_cnn's, tested there.
+# Real forward passes, in training and evaluation mode, on the presets' classes. XLA compiles a
+# random initialiser for every new parameter shape (up to a second each on a CI core), so the
+# networks are shrunk to share the CIFAR ResNet's shapes; the presets' full sizes are checked above
+# without materialising them. VGG's layers are bn_cnn's, tested there.
 SMALL_NETWORKS = {
     'cifar_resnet20': functools.partial(models.MODELS['cifar_resnet20'], input_shape=(32, 32, 3)),
     'wide_resnet': functools.partial(wide_resnet.WideResNet, depth=10, widen_factor=1,
