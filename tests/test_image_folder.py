@@ -105,6 +105,29 @@ def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
   np.testing.assert_allclose(again['test/accuracy'], result['test/accuracy'])
 
 
+def test_rgb_jpegs_are_stored_as_their_own_bytes_and_the_rest_as_rgb(tmp_path, capfd):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  files = {'cat/photo.jpg': rng.integers(0, 256, (30, 40, 3), np.uint8),
+           'dog/grey.jpg': rng.integers(0, 256, (30, 40), np.uint8),
+           'dog/drawing.png': rng.integers(0, 256, (30, 40, 3), np.uint8)}
+  for name, pixels in files.items():
+    (tmp_path / 'images' / 'train' / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(tmp_path / 'images' / 'train' / name, quality=90)
+  builder = image_folder.ensure_prepared(str(tmp_path / 'images'), str(tmp_path / 'tfds'))
+  output = capfd.readouterr().out
+  assert output.startswith('preparing image folder') and 'Downloading' not in output  # No TFDS.
+  listing = image_folder.list_folder(str(tmp_path / 'images')).splits['train']
+  stored = builder.as_data_source(split='train', decoders={'image': tfds.decode.SkipDecoding()})
+  decoded = builder.as_data_source(split='train')
+  for i, (path, label) in enumerate(listing):
+    with Image.open(path) as image:
+      np.testing.assert_array_equal(decoded[i]['image'], np.asarray(image.convert('RGB')))
+    assert decoded[i]['label'] == label
+    with open(path, 'rb') as f:  # Only the RGB JPEG's bytes are kept as they are.
+      assert (stored[i]['image'] == f.read()) == path.endswith('photo.jpg'), path
+
+
 def test_predict_reads_an_image_as_evaluation_does(tmp_path):
   """Predict reads an image as evaluation does: the same resize of the shorter side and centre
   crop (which tests/test_streaming.py checks against an independent resize and crop)."""
