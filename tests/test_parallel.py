@@ -135,11 +135,18 @@ def start_two_processes(tmp_path, workdir, *flags):
           for i in range(2)]
 
 
-@pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
-def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy):
-  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4)
+@pytest.mark.parametrize('strategy, overrides', [
+    ('jit', {}), ('shard_map', {}), ('pmap', {}),
+    # Streamed, each process reads its share of every batch; micro-batches and Mixup pair rows
+    # of the global batch, which must be the same examples however many processes read them.
+    ('jit', {'data_placement': 'stream', 'grad_accum_steps': 2, 'augment.mixup_alpha': 0.4}),
+])
+def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy,
+                                                                overrides):
+  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4, **overrides)
   workdir = tmp_path / 'multi'
-  processes = start_two_processes(tmp_path, workdir, f'--config.parallel={strategy}')
+  processes = start_two_processes(tmp_path, workdir, f'--config.parallel={strategy}',
+                                  *[f'--config.{key}={value}' for key, value in overrides.items()])
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]

@@ -137,14 +137,18 @@ def train_batches(source, *, augment: HostAugment, batch_size: int, seed: int, w
   The training stream is the split shuffled afresh each epoch (from `seed` and the epoch),
   epoch after epoch, with each example augmented by a generator drawn from `seed` and its place
   in the stream. Global batch g is the stream's examples g * B to (g + 1) * B - 1 (B: the global
-  batch size); process p of P takes every P-th of them from the p-th. So a batch is a function
-  of (seed, g) alone: the same for any number of workers, and a resume at batch g needs only g.
+  batch size); process p of P takes the p-th block of B / P of them, the rows of the global batch
+  that its devices hold. So a batch, row by row, is a function of (seed, g) alone: the same for
+  any number of workers or processes (what pairs rows, as micro-batches and Mixup do, sees the
+  same rows), and a resume at batch g needs only g.
   """
   import jax  # pylint: disable=g-import-not-at-top  (Grain's workers import this module)
   process, num_processes = jax.process_index(), jax.process_count()
   stream = (grain.MapDataset.source(source).seed(seed % 2**32).shuffle().repeat(None)
             .random_map(_TrainTransform(augment, image_key, label_key)))
-  batches = stream[process::num_processes].batch(batch_size, drop_remainder=True)
+  # Blocks of `batch_size` (this process's share) in stream order: block g * P + p is process
+  # p's part of global batch g. Only the examples of a process's own blocks are read and decoded.
+  batches = stream.batch(batch_size, drop_remainder=True)[process::num_processes]
   yield from _iterate(batches[start_batch:], worker_count)
 
 
