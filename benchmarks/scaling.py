@@ -7,7 +7,9 @@
 Weak scaling keeps the per-device batch fixed (the global batch grows with the devices); strong
 scaling keeps the global batch fixed. Efficiency is throughput(n) / (n x throughput(1)) of the same
 strategy. Each point runs the config's real compiled train function on synthetic data in device
-memory (benchmarks/throughput.py).
+memory (benchmarks/throughput.py), with the config's steps per call (by default 25 on
+accelerators, as training runs them: one step per call would measure dispatch more than the
+devices).
 
 On a machine with one CPU device the script gives itself 8 fake CPU devices. They share the
 machine's cores, so there the numbers only show that the harness works, not how jaxcnn scales:
@@ -60,7 +62,6 @@ def scaling_runs(config, strategies, device_counts, per_device_batch, global_bat
         point = config.copy_and_resolve_references()
         with point.unlocked():
           point.parallel, point.num_devices, point.batch_size = strategy, num_devices, batch
-          point.steps_per_call = 1
         result = measure_throughput(point, steps, repeats)
         baseline = baseline or result['examples_per_sec']
         speedup = result['examples_per_sec'] / baseline

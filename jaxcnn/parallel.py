@@ -36,15 +36,31 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
-  """A 1-D mesh named `data` over the first `num_devices` devices (-1: every device)."""
-  devices = jax.devices()
+  """A 1-D mesh named `data` over `num_devices` devices (-1: every device).
+
+  In a multi-process run every process must hold devices of the mesh (each feeds its share of
+  every batch): the mesh takes the same number of each process's devices, the first ones.
+  """
+  devices = select_devices(jax.devices(), num_devices, jax.process_count())
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def select_devices(devices: list, num_devices: int, num_processes: int) -> list:
+  """`num_devices` of `devices` (-1: all), an equal number from each of the `num_processes`."""
   if num_devices > len(devices):
     raise ConfigError(f'config key \'num_devices\' ({num_devices}) is more than the '
                       f'{len(devices)} devices this run has')
-  if num_devices > 0:
-    devices = devices[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  if num_devices <= 0 or num_devices == len(devices):
+    return list(devices)
+  if num_devices % num_processes:
+    raise ConfigError(f"config key 'num_devices' ({num_devices}) must be a multiple of the "
+                      f'{num_processes} processes, which each hold devices of the run')
+  per_process = num_devices // num_processes
+  by_process = {}
+  for device in devices:
+    by_process.setdefault(device.process_index, []).append(device)
+  return [device for process in sorted(by_process) for device in by_process[process][:per_process]]
 
 
 def _add(sums, values):

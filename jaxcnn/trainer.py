@@ -130,7 +130,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   total_steps = train_steps(config, steps_per_epoch)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
                               dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name)
-  if strategy.axis_name is not None and strategy.num_devices > 1:
+  # shard_map checks that the statistics it returns are synchronised even on one device.
+  if strategy.axis_name is not None and (strategy.num_devices > 1 or strategy.name == 'shard_map'):
     _check_batchnorm_axes(config.model, model, strategy)
   if init_images is not None and hasattr(model, 'init_whitening'):
     model.init_whitening(init_images[pipeline.sample_indices(num_train_examples,
@@ -180,10 +181,13 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
   local = [_path_name(path) for path, module in nnx.iter_graph(model)
            if isinstance(module, nnx.BatchNorm) and module.axis_name is None]
   if local:
+    devices = strategy.num_devices
+    why = ("each would normalise its device's examples alone" if devices > 1 else
+           'shard_map needs statistics synchronised over its devices, even over one')
     raise ConfigError(
         f'model {name!r} has BatchNorm layers without axis_name ({", ".join(local[:3])}'
-        f'{", ..." if len(local) > 3 else ""}): under {strategy.name} on {strategy.num_devices} '
-        'devices each would normalise its device\'s examples alone. Accept axis_name in the '
+        f'{", ..." if len(local) > 3 else ""}): under {strategy.name} on {devices} '
+        f'device{"s" if devices > 1 else ""} {why}. Accept axis_name in the '
         "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
 
 

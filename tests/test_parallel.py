@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 from jax._src import monitoring  # The listener's unregistering has no public name.
@@ -70,8 +71,9 @@ def test_micro_batches_must_divide_each_devices_batch(fake_tfds, tmp_path):
     run(tmp_path, 'x', grad_accum_steps=8, num_devices=8)
 
 
-@pytest.mark.parametrize('strategy', ['shard_map', 'pmap'])
-def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monkeypatch, strategy):
+@pytest.mark.parametrize('strategy, num_devices', [('shard_map', 2), ('pmap', 2), ('shard_map', 1)])
+def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monkeypatch, strategy,
+                                                      num_devices):
   (tmp_path / 'localbn.py').write_text(
       'from flax import nnx\n\n\n'
       'class Net(nnx.Module):\n\n'
@@ -83,8 +85,8 @@ def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monke
   monkeypatch.syspath_prepend(str(tmp_path))
   with pytest.raises(ConfigError, match=r"model 'localbn:Net' has BatchNorm layers without "
                                         r"axis_name \(bn\)"):
-    trainer.train_and_evaluate(tiny_config(model='localbn:Net', parallel=strategy, num_devices=2),
-                               str(tmp_path / 'run'))
+    trainer.train_and_evaluate(tiny_config(model='localbn:Net', parallel=strategy,
+                                           num_devices=num_devices), str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
@@ -107,6 +109,17 @@ def test_each_epochs_permutation_compiles_once_per_run(strategy):
   finally:
     monitoring.unregister_event_duration_listener(listener)
   assert sorted(orders[2]) == list(range(1000)) and not np.array_equal(orders[1], orders[2])
+
+
+def test_a_mesh_over_some_devices_takes_as_many_from_every_process():
+  """Two hosts of four devices each, as jax.devices() lists them: process by process."""
+  devices = [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+  assert [d.id for d in parallel.select_devices(devices, 4, num_processes=2)] == [0, 1, 4, 5]
+  assert [d.id for d in parallel.select_devices(devices, -1, num_processes=2)] == list(range(8))
+  assert [d.id for d in parallel.select_devices(devices[:4], 2, num_processes=1)] == [0, 1]
+  with pytest.raises(ConfigError, match=r"'num_devices' \(3\) must be a multiple of the 2 "
+                                        'processes'):
+    parallel.select_devices(devices, 3, num_processes=2)
 
 
 def test_more_devices_than_exist_is_refused():
@@ -140,10 +153,13 @@ def start_two_processes(tmp_path, workdir, *flags):
     # Streamed, each process reads its share of every batch; micro-batches and Mixup pair rows
     # of the global batch, which must be the same examples however many processes read them.
     ('jit', {'data_placement': 'stream', 'grad_accum_steps': 2, 'augment.mixup_alpha': 0.4}),
+    # One device of each process: the mesh must hold devices of both (the first two listed are
+    # process 0's, and process 1 then had nothing to feed while process 0 waited for it).
+    ('jit', {'num_devices': 2}),
 ])
 def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy,
                                                                 overrides):
-  reference = run(tmp_path, 'one', parallel=strategy, num_devices=4, **overrides)
+  reference = run(tmp_path, 'one', parallel=strategy, **{'num_devices': 4, **overrides})
   workdir = tmp_path / 'multi'
   processes = start_two_processes(tmp_path, workdir, f'--config.parallel={strategy}',
                                   *[f'--config.{key}={value}' for key, value in overrides.items()])
