@@ -11,10 +11,8 @@ folder's listing (names, sizes and modification times, which cost one `stat` per
 changed folder is prepared afresh, and an unchanged one is neither decoded nor warned about again.
 """
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -157,7 +155,8 @@ def _write_dataset(listing_path: str, directory: str) -> None:
   os.environ['CUDA_VISIBLE_DEVICES'] = ''
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jaxcnn.data.tfds_data import import_tfds  # pylint: disable=g-import-not-at-top
+  from jaxcnn.data.tfds_data import (  # pylint: disable=g-import-not-at-top
+      import_tfds, without_tfds_announcements)
   tfds = import_tfds()
   tf.config.set_visible_devices([], 'GPU')
   if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
@@ -179,9 +178,7 @@ def _write_dataset(listing_path: str, directory: str) -> None:
         else:  # Grey, palette, CMYK or alpha images, and other formats, become RGB PNGs.
           yield i, {'image': np.asarray(image.convert('RGB')), 'label': label}
 
-  # TFDS prints two lines of its own on stdout ("Downloading and preparing dataset Unknown
-  # size ..."); the parent's line says it once.
-  with contextlib.redirect_stdout(io.StringIO()):
+  with without_tfds_announcements():
     tfds.dataset_builders.store_as_tfds_dataset(
         name='image_folder', version='1.0.0', features=features,
         split_datasets={split: examples(split) for split in listing['splits']},

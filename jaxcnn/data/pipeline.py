@@ -217,8 +217,7 @@ def _read_recorded(config, train: bool) -> Data | None:
     return None
   info = tfds_data.info_from_json(entry.info)
   splits = _splits_read(config, train)
-  if any(name not in info.split_sizes for split in splits
-         for name in tfds_data.split_names(split)):
+  if not all(tfds_data.reads_known_splits(info, split) for split in splits):
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
   paths = {split: entry.split_file(split, shape) for split in splits}

@@ -6,8 +6,6 @@ and the training process that reads the prepared files never imports TensorFlow.
 by itself when a dataset is not prepared yet; run it by hand to prepare on another machine.
 """
 
-import contextlib
-import io
 import os
 import re
 import sys
@@ -45,9 +43,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None, offline: bo
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir,
                                                  try_download_gcs=not offline)
   try:
-    # TFDS prints two lines of its own on stdout ("Downloading and preparing dataset Unknown
-    # size ..." for datasets taken from manual_dir); ours below says it once.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with tfds_data.without_tfds_announcements():
       builder.download_and_prepare(file_format='array_record', download_config=download_config)
   except download_manager.NonMatchingChecksumError as e:
     raise DataError(_describe_checksum_error(name, str(e))) from None

@@ -6,9 +6,11 @@ imports TensorFlow. Decoded splits are cached as uint8 `.npz` arrays (no pickle)
 decoding, about 10 s for MNIST on two cores, happens once per machine.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import logging
 import os
 import socket
@@ -49,10 +51,15 @@ def split_names(split: str) -> list[str]:
   return [part.split('[', 1)[0].strip() for part in split.split('+')]
 
 
+def reads_known_splits(info: DatasetInfo, split: str) -> bool:
+  """Whether the split spec `split` reads only splits that `info` records."""
+  return all(name in info.split_sizes for name in split_names(split))
+
+
 def check_split(info: DatasetInfo, split: str) -> None:
   """Raises a ConfigError unless the split spec `split` reads only splits the dataset has
   (datasets whose splits are unknown, as mocked ones, accept any)."""
-  if info.split_sizes and any(name not in info.split_sizes for name in split_names(split)):
+  if info.split_sizes and not reads_known_splits(info, split):
     raise ConfigError(f'dataset {info.name!r} has no split {split!r}; it has: '
                       f'{", ".join(sorted(info.split_sizes))} (and TFDS slices of them, e.g. '
                       "'train[:90%]' and 'train[90%:]' to hold out a tenth of train)")
@@ -71,6 +78,15 @@ def split_num_examples(builder, split: str) -> int:
   except (KeyError, ValueError, AssertionError) as e:
     raise ConfigError(f'dataset {builder.info.full_name!r} cannot read split {split!r}: '
                       f'{" ".join(str(e).split())}') from None
+
+
+@contextlib.contextmanager
+def without_tfds_announcements():
+  """Runs a TFDS preparation without the two lines it prints on stdout ("Downloading and
+  preparing dataset Unknown size ...", for datasets made from local files): the caller says in
+  one line what it prepared."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    yield
 
 
 def import_tfds():
