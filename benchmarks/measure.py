@@ -70,17 +70,18 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
   split = strategy.replicate(device_data.pad_split(images, labels))
   permutation = strategy.permutation(config.seed, 0, num_examples)
   sums = experiment.zero_train_sums()
+  seed = strategy.scalar(config.seed)
 
   start = time.perf_counter()
-  train_fn = strategy.compile(experiment.train_fn, state, sums, split, permutation,
-                              strategy.index(0), static=(steps_per_call,),
+  train_fn = strategy.compile(experiment.train_fn, state, sums, seed, split, permutation,
+                              strategy.scalar(0), static=(steps_per_call,),
                               options=xla_options.training_options())
   compile_seconds = time.perf_counter() - start
 
   def run_steps(state, sums):
     for first in range(0, steps, steps_per_call):
       # The step index as training passes it (DeviceTrainFeed), so that its cost is measured too.
-      state, sums = train_fn(state, sums, split, permutation, strategy.index(first))
+      state, sums = train_fn(state, sums, seed, split, permutation, strategy.scalar(first))
     jax.block_until_ready((state, sums))
     return state, sums
 

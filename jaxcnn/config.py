@@ -239,7 +239,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a number in (0, 1]')
   for key in ('momentum', 'beta1', 'beta2', 'label_smoothing'):
     _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, 'a number in [0, 1)')
-  _require(config, 'seed', _is_int(config.seed), 'an integer')
+  # The compiled steps take the seed as an int32 argument.
+  _require(config, 'seed', _is_int(config.seed) and 0 <= config.seed < 2 ** 31,
+           'an integer from 0 to 2147483647')
   _require(config, 'augment.crop_padding',
            _is_int(config.augment.crop_padding) and config.augment.crop_padding >= 0,
            'an integer >= 0')

@@ -31,6 +31,7 @@ class DeviceTrainFeed:
     self.fn = train_fn
     self.split = strategy.replicate(data.train)
     self.seed = seed
+    self._seed_arg = strategy.scalar(seed)
     self.steps_per_epoch = data.num_train_examples // batch_size
     self._permutation, self._permutation_epoch = None, None
 
@@ -55,8 +56,8 @@ class DeviceTrainFeed:
 
   def args(self, state, sums, step: int, num_steps: int) -> tuple:
     epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
-    return (state, sums, self.split, self._epoch_order(epoch),
-            self.strategy.index(batch_in_epoch))
+    return (state, sums, self._seed_arg, self.split, self._epoch_order(epoch),
+            self.strategy.scalar(batch_in_epoch))
 
   def position(self, step: int) -> dict:
     """The data position after `step` steps, for the checkpoint."""
@@ -90,12 +91,13 @@ class StreamTrainFeed:
   """Batches from a Grain pipeline, moved to the devices ahead of time by a background thread."""
 
   def __init__(self, strategy, train_fn, make_batches: Callable[[int], Generator[dict]], *,
-               batch_size: int, num_examples: int):
+               seed: int, batch_size: int, num_examples: int):
     """`make_batches(g)` iterates over this process's share of global batches g, g + 1, ...
     (`streaming.train_batches`): a batch depends only on its number, so that number is the
-    whole data position."""
+    whole data position. `seed` is the run's, for the randomness drawn inside the step."""
     self.strategy = strategy
     self.fn = train_fn
+    self._seed = seed
     self._make_batches = make_batches
     self._batch_size, self._num_examples = batch_size, num_examples
     self._next_batch = 0  # The number of the batch the next step trains on.
@@ -143,7 +145,7 @@ class StreamTrainFeed:
     if isinstance(item, BaseException):
       raise item
     self._next_batch += 1
-    return (state, sums, item)
+    return (state, sums, self.strategy.scalar(self._seed), item)
 
   def position(self, step: int) -> dict:
     del step
@@ -198,12 +200,12 @@ class DeviceEvalFeed:
 
   def compile(self, state, zero_sums):
     self._compiled = self.strategy.compile(self.fn, state, zero_sums, self.split,
-                                           self.strategy.index(0),
+                                           self.strategy.scalar(0),
                                            options=xla_options.inference_options())
 
   def run(self, state, sums):
     for batch_index in range(self.num_batches):
-      sums = self._compiled(state, sums, self.split, self.strategy.index(batch_index))
+      sums = self._compiled(state, sums, self.split, self.strategy.scalar(batch_index))
     return sums
 
   def close(self) -> None:
@@ -267,7 +269,7 @@ def make_train_feed(config, experiment, data: Data):
                                    start_batch=start_batch, image_key=data.image_key,
                                    label_key=data.label_key)
 
-  return StreamTrainFeed(strategy, experiment.train_fn, make_batches,
+  return StreamTrainFeed(strategy, experiment.train_fn, make_batches, seed=config.seed,
                          batch_size=config.batch_size, num_examples=data.num_train_examples)
 
 

@@ -13,9 +13,10 @@ the per-device program:
   one entry per local device, built by `device_put` of a broadcast view and read back from one
   device's shard: none of the deprecated `replicate`/`unreplicate`/`device_put_replicated`.
 
-Each strategy compiles two functions for the trainer: `train_fn(state, sums, split, permutation,
-first_batch, num_steps)` runs `num_steps` steps on device-resident data, and `eval_fn(state, sums,
-split, batch_index)` adds one evaluation batch to running sums.
+Each strategy compiles two functions for the trainer: `train_fn(state, sums, seed, split,
+permutation, first_batch, num_steps)` runs `num_steps` steps on device-resident data, and
+`eval_fn(state, sums, split, batch_index)` adds one evaluation batch to running sums. The seed is an
+argument, not a constant of the program, so that runs with other seeds reuse the compiled program.
 """
 
 import abc
@@ -91,8 +92,8 @@ class Strategy(abc.ABC):
       raise ConfigError(f'config key {key!r} ({batch_size}) must be divisible by the number of '
                         f'devices ({self.num_devices})')
 
-  def index(self, value: int):
-    """`value` as the int32 batch-index argument of a compiled step.
+  def scalar(self, value: int):
+    """`value` as an int32 scalar argument of a compiled step (a batch index, the seed).
 
     On one device a NumPy scalar: it needs no dispatch of its own, about 0.5 ms less per
     LeNet-5 step on the 2-core CPU machine than a JAX array. On several, a JAX array: XLA:CPU
@@ -143,7 +144,8 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def train_fn(self, train_step: Callable, batch_size: int) -> Callable:
-    """Compiles `(state, sums, split, permutation, first_batch, num_steps) -> (state, sums)`."""
+    """Compiles `(state, sums, seed, split, permutation, first_batch, num_steps) -> (state, sums)`.
+    """
 
   @abc.abstractmethod
   def eval_fn(self, eval_step: Callable, batch_size: int) -> Callable:
@@ -151,7 +153,7 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def stream_train_fn(self, train_step: Callable) -> Callable:
-    """Compiles `(state, sums, batch) -> (state, sums)` for one streamed batch."""
+    """Compiles `(state, sums, seed, batch) -> (state, sums)` for one streamed batch."""
 
   @abc.abstractmethod
   def stream_eval_fn(self, eval_step: Callable) -> Callable:
@@ -167,13 +169,14 @@ class JitStrategy(Strategy):
   def train_fn(self, train_step, batch_size):
     batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(5,))
-    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,))
+    def train_steps(state, sums, seed, split, permutation, first_batch, num_steps):
       def one_step(carry, i):
         state, sums = carry
         start = (first_batch + i) * batch_size
         batch = device_data.train_batch(split, permutation, start, batch_size)
-        state, metrics = train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
+        state, metrics = train_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding),
+                                    seed)
         return state, accumulate(sums, metrics)
       return _run_steps(one_step, (state, sums), num_steps)
 
@@ -192,8 +195,8 @@ class JitStrategy(Strategy):
 
   def stream_train_fn(self, train_step):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_one(state, sums, batch):
-      state, metrics = train_step(state, batch)
+    def train_one(state, sums, seed, batch):
+      state, metrics = train_step(state, batch, seed)
       return state, accumulate(sums, metrics)
     return train_one
 
@@ -210,14 +213,14 @@ class _PerDeviceStrategy(Strategy):
   def _per_device_train(self, train_step, batch_size):
     local_batch = batch_size // self.num_devices
 
-    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+    def train_steps(state, sums, seed, split, permutation, first_batch, num_steps):
       device = jax.lax.axis_index(DATA_AXIS)
 
       def one_step(carry, i):
         state, sums = carry
         start = (first_batch + i) * batch_size + device * local_batch
         batch = device_data.train_batch(split, permutation, start, local_batch)
-        state, metrics = train_step(state, batch, first_example=device * local_batch)
+        state, metrics = train_step(state, batch, seed, first_example=device * local_batch)
         return state, accumulate(sums, metrics)
       return _run_steps(one_step, (state, sums), num_steps)
 
@@ -234,9 +237,9 @@ class _PerDeviceStrategy(Strategy):
     return eval_batch
 
   def _per_device_stream_train(self, train_step):
-    def train_one(state, sums, batch):
+    def train_one(state, sums, seed, batch):
       first_example = jax.lax.axis_index(DATA_AXIS) * batch['label'].shape[0]
-      state, metrics = train_step(state, batch, first_example=first_example)
+      state, metrics = train_step(state, batch, seed, first_example=first_example)
       return state, accumulate(sums, metrics)
     return train_one
 
@@ -258,10 +261,10 @@ class ShardMapStrategy(_PerDeviceStrategy):
   def train_fn(self, train_step, batch_size):
     per_device = self._per_device_train(train_step, batch_size)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(5,))
-    def train_steps(state, sums, split, permutation, first_batch, num_steps):
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,))
+    def train_steps(state, sums, seed, split, permutation, first_batch, num_steps):
       fn = functools.partial(per_device, num_steps=num_steps)
-      return self._map(fn, 5)(state, sums, split, permutation, first_batch)
+      return self._map(fn, 6)(state, sums, seed, split, permutation, first_batch)
 
     return train_steps
 
@@ -269,15 +272,18 @@ class ShardMapStrategy(_PerDeviceStrategy):
     return jax.jit(self._map(self._per_device_eval(eval_step, batch_size), 4),
                    donate_argnums=(1,))
 
-  def _map_batch(self, fn):
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P())
+  def _map_batch(self, fn, num_args):
+    """`fn` mapped over its arguments: replicated ones, then a batch split over the devices."""
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) * (num_args - 1) + (P(DATA_AXIS),),
+                         out_specs=P())
 
   def stream_train_fn(self, train_step):
-    return jax.jit(self._map_batch(self._per_device_stream_train(train_step)),
+    return jax.jit(self._map_batch(self._per_device_stream_train(train_step), 4),
                    donate_argnums=(0, 1))
 
   def stream_eval_fn(self, eval_step):
-    return jax.jit(self._map_batch(self._per_device_stream_eval(eval_step)), donate_argnums=(1,))
+    return jax.jit(self._map_batch(self._per_device_stream_eval(eval_step), 3),
+                   donate_argnums=(1,))
 
 
 class PmapStrategy(_PerDeviceStrategy):
@@ -339,7 +345,7 @@ class PmapStrategy(_PerDeviceStrategy):
 
   def train_fn(self, train_step, batch_size):
     return jax.pmap(self._per_device_train(train_step, batch_size), axis_name=DATA_AXIS,
-                    in_axes=(0, 0, 0, 0, None), static_broadcasted_argnums=(5,),
+                    in_axes=(0, 0, None, 0, 0, None), static_broadcasted_argnums=(6,),
                     donate_argnums=(0, 1), devices=self._devices)
 
   def eval_fn(self, eval_step, batch_size):
@@ -354,7 +360,7 @@ class PmapStrategy(_PerDeviceStrategy):
 
   def stream_train_fn(self, train_step):
     return jax.pmap(self._per_device_stream_train(train_step), axis_name=DATA_AXIS,
-                    donate_argnums=(0, 1), devices=self._devices)
+                    in_axes=(0, 0, None, 0), donate_argnums=(0, 1), devices=self._devices)
 
   def stream_eval_fn(self, eval_step):
     return jax.pmap(self._per_device_stream_eval(eval_step), axis_name=DATA_AXIS,

@@ -30,7 +30,6 @@ class StepOptions:
 
   Attributes:
     num_classes: classes of the dataset.
-    seed: the run's seed; each step's randomness is drawn from (seed, step).
     label_smoothing: weight of the uniform distribution mixed into the one-hot targets.
     grad_accum_steps: micro-batches whose gradients are averaged into one update.
     ema_decay: decay of the exponential moving average of the weights (0: no average).
@@ -38,7 +37,6 @@ class StepOptions:
     cutmix_alpha: Beta(alpha, alpha) weight of CutMix (0: off).
   """
   num_classes: int
-  seed: int = 0
   label_smoothing: float = 0.0
   grad_accum_steps: int = 1
   ema_decay: float = 0.0
@@ -90,7 +88,7 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     preprocess: Preprocessor, options: StepOptions,
                     axis_name: str | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
-  """Builds `train_step(state, batch, first_example=0) -> (new_state, metrics)`.
+  """Builds `train_step(state, batch, seed, first_example=0) -> (new_state, metrics)`.
 
   The step draws its augmentation, mixing and dropout keys from (seed, state.step), takes gradients
   with respect to the parameters only (averaged over `grad_accum_steps` micro-batches), and returns
@@ -129,10 +127,14 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return grads, new_model_state, loss, accuracy
 
-  def train_step(state: TrainState, batch: Batch,
+  def train_step(state: TrainState, batch: Batch, seed: int | jax.Array,
                  first_example: int | jax.Array = 0) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch`, whose first example is `first_example` of the global batch
     (non-zero for a device's shard of it).
+
+    `seed` is the run's seed. Passed as an argument, not built in, it leaves the compiled program
+    the same for every seed, so a sweep over seeds compiles once and then reads the persistent
+    compilation cache.
 
     Augmentation draws per-example keys from each example's index in the global batch. Micro-batch
     k holds every `grad_accum_steps`-th example from the k-th, and Mixup and CutMix pair
@@ -141,7 +143,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     several (given an even number of examples per device and micro-batch). Dropout is the
     exception: each device draws its own masks.
     """
-    augment_key, model_key, mix_key = jax.random.split(rng.step_key(options.seed, state.step), 3)
+    augment_key, model_key, mix_key = jax.random.split(rng.step_key(seed, state.step), 3)
     inputs = preprocess(batch['image'], augment_key, train=True, first_example=first_example)
     labels = batch['label']
     targets = one_hot_targets(labels, options.num_classes, options.label_smoothing)

@@ -151,8 +151,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             flip=config.augment.flip and on_device,
                             inception_crop=config.augment.inception_crop and on_device,
                             dtype=config.dtype)
-  options = StepOptions(num_classes=num_classes, seed=config.seed,
-                        label_smoothing=config.label_smoothing,
+  options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                         mixup_alpha=config.augment.mixup_alpha,
                         cutmix_alpha=config.augment.cutmix_alpha)

@@ -171,18 +171,37 @@ def test_a_failed_or_late_measurement_leaves_the_others_recorded():
 
 def test_each_mnist_recipe_is_summarised_in_its_own_section():
   import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
-  run = lambda seed, seconds: {'seed': seed, 'compile_seconds': 1.0, 'seconds_to_99': seconds,
-                               'seconds_to_99_5': None}
+  run = lambda seed, seconds: {'seed': seed, 'compile_seconds': 0.5 + 9 * (seed == 0),
+                               'seconds_to_99': seconds, 'seconds_to_99_5': None}
   measured = {'environment': {'device': 'cpu'}}
   for section, seed, seconds in (('mnist', 0, 30.0), ('mnist_speedrun', 0, 40.0),
-                                 ('mnist', 1, 20.0), ('mnist_speedrun', 1, 50.0)):
+                                 ('mnist', 1, 20.0), ('mnist_speedrun', 1, 50.0),
+                                 ('mnist', 2, 25.0)):
     suite.record(measured, suite.Measurement(section, seed, measure=dict), run(seed, seconds))
   assert measured['mnist']['config'] == 'configs/mnist.py'
   assert measured['mnist_speedrun']['config'] == 'configs/mnist.py:speedrun'
   assert [r['seed'] for r in measured['mnist_speedrun']['runs']] == [0, 1]
   summary = suite.merge_results(None, measured, quick=False)['summary']
   assert (summary['mnist_seconds_to_99'], summary['mnist_speedrun_seconds_to_99']) == (25.0, 45.0)
+  # Compiling from scratch (the first seed) and from the cache (the others) are told apart.
+  assert (summary['mnist_compile_seconds'], summary['mnist_cached_compile_seconds']) == (9.5, 0.5)
   assert summary['mnist_speedrun_seconds_to_99_5'] is None  # Reached by no seed.
+
+
+def test_the_suite_compiles_into_a_fresh_cache_unless_given_one(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/chosen/by/the/user')
+  assert suite.use_fresh_compilation_cache() == '/chosen/by/the/user'
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  session_cache = jax.config.jax_compilation_cache_dir
+  try:
+    assert suite.use_fresh_compilation_cache() == 'fresh'
+    folder = os.environ['JAX_COMPILATION_CACHE_DIR']  # Inherited by the cpu section's processes.
+    assert jax.config.jax_compilation_cache_dir == folder != session_cache
+    assert os.path.isdir(folder) and not os.listdir(folder)
+  finally:
+    jax.config.update('jax_compilation_cache_dir', session_cache)
 
 
 def test_report_renders_a_row_per_full_result(tmp_path):

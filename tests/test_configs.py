@@ -84,3 +84,15 @@ def test_best_metric_follows_eval_split_until_it_is_set():
   config.best_metric = 'validation/loss'
   config.eval_split = 'test'
   assert config.best_metric == 'validation/loss'
+
+
+@pytest.mark.parametrize('seed', [-1, 2 ** 31])
+def test_a_seed_the_steps_cannot_take_is_refused(seed):
+  """The compiled steps take the seed as an int32 argument."""
+  config = config_lib.default_config()
+  config.seed = seed
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config key 'seed' must be an integer from 0 to 2147483647, got {seed}")):
+    config_lib.validate(config)
+  config.seed = 2 ** 31 - 1
+  config_lib.validate(config)

@@ -24,9 +24,9 @@ def setup(model_name='bn_cnn', seed=0, learning_rate=3e-3, preprocess=PREPROCESS
                               dtype=dtype)
   tx = tx or optax.adam(learning_rate)
   model_def, state = create_train_state(model, tx, ema=options.get('ema_decay', 0) > 0)
-  step_options = StepOptions(num_classes=10, seed=seed, **options)
-  step = jax.jit(make_train_step(model_def, tx, preprocess, step_options))
-  return model_def, state, step
+  step_options = StepOptions(num_classes=10, **options)
+  jitted = jax.jit(make_train_step(model_def, tx, preprocess, step_options))
+  return model_def, state, lambda state, batch: jitted(state, batch, seed)
 
 
 def batch(n=64, seed=0):
@@ -94,6 +94,20 @@ def test_dropout_and_augmentation_change_with_the_step():
   _, later = step(state.replace(step=state.step + 1), data)
   assert float(first['loss']) == float(again['loss'])
   assert float(first['loss']) != float(later['loss'])
+
+
+def test_the_seed_argument_draws_the_randomness_of_the_step():
+  """The seed is an argument of the compiled step, not part of the model: from the same weights,
+  another seed augments and drops out differently, the same seed exactly as before."""
+  preprocess = Preprocessor(mean=(100.0,), std=(80.0,), crop_padding=2)
+  model = models.create_model('keras_cnn', num_classes=10, input_shape=(28, 28, 1), seed=0)
+  tx = optax.sgd(0.0)
+  model_def, state = create_train_state(model, tx)
+  step = jax.jit(make_train_step(model_def, tx, preprocess, StepOptions(num_classes=10)))
+  data = batch()
+  losses = [float(step(state, data, seed)[1]['loss']) for seed in (3, 4, 3)]
+  assert losses[0] == losses[2] != losses[1]
+  assert step._cache_size() == 1  # pylint: disable=protected-access  (one trace for every seed)
 
 
 def test_eval_step_sums_only_masked_examples():

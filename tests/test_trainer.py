@@ -2,7 +2,9 @@
 
 import json
 import os
+import pathlib
 
+import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -76,6 +78,23 @@ def test_same_seed_same_metrics_other_seed_other_metrics(fake_tfds, tmp_path):
   first, second, other = losses(1, 'a'), losses(1, 'b'), losses(2, 'c')
   assert first == second
   assert first != other
+
+
+def test_a_run_with_another_seed_reuses_the_compiled_train_program(fake_tfds, tmp_path):
+  """A seed sweep compiles its train step once: the second seed finds the program in the
+  persistent compilation cache (the seeds are unused elsewhere in the suite)."""
+  cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+  config = tiny_config(model='keras_cnn', **{'augment.crop_padding': 2})
+
+  def train_programs(seed):
+    config.seed = seed
+    result = trainer.train_and_evaluate(config, str(tmp_path / str(seed)))
+    return {p.name for p in cache.iterdir() if 'train_steps' in p.name}, result['train/loss']
+
+  first, first_loss = train_programs(918273)
+  second, second_loss = train_programs(192837)
+  assert first and second == first
+  assert first_loss != second_loss  # The seed still reaches the steps.
 
 
 def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
