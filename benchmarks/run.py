@@ -333,9 +333,10 @@ def _timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedPr
 
 def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str) -> dict:
   """One epoch of LeNet-5 on MNIST, whole process, jaxcnn against PyTorch (after one warm-up
-  run each, so that both find their caches warm, as a user's second run does)."""
+  run each, so that both find their caches warm, as a user's second run does; `quick`: one
+  run of 20 steps each, no warm-up)."""
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-  repeats = 1 if quick else repeats
+  repeats, warm_ups = (1, 0) if quick else (repeats, 1)
   jax_runs, torch_runs = [], []
   with tempfile.TemporaryDirectory() as scratch:
     ours = [sys.executable, 'train.py', '--config=configs/mnist.py:lenet5_epoch',
@@ -346,20 +347,21 @@ def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str
       ours.append('--config.num_train_steps=20')
     theirs = [sys.executable, 'benchmarks/torch_reference.py', 'mnist-epoch',
               f'--mnist_dir={mnist_dir}'] + (['--max_steps=20'] if quick else [])
-    for i in range(repeats + 1):  # The first run of each warms the caches and is not counted.
+    for i in range(warm_ups + repeats):  # Warm-up runs fill the caches and are not counted.
+      counted = i >= warm_ups
       workdir = os.path.join(scratch, f'run{i}')
       seconds, _ = _timed(ours + [f'--workdir={workdir}'], env)
       final = read_metrics(workdir)
       timing = [r for r in final if 'time/train_seconds' in r][-1]
       accuracy = [r for r in final if 'test/accuracy' in r][-1]['test/accuracy']
-      if i:
+      if counted:
         phases = {f'{phase}_seconds': timing[f'time/{phase}_seconds'] for phase in TIMED_PHASES}
         # What the trainer does not time: imports, building the model and optimizer, and exit.
         jax_runs.append({'process_seconds': seconds, **phases,
                          'other_seconds': seconds - sum(phases.values()),
                          'test_accuracy': accuracy})
       seconds, result = _timed(theirs, env)
-      if i:
+      if counted:
         torch_runs.append({'process_seconds': seconds,
                            **json.loads(result.stdout.strip().splitlines()[-1])})
   ours_seconds = [r['process_seconds'] for r in jax_runs]
