@@ -94,7 +94,7 @@ def test_a_run_with_another_seed_reuses_the_compiled_train_program(fake_tfds, tm
   first, first_loss = train_programs(918273)
   second, second_loss = train_programs(192837)
   assert first and second == first
-  assert first_loss != second_loss  # The seed still reaches the steps.
+  assert first_loss != second_loss  # Another run (test_train_step: the step draws from the seed).
 
 
 def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
