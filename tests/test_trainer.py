@@ -97,6 +97,26 @@ def test_a_run_with_another_seed_reuses_the_compiled_train_program(fake_tfds, tm
   assert first_loss != second_loss  # Another run (test_train_step: the step draws from the seed).
 
 
+def test_a_compilation_cache_chosen_elsewhere_still_keeps_small_programs(monkeypatch):
+  """$JAX_COMPILATION_CACHE_DIR (as benchmarks/run.py sets it) chooses the folder, not what is
+  kept: the small programs of a run (initialisers, checkpoint checksums) are cached there too."""
+  from jaxcnn import caches  # pylint: disable=g-import-not-at-top
+  folder = jax.config.jax_compilation_cache_dir
+  saved = jax.config.jax_persistent_cache_min_compile_time_secs
+  monkeypatch.delenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', raising=False)
+  try:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)  # JAX's default.
+    caches.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == folder  # The folder chosen is kept...
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.1  # ...and 0.1 s applies.
+    monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '2')
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+    caches.enable_compilation_cache()
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0  # The user's own stays.
+  finally:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', saved)
+
+
 def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
   """Scanning several steps per compiled call computes the same steps as one call per step."""
   results = [trainer.train_and_evaluate(tiny_config(steps_per_call=k), str(tmp_path / str(k)))
