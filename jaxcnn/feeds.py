@@ -97,7 +97,7 @@ class StreamTrainFeed:
     whole data position. `seed` is the run's, for the randomness drawn inside the step."""
     self.strategy = strategy
     self.fn = train_fn
-    self._seed = seed
+    self._seed_arg = strategy.scalar(seed)
     self._make_batches = make_batches
     self._batch_size, self._num_examples = batch_size, num_examples
     self._next_batch = 0  # The number of the batch the next step trains on.
@@ -145,7 +145,7 @@ class StreamTrainFeed:
     if isinstance(item, BaseException):
       raise item
     self._next_batch += 1
-    return (state, sums, self.strategy.scalar(self._seed), item)
+    return (state, sums, self._seed_arg, item)
 
   def position(self, step: int) -> dict:
     del step

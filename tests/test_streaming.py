@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcnn import feeds, trainer
+from jaxcnn import feeds, parallel, trainer
 from jaxcnn.data import image_ops, pipeline, streaming
 from jaxcnn.data.synthetic import ArraySource
 from jaxcnn.errors import ConfigError
@@ -134,8 +134,8 @@ def test_processes_share_each_global_batch(monkeypatch):
 
 
 def test_a_stream_resume_refuses_a_changed_batch_size_or_split():
-  feed = feeds.StreamTrainFeed(None, None, make_batches=None, seed=0, batch_size=64,
-                               num_examples=1000)
+  feed = feeds.StreamTrainFeed(parallel.make_strategy('jit', 1), None, make_batches=None,
+                               seed=0, batch_size=64, num_examples=1000)
   position = {'stream_batch': 7, 'batch_size': 64, 'num_examples': 1000}
   feed.restore(7, position, 64)
   assert feed.position(7) == position
@@ -158,8 +158,8 @@ def test_a_streamed_run_resumed_with_its_data_in_device_memory_is_told_to_stream
 
 
 def test_a_checkpoint_of_the_earlier_dataloader_stream_resumes_at_its_step(capsys):
-  feed = feeds.StreamTrainFeed(None, None, make_batches=None, seed=0, batch_size=64,
-                               num_examples=1000)
+  feed = feeds.StreamTrainFeed(parallel.make_strategy('jit', 1), None, make_batches=None,
+                               seed=0, batch_size=64, num_examples=1000)
   feed.restore(30, {'grain_iterator': '{"last_seen_indices": {}}', 'data_workers': 2}, 64)
   assert feed.position(30)['stream_batch'] == 30
   assert 'continuing at batch 30 of the stream' in capsys.readouterr().out
