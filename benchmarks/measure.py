@@ -100,4 +100,6 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
       'steps_per_sec': statistics.median(steps_per_sec),
       'steps_per_sec_min': min(steps_per_sec), 'steps_per_sec_max': max(steps_per_sec),
       'examples_per_sec': statistics.median(steps_per_sec) * config.batch_size,
+      'examples_per_sec_min': min(steps_per_sec) * config.batch_size,
+      'examples_per_sec_max': max(steps_per_sec) * config.batch_size,
   }

@@ -39,6 +39,26 @@ COLUMNS = [
 ]
 
 
+# A CPU row shows the float32 throughputs in the bfloat16 columns, marked: a CPU has no
+# bfloat16 hardware and PyTorch's autocast on it runs uncompiled, so only float32 compares there.
+CPU_THROUGHPUT = {f'{model}_bf16_img_per_s{suffix}': f'{model}_f32_img_per_s{suffix}'
+                  for model in ('resnet50', 'fastcifar') for suffix in ('', '_pytorch')}
+
+
+def cell(summary: dict, key: str, fmt, on_cpu: bool) -> str:
+  """One figure of a row: '-' where not measured; a time to accuracy that not every seed reached
+  names how many did; a CPU row's throughput is its float32 one."""
+  if on_cpu and key in CPU_THROUGHPUT:
+    value = summary.get(CPU_THROUGHPUT[key])
+    return f'{fmt(value)} (f32)' if value is not None else '-'
+  value = summary.get(key)
+  text = fmt(value) if value is not None else '-'
+  reached = summary.get(f'{key}_reached')
+  if reached and reached.split('/')[0] != reached.split('/')[1]:
+    text += f' ({reached} seeds)'
+  return text
+
+
 def result_files(directory: str) -> list[str]:
   """Full (not --quick) result files, newest first."""
   files = [f for f in glob.glob(os.path.join(directory, '*.json')) if not f.endswith('-quick.json')]
@@ -53,8 +73,8 @@ def table(directory: str) -> str:
     with open(path, encoding='utf-8') as f:
       results = json.load(f)
     summary = results['summary']
-    cells = [fmt(summary[key]) if summary.get(key) is not None else '-'
-             for key, _, fmt in COLUMNS]
+    on_cpu = results['environment'].get('backend') == 'cpu'
+    cells = [cell(summary, key, fmt, on_cpu) for key, _, fmt in COLUMNS]
     date = results['environment']['date'][:10]
     lines.append(f'| {date} | {summary["device"]} | ' + ' | '.join(cells) + ' |')
   if len(lines) == 2:

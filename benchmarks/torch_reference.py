@@ -710,7 +710,8 @@ def mnist_epoch(mnist_dir: str, *, batch_size: int = 128, seed: int = 0,
         'framework': 'torch', 'task': 'mnist-epoch', 'model': 'lenet5',
         'num_params': count_params(model), 'optimizer': 'adam(lr=1e-3)', 'compile': False,
         **device_description(torch.device('cpu')),
-        'batch_size': batch_size, 'seed': seed, 'steps': steps, 'train_examples': num_train,
+        'batch_size': batch_size, 'eval_batch_size': eval_batch_size, 'seed': seed,
+        'steps': steps, 'train_examples': num_train,
         'test_examples': len(test_labels), 'pixel_mean': mean, 'pixel_std': std,
         'load_s': load_s, 'train_s': train_s, 'eval_s': eval_s,
         'train_images_per_s': steps * batch_size / train_s,
@@ -757,6 +758,7 @@ def _parse_args(argv):
   epoch.add_argument('--seed', type=int, default=0)
   epoch.add_argument('--threads', type=int, default=None, help='torch CPU threads')
   epoch.add_argument('--max_steps', type=int, default=None)
+  epoch.add_argument('--eval_batch_size', type=int, default=1000)
   return parser.parse_args(argv)
 
 
@@ -771,7 +773,8 @@ def main(argv=None) -> int:
           warmup_steps=args.warmup_steps, compile_mode=args.compile_mode, tf32=args.tf32)
     else:
       result = mnist_epoch(args.mnist_dir, batch_size=args.batch_size, seed=args.seed,
-                           threads=args.threads, max_steps=args.max_steps)
+                           threads=args.threads, max_steps=args.max_steps,
+                           eval_batch_size=args.eval_batch_size)
   except (OSError, ValueError) as e:
     print(f'torch_reference.py {args.command}: error: {error_line(e)}', file=sys.stderr)
     return 2

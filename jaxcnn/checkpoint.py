@@ -2,7 +2,8 @@
 
 A checkpoint holds the `TrainState` (parameters, optimizer state, BatchNorm statistics, step),
 the device-side metric sums of the current logging window, and a JSON record of the data position
-(epoch, batch within it), the evaluation metrics and a checksum of every array. Randomness is a
+(the epoch and batch of device-resident data, the batch number of a stream), the evaluation
+metrics and a checksum of every array. Randomness is a
 function of (seed, step), so nothing else is needed for a bitwise-identical continuation.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
@@ -212,6 +213,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
+    self._closed = False
 
   def steps(self) -> list[int]:
     """Steps of the complete checkpoints on disk, oldest first."""
@@ -370,6 +372,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for every checkpoint to be written, then releases the manager."""
+    """Waits for every checkpoint to be written, then releases the manager (once: closing a
+    closed checkpointer does nothing)."""
+    if self._closed:
+      return
     self._manager.wait_until_finished()
     self._manager.close()
+    self._closed = True

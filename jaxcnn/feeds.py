@@ -43,8 +43,8 @@ class DeviceTrainFeed:
     return (num_steps,)
 
   def warm_up(self, step: int) -> None:
-    """Draws the order of `step`'s epoch now, so that compiling its program is not timed as
-    training (the trainer calls this while it compiles)."""
+    """Draws the order of `step`'s epoch now, so that drawing it (and compiling the program
+    that draws it) is not timed as training."""
     self._epoch_order(step // self.steps_per_epoch)
 
   def _epoch_order(self, epoch: int) -> jax.Array:
@@ -60,9 +60,11 @@ class DeviceTrainFeed:
             self.strategy.scalar(batch_in_epoch))
 
   def position(self, step: int) -> dict:
-    """The data position after `step` steps, for the checkpoint."""
+    """The data position after `step` steps, for the checkpoint, with the split's size: the
+    epoch's order is a permutation of that many examples."""
     epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
-    return {'epoch': epoch, 'batch_in_epoch': batch_in_epoch}
+    return {'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
+            'num_examples': self.split.num_examples}
 
   def restore(self, step: int, position: dict, batch_size: int) -> None:
     """Checks that this config continues from the checkpoint's data position."""
@@ -75,6 +77,13 @@ class DeviceTrainFeed:
           f'the checkpoint at step {step} was written with batch_size {saved_batch_size}; with '
           f'batch_size {batch_size} the run would not continue with the same examples. Resume '
           f'with --config.batch_size={saved_batch_size}, or start a new --workdir')
+    saved_examples = position.get('num_examples', self.split.num_examples)  # Older: unrecorded.
+    if saved_examples != self.split.num_examples:
+      raise ConfigError(
+          f'the checkpoint at step {step} was written with {saved_examples} training examples, '
+          f'this run has {self.split.num_examples}: the split has changed, and the run would not '
+          'continue with the same examples. Resume with the data the run was trained on, or '
+          'start a new --workdir')
     if (position.get('epoch'), position.get('batch_in_epoch')) != divmod(step,
                                                                          self.steps_per_epoch):
       raise ConfigError(
@@ -105,14 +114,18 @@ class StreamTrainFeed:
     self._queue: queue.Queue | None = None
     self._thread = None
     self._stop = threading.Event()
+    self._first = None  # The first batch, taken from the queue by `warm_up`.
 
   def max_steps(self, step: int) -> int:
     del step
     return 1  # Streamed steps are big enough that dispatch costs nothing.
 
   def warm_up(self, step: int) -> None:
-    """Nothing to compile: the host pipeline starts with the first step."""
-    del step
+    """Starts the pipeline and waits for its first batch, so that starting Grain's workers is
+    not timed as training."""
+    del step  # `restore` has set the batch to start from.
+    self._start()
+    self._first = self._take()
 
   def static(self, num_steps: int) -> tuple:
     del num_steps
@@ -121,15 +134,26 @@ class StreamTrainFeed:
   def _produce(self) -> None:
     try:
       while not self._stop.is_set():
-        item = self.strategy.put_batch(next(self._iterator))
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put(self.strategy.put_batch(next(self._iterator)))
     except BaseException as e:  # pylint: disable=broad-except  (re-raised by the consumer)
-      self._queue.put(e)
+      self._put(e)
+
+  def _put(self, item) -> None:
+    """Queues `item` once there is room, or gives up when the feed is stopped: a full queue
+    must not keep the thread, which `close` waits for, from ending."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def _take(self):
+    """The next device batch; an error of the pipeline is raised here, in the training loop."""
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
 
   def _start(self) -> None:
     if self._thread is None:
@@ -141,9 +165,8 @@ class StreamTrainFeed:
   def args(self, state, sums, step: int, num_steps: int) -> tuple:
     del step, num_steps
     self._start()
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
+    item = self._first if self._first is not None else self._take()
+    self._first = None
     self._next_batch += 1
     return (state, sums, self._seed_arg, item)
 
@@ -182,7 +205,7 @@ class StreamTrainFeed:
       self._thread, self._stop = None, threading.Event()
       self._iterator.close()  # Stops Grain's workers now, not at garbage collection.
       # Batches read ahead may still hold Grain's shared memory: let it go now, not at exit.
-      self._iterator = self._queue = None
+      self._iterator = self._queue = self._first = None
 
   def close(self) -> None:
     self._stop_thread()
@@ -226,6 +249,10 @@ class StreamEvalFeed:
     self._compiled = None
 
   def _batches(self):
+    # Fresh Grain workers for every evaluation, stopped at its end. Workers kept for the next
+    # one would read its batches ahead all through training, taking cores and memory from the
+    # training stream's workers. Starting and stopping them costs little beside an evaluation
+    # of a split too large for device memory (2 workers: 1.5 s in all on a 2-core machine).
     from jaxcnn.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.eval_batches(self._source, image_shape=self._shape,
                                   batch_size=self._local_batch, worker_count=self._workers,

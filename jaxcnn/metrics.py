@@ -58,7 +58,8 @@ class MetricWriter:
         step=int(step), wall_time=time.time(), summary=self._summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
-    if self._enabled:
+    """Flushes and closes both files (once: closing a closed writer does nothing)."""
+    if self._enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._events.close()
 

@@ -13,10 +13,12 @@ the per-device program:
   one entry per local device, built by `device_put` of a broadcast view and read back from one
   device's shard: none of the deprecated `replicate`/`unreplicate`/`device_put_replicated`.
 
-Each strategy compiles two functions for the trainer: `train_fn(state, sums, seed, split,
-permutation, first_batch, num_steps)` runs `num_steps` steps on device-resident data, and
-`eval_fn(state, sums, split, batch_index)` adds one evaluation batch to running sums. The seed is an
-argument, not a constant of the program, so that runs with other seeds reuse the compiled program.
+Each strategy builds the trainer's functions, which `Strategy.compile` then compiles ahead of
+time: `train_fn(state, sums, seed, split, permutation, first_batch, num_steps)` runs `num_steps`
+steps on device-resident data, `eval_fn(state, sums, split, batch_index)` adds one evaluation
+batch to running sums, and `stream_train_fn` and `stream_eval_fn` do the same for one streamed
+batch. The seed is an argument, not a constant of the program, so that runs with other seeds reuse
+the compiled program.
 """
 
 import abc
@@ -144,20 +146,20 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def train_fn(self, train_step: Callable, batch_size: int) -> Callable:
-    """Compiles `(state, sums, seed, split, permutation, first_batch, num_steps) -> (state, sums)`.
-    """
+    """The jitted `(state, sums, seed, split, permutation, first_batch, num_steps) ->
+    (state, sums)`, `num_steps` static."""
 
   @abc.abstractmethod
   def eval_fn(self, eval_step: Callable, batch_size: int) -> Callable:
-    """Compiles `(state, sums, split, batch_index) -> sums`."""
+    """The jitted `(state, sums, split, batch_index) -> sums`."""
 
   @abc.abstractmethod
   def stream_train_fn(self, train_step: Callable) -> Callable:
-    """Compiles `(state, sums, seed, batch) -> (state, sums)` for one streamed batch."""
+    """The jitted `(state, sums, seed, batch) -> (state, sums)` for one streamed batch."""
 
   @abc.abstractmethod
   def stream_eval_fn(self, eval_step: Callable) -> Callable:
-    """Compiles `(state, sums, batch) -> sums` for one streamed batch with a `mask`."""
+    """The jitted `(state, sums, batch) -> sums` for one streamed batch with a `mask`."""
 
 
 class JitStrategy(Strategy):

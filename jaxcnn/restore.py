@@ -62,8 +62,8 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
       else:
         raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or one of the saved "
                         f'steps: {", ".join(map(str, steps))}')
-      checkpointer.check_compatible(step, template)
-      try:
+      try:  # A damaged checkpoint (unreadable metadata or arrays) is the user's to know about.
+        checkpointer.check_compatible(step, template)
         restored = checkpointer.restore(step, template, sharding)
       except CheckpointError as e:
         raise UserError(str(e)) from e

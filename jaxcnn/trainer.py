@@ -5,6 +5,7 @@ The device never waits for the host: steps are dispatched asynchronously, metric
 device and fetched only at log and evaluation steps.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -234,6 +235,7 @@ class _StopRequests:
     self.signal_number = None
     self._previous = {}
     self._multi_process = jax.process_count() > 1
+    self._checks = 0
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -253,9 +255,15 @@ class _StopRequests:
     if self._multi_process:
       os.kill(os.getpid(), signal.SIGTERM)  # To JAX's preemption notifier.
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self) -> bool:
+    """Whether to stop after the call just made: called once after every compiled call."""
     if self._multi_process:
-      return multihost_utils.reached_preemption_sync_point(step)
+      # JAX stops every process at the check one past the furthest any process had reached when
+      # the notice came, so the ids it is given must count up by one: they number the checks,
+      # as every process makes the same ones. (Steps would skip that id where a call runs
+      # several, and no process would ever stop.)
+      self._checks += 1
+      return multihost_utils.reached_preemption_sync_point(self._checks)
     return self.signal_number is not None
 
   def stop_if_requested_before_training(self, step: int = 0) -> None:
@@ -279,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   Raises:
     TrainingDiverged: the loss or gradient norm stopped being finite.
-    TrainingInterrupted: SIGTERM or SIGINT arrived; a checkpoint of the last step was saved.
+    TrainingInterrupted: SIGTERM or SIGINT arrived: during training, a checkpoint of the last
+      step was saved; before training began, or at a second SIGINT, nothing more was saved.
   """
   # ---------------------------------------------------------------- Setup
   config_lib.validate(config)
@@ -298,8 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     # From here on a signal asks the run to stop where it can: before training begins, or after
     # a step, with a checkpoint.
     with (_StopRequests() as stop_requests,
-          workdir_lib.in_use(workdir, enabled=jax.process_index() == 0)):
-      return _train(config, workdir, strategy, stop_requests)
+          workdir_lib.in_use(workdir, enabled=jax.process_index() == 0),
+          contextlib.ExitStack() as resources):
+      return _train(config, workdir, strategy, stop_requests, resources)
   except KeyboardInterrupt:  # A second Ctrl-C: stop at once.
     raise TrainingInterrupted(
         f'stopped at once by a second SIGINT, without saving; {workdir} resumes from its latest '
@@ -310,8 +320,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.Strategy,
-           stop_requests: _StopRequests) -> dict:
-  """The run itself, from data to final metrics (see `train_and_evaluate`)."""
+           stop_requests: _StopRequests, resources: contextlib.ExitStack) -> dict:
+  """The run itself, from data to final metrics (see `train_and_evaluate`).
+
+  What needs closing (Grain's workers, the checkpoint manager, the metric writer, the progress
+  bar) goes on `resources`, which closes it however the run ends: finished, stopped, diverged or
+  failed. The normal end closes them itself first, in the order that keeps its timing right.
+  """
   is_chief = jax.process_index() == 0
   stopwatch = Stopwatch()
 
@@ -327,12 +342,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       strategy=strategy, placement=data.placement,
       init_images=data.train.images if data.placement == 'device' else None)
   total_steps, steps_per_epoch = experiment.total_steps, experiment.steps_per_epoch
-  train_feed = feeds.make_train_feed(config, experiment, data)
+  train_feed = resources.enter_context(
+      contextlib.closing(feeds.make_train_feed(config, experiment, data)))
   eval_feed = feeds.make_eval_feed(config, experiment, data)
   sums = experiment.zero_train_sums()
 
   # ---------------------------------------------------------------- Restore
-  checkpointer = make_checkpointer(config, workdir)
+  checkpointer = resources.enter_context(contextlib.closing(make_checkpointer(config, workdir)))
   step = 0
   restored = checkpointer.restore_latest_good(
       {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
@@ -341,20 +357,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     tree, meta = restored
     step = meta['step']
     if step >= total_steps:
-      checkpointer.close()
-      train_feed.close()
       print(f'{workdir} already holds a checkpoint at step {step} (this config trains '
             f'{total_steps} steps): nothing to train. Raise num_train_steps or num_epochs to '
             'train on.', flush=True)
       return {**meta['metrics'], 'workdir': workdir, 'step': step}
-    try:
-      changes = _config_changes(workdir, config)
-      train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
-                         config.batch_size)
-    except ConfigError:
-      checkpointer.close()
-      train_feed.close()
-      raise
+    changes = _config_changes(workdir, config)
+    train_feed.restore(step, {**meta['data'], 'batch_size': meta['batch_size']},
+                       config.batch_size)
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
       stopwatch.add(phase, seconds)
@@ -389,20 +398,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
 
   with stopwatch.timed('compile'):
     eval_feed.compile(state, experiment.zero_eval_sums())
+  with stopwatch.timed('data'):  # The first epoch's order, or the stream's first batch.
     train_feed.warm_up(step)
-  try:
-    stop_requests.stop_if_requested_before_training(step)
-  except TrainingInterrupted:
-    train_feed.close()
-    checkpointer.close()
-    raise
+  stop_requests.stop_if_requested_before_training(step)
 
   # ---------------------------------------------------------------- Loop
-  writer = MetricWriter(workdir, enabled=is_chief, purge_step=step + 1)
+  writer = resources.enter_context(
+      contextlib.closing(MetricWriter(workdir, enabled=is_chief, purge_step=step + 1)))
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                       else eval_every)
-  progress = Progress(total_steps, step, enabled=is_chief)
+  progress = resources.enter_context(
+      contextlib.closing(Progress(total_steps, step, enabled=is_chief)))
   num_params = models.count_params(strategy.unreplicate(state).params)
   progress.message(f'{config.model} ({num_params:,} parameters) on {data.name} '
                    f'({data.placement}): {total_steps} steps of {config.batch_size} '
@@ -432,7 +439,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       progress.advance(num_steps)
       window_start += profile.after_call(step, state)  # Writing a trace is not training.
 
-      stopping = stop_requests.should_stop(step)
+      stopping = stop_requests.should_stop()
       log_now = step % config.log_every_steps == 0
       eval_now = step % eval_every == 0 or step == total_steps
       checkpoint_now = step % checkpoint_every == 0 or step == total_steps or stopping
@@ -444,7 +451,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       stopwatch.add('train', elapsed)
       window_seconds += elapsed
       if int(fetched['first_nonfinite_step']) != NO_STEP:
-        train_feed.close()
         checkpointer.wait()
         latest = checkpointer.latest_step()
         raise TrainingDiverged(
@@ -484,11 +490,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
                     'seconds': dict(stopwatch.totals)},
               metrics=last_eval if eval_now else None)
         num_saves += 1
-      if stopping:
-        progress.close()
-        train_feed.close()
-        checkpointer.close()
-        writer.close()
+      if stopping:  # `resources` waits for the checkpoint just started.
         raise TrainingInterrupted(
             f'stopped by {signal.Signals(stop_requests.signal_number or signal.SIGTERM).name} at '
             f'step {step} of {total_steps}; the checkpoint of step {step} is in '
@@ -559,7 +561,9 @@ def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
 def _describe_position(position: dict) -> str:
   if 'epoch' in position:
     return f'epoch {position["epoch"]}, batch {position["batch_in_epoch"]}'
-  return 'streamed data, the iterator where it was'
+  if 'stream_batch' in position:
+    return f'streamed data, batch {position["stream_batch"]}'
+  return 'streamed data, the iterator where it was'  # An earlier jaxcnn's Grain iterator state.
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 from jaxcnn import trainer
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint
-from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
 
@@ -373,6 +373,14 @@ def test_a_changed_batch_size_is_refused_even_within_the_first_epoch(fake_tfds, 
     trainer.train_and_evaluate(tiny_config(num_train_steps=8, batch_size=16), str(tmp_path))
 
 
+def test_a_resume_over_a_changed_split_of_as_many_batches_is_refused(fake_tfds, tmp_path):
+  """520 examples make as many batches of 32 as 512 do, but another order of them."""
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
+  fake_tfds({'train': 520})
+  with pytest.raises(ConfigError, match='written with 512 training examples, this run has 520'):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=16), str(tmp_path))
+
+
 def test_a_resume_names_what_it_changes_and_refuses_another_seed(fake_tfds, tmp_path, capsys):
   trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
   trainer.train_and_evaluate(tiny_config(num_train_steps=16, learning_rate=0.01), str(tmp_path))
@@ -500,6 +508,15 @@ def test_a_run_trained_on_real_data_is_never_evaluated_on_a_synthetic_stand_in(m
   assert missing.stderr.startswith(f"error: dataset 'mnist' is not prepared in {empty}")
   assert 'synthetic' not in missing.stdout + missing.stderr
   assert 'Traceback' not in missing.stderr
+
+
+def test_reading_a_checkpoint_with_unreadable_metadata_is_one_user_error(fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=16, checkpoint_every_steps=8),
+                             str(tmp_path))
+  (tmp_path / CHECKPOINT_DIR / '8' / 'state' / '_METADATA').write_text('garbage{')
+  with pytest.raises(UserError, match='checkpoint 8 has unreadable metadata'):
+    restore_run(str(tmp_path), checkpoint='8')
+  assert restore_run(str(tmp_path), checkpoint='16').step == 16  # The others still read.
 
 
 def test_evaluate_and_predict_before_the_first_checkpoint_say_so_in_one_line(fake_tfds, tmp_path):

@@ -65,7 +65,14 @@ def test_a_missing_split_folder_is_named_before_the_folder_is_read(tmp_path, mon
   config.image_folder = str(tmp_path / 'images')
   monkeypatch.setattr(image_folder, 'list_folder', None)  # Not even listed, let alone prepared.
   with pytest.raises(ConfigError, match=r"image folder '.*images' has no split folder 'test' "
-                                        r"\(config key 'eval_split'\); it has: train, val"):
+                                        r"\(config key 'eval_split' is 'test'\); it has: train, "
+                                        'val'):
+    pipeline.check_dataset(config)
+  # TFDS split specs of the folders: a slice of one, or several joined.
+  config.train_split, config.eval_split = 'train[:75%]+val', 'train[75%:]'
+  pipeline.check_dataset(config)
+  config.eval_split = 'train[75%:]+tset'
+  with pytest.raises(ConfigError, match="no split folder 'tset' .*'train\\[75%:\\]\\+tset'"):
     pipeline.check_dataset(config)
 
 
@@ -120,12 +127,29 @@ def test_rgb_jpegs_are_stored_as_their_own_bytes_and_the_rest_as_rgb(tmp_path, c
   listing = image_folder.list_folder(str(tmp_path / 'images')).splits['train']
   stored = builder.as_data_source(split='train', decoders={'image': tfds.decode.SkipDecoding()})
   decoded = builder.as_data_source(split='train')
-  for i, (path, label) in enumerate(listing):
+  assert len(decoded) == len(listing)
+  for path, label in listing:
     with Image.open(path) as image:
-      np.testing.assert_array_equal(decoded[i]['image'], np.asarray(image.convert('RGB')))
+      pixels = np.asarray(image.convert('RGB'))
+    # The copy is in TFDS's shuffled order: find the file's example by its pixels.
+    (i,) = [i for i in range(len(decoded)) if np.array_equal(decoded[i]['image'], pixels)]
     assert decoded[i]['label'] == label
     with open(path, 'rb') as f:  # Only the RGB JPEG's bytes are kept as they are.
       assert (stored[i]['image'] == f.read()) == path.endswith('photo.jpg'), path
+
+
+def test_a_slice_of_a_split_holds_every_class(tmp_path):
+  """The copy is shuffled as TFDS shuffles its own datasets, so `train[75%:]` holds out examples
+  of every class, not the last class's images as the folder lists them."""
+  make_folder(tmp_path / 'images', {'train': 32})
+  builder = image_folder.ensure_prepared(str(tmp_path / 'images'), str(tmp_path / 'tfds'))
+  listed = [label for _, label in image_folder.list_folder(str(tmp_path / 'images')).splits['train']]
+  assert listed == sorted(listed)  # Class by class.
+  for split in ('train[:75%]', 'train[75%:]'):
+    source = builder.as_data_source(split=split)
+    assert {int(source[i]['label']) for i in range(len(source))} == {0, 1}, split
+  whole = builder.as_data_source(split='train')
+  assert sorted(int(whole[i]['label']) for i in range(len(whole))) == listed
 
 
 def test_predict_reads_an_image_as_evaluation_does(tmp_path):

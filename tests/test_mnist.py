@@ -22,7 +22,9 @@ print('torch imported:', 'torch' in sys.modules)
 def test_one_epoch_on_real_mnist_reaches_97_percent_without_importing_tensorflow(
     tmp_path, mnist_data_dir):
   workdir = tmp_path / 'run'
-  env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache')}
+  # One CPU device, as a user's machine has, not the session's eight fake ones.
+  env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache'),
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   result = subprocess.run(
       [sys.executable, '-c', TRAIN_AND_REPORT, '--config', 'configs/mnist.py',
        '--config.num_epochs=1', '--config.log_every_steps=200',

@@ -79,6 +79,21 @@ def test_max_pool_matches_flax_values_and_gradients(shape):
   np.testing.assert_allclose(grad, reference_grad)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_shares_the_gradient_among_tied_maxima_as_jnp_max_does(dtype):
+  # Values on a coarse grid, and a window of zeros (as after a ReLU): many ties.
+  x = (jnp.round(jax.random.normal(jax.random.key(0), (2, 9, 8, 3)) * 2) / 2).astype(dtype)
+  x = x.at[0, :2, :2, 0].set(0)
+  weights = jax.random.normal(jax.random.key(1), (2, 4, 4, 3)).astype(dtype)
+  loss = lambda pool: lambda x: jnp.sum(pool(x) * weights)
+  windows = lambda x: x[:, :8, :8, :].reshape(2, 4, 2, 4, 2, 3)
+  grad = jax.grad(loss(max_pool))(x)
+  expected = jax.grad(loss(lambda x: jnp.max(windows(x), axis=(2, 4))))(x)
+  assert grad.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(expected, np.float32))
+  assert float(grad[0, 0, 0, 0]) == float(weights[0, 0, 0, 0]) / 4  # Four tied zeros.
+
+
 def test_batchnorm_models_take_the_mapped_axis_name():
   model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
   norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
@@ -87,14 +102,20 @@ def test_batchnorm_models_take_the_mapped_axis_name():
   models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1), axis_name='data')
 
 
-@pytest.mark.parametrize('in_features, padding, kernel', [
-    (1, 'SAME', cpu_conv.shift_and_add_conv), (3, 'VALID', cpu_conv.shift_and_add_conv),
-    (2, ((1, 2), (0, 1)), cpu_conv.shift_and_add_conv), (4, 'VALID', None),
-    (6, ((2, 1), (1, 0)), None)])
-def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel):
+@pytest.mark.parametrize('in_features, padding, kernel, kernel_size', [
+    (1, 'SAME', cpu_conv.shift_and_add_conv, (5, 5)),
+    (3, 'VALID', cpu_conv.shift_and_add_conv, (5, 5)),
+    (2, ((1, 2), (0, 1)), cpu_conv.shift_and_add_conv, (5, 5)),
+    (4, 'VALID', cpu_conv.col2im_gradient_conv, (5, 5)),
+    (6, ((2, 1), (1, 0)), cpu_conv.col2im_gradient_conv, (5, 5)),
+    (9, 'SAME', None, (3, 3)),
+    # Even kernels: 'SAME' puts the odd row or column of padding after, as XLA does.
+    (1, 'SAME', cpu_conv.shift_and_add_conv, (4, 2)),
+    (3, 'SAME', cpu_conv.shift_and_add_conv, (2, 3))])
+def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel, kernel_size):
   """layers.Conv (a CPU kernel for few input channels) is nnx.Conv, numerically."""
-  reference = nnx.Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
-  conv = Conv(in_features, 6, (5, 5), padding=padding, rngs=nnx.Rngs(0))
+  reference = nnx.Conv(in_features, 6, kernel_size, padding=padding, rngs=nnx.Rngs(0))
+  conv = Conv(in_features, 6, kernel_size, padding=padding, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))
   assert conv._cpu_kernel(x) is kernel
   np.testing.assert_allclose(conv(x), reference(x), atol=1e-5)

@@ -1,6 +1,8 @@
 """jit over a mesh, shard_map and pmap compute the same training run on 1 to 8 devices."""
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -9,7 +11,6 @@ import time
 import types
 
 import jax
-from jax._src import monitoring  # The listener's unregistering has no public name.
 import numpy as np
 import pytest
 
@@ -91,8 +92,8 @@ def test_batchnorm_without_the_mapped_axis_is_refused(fake_tfds, tmp_path, monke
 
 @pytest.mark.parametrize('strategy', ['jit', 'shard_map', 'pmap'])
 def test_each_epochs_permutation_compiles_once_per_run(strategy):
-  # Lowering to MLIR is counted too: a compile that the persistent compilation cache answers
-  # emits no backend-compile event, but it is lowered all the same.
+  # Lowering to MLIR and compiling, from scratch or from the persistent compilation cache: a
+  # program drawn again for a later epoch would show as either.
   compiles = []
   events = ('/jax/core/compile/backend_compile_duration',
             '/jax/core/compile/jaxpr_to_mlir_module_duration')
@@ -107,7 +108,7 @@ def test_each_epochs_permutation_compiles_once_per_run(strategy):
       if epoch:
         assert not compiles, f'epoch {epoch} compiled again'
   finally:
-    monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert sorted(orders[2]) == list(range(1000)) and not np.array_equal(orders[1], orders[2])
 
 
@@ -133,19 +134,63 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_two_processes(tmp_path, workdir, *flags):
-  """Starts `train.py` as two processes of two CPU devices each on localhost."""
-  address = f'localhost:{_free_port()}'
+# Tries at starting two processes: the port `_free_port` found free may be taken by another
+# program before process 0 listens on it.
+LAUNCH_ATTEMPTS = 3
+
+
+def coordinator_port_was_taken(process_0, port: int) -> bool:
+  """Whether process 0 ended because its coordinator could not listen on `port`: gRPC logs this
+  line (then the process crashes), as seen by holding the port while starting the processes."""
+  if process_0.poll() is None:
+    return False
+  stderr = process_0.communicate()[1]  # It has ended: all its output, even if read already.
+  return re.search(rf"Failed to add port to server: .* for '.*:{port}'", stderr) is not None
+
+
+@contextlib.contextmanager
+def two_processes(tmp_path, workdir, port, *flags):
+  """Starts `train.py` as two processes of two CPU devices each on localhost, for the block; on
+  leaving it kills and reaps both, so that a failed test leaves none running."""
+  address = f'localhost:{port}'
   env = {**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache'), 'PYTHONUNBUFFERED': '1',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   command = [sys.executable, 'tests/fake_tfds_run.py', 'train.py',
              '--config=tests/tiny_config.py:bn_cnn', '--config.augment.crop_padding=2',
              '--config.optimizer=momentum', '--config.learning_rate=0.05',
              '--config.num_devices=-1', f'--workdir={workdir}',
-             f'--coordinator_address={address}', '--num_processes=2', *flags]
-  return [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO_ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
+             f'--coordinator_address={address}', '--num_processes=2',
+             # Not 300 s: when one process fails early, the other gives up sooner.
+             '--join_timeout=120', *flags]
+  processes = [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    yield processes
+  finally:
+    for p in processes:
+      p.kill()  # Nothing once it has ended.
+    for p in processes:
+      p.wait()
+      p.stdout.close()
+      p.stderr.close()
+
+
+def run_two_processes(tmp_path, workdir, flags, body):
+  """Returns `body(processes)` for `train.py` started as two processes (see `two_processes`).
+
+  When `body` fails because process 0 could not listen on the coordinator port (another program
+  took it after `_free_port` found it free), starts both again on a new port, up to
+  LAUNCH_ATTEMPTS times in all.
+  """
+  for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+    port = _free_port()
+    with two_processes(tmp_path, workdir, port, *flags) as processes:
+      try:
+        return body(processes)
+      except Exception:  # pylint: disable=broad-except  (re-raised unless the port was taken)
+        if attempt == LAUNCH_ATTEMPTS or not coordinator_port_was_taken(processes[0], port):
+          raise
 
 
 @pytest.mark.parametrize('strategy, overrides', [
@@ -161,11 +206,15 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_p
                                                                 overrides):
   reference = run(tmp_path, 'one', parallel=strategy, **{'num_devices': 4, **overrides})
   workdir = tmp_path / 'multi'
-  processes = start_two_processes(tmp_path, workdir, f'--config.parallel={strategy}',
-                                  *[f'--config.{key}={value}' for key, value in overrides.items()])
-  outputs = [p.communicate(timeout=300) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+
+  def wait_for_both(processes):
+    for p in processes:  # Process 0 first: when it fails, process 1 waits for it in vain.
+      _, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-3000:]
+
+  flags = [f'--config.parallel={strategy}',
+           *[f'--config.{key}={value}' for key, value in overrides.items()]]
+  run_two_processes(tmp_path, workdir, flags, wait_for_both)
   records = read_metrics(str(workdir))
   # Only process 0 wrote metrics: one record per log step, not two.
   assert [r['step'] for r in records if 'train/loss' in r] == [8, 12, 16, 24]
@@ -175,30 +224,37 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_p
     np.testing.assert_allclose(final[key], reference[key], rtol=RTOL, err_msg=key)
 
 
-@pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_signal):
+# Several steps per compiled call (as on accelerators) too: the step then moves by more than one
+# between the sync point's checks, which must count calls, not steps.
+@pytest.mark.parametrize('stop_signal, steps_per_call', [(signal.SIGTERM, 1), (signal.SIGINT, 1),
+                                                         (signal.SIGTERM, 4)])
+def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_signal,
+                                                              steps_per_call):
   """A preemption notice (or a Ctrl-C) that reaches one host stops every host at the same step,
   with that step's checkpoint saved, through JAX's preemption sync point."""
   workdir = tmp_path / 'multi'
-  processes = start_two_processes(
-      tmp_path, workdir, '--config.num_train_steps=100000', '--config.log_every_steps=10',
-      '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=20')
   checkpoints = workdir / CHECKPOINT_DIR
-  try:
+
+  def stop_one_after_a_checkpoint(processes):
+    """Returns (stderr, exit status) of each process."""
     deadline = time.monotonic() + 240
     while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-      assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+      ended = [p for p in processes if p.poll() is not None]
+      assert not ended, ended[0].communicate()[1][-3000:]  # Not a wait for one still running.
       assert time.monotonic() < deadline, 'no checkpoint appeared'
       time.sleep(0.02)  # Polling the directory, not waiting for a guessed duration.
     processes[1].send_signal(stop_signal)
-    outputs = [p.communicate(timeout=120) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+    return [(p.communicate(timeout=120)[1], p.returncode) for p in processes]
+
+  outputs = run_two_processes(
+      tmp_path, workdir, ['--config.num_train_steps=100000', '--config.log_every_steps=10',
+                          '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=20',
+                          f'--config.steps_per_call={steps_per_call}'],
+      stop_one_after_a_checkpoint)
   # The signalled process names its signal; the other was told by JAX's preemption notice.
-  for p, expected in zip(processes, (signal.SIGTERM, stop_signal)):
-    assert p.returncode == 128 + expected, outputs[processes.index(p)][1][-3000:]
-  last_lines = [err.strip().splitlines()[-1] for _, err in outputs]
+  for (err, returncode), expected in zip(outputs, (signal.SIGTERM, stop_signal)):
+    assert returncode == 128 + expected, err[-3000:]
+  last_lines = [err.strip().splitlines()[-1] for err, _ in outputs]
   assert last_lines[1].startswith(f'stopped: stopped by {stop_signal.name} at step ')
   steps = {int(line.split(' at step ')[1].split()[0]) for line in last_lines}
   assert len(steps) == 1, last_lines

@@ -1,5 +1,8 @@
 """Streaming through Grain: training, full evaluation, host augmentation, exact resume."""
 
+import multiprocessing
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import pytest
 from jaxcnn import feeds, parallel, trainer
 from jaxcnn.data import image_ops, pipeline, streaming
 from jaxcnn.data.synthetic import ArraySource
-from jaxcnn.errors import ConfigError
+from jaxcnn.errors import ConfigError, DataError
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
 
@@ -155,6 +158,48 @@ def test_a_streamed_run_resumed_with_its_data_in_device_memory_is_told_to_stream
                                         '--config.data_placement=stream'):
     trainer.train_and_evaluate(tiny_config(num_train_steps=16, data_placement='device'),
                                str(tmp_path))
+
+
+def test_a_pipeline_error_behind_a_full_queue_reaches_the_loop_and_close_returns():
+  failed = threading.Event()
+
+  def make_batches(start_batch):
+    for index in range(start_batch, start_batch + 3):  # The first, then enough to fill the queue.
+      yield {'image': np.full((8, 4, 4, 1), index, np.uint8), 'label': np.zeros(8, np.int32)}
+    failed.set()
+    raise DataError('cannot decode example 24')
+
+  feed = feeds.StreamTrainFeed(parallel.make_strategy('jit', 1), None, make_batches, seed=0,
+                               batch_size=8, num_examples=64)
+  feed.warm_up(0)
+  assert failed.wait(timeout=60)
+  batches = [int(feed.args(None, None, step, 1)[-1]['image'][0, 0, 0, 0]) for step in range(3)]
+  assert batches == [0, 1, 2]  # The first, taken while warming up, then the queued ones.
+  with pytest.raises(DataError, match='cannot decode example 24'):
+    feed.args(None, None, 3, 1)
+  # Again with the queue full when the error comes: the thread must still end when closed.
+  failed.clear()
+  feed.restore(0, {'stream_batch': 0, 'batch_size': 8, 'num_examples': 64}, 8)
+  feed.warm_up(0)
+  assert failed.wait(timeout=60)
+  closing = threading.Thread(target=feed.close)
+  closing.start()
+  closing.join(timeout=60)  # A hang detector: without it a deadlock would stall the suite.
+  assert not closing.is_alive(), 'close() did not return'
+
+
+def test_a_run_that_fails_midway_stops_its_data_workers(fake_tfds, tmp_path, monkeypatch):
+  """Whatever ends a run, its Grain workers are stopped then, not left to the garbage collector
+  or the end of the process."""
+  def failing_evaluation(*unused_args):
+    assert multiprocessing.active_children()  # The training stream's worker, still reading.
+    raise RuntimeError('evaluation failed')
+
+  monkeypatch.setattr(trainer, 'evaluate', failing_evaluation)
+  with pytest.raises(RuntimeError, match='evaluation failed'):
+    trainer.train_and_evaluate(stream_config(num_train_steps=8, eval_every_steps=4,
+                                             data_workers=1), str(tmp_path))
+  assert not multiprocessing.active_children()
 
 
 def test_a_checkpoint_of_the_earlier_dataloader_stream_resumes_at_its_step(capsys):

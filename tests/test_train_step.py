@@ -1,5 +1,7 @@
 """The functional train and eval steps on tiny synthetic batches."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,18 +246,28 @@ def test_cutmix_weight_is_the_area_of_the_pasted_box():
   np.testing.assert_allclose(mixed_targets[0], [1 - pasted, pasted], atol=1e-6)
 
 
+def convolution_dtypes(step, state, data) -> set[str]:
+  """The result types of the train step's convolutions, forward and backward, as its jaxpr
+  prints them ('f32', 'bf16'): traced only, nothing is compiled."""
+  jaxpr = str(jax.make_jaxpr(step)(state, data))
+  return set(re.findall(r'(\w+)\[[\d,]*\] = conv_general_dilated\[', jaxpr))
+
+
 def test_bfloat16_training_tracks_float32():
   """bf16 compute with float32 weights follows the float32 loss curve within bf16 noise."""
   data = batch(64)
   curves = []
-  for dtype in ('float32', 'bfloat16'):
+  for dtype, convolutions in (('float32', 'f32'), ('bfloat16', 'bf16')):
     _, state, step = setup(dtype=dtype)
+    # The dtype reaches the computation: every convolution runs in it.
+    assert convolution_dtypes(step, state, data) == {convolutions}
     losses = []
     for _ in range(10):
       state, metrics = step(state, data)
       losses.append(float(metrics['loss']))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
     curves.append(np.array(losses))
+  assert not np.array_equal(curves[1], curves[0])  # Rounded to bf16, not the float32 run again.
   np.testing.assert_allclose(curves[1], curves[0], rtol=0.05, atol=0.02)
 
 

@@ -1,8 +1,9 @@
 """End to end on a mocked TFDS dataset: files, metrics, full evaluation, determinism."""
 
+import contextlib
 import json
 import os
-import pathlib
+import threading
 
 import jax
 import numpy as np
@@ -80,21 +81,51 @@ def test_same_seed_same_metrics_other_seed_other_metrics(fake_tfds, tmp_path):
   assert first != other
 
 
+@contextlib.contextmanager
+def compilations():
+  """Records the programs JAX compiles inside the block, as (name, answered by the persistent
+  cache). JAX reports a program that the persistent cache answers with a cache-retrieval event
+  just before the program's backend-compile event, on the same thread; a program that XLA
+  compiles has the backend-compile event alone."""
+  compiled = []
+  cache_answered = threading.local()
+
+  def listener(event, seconds, **kwargs):
+    del seconds
+    if event == '/jax/compilation_cache/cache_retrieval_time_sec':
+      cache_answered.value = True
+    elif event == '/jax/core/compile/backend_compile_duration':
+      compiled.append((kwargs['fun_name'], getattr(cache_answered, 'value', False)))
+      cache_answered.value = False
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_a_run_with_another_seed_reuses_the_compiled_train_program(fake_tfds, tmp_path):
-  """A seed sweep compiles its train step once: the second seed finds the program in the
-  persistent compilation cache (the seeds are unused elsewhere in the suite)."""
-  cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+  """A seed sweep compiles its train step once: the seed is an argument of the compiled program,
+  so the second seed finds the program in the persistent compilation cache (a seed compiled in
+  as a constant would make another program, which XLA compiles again)."""
   config = tiny_config(model='keras_cnn', **{'augment.crop_padding': 2})
 
-  def train_programs(seed):
+  def train(seed):
     config.seed = seed
-    result = trainer.train_and_evaluate(config, str(tmp_path / str(seed)))
-    return {p.name for p in cache.iterdir() if 'train_steps' in p.name}, result['train/loss']
+    with compilations() as compiled:
+      result = trainer.train_and_evaluate(config, str(tmp_path / str(seed)))
+    # The train step's programs, one per chunk length: 'jit(train_steps)' under parallel='jit'.
+    return [answered for name, answered in compiled if name == 'jit(train_steps)'], result
 
-  first, first_loss = train_programs(918273)
-  second, second_loss = train_programs(192837)
-  assert first and second == first
-  assert first_loss != second_loss  # Another run (test_train_step: the step draws from the seed).
+  first, first_result = train(918273)
+  second, second_result = train(192837)
+  # The first run compiled its train step (or found it cached by an earlier test of this config);
+  # the second ran the same programs, every one from the cache.
+  assert first and len(second) == len(first)
+  assert all(second), 'the second seed compiled its train step again'
+  # Another run (test_train_step: the step draws from the seed).
+  assert first_result['train/loss'] != second_result['train/loss']
 
 
 def test_a_compilation_cache_chosen_elsewhere_still_keeps_small_programs(monkeypatch):

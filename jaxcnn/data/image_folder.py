@@ -24,6 +24,9 @@ from jaxcnn.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 _LISTING = 'listing.json'
+# How the prepared copy is written; part of its key, so that a copy written otherwise by an
+# earlier jaxcnn is prepared afresh. Version 2: in TFDS's shuffled order, not class by class.
+_COPY_FORMAT = 'jaxcnn image folder copy, version 2\n'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,9 @@ class FolderListing:
   unreadable: tuple[str, ...]
 
   def fingerprint(self) -> str:
-    """Changes whenever an image is added, removed, replaced or relabelled."""
-    digest = hashlib.sha1()
+    """Changes whenever an image is added, removed, replaced or relabelled (or jaxcnn's way of
+    writing the copy changes)."""
+    digest = hashlib.sha1(_COPY_FORMAT.encode())
     for split in sorted(self.splits):
       for path, label in self.splits[split]:
         stat = os.stat(path)
@@ -182,7 +186,9 @@ def _write_dataset(listing_path: str, directory: str) -> None:
     tfds.dataset_builders.store_as_tfds_dataset(
         name='image_folder', version='1.0.0', features=features,
         split_datasets={split: examples(split) for split in listing['splits']},
-        data_dir=directory, file_format='array_record', disable_shuffling=True,
+        # Shuffled (deterministically, by key) as TFDS prepares its own datasets: listed class
+        # by class, a slice such as 'train[90%:]' would hold out only the last classes.
+        data_dir=directory, file_format='array_record', disable_shuffling=False,
         description=f'The images of {listing["root"]}.')
 
 

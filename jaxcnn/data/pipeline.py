@@ -64,9 +64,11 @@ def check_dataset(config) -> None:
       # Before the folder is read and written as a dataset, which takes a while.
       splits = image_folder.split_folders(config.image_folder)
       for key in ('train_split', 'eval_split'):
-        if config[key] not in splits:
+        # A TFDS split spec of the folders: 'train', or 'train[:90%]' to hold out a part.
+        missing = [name for name in tfds_data.split_names(config[key]) if name not in splits]
+        if missing:
           raise ConfigError(f'image folder {config.image_folder!r} has no split folder '
-                            f'{config[key]!r} (config key {key!r}); it has: '
+                            f'{missing[0]!r} (config key {key!r} is {config[key]!r}); it has: '
                             f'{", ".join(splits) or "none"}')
   elif config.dataset != SYNTHETIC:
     recorded = decoded_index.lookup(config.dataset, config.data_dir)

@@ -18,11 +18,11 @@ def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
   * Without a gradient (evaluation) it is XLA's reduce-window. A reshape and a max would let XLA
     fuse the layer before it into the max's reduction, where it runs several times slower: the
     10,000 MNIST test images take 0.25 s against 0.6 s.
-  * Under differentiation it is a reshape and a max, forward and backward: 13 ms per training
-    step against 16 ms with reduce-window forward, and reduce-window's own gradient (a
-    select-and-scatter) is about 10x slower still (41 ms against 4 ms for a 128x28x28x32 batch).
-    On ties the gradient is shared among the maximal elements (select-and-scatter gives it all
-    to the first).
+  * Under differentiation it is a reshape and a max forward, and an elementwise gradient
+    (`_max_pool_bwd`): 13 ms per training step against 16 ms with reduce-window forward, and
+    reduce-window's own gradient (a select-and-scatter) is about 10x slower still (41 ms against
+    4 ms for a 128x28x28x32 batch). On ties the gradient is shared among the maximal elements
+    (select-and-scatter gives it all to the first).
 
   On GPU every formulation fuses equally well. Rows and columns that do not fill a window are
   dropped, as floor-mode pooling does.
@@ -44,11 +44,28 @@ def _reshape_max(x: jax.Array, window: int) -> jax.Array:
 
 
 def _max_pool_fwd(x, window):  # Used only when differentiating: see max_pool.
-  return _reshape_max(x, window), x
+  pooled = _reshape_max(x, window)
+  return pooled, (x, pooled)
 
 
-def _max_pool_bwd(window, x, grad):
-  return jax.vjp(lambda x: _reshape_max(x, window), x)[1](grad)
+def _max_pool_bwd(window, residuals, grad):
+  """`jnp.max`'s gradient (shared equally among tied maxima), with no reduction in it: the ties
+  are counted tap by tap, so that XLA fuses the whole gradient into one elementwise loop (twice
+  as fast on the CPU as differentiating `_reshape_max`, which recomputes the max and counts the
+  ties with reductions: 1.2 ms against 2.3 ms for LeNet-5's first pooling at batch 128)."""
+  x, pooled = residuals
+  batch, height, width, channels = x.shape
+  out_h, out_w = pooled.shape[1:3]
+  windows = x[:, :out_h * window, :out_w * window, :].reshape(
+      batch, out_h, window, out_w, window, channels)
+  ties = sum((windows[:, :, i, :, j, :] == pooled).astype(grad.dtype)
+             for i in range(window) for j in range(window))
+  spread = lambda a: a[:, :, None, :, None, :]  # One value per window, to its every element.
+  dx = jnp.where(windows == spread(pooled), spread(grad / ties), 0).astype(x.dtype)
+  dx = dx.reshape(batch, out_h * window, out_w * window, channels)
+  # The rows and columns that filled no window get no gradient.
+  return (jnp.pad(dx, ((0, 0), (0, height - out_h * window), (0, width - out_w * window),
+                       (0, 0))),)
 
 
 _max_pool = jax.custom_vjp(_reduce_window_max, nondiff_argnums=(1,))
@@ -116,8 +133,9 @@ def _explicit_padding(padding, kernel_size):
   if padding == 'VALID':
     return ((0, 0), (0, 0))
   if padding == 'SAME':
-    return ((kernel_h // 2, kernel_h - 1 - kernel_h // 2),
-            (kernel_w // 2, kernel_w - 1 - kernel_w // 2))
+    # As XLA pads: an even kernel's extra row and column go after, not before.
+    return (((kernel_h - 1) // 2, kernel_h - 1 - (kernel_h - 1) // 2),
+            ((kernel_w - 1) // 2, kernel_w - 1 - (kernel_w - 1) // 2))
   if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
       isinstance(p, (tuple, list)) and len(p) == 2 for p in padding):
     return tuple(tuple(int(v) for v in p) for p in padding)
