@@ -357,10 +357,7 @@ def _timed(command: list[str], env: dict) -> tuple[float, subprocess.CompletedPr
   return seconds, result
 
 
-# Both sides evaluate the 10,000 test images in batches of this size, the faster one on the CPU
-# for both: 0.25 s for jaxcnn against 0.76 s at 1000, 0.22 to 0.24 s for PyTorch against 0.39
-# to 0.87 s (2-core machines).
-LENET5_EPOCH_EVAL_BATCH = 200
+LENET5_EPOCH_CONFIG = 'configs/mnist.py:lenet5_epoch'
 
 
 def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str) -> dict:
@@ -370,16 +367,19 @@ def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   repeats, warm_ups = (1, 0) if quick else (repeats, 1)
   jax_runs, torch_runs = [], []
+  # PyTorch evaluates in the config's batches too, the faster size on the CPU for both: 0.25 s
+  # for jaxcnn against 0.76 s at 1000, 0.22 to 0.24 s for PyTorch against 0.39 to 0.87 s.
+  eval_batch_size = cli.load_config_file(os.path.join(REPO_ROOT, LENET5_EPOCH_CONFIG)
+                                         ).eval_batch_size
   with tempfile.TemporaryDirectory() as scratch:
-    ours = [sys.executable, 'train.py', '--config=configs/mnist.py:lenet5_epoch',
-            f'--config.manual_dir={mnist_dir}',
-            f'--config.eval_batch_size={LENET5_EPOCH_EVAL_BATCH}']
+    ours = [sys.executable, 'train.py', f'--config={LENET5_EPOCH_CONFIG}',
+            f'--config.manual_dir={mnist_dir}']
     if data_dir:
       ours.append(f'--config.data_dir={data_dir}')
     if quick:
       ours.append('--config.num_train_steps=20')
     theirs = [sys.executable, 'benchmarks/torch_reference.py', 'mnist-epoch',
-              f'--mnist_dir={mnist_dir}', f'--eval_batch_size={LENET5_EPOCH_EVAL_BATCH}'
+              f'--mnist_dir={mnist_dir}', f'--eval_batch_size={eval_batch_size}'
               ] + (['--max_steps=20'] if quick else [])
     for i in range(warm_ups + repeats):  # Warm-up runs fill the caches and are not counted.
       counted = i >= warm_ups

@@ -77,13 +77,9 @@ class DeviceTrainFeed:
           f'the checkpoint at step {step} was written with batch_size {saved_batch_size}; with '
           f'batch_size {batch_size} the run would not continue with the same examples. Resume '
           f'with --config.batch_size={saved_batch_size}, or start a new --workdir')
-    saved_examples = position.get('num_examples', self.split.num_examples)  # Older: unrecorded.
-    if saved_examples != self.split.num_examples:
-      raise ConfigError(
-          f'the checkpoint at step {step} was written with {saved_examples} training examples, '
-          f'this run has {self.split.num_examples}: the split has changed, and the run would not '
-          'continue with the same examples. Resume with the data the run was trained on, or '
-          'start a new --workdir')
+    _check_unchanged(step, 'training examples', 'the split',
+                     position.get('num_examples', self.split.num_examples),  # Older: unrecorded.
+                     self.split.num_examples)
     if (position.get('epoch'), position.get('batch_in_epoch')) != divmod(step,
                                                                          self.steps_per_epoch):
       raise ConfigError(
@@ -94,6 +90,16 @@ class DeviceTrainFeed:
 
   def close(self) -> None:
     pass
+
+
+def _check_unchanged(step: int, name: str, changed: str, saved: int, now: int) -> None:
+  """Refuses a resume whose `name` (what `changed` sets) differs from the checkpoint's: the run
+  would not continue with the same examples."""
+  if saved != now:
+    raise ConfigError(
+        f'the checkpoint at step {step} was written with {saved} {name}, this run has {now}: '
+        f'{changed} has changed, and the run would not continue with the same examples. Resume '
+        'with what the run was trained with, or start a new --workdir')
 
 
 class StreamTrainFeed:
@@ -190,12 +196,7 @@ class StreamTrainFeed:
                         'device memory; resume with --config.data_placement=device')
     for key, name, changed in (('batch_size', 'batch_size', 'the config'),
                                ('num_examples', 'training examples', 'the split')):
-      saved, now = position[key], getattr(self, f'_{key}')
-      if saved != now:
-        raise ConfigError(
-            f'the checkpoint at step {step} was written with {saved} {name}, this run has '
-            f'{now}: {changed} has changed, and the run would not continue with the same '
-            'examples. Resume with what the run was trained with, or start a new --workdir')
+      _check_unchanged(step, name, changed, position[key], getattr(self, f'_{key}'))
     self._next_batch = position['stream_batch']
 
   def _stop_thread(self) -> None:

@@ -4,7 +4,9 @@ import atexit
 import contextlib
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from unittest import mock
@@ -105,3 +107,17 @@ def tiny_config(**overrides):
       target = target[parent]
     target[leaf] = value
   return config
+
+
+def free_port() -> int:
+  """A localhost port that no program listens on now (another may take it before it is used)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def coordinator_port_was_taken(stderr: str, port: int) -> bool:
+  """Whether a process 0's `stderr` says its coordinator could not listen on `port` because
+  another program had taken it: gRPC logs this line, then the process crashes (seen by holding
+  the port while starting the processes)."""
+  return re.search(rf"Failed to add port to server: .* for '.*:{port}'", stderr) is not None

@@ -2,9 +2,7 @@
 
 import contextlib
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from jaxcnn.checkpoint import CHECKPOINT_DIR
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, coordinator_port_was_taken, free_port, tiny_config
 
 RTOL = 1e-3
 
@@ -128,24 +126,17 @@ def test_more_devices_than_exist_is_refused():
     parallel.make_mesh(9)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-# Tries at starting two processes: the port `_free_port` found free may be taken by another
+# Tries at starting two processes: the port `free_port` found free may be taken by another
 # program before process 0 listens on it.
 LAUNCH_ATTEMPTS = 3
 
 
-def coordinator_port_was_taken(process_0, port: int) -> bool:
-  """Whether process 0 ended because its coordinator could not listen on `port`: gRPC logs this
-  line (then the process crashes), as seen by holding the port while starting the processes."""
+def process_0_lost_its_port(process_0, port: int) -> bool:
+  """Whether process 0 has ended because another program took its coordinator's `port`."""
   if process_0.poll() is None:
     return False
-  stderr = process_0.communicate()[1]  # It has ended: all its output, even if read already.
-  return re.search(rf"Failed to add port to server: .* for '.*:{port}'", stderr) is not None
+  # It has ended: communicate() gives all its output, even if read already.
+  return coordinator_port_was_taken(process_0.communicate()[1], port)
 
 
 @contextlib.contextmanager
@@ -180,16 +171,16 @@ def run_two_processes(tmp_path, workdir, flags, body):
   """Returns `body(processes)` for `train.py` started as two processes (see `two_processes`).
 
   When `body` fails because process 0 could not listen on the coordinator port (another program
-  took it after `_free_port` found it free), starts both again on a new port, up to
+  took it after `free_port` found it free), starts both again on a new port, up to
   LAUNCH_ATTEMPTS times in all.
   """
   for attempt in range(1, LAUNCH_ATTEMPTS + 1):
-    port = _free_port()
+    port = free_port()
     with two_processes(tmp_path, workdir, port, *flags) as processes:
       try:
         return body(processes)
       except Exception:  # pylint: disable=broad-except  (re-raised unless the port was taken)
-        if attempt == LAUNCH_ATTEMPTS or not coordinator_port_was_taken(processes[0], port):
+        if attempt == LAUNCH_ATTEMPTS or not process_0_lost_its_port(processes[0], port):
           raise
 
 

@@ -36,11 +36,17 @@ def _reduce_window_max(x: jax.Array, window: int) -> jax.Array:
   return jax.lax.reduce_window(x, jnp.array(lowest, x.dtype), jax.lax.max, size, size, 'VALID')
 
 
-def _reshape_max(x: jax.Array, window: int) -> jax.Array:
+def _windows(x: jax.Array, window: int) -> jax.Array:
+  """NHWC `x` as (batch, out_h, window, out_w, window, channels), less the rows and columns
+  that fill no window."""
   batch, height, width, channels = x.shape
   out_h, out_w = height // window, width // window
   x = x[:, :out_h * window, :out_w * window, :]
-  return jnp.max(x.reshape(batch, out_h, window, out_w, window, channels), axis=(2, 4))
+  return x.reshape(batch, out_h, window, out_w, window, channels)
+
+
+def _reshape_max(x: jax.Array, window: int) -> jax.Array:
+  return jnp.max(_windows(x, window), axis=(2, 4))
 
 
 def _max_pool_fwd(x, window):  # Used only when differentiating: see max_pool.
@@ -57,8 +63,7 @@ def _max_pool_bwd(window, residuals, grad):
   x, pooled = residuals
   batch, height, width, channels = x.shape
   out_h, out_w = pooled.shape[1:3]
-  windows = x[:, :out_h * window, :out_w * window, :].reshape(
-      batch, out_h, window, out_w, window, channels)
+  windows = _windows(x, window)
   ties = sum((windows[:, :, i, :, j, :] == pooled).astype(grad.dtype)
              for i in range(window) for j in range(window))
   spread = lambda a: a[:, :, None, :, None, :]  # One value per window, to its every element.
