@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,29 @@ def test_each_epochs_permutation_compiles_once_per_run(strategy):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert sorted(orders[2]) == list(range(1000)) and not np.array_equal(orders[1], orders[2])
+
+
+@pytest.mark.parametrize('model', ['lenet5', 'bn_cnn'])
+def test_jit_over_a_mesh_exchanges_only_reductions_between_devices(model):
+  # Data parallelism needs one all-reduce of the gradients (and of BatchNorm's statistics); any
+  # other collective moves activations between devices, as an identity gather over the batch in
+  # the CPU kernels once did (an all-gather of a whole layer).
+  from jaxcnn import xla_options  # pylint: disable=g-import-not-at-top
+  from jaxcnn.data import device_data  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model=model, batch_size=32, num_devices=2)
+  strategy = parallel.make_strategy('jit', 2)
+  images = np.zeros((64, 28, 28, 1), np.uint8)
+  experiment, state = trainer.build_experiment(
+      config, image_shape=(28, 28, 1), num_classes=10, num_train_examples=len(images),
+      mean=(0.0,), std=(1.0,), strategy=strategy)
+  split = strategy.replicate(device_data.pad_split(images, np.zeros(64, np.int32)))
+  compiled = strategy.compile(
+      experiment.train_fn, state, experiment.zero_train_sums(), strategy.scalar(0), split,
+      strategy.permutation(0, 0, 64), strategy.scalar(0), static=(1,),
+      options=xla_options.training_options())
+  collectives = re.findall(r'\b(all-gather|all-to-all|collective-permute|reduce-scatter|'
+                           r'all-reduce)(?:-start)?\(', compiled.as_text())
+  assert set(collectives) == {'all-reduce'}, collectives
 
 
 def test_a_mesh_over_some_devices_takes_as_many_from_every_process():

@@ -85,10 +85,30 @@ def _col2im_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape,
   return total[:, top:top + height, left:left + width, :]  # The padding gets no gradient.
 
 
+def _computed_once(y: jax.Array) -> jax.Array:
+  """`y` unchanged, through an identity gather over its channels, so that XLA computes it once.
+
+  XLA fuses a producer of cheap elementwise operations into every fusion that reads it, and
+  recomputes it in each: under differentiation the shift-and-add sum was computed four times per
+  step, once for the layer after it and again in three fusions of the backward pass (the
+  pooling gradient, its spreading over the pooling windows, the copy the kernel gradient reads).
+  XLA never duplicates a gather, so the gather's own fusion computes the sum once and every reader
+  reads it: LeNet-5 trains at 16,200 images/s against 13,100 in float32, 6,300 against 3,700 in
+  bfloat16 (2-core Intel Xeon machine, 3 interleaved rounds). `lax.optimization_barrier` does
+  not help, as XLA:CPU removes barriers before fusion. The gather runs over channels, not the
+  batch, which the `jit` strategy shards: one over the batch made it all-gather the layer.
+  """
+  return y[..., jnp.arange(y.shape[-1])]
+
+
 def _forward(conv):
   def forward(x, kernel, padding):
     return conv(x, kernel, padding), (x, kernel)
   return forward
+
+
+def _shift_and_add_once(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+  return _computed_once(_shift_and_add(x, kernel, padding))
 
 
 def _backward(padding, residuals, grad):
@@ -100,7 +120,7 @@ def _backward(padding, residuals, grad):
 
 
 shift_and_add_conv = jax.custom_vjp(_shift_and_add, nondiff_argnums=(2,))
-shift_and_add_conv.defvjp(_forward(_shift_and_add), _backward)
+shift_and_add_conv.defvjp(_forward(_shift_and_add_once), _backward)
 shift_and_add_conv.__doc__ = """Stride-1 convolution of NHWC `x` with an HWIO `kernel` and explicit
 `padding` ((top, bottom), (left, right)), as a sum of shifted products."""
 
