@@ -102,9 +102,9 @@ def conv_bn_relu(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
 class Conv(nnx.Conv):
   """`nnx.Conv` (same parameters, same results) with a faster CPU kernel for few input channels.
 
-  On the CPU backend, a stride-1, undilated, ungrouped convolution of at most 3 input channels
-  runs on `cpu_conv`'s shift-and-add kernel (see there for the measurements); everything else, and
-  every other backend, is `nnx.Conv` unchanged.
+  On the CPU backend, a stride-1, undilated, ungrouped convolution of at most 8 input channels
+  runs on one of `cpu_conv`'s kernels (see there for which, and the measurements); everything
+  else, and every other backend, is `nnx.Conv` unchanged.
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
