@@ -26,13 +26,13 @@ _PREFETCH = 2
 class DeviceTrainFeed:
   """Batches gathered under `jit` from a device-resident split, `steps_per_call` at a time."""
 
-  def __init__(self, strategy, train_fn, data: Data, *, seed: int, batch_size: int):
+  def __init__(self, strategy, train_fn, data: Data, *, seed: int, steps_per_epoch: int):
     self.strategy = strategy
     self.fn = train_fn
     self.split = strategy.replicate(data.train)
     self.seed = seed
     self._seed_arg = strategy.scalar(seed)
-    self.steps_per_epoch = data.num_train_examples // batch_size
+    self.steps_per_epoch = steps_per_epoch
     self._permutation, self._permutation_epoch = None, None
 
   def max_steps(self, step: int) -> int:
@@ -282,7 +282,7 @@ def make_train_feed(config, experiment, data: Data):
   strategy = experiment.strategy
   if data.placement == 'device':
     return DeviceTrainFeed(strategy, experiment.train_fn, data, seed=config.seed,
-                           batch_size=config.batch_size)
+                           steps_per_epoch=experiment.steps_per_epoch)
   from jaxcnn.data import streaming  # pylint: disable=g-import-not-at-top  (Grain: 0.5 s to import)
   augment = streaming.HostAugment(image_shape=data.image_shape,
                                   crop_padding=config.augment.crop_padding,

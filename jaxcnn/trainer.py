@@ -103,6 +103,20 @@ class Experiment:
     return self.strategy.replicate(init_eval_sums())
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Strategy, *,
+                      training: bool = True) -> None:
+  """Refuses batches the devices cannot split evenly: the training batch and its micro-batches
+  (`grad_accum_steps`) when `training`, and the evaluation batch."""
+  if training:
+    strategy.check_batch_size('batch_size', config.batch_size)
+    per_device_batch = config.batch_size // strategy.num_devices
+    if per_device_batch % config.grad_accum_steps:
+      raise ConfigError(f"config key 'grad_accum_steps' ({config.grad_accum_steps}) must divide "
+                        f'the batch of each device ({config.batch_size} / {strategy.num_devices} '
+                        f'devices = {per_device_batch})')
+  strategy.check_batch_size('eval_batch_size', config.eval_batch_size)
+
+
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
                      num_train_examples: int, mean, std, strategy: parallel.Strategy,
                      placement: str = 'device', init_images=None,
@@ -116,14 +130,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   trained run's state) leaves out the checks of the training batch against the devices, which may
   not be those it was trained on.
   """
-  strategy.check_batch_size('eval_batch_size', config.eval_batch_size)
-  if training:
-    strategy.check_batch_size('batch_size', config.batch_size)
-    per_device_batch = config.batch_size // strategy.num_devices
-    if per_device_batch % config.grad_accum_steps:
-      raise ConfigError(f"config key 'grad_accum_steps' ({config.grad_accum_steps}) must divide "
-                        f'the batch of each device ({config.batch_size} / {strategy.num_devices} '
-                        f'devices = {per_device_batch})')
+  check_batch_sizes(config, strategy, training=training)
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "
@@ -295,8 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   pipeline.check_dataset(config)  # An unknown dataset fails before any work.
   caches.enable_compilation_cache()
   strategy = parallel.make_strategy(config.parallel, config.num_devices)
-  for key in ('batch_size', 'eval_batch_size'):
-    strategy.check_batch_size(key, config[key])
+  check_batch_sizes(config, strategy)  # Before any data loads; build_experiment checks again.
   if workdir is None and jax.process_count() > 1:
     raise ConfigError('a multi-process run needs --workdir: every process must write to the '
                       'same directory')

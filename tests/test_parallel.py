@@ -60,12 +60,20 @@ def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
   assert abs(other['train/loss'] - first['train/loss']) > 10 * RTOL * first['train/loss']
 
 
-def test_batch_not_divisible_by_devices_is_refused(fake_tfds, tmp_path):
+def _no_data_loads(monkeypatch):
+  # The batch checks come before any data is read: a refused config costs no loading.
+  from jaxcnn.data import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, 'load_data', lambda *args, **kwargs: pytest.fail('data loaded'))
+
+
+def test_batch_not_divisible_by_devices_is_refused(fake_tfds, tmp_path, monkeypatch):
+  _no_data_loads(monkeypatch)
   with pytest.raises(ConfigError, match=r"'batch_size' \(36\) .* number of devices \(8\)"):
     run(tmp_path, 'x', batch_size=36, num_devices=8)
 
 
-def test_micro_batches_must_divide_each_devices_batch(fake_tfds, tmp_path):
+def test_micro_batches_must_divide_each_devices_batch(fake_tfds, tmp_path, monkeypatch):
+  _no_data_loads(monkeypatch)
   with pytest.raises(ConfigError, match=r"'grad_accum_steps' \(8\) must divide the batch of each "
                                         r'device \(32 / 8 devices = 4\)'):
     run(tmp_path, 'x', grad_accum_steps=8, num_devices=8)
