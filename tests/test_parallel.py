@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcnn import parallel, trainer
+from jaxcnn import parallel, trainer, xla_options
 from jaxcnn.checkpoint import CHECKPOINT_DIR
+from jaxcnn.data import device_data, pipeline
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
@@ -62,7 +63,6 @@ def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
 
 def _no_data_loads(monkeypatch):
   # The batch checks come before any data is read: a refused config costs no loading.
-  from jaxcnn.data import pipeline  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(pipeline, 'load_data', lambda *args, **kwargs: pytest.fail('data loaded'))
 
 
@@ -124,8 +124,6 @@ def test_jit_over_a_mesh_exchanges_only_reductions_between_devices(model):
   # Data parallelism needs one all-reduce of the gradients (and of BatchNorm's statistics); any
   # other collective moves activations between devices, as an identity gather over the batch in
   # the CPU kernels once did (an all-gather of a whole layer).
-  from jaxcnn import xla_options  # pylint: disable=g-import-not-at-top
-  from jaxcnn.data import device_data  # pylint: disable=g-import-not-at-top
   config = tiny_config(model=model, batch_size=32, num_devices=2)
   strategy = parallel.make_strategy('jit', 2)
   images = np.zeros((64, 28, 28, 1), np.uint8)
