@@ -109,6 +109,11 @@ def tiny_config(**overrides):
   return config
 
 
+# Tries at starting processes that listen on a `free_port`: another program may take the port
+# after `free_port` found it free and before the coordinator listens on it.
+LAUNCH_ATTEMPTS = 3
+
+
 def free_port() -> int:
   """A localhost port that no program listens on now (another may take it before it is used)."""
   with socket.socket() as s:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, coordinator_port_was_taken, free_port
+from conftest import LAUNCH_ATTEMPTS, REPO_ROOT, coordinator_port_was_taken, free_port
 
 
 def run_train(*args, cwd=REPO_ROOT):
@@ -70,7 +70,7 @@ def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_di
 
 @pytest.mark.parametrize('process_id', [0, 1])
 def test_a_process_whose_peer_never_joins_gives_up_in_one_line(tmp_path, process_id):
-  for _ in range(3):
+  for _ in range(LAUNCH_ATTEMPTS):
     port = free_port()  # Nobody listens on it: process 1 finds no coordinator.
     result = run_train('--config', 'configs/mnist.py', f'--coordinator_address=localhost:{port}',
                        '--num_processes=2', f'--process_id={process_id}', '--join_timeout=3',

@@ -19,7 +19,8 @@ from jaxcnn.data import device_data, pipeline
 from jaxcnn.errors import ConfigError
 from jaxcnn.metrics import read_metrics
 
-from conftest import REPO_ROOT, coordinator_port_was_taken, free_port, tiny_config
+from conftest import (LAUNCH_ATTEMPTS, REPO_ROOT, coordinator_port_was_taken, free_port,
+                      tiny_config)
 
 RTOL = 1e-3
 
@@ -154,11 +155,6 @@ def test_a_mesh_over_some_devices_takes_as_many_from_every_process():
 def test_more_devices_than_exist_is_refused():
   with pytest.raises(ConfigError, match="'num_devices' \\(9\\) is more than the 8 devices"):
     parallel.make_mesh(9)
-
-
-# Tries at starting two processes: the port `free_port` found free may be taken by another
-# program before process 0 listens on it.
-LAUNCH_ATTEMPTS = 3
 
 
 def process_0_lost_its_port(process_0, port: int) -> bool:
