@@ -39,8 +39,9 @@ COLUMNS = [
 ]
 
 
-# A CPU row shows the float32 throughputs in the bfloat16 columns, marked: a CPU has no
-# bfloat16 hardware and PyTorch's autocast on it runs uncompiled, so only float32 compares there.
+# A CPU row shows the float32 throughputs in the bfloat16 columns, marked: on a CPU bfloat16 speed
+# is a matter of its bfloat16 units (AMX or none) and PyTorch's autocast there runs uncompiled,
+# so float32 is what compares across CPUs.
 CPU_THROUGHPUT = {f'{model}_bf16_img_per_s{suffix}': f'{model}_f32_img_per_s{suffix}'
                   for model in ('resnet50', 'fastcifar') for suffix in ('', '_pytorch')}
 

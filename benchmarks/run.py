@@ -436,8 +436,9 @@ def summarise(results: dict) -> dict:
                                              'jaxcnn_img_per_s'),
              'fastcifar_bf16_img_per_s_pytorch': get('throughput', 'fastcifar_bfloat16',
                                                      'pytorch_img_per_s'),
-             # The float32 figures beside them: what compares on a CPU, which has no bfloat16
-             # hardware and where PyTorch's autocast runs uncompiled.
+             # The float32 figures beside them: what the README's table shows for a CPU, where
+             # bfloat16 speed is a matter of the CPU's bfloat16 units (AMX or none) and PyTorch's
+             # autocast runs uncompiled.
              **{f'{model}_f32_img_per_s{suffix}': get('throughput', f'{model}_float32',
                                                       f'{framework}_img_per_s')
                 for model in ('resnet50', 'fastcifar')

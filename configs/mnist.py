@@ -1,14 +1,14 @@
-"""MNIST with `bn_cnn`, a small BatchNorm CNN: 99.5% test accuracy in 3 min of training on 2 CPUs.
+"""MNIST with `bn_cnn`, a small BatchNorm CNN: 99.5% test accuracy in under a minute on 2 CPUs.
 
   python train.py --config configs/mnist.py
   python train.py --config configs/mnist.py:smoke    # 50 steps: a check that everything runs
   python train.py --config configs/mnist.py:speedrun # fewest steps to 99%: for accelerators
   python train.py --config configs/mnist.py:lenet5_epoch   # the CPU benchmark's workload
 
-Measured (README.md, "Results"; benchmarks/run.py, seeds 0-4, 2-core CPU machines, AMD EPYC, jax
-0.10.2): 99.47% to 99.60% on the full 10,000-image test set after 10 epochs, 99.0% after 27 to
-31 s and 99.5% after 91 to 124 s of training (medians of two runs of the suite), 2.6 to 3.1 min of
-training.
+Measured (README.md, "Results"; `benchmarks/run.py --sections mnist --seeds 5`, seeds 0-4, a
+2-core Intel Xeon machine, jax 0.10.2, 2026-12-03): 99.48% to 99.62% (median 99.59%) on the full
+10,000-image test set after 10 epochs, 99.0% after 9.5 to 16.7 s (step 572 to 884) and 99.5%
+after 35 to 51 s of training, 74 to 84 s of training in all.
 """
 
 from jaxcnn.config import default_config, shrink_for_smoke, unknown_variant
@@ -34,13 +34,14 @@ def get_config(variant: str = ''):
     shrink_for_smoke(config, num_train_steps=50, batch_size=128, eval_batch_size=1000,
                      num_train=6_400, num_eval=1_000)
   elif variant == 'speedrun':
-    # The same recipe in about a quarter of the steps. Seeds 0-4 on the 2-core CPU machine
-    # (benchmarks/run.py, 2026-12-01): 99% at step 174-290 (median 203) against step 819 at batch
-    # 128, 99.5% at step 696-1044 against 2340-3978, final 99.50-99.61%. A CPU step costs 4x as
-    # much at 512, so there both recipes reach 99% after 31 s. On a GPU a step of this small
-    # network should cost about the same at 512 as at 128 (kernel launches, not arithmetic, bound
-    # it): an expectation that benchmarks/run.py checks by measuring both recipes (sections mnist
-    # and mnist_speedrun).
+    # The same recipe in a third to a quarter of the steps. Seeds 0-4 on a 2-core Intel Xeon
+    # machine (benchmarks/run.py, 2026-12-03): 99% at step 156-286 (median 182) against 572-884
+    # (median 624) at batch 128, 99.5% at step 598-871 (4 of 5 seeds) against 2236-3120, final
+    # 99.44-99.54%. A CPU step at 512 costs more than 4x one at 128, so there this recipe is the
+    # slower one (99% after 19 s against 10 s). On a GPU a step of this small network should
+    # cost about the same at 512 as at 128 (kernel launches, not arithmetic, bound it): an
+    # expectation that benchmarks/run.py checks by measuring both recipes (sections mnist and
+    # mnist_speedrun).
     config.batch_size = 512
     config.learning_rate = 1e-2
   elif variant == 'lenet5_epoch':
