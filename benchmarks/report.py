@@ -20,7 +20,7 @@ END = '<!-- results:end -->'
 
 def _rate(value: float) -> str:
   """Images/s: whole numbers with separators, three significant digits below 100 (CPU rates)."""
-  return f'{value:,.0f}' if value >= 100 else f'{value:.3g}'
+  return f'{value:,.0f}' if value >= 100 else f'{value:#.3g}'
 
 
 COLUMNS = [

@@ -243,14 +243,14 @@ def test_report_names_the_seeds_that_reached_a_target_and_cpu_float32_throughput
   summary.update(device='cpu (2 cores, x86_64)', mnist_seconds_to_99=27.5,
                  mnist_seconds_to_99_reached='5/5', mnist_seconds_to_99_5=90.8,
                  mnist_seconds_to_99_5_reached='4/5', resnet50_bf16_img_per_s=3.7,
-                 resnet50_bf16_img_per_s_pytorch=0.27, resnet50_f32_img_per_s=3.3,
+                 resnet50_bf16_img_per_s_pytorch=0.27, resnet50_f32_img_per_s=4.0,
                  resnet50_f32_img_per_s_pytorch=4.8)
   (tmp_path / '2026-01-01-cpu.json').write_text(json.dumps(
       {'environment': {'date': '2026-01-01T00:00:00+00:00', 'backend': 'cpu'},
        'summary': summary}))
   row = report.table(str(tmp_path)).splitlines()[-1]
   assert row == ('| 2026-01-01 | cpu (2 cores, x86_64) | 27.50 | 90.80 (4/5 seeds) | - | - | '
-                 '3.3 (f32) | 4.8 (f32) | - | - | - | - | - | - |')
+                 '4.00 (f32) | 4.80 (f32) | - | - | - | - | - | - |')  # Three digits, zeros kept.
 
 
 def test_readme_table_is_generated_from_the_committed_results():
