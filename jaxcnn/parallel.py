@@ -300,8 +300,10 @@ class PmapStrategy(_PerDeviceStrategy):
   def __init__(self, mesh):
     super().__init__(mesh)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    # pmap maps over every local device unless told otherwise; name them for a subset.
-    self._devices = local if len(local) != len(jax.local_devices()) else None
+    # pmap maps over every device unless told otherwise. For a subset it must be given all of
+    # the subset's devices, every process's, in the same order on each: given only its own,
+    # each process maps alone and its collectives never reach the others.
+    self._devices = list(mesh.devices.flat) if mesh.size != jax.device_count() else None
     local_mesh = jax.sharding.Mesh(np.array(local), (DATA_AXIS,))
     self._stacked = NamedSharding(local_mesh, P(DATA_AXIS))
     self._num_local = len(local)

@@ -87,7 +87,8 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     preprocess: Preprocessor, options: StepOptions,
-                    axis_name: str | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
+                    axis_name: str | None = None, unroll_micro_batches: bool | None = None
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch, seed, first_example=0) -> (new_state, metrics)`.
 
   The step draws its augmentation, mixing and dropout keys from (seed, state.step), takes gradients
@@ -96,11 +97,15 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   (shard_map, pmap): gradients and metrics are averaged across that mapped axis. A step whose loss
   or gradient is not finite leaves the state as it was and reports its number as `nonfinite_step`,
   so a diverged run never holds, nor saves, a NaN state.
+
+  The micro-batches run one after another in a `lax.scan`, or unrolled where
+  `unroll_micro_batches` (default: on the CPU backend only); both compute the same step.
   """
   num_micro = options.grad_accum_steps
-  # XLA:CPU runs a rolled loop's body several times slower than the same code unrolled (as for
-  # `steps_per_call`); accelerators keep the loop, which holds one micro-batch's activations.
-  unroll_micro_batches = jax.default_backend() == 'cpu'
+  if unroll_micro_batches is None:
+    # XLA:CPU runs a rolled loop's body several times slower than the same code unrolled (as for
+    # `steps_per_call`); accelerators keep the loop, which holds one micro-batch's activations.
+    unroll_micro_batches = jax.default_backend() == 'cpu'
 
   def micro_step(params, model_state, inputs, targets, labels, model_key, mix_key):
     """Loss and gradient of one (micro-)batch of preprocessed inputs; returns the updated

@@ -216,8 +216,10 @@ def run_two_processes(tmp_path, workdir, flags, body):
     # of the global batch, which must be the same examples however many processes read them.
     ('jit', {'data_placement': 'stream', 'grad_accum_steps': 2, 'augment.mixup_alpha': 0.4}),
     # One device of each process: the mesh must hold devices of both (the first two listed are
-    # process 0's, and process 1 then had nothing to feed while process 0 waited for it).
-    ('jit', {'num_devices': 2}),
+    # process 0's, and process 1 then had nothing to feed while process 0 waited for it), and
+    # pmap must be given both, or each process maps over its own device alone and its
+    # collectives never reach the other (both trained on the same half of every batch).
+    ('jit', {'num_devices': 2}), ('shard_map', {'num_devices': 2}), ('pmap', {'num_devices': 2}),
 ])
 def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy,
                                                                 overrides):

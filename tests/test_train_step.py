@@ -21,13 +21,14 @@ PREPROCESS = Preprocessor(mean=(100.0,), std=(80.0,))
 
 
 def setup(model_name='bn_cnn', seed=0, learning_rate=3e-3, preprocess=PREPROCESS,
-          dtype='float32', tx=None, **options):
+          dtype='float32', tx=None, unroll_micro_batches=None, **options):
   model = models.create_model(model_name, num_classes=10, input_shape=(28, 28, 1), seed=seed,
                               dtype=dtype)
   tx = tx or optax.adam(learning_rate)
   model_def, state = create_train_state(model, tx, ema=options.get('ema_decay', 0) > 0)
   step_options = StepOptions(num_classes=10, **options)
-  jitted = jax.jit(make_train_step(model_def, tx, preprocess, step_options))
+  jitted = jax.jit(make_train_step(model_def, tx, preprocess, step_options,
+                                   unroll_micro_batches=unroll_micro_batches))
   return model_def, state, lambda state, batch: jitted(state, batch, seed)
 
 
@@ -124,7 +125,9 @@ def test_eval_step_sums_only_masked_examples():
   np.testing.assert_allclose(float(sums['loss']), float(head['loss']), rtol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+# Unrolled is the CPU's default; the loop (accelerators' default) is checked here on the CPU.
+@pytest.mark.parametrize('unroll', [True, False], ids=['unrolled', 'loop'])
+def test_gradient_accumulation_equals_one_big_batch(unroll):
   """k micro-batches of B/k examples make the same update as one batch of B (no BatchNorm).
 
   Momentum SGD moves by the gradient's scale, so a sum of micro-batch gradients left undivided
@@ -132,7 +135,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   data = batch(64)
   results = []
   for k in (1, 4):
-    _, state, step = setup(model_name='lenet5', grad_accum_steps=k,
+    _, state, step = setup(model_name='lenet5', grad_accum_steps=k, unroll_micro_batches=unroll,
                            tx=optax.sgd(0.05, momentum=0.9),
                            preprocess=Preprocessor(mean=(100.0,), std=(80.0,), crop_padding=2))
     for _ in range(3):
@@ -143,6 +146,37 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(one_metrics['loss'], four_metrics['loss'], rtol=1e-5)
   np.testing.assert_allclose(one_metrics['grad_norm'], four_metrics['grad_norm'], rtol=1e-5)
+
+
+def test_micro_batches_in_a_loop_make_the_unrolled_step_per_device_too():
+  """The micro-batch loop (accelerators' default) and its unrolled form (the CPU's) make the same
+  step, BatchNorm statistics carried from micro-batch to micro-batch included, also as
+  shard_map's per-device step, whose loop carries values that differ between devices."""
+  mesh = parallel.make_mesh(2)
+  model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1),
+                              axis_name=parallel.DATA_AXIS)
+  tx = optax.sgd(0.05, momentum=0.9)
+  model_def, state = create_train_state(model, tx, ema=True)
+  options = StepOptions(num_classes=10, grad_accum_steps=2, ema_decay=0.9, mixup_alpha=0.4)
+  P = jax.sharding.PartitionSpec
+  results = []
+  for unroll in (True, False):
+    train_step = make_train_step(model_def, tx, PREPROCESS, options,
+                                 axis_name=parallel.DATA_AXIS, unroll_micro_batches=unroll)
+    per_device = lambda state, batch: train_step(  # pylint: disable=cell-var-from-loop
+        state, batch, 0, jax.lax.axis_index(parallel.DATA_AXIS) * 32)
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
+                                 out_specs=P()))
+    new_state = state
+    for _ in range(2):
+      new_state, metrics = step(new_state, batch(64))
+    results.append((new_state, metrics))
+  (unrolled, unrolled_metrics), (loop, loop_metrics) = results
+  assert int(loop.step) == 2
+  for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(loop)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for key in ('loss', 'grad_norm', 'accuracy'):
+    np.testing.assert_allclose(unrolled_metrics[key], loop_metrics[key], rtol=1e-5)
 
 
 def test_label_smoothing_trains_against_smoothed_targets():
