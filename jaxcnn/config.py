@@ -2,8 +2,9 @@
 
 Config files in `configs/` start from `default_config()` and override what they need; the command
 line then overrides single keys (`--config.batch_size=256`). Because configs are loaded with
-`lock_config=True`, a key that is not defined here is an error, and `validate` turns every bad
-value into a one-line `ConfigError` before any work starts.
+`lock_config=True`, a key that is not defined here is an error on the command line, and `validate`
+turns every key a config file adds and every bad value into a one-line `ConfigError` before any
+work starts.
 """
 
 import difflib
@@ -120,10 +121,7 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str
                       prefix: str = '') -> None:
   for key, value in values.items():
     if key not in config:
-      close = difflib.get_close_matches(key, list(config.keys()), n=3)
-      hint = (f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else
-              '; jaxcnn/config.py defines every key')
-      raise ConfigError(f"config file {path!r} has an unknown config key '{prefix}{key}'{hint}")
+      raise _unknown_key(key, config, prefix, f'config file {path!r}')
     default = config.get(key)
     if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
       _update_from_json(default, value, path, f'{prefix}{key}.')
@@ -135,6 +133,30 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str
       except TypeError:
         raise ConfigError(f"config file {path!r} gives config key '{prefix}{key}' the value "
                           f'{value!r}; it takes {type(default).__name__} values') from None
+
+
+def _unknown_key(key: str, defined: ml_collections.ConfigDict, prefix: str,
+                 where: str) -> ConfigError:
+  """The error for `prefix + key`, which `where` sets and `defined` (its level of the defaults)
+  does not define, with the defined keys closest to it."""
+  close = difflib.get_close_matches(key, list(defined.keys()), n=3)
+  hint = (f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else
+          '; jaxcnn/config.py defines every key')
+  return ConfigError(f"{where} has an unknown config key '{prefix}{key}'{hint}")
+
+
+def _check_keys_defined(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
+                        prefix: str = '') -> None:
+  """Refuses keys that `default_config` does not define. `lock_config` refuses them on the
+  command line, but a config file adds keys to its config before it is locked, and a misspelt
+  one would be silently ignored (and recorded in the run's config.json)."""
+  for key, value in config.items():
+    if key not in defaults:
+      raise _unknown_key(key, defaults, prefix, 'the config')
+    if isinstance(value, ml_collections.ConfigDict):
+      default = defaults[key]
+      if isinstance(default, ml_collections.ConfigDict):
+        _check_keys_defined(value, default, f'{prefix}{key}.')
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict, *, num_train_steps: int = 20,
@@ -164,7 +186,9 @@ def unknown_variant(config_file: str, variant: str, known: tuple[str, ...]) -> C
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises a ConfigError naming the first key whose value is not accepted."""
+  """Raises a ConfigError naming the first key that is not defined or whose value is not
+  accepted."""
+  _check_keys_defined(config, default_config())
   _require(config, 'dataset', isinstance(config.dataset, str) and config.dataset,
            "a TFDS dataset name or 'synthetic'")
   if config.image_folder and config.dataset != 'imagefolder':

@@ -77,6 +77,22 @@ def test_a_config_json_with_an_unknown_key_is_refused(tmp_path, text, message):
     config_lib.config_from_json(str(tmp_path / 'config.json'))
 
 
+@pytest.mark.parametrize('line, key, meant', [('config.batch_sise = 64', 'batch_sise', 'batch_size'),
+                                              ('config.augment.flipp = True', 'augment.flipp',
+                                               'augment.flip')])
+def test_a_key_a_config_file_adds_is_refused_before_the_run_starts(line, key, meant, tmp_path):
+  """The command line cannot add keys (configs are locked), but a config file adds them before
+  it is locked: a misspelt one would be ignored, and recorded in the run's config.json."""
+  path = tmp_path / 'typo.py'
+  path.write_text('from jaxcnn.config import default_config\n\n\ndef get_config():\n'
+                  f'  config = default_config()\n  {line}\n  return config\n')
+  config = cli.load_config_file(str(path))
+  with pytest.raises(ConfigError, match=re.escape(
+      f"the config has an unknown config key '{key}'; did you mean '{meant}'")):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_best_metric_follows_eval_split_until_it_is_set():
   config = config_lib.default_config()
   config.eval_split = 'validation'
