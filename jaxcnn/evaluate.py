@@ -1,7 +1,7 @@
 """Evaluates a trained run on its evaluation split.
 
   python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split test]
-                           [--data_dir DIR]
+                           [--data_dir DIR] [--manual_dir DIR]
 
 Rebuilds the run from its `config.json` and `dataset.json`, restores the chosen checkpoint and
 prints the metrics over every example of the split.
@@ -27,6 +27,9 @@ def define_flags() -> None:
                       "'latest', 'best' (by the run's best_metric) or a step number.")
   flags.DEFINE_string('split', None, "Split to evaluate (default: the run's eval_split).")
   flags.DEFINE_string('data_dir', None, "TFDS data_dir to read it from (default: the run's).")
+  flags.DEFINE_string('manual_dir', None,
+                      "Folder of the dataset's downloaded files, to prepare it from where it is "
+                      "not prepared in data_dir (default: the run's).")
 
 
 def main(argv):
@@ -36,6 +39,10 @@ def main(argv):
   config = workdir_lib.read_config(FLAGS.workdir)
   split = FLAGS.split or config.eval_split
   record = workdir_lib.read_dataset(FLAGS.workdir)
+  if pipeline.is_synthetic(record.name) and split not in (config.train_split, config.eval_split):
+    raise UserError(f'{FLAGS.workdir} was trained on {record.name} data, which has two splits: '
+                    f'{config.train_split!r} (its training data) and {config.eval_split!r} (its '
+                    f'evaluation data); --split {split!r} is neither')
   with config.unlocked():
     config.eval_split = split
     if pipeline.is_synthetic(record.name) and config.dataset != pipeline.SYNTHETIC:
@@ -49,7 +56,10 @@ def main(argv):
       config.synthetic_if_unprepared = False
     if FLAGS.data_dir:
       config.data_dir = FLAGS.data_dir
-  data = pipeline.load_data(config, train=False)
+    if FLAGS.manual_dir:
+      config.manual_dir = FLAGS.manual_dir
+  data = pipeline.load_data(config, train=False, flag_prefix='--')
+  workdir_lib.check_same_classes(FLAGS.workdir, data.class_names)
   run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)
   feed.compile(run.state, run.experiment.zero_eval_sums())

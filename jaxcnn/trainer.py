@@ -310,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
   try:
     workdir_lib.make_workdir(workdir)
+    workdir_lib.check_can_hold_run(workdir)
     # From here on a signal asks the run to stop where it can: before training begins, or after
     # a step, with a checkpoint.
     with (_StopRequests() as stop_requests,
@@ -356,6 +357,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   # ---------------------------------------------------------------- Restore
   checkpointer = resources.enter_context(contextlib.closing(make_checkpointer(config, workdir)))
   step = 0
+  if checkpointer.steps() and os.path.isfile(os.path.join(workdir, workdir_lib.DATASET_FILE)):
+    # Before restoring: another number of classes would otherwise be refused as another model.
+    workdir_lib.check_same_classes(workdir, data.class_names)
   restored = checkpointer.restore_latest_good(
       {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
       NamedSharding(strategy.mesh, PartitionSpec()))

@@ -124,13 +124,75 @@ def write_dataset(workdir: str, record: DatasetRecord) -> None:
 
 
 def read_dataset(workdir: str) -> DatasetRecord:
-  """The `DatasetRecord` of a run, or a UserError if it has none."""
+  """The `DatasetRecord` of a run, or a UserError if it has none or it cannot be read."""
   path = os.path.join(workdir, DATASET_FILE)
   if not os.path.isfile(path):
     raise UserError(f'{workdir!r} has no {DATASET_FILE}; was the run started?')
-  with open(path, encoding='utf-8') as f:
-    fields = json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path!r} is not the dataset record of a jaxcnn run: {e}') from None
+  names = [field.name for field in dataclasses.fields(DatasetRecord)]
+  if not (isinstance(fields, dict) and sorted(fields) == sorted(names)):
+    raise UserError(f'{path!r} is not the dataset record of a jaxcnn run: that is a JSON object '
+                    f'of {", ".join(names)}')
   return DatasetRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def check_same_classes(workdir: str, class_names: tuple[str, ...]) -> None:
+  """Refuses data whose classes are not those the run in `workdir` was trained on, in the same
+  order (an image folder's classes are its sorted folder names, so renaming, adding or removing
+  one renumbers the others): the model's outputs would be read as the wrong classes."""
+  recorded = read_dataset(workdir).class_names
+  if tuple(recorded) == tuple(class_names):
+    return
+  def listed(names):
+    return ', '.join(names[:10]) + (f', ... ({len(names)} in all)' if len(names) > 10 else '')
+  raise UserError(f'the classes of the data have changed since the run in {workdir!r} was '
+                  f'trained: it learned {listed(tuple(recorded))}; the data now has '
+                  f'{listed(tuple(class_names))}. Restore the data as it was, or train a new '
+                  '--workdir')
+
+
+def check_can_hold_run(path: str) -> None:
+  """Refuses a workdir that holds a file of a run's name that is not a jaxcnn run's, which the
+  run would overwrite (a new run in a folder of other files, or one with `--workdir` mistyped).
+
+  Files of other names are left alone: a run writes only its own.
+  """
+  def refuse(name, why):
+    raise UserError(f'--workdir {path!r} holds a {name} that is not a jaxcnn run\'s ({why}), '
+                    'which the run would overwrite; give a new or empty folder, or the workdir of '
+                    'a jaxcnn run to resume it')
+
+  config_path = os.path.join(path, CONFIG_FILE)
+  if os.path.isfile(config_path):
+    try:
+      with open(config_path, encoding='utf-8') as f:
+        values = json.load(f)
+    except (OSError, ValueError) as e:
+      refuse(CONFIG_FILE, f'not JSON: {e}')
+    if not (isinstance(values, dict) and {'dataset', 'model', 'batch_size'} <= values.keys()):
+      refuse(CONFIG_FILE, 'no dataset, model and batch_size keys')
+  if os.path.isfile(os.path.join(path, DATASET_FILE)):
+    try:
+      read_dataset(path)
+    except UserError as e:
+      refuse(DATASET_FILE, str(e).split(': ', 1)[-1])
+  metrics_path = os.path.join(path, METRICS_FILE)
+  if os.path.isfile(metrics_path):
+    with open(metrics_path, encoding='utf-8', errors='replace') as f:
+      lines = [line for line in f if line.strip()]
+    for number, line in enumerate(lines, 1):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        if number == len(lines):  # The last line cut short by a kill.
+          continue
+        refuse(METRICS_FILE, f'line {number} is not JSON')
+      if not (isinstance(record, dict) and 'step' in record):
+        refuse(METRICS_FILE, f'line {number} is not a record of a step')
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:

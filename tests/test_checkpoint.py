@@ -23,7 +23,7 @@ from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, Us
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
 
-from conftest import REPO_ROOT, learnable_images, tiny_config
+from conftest import MNIST_MANUAL_DIR, REPO_ROOT, learnable_images, tiny_config
 
 # keras_cnn has dropout and the crop draws random offsets: a resume must reproduce both.
 RUN_FLAGS = ['--config=tests/tiny_config.py:keras_cnn', '--config.augment.crop_padding=2',
@@ -490,6 +490,20 @@ def test_a_run_trained_on_a_synthetic_stand_in_is_evaluated_on_it(mnist_data_dir
   assert 'checkpoint at step 8, synthetic test:' in evaluation.stdout
   accuracy = result['test/accuracy']
   assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 64)}/64)' in evaluation.stdout
+  # Its other split is its training data; any other name is no split of it.
+  command = [sys.executable, '-m', 'jaxcnn.evaluate', f'--workdir={workdir}']
+  train = subprocess.run(command + ['--split=train'], cwd=REPO_ROOT, env=environment(tmp_path),
+                         capture_output=True, text=True, timeout=300, check=False)
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert 'synthetic train:' in train.stdout
+  assert f'/{config.synthetic.num_train})' in train.stdout  # Every training example.
+  validation = subprocess.run(command + ['--split=validation'], cwd=REPO_ROOT,
+                              env=environment(tmp_path), capture_output=True, text=True,
+                              timeout=300, check=False)
+  assert validation.returncode == 2
+  assert validation.stderr == (
+      f"error: {workdir} was trained on synthetic mnist data, which has two splits: 'train' (its "
+      "training data) and 'test' (its evaluation data); --split 'validation' is neither\n")
 
 
 def test_a_run_trained_on_real_data_is_never_evaluated_on_a_synthetic_stand_in(mnist_data_dir,
@@ -497,17 +511,25 @@ def test_a_run_trained_on_real_data_is_never_evaluated_on_a_synthetic_stand_in(m
   """A :smoke config may stand synthetic data in for an unprepared dataset when training, but a
   run that trained on the real data is evaluated on it or not at all."""
   workdir = tmp_path / 'run'
-  trainer.train_and_evaluate(tiny_config(num_train_steps=8, synthetic_if_unprepared=True,
-                                         data_dir=str(mnist_data_dir)), str(workdir))
+  result = trainer.train_and_evaluate(tiny_config(num_train_steps=8, synthetic_if_unprepared=True,
+                                                  data_dir=str(mnist_data_dir)), str(workdir))
   empty = tmp_path / 'empty_tfds'
-  command = [sys.executable, '-m', 'jaxcnn.evaluate', f'--workdir={workdir}']
-  missing = subprocess.run(command + [f'--data_dir={empty}'], cwd=REPO_ROOT,
-                           env=environment(tmp_path), capture_output=True, text=True, timeout=300,
-                           check=False)
+  command = [sys.executable, '-m', 'jaxcnn.evaluate', f'--workdir={workdir}',
+             f'--data_dir={empty}']
+  missing = subprocess.run(command, cwd=REPO_ROOT, env=environment(tmp_path),
+                           capture_output=True, text=True, timeout=300, check=False)
   assert missing.returncode == 2, missing.stderr[-3000:]
   assert missing.stderr.startswith(f"error: dataset 'mnist' is not prepared in {empty}")
+  assert 'point --manual_dir at a folder' in missing.stderr  # evaluate's flag, not train.py's.
   assert 'synthetic' not in missing.stdout + missing.stderr
   assert 'Traceback' not in missing.stderr
+  # Given the files, evaluate prepares the dataset there and evaluates the run on it.
+  prepared = subprocess.run(command + [f'--manual_dir={MNIST_MANUAL_DIR}'], cwd=REPO_ROOT,
+                            env=environment(tmp_path), capture_output=True, text=True,
+                            timeout=600, check=False)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  accuracy = result['test/accuracy']
+  assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 10_000)}/10000)' in prepared.stdout
 
 
 def test_reading_a_checkpoint_with_unreadable_metadata_is_one_user_error(fake_tfds, tmp_path):

@@ -1,6 +1,7 @@
 """The data path: TFDS preparation checks, device-resident splits, augmentation."""
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -78,7 +79,7 @@ def test_offline_never_probes_the_network_and_names_the_flag(tmp_path, monkeypat
   builder = tfds_data.get_builder('mnist', str(tmp_path))
   with pytest.raises(DataError, match=r'not downloaded \(offline\); .* point --manual_dir at'):
     tfds_data.check_can_prepare(builder, str(tmp_path / 'empty'), offline=True,
-                                manual_dir_flag='--manual_dir')
+                                flag_prefix='--')
   assert tfds_data.check_can_prepare(builder, str(MNIST_MANUAL_DIR), offline=True) is True
   # So a :smoke run given the files prepares the real dataset instead of a synthetic stand-in.
   assert pipeline._preparable_offline(builder, str(MNIST_MANUAL_DIR))
@@ -178,6 +179,11 @@ def test_a_slice_of_train_holds_out_a_validation_set(mnist_data_dir, tmp_path, m
   config.eval_split = 'train[:90]%'
   with pytest.raises(ConfigError, match=r"dataset 'mnist/3.0.1' cannot read split "
                                         r"'train\[:90\]%'"):
+    pipeline.load_data(config)
+  config.eval_split = 'train[59000:59000]'  # A spec TFDS reads, of no example at all.
+  with pytest.raises(ConfigError, match=re.escape(
+      "split 'train[59000:59000]' of dataset 'mnist/3.0.1' selects no examples; give a split or "
+      'slice that holds some (examples per split: test 10000, train 60000)')):
     pipeline.load_data(config)
 
 

@@ -1,6 +1,9 @@
 """A folder of the user's own images, prepared through TFDS, with a corrupt file among them."""
 
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from PIL import Image
 
 from jaxcnn import cli, trainer
 from jaxcnn.data import image_folder
-from jaxcnn.errors import ConfigError, DataError
+from jaxcnn.errors import ConfigError, DataError, UserError
 
 from conftest import REPO_ROOT, learnable_images
 
@@ -110,6 +113,22 @@ def test_training_on_an_image_folder(tmp_path, monkeypatch, capfd):
   assert 'preparing image folder' not in output.out
   assert 'unreadable' not in output.err  # Said once, when the folder was prepared.
   np.testing.assert_allclose(again['test/accuracy'], result['test/accuracy'])
+
+  # A class renamed so that it sorts first renumbers the classes: the trained run is neither
+  # resumed nor evaluated on them (it took 'ant' images for its 'cat' output).
+  for split in ('train', 'test'):
+    os.rename(root / split / 'dog', root / split / 'ant')
+  changed = "the classes of the data have changed since the run in '.*run' was trained: it " \
+            'learned cat, dog; the data now has ant, cat'
+  config.num_train_steps = 60
+  with pytest.raises(UserError, match=changed):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  evaluation = subprocess.run(
+      [sys.executable, '-m', 'jaxcnn.evaluate', '--workdir', str(tmp_path / 'run')],
+      cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+      env={**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path / 'cache')})
+  assert evaluation.returncode == 2, evaluation.stderr
+  assert re.fullmatch(f'error: {changed}.*\n', evaluation.stderr), evaluation.stderr
 
 
 def test_rgb_jpegs_are_stored_as_their_own_bytes_and_the_rest_as_rgb(tmp_path, capfd):

@@ -195,6 +195,26 @@ def test_a_workdir_in_use_by_another_run_is_refused(fake_tfds, tmp_path):
   trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))  # Once it is free.
 
 
+@pytest.mark.parametrize('name, text, why', [
+    ('config.json', '{"name": "my project", "version": 2}\n', 'no dataset, model and batch_size keys'),
+    ('config.json', 'learning_rate: 0.1\n', 'not JSON'),
+    ('dataset.json', '{"name": "mnist"}\n', 'that is a JSON object of name, image_shape'),
+    ('metrics.jsonl', 'epoch,loss\n1,0.5\n', 'line 1 is not JSON'),
+    ('metrics.jsonl', '{"epoch": 1, "loss": 0.5}\n', 'line 1 is not a record of a step'),
+])
+def test_a_workdir_with_files_of_a_runs_names_not_a_runs_is_left_untouched(fake_tfds, tmp_path,
+                                                                           name, text, why):
+  """A run would overwrite its config.json and dataset.json and cut its metrics.jsonl: files of
+  those names that a jaxcnn run did not write are the user's, and stop the run."""
+  (tmp_path / 'notes.txt').write_text('mine')
+  (tmp_path / name).write_text(text)
+  with pytest.raises(UserError, match=rf"--workdir '.*' holds a {name} that is not a jaxcnn "
+                                      rf"run's \({why}.*\), which the run would overwrite"):
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(['notes.txt', name])
+  assert (tmp_path / name).read_text() == text
+
+
 def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
   fake_tfds({'train': 16, 'test': 16})
   with pytest.raises(ConfigError, match='batch_size'):

@@ -87,14 +87,15 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
 
   For a model built without its data (throughput benchmarks, `jaxcnn.summary --config`): the
   config's synthetic shape, or the dataset's metadata with `image_size` applied as `load_data`
-  applies it. An image folder is listed and prepared, as training would.
+  applies it. An image folder is listed and prepared, as training would; where none is given,
+  the shape is that of the synthetic stand-in a smoke run trains on.
   """
+  if config.dataset == IMAGE_FOLDER and not config.image_folder:
+    return _folder_stand_in_shape(config), config.synthetic.num_classes
   check_dataset(config)
   if config.dataset == SYNTHETIC:
     return tuple(config.synthetic.image_shape), config.synthetic.num_classes
   if config.dataset == IMAGE_FOLDER:
-    if not config.image_folder:  # A smoke config: load_data's synthetic stand-in.
-      return _folder_stand_in_shape(config), config.synthetic.num_classes
     builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
   else:
     builder = tfds_data.get_builder(config.dataset, config.data_dir)
@@ -102,7 +103,7 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
   return _image_shape(config, info), info.num_classes
 
 
-def load_data(config, train: bool = True) -> Data:
+def load_data(config, train: bool = True, flag_prefix: str = '--config.') -> Data:
   """Prepares (if needed) and loads the config's dataset for training and evaluation.
 
   A device-resident TFDS dataset that an earlier run decoded is read from the decoded cache
@@ -113,15 +114,18 @@ def load_data(config, train: bool = True) -> Data:
 
   In a multi-process run process 0 loads first (preparing and decoding what is needed), then the
   others, which find that work done where the data_dir is shared.
+
+  `flag_prefix` begins the flags that set `data_dir` and `manual_dir` in the command the user
+  ran (`--config.` for train.py, `--` for evaluate), for the messages.
   """
   check_dataset(config)
   if config.dataset == SYNTHETIC:
     return _synthetic(config, tuple(config.synthetic.image_shape), config.synthetic.num_classes,
                       name=SYNTHETIC)
-  return process_0_first(lambda: _load(config, train))
+  return process_0_first(lambda: _load(config, train, flag_prefix))
 
 
-def _load(config, train: bool) -> Data:
+def _load(config, train: bool, flag_prefix: str) -> Data:
   """`load_data` of an image folder or a TFDS dataset."""
   if config.dataset == IMAGE_FOLDER:
     if not config.image_folder:
@@ -142,13 +146,17 @@ def _load(config, train: bool) -> Data:
       print(f'{config.dataset} is not prepared: using synthetic data of its shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, info.num_classes, name=f'synthetic {config.dataset}')
-    builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir)
+    builder = tfds_data.ensure_prepared(config.dataset, config.data_dir, config.manual_dir,
+                                        flag_prefix)
   info = tfds_data.dataset_info(builder)
   _check_splits(config, info)
   splits = _splits_read(config, train)
   if info.split_sizes:  # A slice's spec is checked by TFDS itself (mocked datasets have none).
     for split in splits:
-      tfds_data.split_num_examples(builder, split)
+      if tfds_data.split_num_examples(builder, split) == 0:
+        sizes = ', '.join(f'{name} {size}' for name, size in sorted(info.split_sizes.items()))
+        raise ConfigError(f'split {split!r} of dataset {info.name!r} selects no examples; give '
+                          f'a split or slice that holds some (examples per split: {sizes})')
   shape = _image_shape(config, info)
   placement = _placement(config, info, shape)
   common = _common(info, shape, placement)
@@ -309,13 +317,18 @@ def is_synthetic(dataset_name: str) -> bool:
 
 
 def _synthetic(config, shape, num_classes: int, name: str) -> Data:
+  """Synthetic data of two splits: `train_split` names the training images, and `eval_split`
+  the evaluation images, or the training images again where it names the same split."""
   spec = config.synthetic
   train_images, train_labels = synthetic.synthetic_split(spec.num_train, shape, num_classes, 0)
-  eval_images, eval_labels = synthetic.synthetic_split(spec.num_eval, shape, num_classes, 1)
+  if config.eval_split == config.train_split:
+    eval_images, eval_labels = train_images, train_labels
+  else:
+    eval_images, eval_labels = synthetic.synthetic_split(spec.num_eval, shape, num_classes, 1)
   mean, std = channel_stats(train_images)
   common = dict(name=name, image_shape=tuple(shape), num_classes=num_classes,
                 class_names=tuple(str(i) for i in range(num_classes)),
-                num_train_examples=spec.num_train, num_eval_examples=spec.num_eval,
+                num_train_examples=spec.num_train, num_eval_examples=len(eval_labels),
                 mean=mean, std=std)
   if config.data_placement == 'stream':  # Through Grain, as the dataset it stands in for.
     return Data(**common, placement='stream',

@@ -73,7 +73,7 @@ def main(argv):
     print(f'{builder.info.full_name} is already prepared in {builder.data_dir}')
     return
   offline = tfds_data.check_can_prepare(builder, _MANUAL_DIR.value, offline=_OFFLINE.value,
-                                        manual_dir_flag='--manual_dir')
+                                        flag_prefix='--')
   prepare(name, _DATA_DIR.value, _MANUAL_DIR.value, offline)
 
 

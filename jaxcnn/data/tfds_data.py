@@ -149,10 +149,10 @@ def _hosts_reachable(builder) -> bool:
 
 
 def check_can_prepare(builder, manual_dir: str | None, offline: bool = False,
-                      manual_dir_flag: str = '--config.manual_dir') -> bool:
+                      flag_prefix: str = '--config.') -> bool:
   """Raises a DataError at once if `builder` can be neither taken from manual_dir nor downloaded
-  (with `offline`, if not every file is in manual_dir). `manual_dir_flag` is the flag that sets
-  manual_dir in the command the user ran, for the message.
+  (with `offline`, if not every file is in manual_dir). `flag_prefix` begins the flags of the
+  command the user ran (`--config.manual_dir`, or `--manual_dir`), for the message.
 
   Returns:
     True if every file is in manual_dir, so that preparing needs no network at all.
@@ -167,7 +167,7 @@ def check_can_prepare(builder, manual_dir: str | None, offline: bool = False,
       return True
     raise DataError(
         f'dataset {builder.name!r} must be downloaded by hand into manual_dir {manual_dir} '
-        f'(or set {manual_dir_flag}): '
+        f'(or set {flag_prefix}manual_dir): '
         f'{" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
   if not offline and _hosts_reachable(builder):
     return False
@@ -175,21 +175,24 @@ def check_can_prepare(builder, manual_dir: str | None, offline: bool = False,
   why = 'not downloaded (offline)' if offline else 'cannot be downloaded (no network)'
   raise DataError(
       f'dataset {builder.name!r} is not prepared in {builder.data_dir_root} and {why}; put these '
-      f'files in manual_dir {manual_dir} or point {manual_dir_flag} at a folder holding them: '
+      f'files in manual_dir {manual_dir} or point {flag_prefix}manual_dir at a folder holding '
+      f'them: '
       f'{files}')
 
 
-def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | None = None):
-  """Returns the builder of `name`, preparing the dataset first if it is not prepared yet."""
+def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | None = None,
+                    flag_prefix: str = '--config.'):
+  """Returns the builder of `name`, preparing the dataset first if it is not prepared yet.
+  `flag_prefix` begins the flags of the command the user ran, for the messages."""
   builder = get_builder(name, data_dir)
   if builder.is_prepared():
     return builder
-  offline = check_can_prepare(builder, manual_dir)
+  offline = check_can_prepare(builder, manual_dir, flag_prefix=flag_prefix)
   if importlib.util.find_spec('tensorflow') is None:
     raise DataError(
         f'dataset {name!r} is not prepared in {builder.data_dir_root}, and preparing it needs '
         "TensorFlow (CPU), which is not installed: pip install 'jaxcnn[prepare]', or prepare it "
-        'elsewhere with python -m jaxcnn.data.prepare and point --config.data_dir at it')
+        f'elsewhere with python -m jaxcnn.data.prepare and point {flag_prefix}data_dir at it')
   command = [sys.executable, '-m', 'jaxcnn.data.prepare', name,
              f'--data_dir={builder.data_dir_root}']
   if manual_dir:
