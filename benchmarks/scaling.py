@@ -32,8 +32,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from jaxcnn import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcnn import cli, config as config_lib, parallel  # pylint: disable=g-import-not-at-top
 from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
+from jaxcnn.trainer import check_batch_sizes  # pylint: disable=g-import-not-at-top
 from measure import (  # pylint: disable=g-import-not-at-top
     REPO_ROOT, device_description, measure_throughput)
 
@@ -42,35 +43,74 @@ _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'con
                                           lock_config=True)
 _STRATEGIES = flags.DEFINE_list('strategies', ['jit', 'shard_map', 'pmap'], 'Strategies.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts.')
-_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 64, 'Weak scaling: batch per device.')
-_GLOBAL_BATCH = flags.DEFINE_integer('global_batch', 512, 'Strong scaling: global batch.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Train steps per timed repeat.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats per point; the median is used.')
+_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 64, 'Weak scaling: batch per device.',
+                                         lower_bound=1)
+_GLOBAL_BATCH = flags.DEFINE_integer('global_batch', 512, 'Strong scaling: global batch.',
+                                     lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 20, 'Train steps per timed repeat.', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats per point; the median is used.',
+                                lower_bound=1)
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the JSON here.')
 flags.DEFINE_bool('no_fake_devices', False, 'Use the devices there are, even a single CPU.')
+
+
+def point_config(config, mode: str, strategy: str, num_devices: int, per_device_batch: int,
+                 global_batch: int):
+  """`config` for one point, checked as training checks it, so that a mistake in any point is
+  found before the others are measured."""
+  batch = per_device_batch * num_devices if mode == 'weak' else global_batch
+  point = config.copy_and_resolve_references()
+  with point.unlocked():
+    point.parallel, point.num_devices, point.batch_size = strategy, num_devices, batch
+    # Never evaluated, but checked against the devices all the same: the config's own (MNIST's
+    # 1000, say) need not split over 3 devices.
+    point.eval_batch_size = batch
+  config_lib.validate(point)
+  check_batch_sizes(point, parallel.make_strategy(strategy, num_devices))
+  return point
 
 
 def scaling_runs(config, strategies, device_counts, per_device_batch, global_batch, steps,
                  repeats) -> list[dict]:
   """Measures every (mode, strategy, device count) point; adds speedup and efficiency."""
-  runs = []
-  for mode in ('weak', 'strong'):
-    for strategy in strategies:
-      baseline = None
-      for num_devices in device_counts:
-        batch = per_device_batch * num_devices if mode == 'weak' else global_batch
-        point = config.copy_and_resolve_references()
-        with point.unlocked():
-          point.parallel, point.num_devices, point.batch_size = strategy, num_devices, batch
-        result = measure_throughput(point, steps, repeats)
-        baseline = baseline or result['examples_per_sec']
-        speedup = result['examples_per_sec'] / baseline
-        runs.append({'mode': mode, **result, 'speedup': speedup,
-                     'efficiency': speedup / num_devices * device_counts[0]})
-        print(f'{mode:6s} {strategy:9s} {num_devices} devices, batch {batch:5d}: '
-              f'{result["examples_per_sec"]:10.1f} examples/s, efficiency '
-              f'{runs[-1]["efficiency"]:.2f}', file=sys.stderr, flush=True)
+  points = [(mode, strategy, num_devices,
+             point_config(config, mode, strategy, num_devices, per_device_batch, global_batch))
+            for mode in ('weak', 'strong') for strategy in strategies
+            for num_devices in device_counts]
+  runs, baselines = [], {}
+  for mode, strategy, num_devices, point in points:
+    result = measure_throughput(point, steps, repeats)
+    baseline = baselines.setdefault((mode, strategy), result['examples_per_sec'])
+    speedup = result['examples_per_sec'] / baseline
+    runs.append({'mode': mode, **result, 'speedup': speedup,
+                 'efficiency': speedup / num_devices * device_counts[0]})
+    print(f'{mode:6s} {strategy:9s} {num_devices} devices, batch {point.batch_size:5d}: '
+          f'{result["examples_per_sec"]:10.1f} examples/s, efficiency '
+          f'{runs[-1]["efficiency"]:.2f}', file=sys.stderr, flush=True)
   return runs
+
+
+def parse_arguments(strategies: list[str], values: list[str], global_batch: int) -> list[int]:
+  """Checks --strategies, and returns the --devices values as integers, each of which must split
+  --global_batch evenly."""
+  for strategy in strategies or ['']:
+    if strategy not in parallel.STRATEGIES:
+      raise UserError(f'--strategies takes {",".join(parallel.STRATEGIES)} or some of them; '
+                      f'got {strategy!r}')
+  try:
+    counts = [int(value) for value in values]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise UserError(f'--devices must be positive integers, e.g. 1,2,4,8; got {",".join(values)!r}')
+  available = jax.device_count()
+  if max(counts) > available:
+    raise UserError(f'--devices asks for {max(counts)} devices; this machine has {available}')
+  for count in counts:
+    if global_batch % count:
+      raise UserError(f'--global_batch {global_batch} must be divisible by every count in '
+                      f'--devices, and {count} does not divide it')
+  return counts
 
 
 def table(runs: list[dict]) -> str:
@@ -86,13 +126,10 @@ def table(runs: list[dict]) -> str:
 
 def main(argv):
   del argv
-  counts = [int(n) for n in _DEVICES.value]
-  available = jax.device_count()
-  if max(counts) > available:
-    raise UserError(f'--devices asks for {max(counts)} devices; this machine has {available}')
+  counts = parse_arguments(_STRATEGIES.value, _DEVICES.value, _GLOBAL_BATCH.value)
   runs = scaling_runs(_CONFIG.value, _STRATEGIES.value, counts, _PER_DEVICE_BATCH.value,
                       _GLOBAL_BATCH.value, _STEPS.value, _REPEATS.value)
-  fake = jax.default_backend() == 'cpu' and available > 1
+  fake = jax.default_backend() == 'cpu' and jax.device_count() > 1
   result = {**device_description(), 'fake_cpu_devices': fake,
             'note': ('fake CPU devices share the same cores: these numbers show that the harness '
                      'works, not how jaxcnn scales') if fake else '',

@@ -1,13 +1,15 @@
 """CIFAR-10: He et al.'s ResNet-20, or the airbench-style fast network.
 
-  python train.py --config configs/cifar10.py              # cifar_resnet20, 182 epochs
+  python train.py --config configs/cifar10.py              # cifar_resnet20, 64k steps, 164 epochs
   python train.py --config configs/cifar10.py:airbench     # the fast network, 10 epochs, bf16
   python train.py --config configs/cifar10.py:smoke           # of each, a few steps on a CPU
   python train.py --config configs/cifar10.py:airbench_smoke
 
 ResNet-20 follows He et al. 2016, section 4.2: SGD with momentum 0.9, batch 128, learning rate
-0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all (182 epochs), weight decay 1e-4,
-random crops of 4-pixel padded images and flips. Published: 91.25% test accuracy (8.75% error).
+0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all, weight decay 1e-4, random
+crops of 4-pixel padded images and flips. Published: 91.25% test accuracy (8.75% error). He et al.
+train on 45k images (182 epochs); this config trains on all 50k of `train`, 390 steps an epoch,
+so its 64k steps are about 164 epochs.
 
 The airbench variant trains `airbench` (whitened first layer, no residuals) with label smoothing,
 Nesterov SGD and a one-cycle-like schedule for 10 epochs at batch 1024, in bfloat16. Its reference

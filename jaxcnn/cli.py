@@ -96,24 +96,36 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
         return str(e)
       if unknown:
         return unknown
-  return _first_line(str(error)) or type(error).__name__
+  text = str(error)
+  if 'Traceback (most recent call last)' in text:
+    # config_flags quotes the traceback of what the config file raised: its last line says what.
+    return f'{_first_line(text)} {text.strip().splitlines()[-1]}'
+  return _first_line(text) or type(error).__name__
 
 
 def _check_config_file(argv: Sequence[str], config_flag: str) -> None:
   spec = _config_file_argument(argv, config_flag)
   if spec is None:
     raise UserError(f'--{config_flag} is required, e.g. --{config_flag} configs/mnist.py')
-  if not os.path.isfile(spec.partition(':')[0]):
-    raise UserError(f'config file {spec.partition(":")[0]!r} does not exist')
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path!r} does not exist')
+  if path.endswith('.json') and variant:
+    raise UserError(f"config file {path!r} is a run's config.json, which has no variants; "
+                    f"give it without ':{variant}'")
 
 
 def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
-  """The `path.py[:variant]` given on the command line, else the flag's default (or None)."""
+  """The `path.py[:variant]` given on the command line (the last one, as absl takes the last of
+  a flag given twice), else the flag's default (or None)."""
+  given = None
   for i, arg in enumerate(argv):
     if arg == f'--{config_flag}' and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith(f'--{config_flag}='):
-      return arg.split('=', 1)[1]
+      given = argv[i + 1]
+    elif arg.startswith(f'--{config_flag}='):
+      given = arg.split('=', 1)[1]
+  if given is not None:
+    return given
   flag = flags.FLAGS[config_flag]
   return None if flag.default is None else config_flags.get_config_filename(flag)
 

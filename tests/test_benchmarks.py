@@ -41,6 +41,52 @@ def test_throughput_prints_compile_time_and_rates_as_json():
   assert measured['examples_per_sec'] == pytest.approx(32 * measured['steps_per_sec'])
 
 
+def run_refused(*command, env=None):
+  """Runs a benchmark script that must refuse its arguments; returns its one line of stderr."""
+  result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, check=False, env=env or ONE_DEVICE)
+  assert result.returncode == 2 and not result.stdout, result.stderr[-3000:]
+  assert result.stderr.count('\n') == 1, result.stderr  # Nothing was measured before.
+  return result.stderr
+
+
+@pytest.mark.parametrize('flag', ['--steps=0', '--steps=-5', '--repeats=0'])
+def test_throughput_refuses_a_count_that_is_not_positive(flag):
+  name, value = flag[2:].split('=')
+  assert run_refused('benchmarks/throughput.py', '--config=configs/mnist.py', flag) == (
+      f'error: flag --{name}={value}: {value} is not a positive integer\n')
+
+
+def test_throughput_of_an_image_folder_config_needs_no_folder():
+  # Synthetic images of the stand-in shape a smoke run uses, at the config's image_size.
+  result = run('benchmarks/throughput.py', '--config=configs/imagefolder.py', '--steps=1',
+               '--repeats=1', '--config.image_size=16', '--config.batch_size=4')
+  measured = json.loads(result.stdout)
+  assert measured['dataset'] == 'imagefolder' and measured['image_shape'] == [16, 16, 3]
+
+
+@pytest.mark.parametrize('args, error', [
+    (['--devices=1,2', '--strategies=jit,foo'],
+     "--strategies takes jit,shard_map,pmap or some of them; got 'foo'"),
+    (['--devices=1,3', '--global_batch=64'],
+     '--global_batch 64 must be divisible by every count in --devices, and 3 does not divide it'),
+    (['--devices=1,x'], "--devices must be positive integers, e.g. 1,2,4,8; got '1,x'"),
+    (['--repeats=0'], 'flag --repeats=0: 0 is not a positive integer'),
+])
+def test_scaling_refuses_a_bad_argument_before_measuring_anything(args, error):
+  assert run_refused('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch', '--steps=1',
+                     *args, env={**os.environ, 'XLA_FLAGS': ''}) == f'error: {error}\n'
+
+
+def test_scaling_over_devices_that_do_not_split_the_configs_eval_batch():
+  # configs/mnist.py:lenet5_epoch evaluates in batches of 200, which 3 devices do not split; the
+  # benchmark never evaluates, so that batch is no reason to refuse.
+  result = run('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch', '--devices=1,3',
+               '--strategies=jit', '--per_device_batch=8', '--global_batch=48', '--steps=1',
+               '--repeats=1', env={**os.environ, 'XLA_FLAGS': ''})
+  assert '| strong | jit | 3 | 48 |' in result.stdout
+
+
 def test_scaling_measures_every_strategy_and_device_count(tmp_path):
   output = tmp_path / 'scaling.json'
   result = run('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch',

@@ -57,6 +57,42 @@ def test_unknown_config_variant_is_one_line_error():
   assert result.stderr.count('\n') == 1
 
 
+def test_a_variant_of_a_runs_config_json_is_one_line_error(tmp_path):
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  from jaxcnn import workdir  # pylint: disable=g-import-not-at-top
+  workdir.write_config(str(tmp_path), mnist.get_config('smoke'))
+  result = run_train('--config', f'{tmp_path}/config.json:smoke', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr == (f"error: config file '{tmp_path}/config.json' is a run's config.json, "
+                           "which has no variants; give it without ':smoke'\n")
+  assert not (tmp_path / 'run').exists()
+
+
+def test_the_last_of_two_config_files_is_the_one_checked():
+  # absl takes the last value of a flag given twice, so that is the file that must exist.
+  result = run_train('--config', 'configs/mnist.py:smoke', '--config', 'configs/nope.py')
+  assert result.returncode == 2
+  assert result.stderr == "error: config file 'configs/nope.py' does not exist\n"
+
+
+@pytest.mark.parametrize('body, variant, expected', [
+    ("config.learning_rate = '0.1'\n  return config", '',
+     "TypeError: Could not override field 'learning_rate' (reference). 0.1 is of original type "
+     "<class 'str'> and cannot be casted to type <class 'float'>"),
+    ('return config', ':smoke',
+     'TypeError: get_config() takes 0 positional arguments but 1 was given'),
+])
+def test_what_a_config_file_raised_is_in_the_one_line(body, variant, expected, tmp_path):
+  config_file = tmp_path / 'my_config.py'
+  config_file.write_text('import jaxcnn.config\n\n\ndef get_config():\n'
+                         f'  config = jaxcnn.config.default_config()\n  {body}\n')
+  result = run_train('--config', f'{config_file}{variant}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr == (f'error: flag --config={config_file}{variant}: Error whilst parsing '
+                           f'config file: {expected}\n')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_split_the_dataset_lacks_is_named_before_anything_starts(mnist_data_dir, tmp_path):
   """Not a best_metric error: best_metric follows eval_split."""
   result = run_train('--config', 'configs/mnist.py', '--config.eval_split=validation',

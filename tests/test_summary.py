@@ -76,3 +76,11 @@ def test_model_and_config_model_naming_different_models_is_refused():
     result = run_summary(args[0], '--config', 'configs/mnist.py', *args[1:])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == 'lenet5: input 28,28,1, 10 classes'
+
+
+def test_an_image_folder_config_needs_no_folder():
+  # Only the shape is needed: that of the synthetic stand-in a smoke run uses, at image_size.
+  result = run_summary('--config', 'configs/imagefolder.py', '--config.image_size=48')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == 'cifar_resnet20: input 48,48,3, 10 classes'
+  assert result.stdout.splitlines()[-1] == 'total: 269,722 parameters'
