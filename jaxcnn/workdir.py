@@ -129,14 +129,21 @@ def read_dataset(workdir: str) -> DatasetRecord:
   if not os.path.isfile(path):
     raise UserError(f'{workdir!r} has no {DATASET_FILE}; was the run started?')
   try:
+    return _load_dataset_record(path)
+  except ValueError as e:
+    raise UserError(f'{path!r} is not the dataset record of a jaxcnn run: {e}') from None
+
+
+def _load_dataset_record(path: str) -> DatasetRecord:
+  """The `DatasetRecord` in the file `path`; a ValueError saying why if it holds none."""
+  try:
     with open(path, encoding='utf-8') as f:
       fields = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'{path!r} is not the dataset record of a jaxcnn run: {e}') from None
+  except OSError as e:
+    raise ValueError(e.strerror) from None
   names = [field.name for field in dataclasses.fields(DatasetRecord)]
   if not (isinstance(fields, dict) and sorted(fields) == sorted(names)):
-    raise UserError(f'{path!r} is not the dataset record of a jaxcnn run: that is a JSON object '
-                    f'of {", ".join(names)}')
+    raise ValueError(f'that is a JSON object of {", ".join(names)}')
   return DatasetRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
@@ -147,6 +154,7 @@ def check_same_classes(workdir: str, class_names: tuple[str, ...]) -> None:
   recorded = read_dataset(workdir).class_names
   if tuple(recorded) == tuple(class_names):
     return
+
   def listed(names):
     return ', '.join(names[:10]) + (f', ... ({len(names)} in all)' if len(names) > 10 else '')
   raise UserError(f'the classes of the data have changed since the run in {workdir!r} was '
@@ -177,9 +185,9 @@ def check_can_hold_run(path: str) -> None:
       refuse(CONFIG_FILE, 'no dataset, model and batch_size keys')
   if os.path.isfile(os.path.join(path, DATASET_FILE)):
     try:
-      read_dataset(path)
-    except UserError as e:
-      refuse(DATASET_FILE, str(e).split(': ', 1)[-1])
+      _load_dataset_record(os.path.join(path, DATASET_FILE))
+    except ValueError as e:
+      refuse(DATASET_FILE, str(e))
   metrics_path = os.path.join(path, METRICS_FILE)
   if os.path.isfile(metrics_path):
     with open(metrics_path, encoding='utf-8', errors='replace') as f:

@@ -176,8 +176,7 @@ def check_can_prepare(builder, manual_dir: str | None, offline: bool = False,
   raise DataError(
       f'dataset {builder.name!r} is not prepared in {builder.data_dir_root} and {why}; put these '
       f'files in manual_dir {manual_dir} or point {flag_prefix}manual_dir at a folder holding '
-      f'them: '
-      f'{files}')
+      f'them: {files}')
 
 
 def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | None = None,
