@@ -9,8 +9,8 @@ raw measurement (median, min and max of several repeats) and a flat `summary`. S
 
 * time to accuracy: training seconds (compile and evaluation excluded, as airbench reports them)
   until the full MNIST test set reaches 99.0% and 99.5%, with `configs/mnist.py`, over several seeds
-  (section mnist), and the same for its batch-512 variant `configs/mnist.py:speedrun`, which needs a
-  quarter of the steps (section mnist_speedrun);
+  (section mnist), and the same for its batch-512 variant `configs/mnist.py:speedrun`, which
+  needs a third to a quarter of the steps (section mnist_speedrun);
 * throughput: steady-state training images/s of LeNet-5, CIFAR ResNet-20, the fast CIFAR network
   and ResNet-50 at 224x224, float32 and bfloat16, on synthetic data in device memory, for jaxcnn
   and for the PyTorch reference of `benchmarks/torch_reference.py` (channels_last, bf16 autocast,
