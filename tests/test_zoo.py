@@ -208,6 +208,7 @@ def test_vgg_pool_keeps_odd_rows_like_ceil_mode(shape):
 # User models: `package.module:ClassName`.
 
 USER_MODULE = '''
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -232,6 +233,20 @@ class WrongOutput(Net):
 
   def __init__(self, *, num_classes, rngs):
     super().__init__(num_classes=num_classes + 1, rngs=rngs)
+
+
+class IntegerOutput(Net):
+  """Returns integer logits, which have no gradient."""
+
+  def __call__(self, x):
+    return super().__call__(x).astype(jnp.int32)
+
+
+class TwoOutputs(Net):
+  """Returns logits and features."""
+
+  def __call__(self, x):
+    return super().__call__(x), x
 
 
 class NotAModule:
@@ -292,6 +307,17 @@ def test_a_model_must_return_one_logit_per_class(user_module):
   with pytest.raises(ConfigError, match=r"model 'mymod:WrongOutput' returns outputs of shape "
                                         r'\(2, 6\) .* \(2, 5\)'):
     models.create_model('mymod:WrongOutput', num_classes=5, input_shape=(2, 2, 1))
+
+
+@pytest.mark.parametrize('name, message', [
+    ('mymod:IntegerOutput', r"model 'mymod:IntegerOutput' returns logits of dtype int32; they "
+                            r'must be floating point'),
+    ('mymod:TwoOutputs', r"model 'mymod:TwoOutputs' returns a tuple; it must return one array "
+                         r'of logits'),
+])
+def test_a_model_must_return_one_floating_array_of_logits(user_module, name, message):
+  with pytest.raises(ConfigError, match=message):
+    models.create_model(name, num_classes=5, input_shape=(2, 2, 1))
 
 
 # airbench's whitening initialisation.

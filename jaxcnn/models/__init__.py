@@ -139,6 +139,13 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
     else:
       reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
     raise ImagesTooSmall(name, input_shape, reason) from None
+  if not isinstance(logits, jax.ShapeDtypeStruct):  # A tuple or dict of outputs, say.
+    raise ConfigError(f'model {name!r} returns a {type(logits).__name__}; it must return one '
+                      f'array of logits of shape (batch, num_classes)')
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    # Integer outputs have no gradient: the run would train nothing.
+    raise ConfigError(f'model {name!r} returns logits of dtype {logits.dtype}; they must be '
+                      'floating point (float32 or bfloat16)')
   if tuple(logits.shape) != (2, num_classes):
     raise ConfigError(f'model {name!r} returns outputs of shape {tuple(logits.shape)} for a batch '
                       f'of 2 images; it must return logits of shape (batch, num_classes) = '
