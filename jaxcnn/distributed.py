@@ -15,6 +15,8 @@ import jax
 from jaxcnn.errors import ConfigError
 
 DEFAULT_JOIN_TIMEOUT_S = 300  # JAX's own default.
+# JAX takes its deadline as a 32-bit number of seconds; a week is more than any cluster waits.
+MAX_JOIN_TIMEOUT_S = 7 * 24 * 3600
 # JAX's own deadline, set this much later than ours: when it passes first, JAX ends the process
 # with a C++ abort and a stack trace.
 _JAX_DEADLINE_MARGIN_S = 60
@@ -39,8 +41,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   A process that is still waiting for the others after `join_timeout_s` seconds ends with a
   one-line error and exit status 2.
   """
-  if join_timeout_s < 1:
-    raise ConfigError(f'--join_timeout must be a positive number of seconds, got {join_timeout_s}')
+  if not 1 <= join_timeout_s <= MAX_JOIN_TIMEOUT_S:
+    raise ConfigError(f'--join_timeout must be a number of seconds from 1 to '
+                      f'{MAX_JOIN_TIMEOUT_S} (a week), got {join_timeout_s}')
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}
   if any(value is not None for value in given.values()):
@@ -48,6 +51,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if missing:
       raise ConfigError(f'a multi-process run needs --coordinator_address, --num_processes and '
                         f'--process_id; missing {", ".join(missing)}')
+    if num_processes < 1:
+      raise ConfigError(f'--num_processes must be a positive number of processes, got '
+                        f'{num_processes}')
     if not 0 <= process_id < num_processes:
       raise ConfigError(f'--process_id ({process_id}) must be in [0, --num_processes '
                         f'({num_processes}))')

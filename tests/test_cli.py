@@ -1,9 +1,13 @@
 """`python train.py`: a user's mistake is one line on stderr, exit status 2, and no traceback."""
 
+import re
 import subprocess
 import sys
 
 import pytest
+
+from jaxcnn import distributed
+from jaxcnn.errors import ConfigError
 
 from conftest import LAUNCH_ATTEMPTS, REPO_ROOT, coordinator_port_was_taken, free_port
 
@@ -125,7 +129,22 @@ def test_a_process_whose_peer_never_joins_gives_up_in_one_line(tmp_path, process
   assert not (tmp_path / 'run').exists()
   result = run_train('--config', 'configs/mnist.py', '--join_timeout=0')
   assert result.returncode == 2
-  assert result.stderr == 'error: --join_timeout must be a positive number of seconds, got 0\n'
+  assert result.stderr == ('error: --join_timeout must be a number of seconds from 1 to 604800 '
+                           '(a week), got 0\n')
+
+
+@pytest.mark.parametrize('arguments, message', [
+    ({'num_processes': 0, 'process_id': 0},
+     '--num_processes must be a positive number of processes, got 0'),
+    ({'num_processes': -2, 'process_id': 0},
+     '--num_processes must be a positive number of processes, got -2'),
+    ({'num_processes': 2, 'process_id': 0, 'join_timeout_s': 3_000_000_000},
+     '--join_timeout must be a number of seconds from 1 to 604800 (a week), got 3000000000'),
+])
+def test_multi_process_flags_out_of_range_are_named(arguments, message):
+  """Refused before JAX is asked to join (a timeout past 2**31 s was a TypeError from JAX)."""
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    distributed.initialize(coordinator_address='localhost:1', **arguments)
 
 
 def test_a_coordinator_address_without_a_port_is_a_one_line_error(tmp_path):
