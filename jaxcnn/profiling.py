@@ -28,6 +28,7 @@ class ProfileWindow:
                     else os.path.join(workdir, f'profile_process_{jax.process_index()}'))
     self.start_step, self.num_steps, self.report = start_step, num_steps, report
     self.first_step: int | None = None  # The first traced step, while tracing.
+    self.last_step: int | None = None  # The last step of the calls traced so far.
     self.done = num_steps == 0
 
   def before_call(self, step: int) -> None:
@@ -39,23 +40,25 @@ class ProfileWindow:
   def after_call(self, step: int, state) -> float:
     """Called after dispatching the call that ends at `step`; ends the trace once it holds
     `num_steps` steps, and returns the seconds spent writing it (not training)."""
-    if self.first_step is None or step - self.first_step < self.num_steps:
+    if self.first_step is None:
+      return 0.0
+    self.last_step = step
+    if step - self.first_step < self.num_steps:
       return 0.0
     jax.block_until_ready(state)  # The trace is to hold the device's work, not just its dispatch.
     start = time.perf_counter()
-    first_step = self.first_step
     self._stop()
-    self.report(f'profiled steps {first_step + 1} to {step} into {self.log_dir}/plugins/profile '
-                f'(tensorboard --logdir {self.log_dir}, Profile tab)')
     return time.perf_counter() - start
 
-  def _stop(self) -> None:
+  def _stop(self, why: str = '') -> None:
     jax.profiler.stop_trace()
+    self.report(f'profiled steps {self.first_step + 1} to {self.last_step}{why} into '
+                f'{self.log_dir}/plugins/profile (tensorboard --logdir {self.log_dir}, Profile tab)')
     self.first_step, self.done = None, True
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc) -> None:
-    if self.first_step is not None:
-      self._stop()
+    if self.first_step is not None:  # The run ended (or stopped) inside the window.
+      self._stop(f' (the run ended before {self.num_steps} steps)')

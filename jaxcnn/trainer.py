@@ -430,6 +430,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   window_seconds, window_step = 0.0, step  # Training time and first step of the log window.
   num_saves = 0
 
+  if config.profile_steps and config.profile_start_step >= total_steps and is_chief:
+    print(f'warning: profile_start_step={config.profile_start_step} is not before the last step '
+          f'({total_steps}): no steps will be profiled; lower profile_start_step',
+          file=sys.stderr, flush=True)
   profile = profiling.ProfileWindow(workdir, start_step=config.profile_start_step,
                                     num_steps=config.profile_steps, report=progress.message)
   with profile:

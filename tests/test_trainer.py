@@ -248,6 +248,17 @@ def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfd
   assert profiled['test/loss'] == plain['test/loss']
 
 
+def test_a_profile_window_the_run_does_not_fill_is_said(fake_tfds, tmp_path, capsys):
+  config = tiny_config(profile_start_step=20, profile_steps=10)  # A run of 24 steps.
+  trainer.train_and_evaluate(config, str(tmp_path / 'cut'))
+  assert 'profiled steps 21 to 24 (the run ended before 10 steps) into ' in capsys.readouterr().out
+  config.profile_start_step = 24
+  trainer.train_and_evaluate(config, str(tmp_path / 'past'))
+  assert ('warning: profile_start_step=24 is not before the last step (24): no steps will be '
+          'profiled; lower profile_start_step') in capsys.readouterr().err
+  assert not (tmp_path / 'past' / 'plugins').exists()
+
+
 def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(fake_tfds,
                                                                             tmp_path):
   """A run killed before it saved anything left metrics behind; run again, it starts from step
