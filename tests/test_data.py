@@ -91,6 +91,25 @@ def test_unknown_dataset_is_a_config_error(fake_tfds):  # Unknown splits: tests/
     tfds_data.get_builder('mnist_v9')
 
 
+@pytest.mark.parametrize('name, reason', [
+    ('mnist:9.9.9', 'Dataset mnist cannot be loaded at version 9.9.9, only: 3.0.1'),
+    ('mnist/3.0.1', 'BuilderConfig 3.0.1 not found'),
+    ('mnist:', 'Parsing builder name string mnist: failed'),
+])
+def test_a_known_dataset_with_a_version_or_config_it_lacks_is_a_config_error(tmp_path, name,
+                                                                             reason):
+  with pytest.raises(ConfigError, match=re.escape(f'dataset {name!r} cannot be built: {reason}')):
+    tfds_data.get_builder(name, str(tmp_path))
+  assert tfds_data.get_builder('mnist:3.0.1', str(tmp_path)).name == 'mnist'
+
+
+def test_a_dataset_without_images_and_labels_is_named_as_such(tmp_path):
+  builder = tfds_data.get_builder('celeb_a', str(tmp_path))  # Images, but attributes, no label.
+  with pytest.raises(DataError, match="dataset 'celeb_a' is not an image-classification "
+                                      "dataset: it has no 'image' and 'label' features"):
+    tfds_data.dataset_info(builder)
+
+
 def test_input_spec_is_the_shape_training_sees_without_reading_images(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_data, 'read_split', lambda *a, **k: pytest.fail('images were read'))
   data_dir = str(tmp_path)  # Nothing is prepared there: metadata alone gives the answers.

@@ -120,6 +120,11 @@ def get_builder(name: str, data_dir: str | None = None):
     default_tempdir, tempfile.tempdir = tempfile.tempdir, scratch
     try:
       return tfds.builder(name, data_dir=data_dir)
+    except (AssertionError, ValueError) as e:  # An unknown version or config of a known dataset.
+      # TFDS's first sentence says what, after the arguments it was given.
+      reason = ' '.join(str(e).split()).split('}": ')[-1].split('. ')[0].rstrip('.')
+      raise ConfigError(f'dataset {name!r} cannot be built: {reason}; give the dataset by name '
+                        '(e.g. mnist) or as name:version (e.g. mnist:3.0.1)') from None
     finally:
       tempfile.tempdir = default_tempdir
 
@@ -240,6 +245,10 @@ def dataset_info(builder) -> DatasetInfo:
   """Reads image shape, classes and split sizes from the builder's `DatasetInfo`."""
   info = builder.info
   image_key, label_key = info.supervised_keys or ('image', 'label')
+  if image_key not in info.features or label_key not in info.features:
+    raise DataError(f'dataset {builder.name!r} is not an image-classification dataset: it has no '
+                    f'{image_key!r} and {label_key!r} features (it has: '
+                    f'{", ".join(info.features)})')
   image_feature = info.features[image_key]
   label_feature = info.features[label_key]
   shape = tuple(image_feature.shape)
