@@ -52,8 +52,10 @@ class ProfileWindow:
 
   def _stop(self, why: str = '') -> None:
     jax.profiler.stop_trace()
-    self.report(f'profiled steps {self.first_step + 1} to {self.last_step}{why} into '
-                f'{self.log_dir}/plugins/profile (tensorboard --logdir {self.log_dir}, Profile tab)')
+    if self.last_step is not None:  # None: the run stopped inside the window's first call.
+      self.report(f'profiled steps {self.first_step + 1} to {self.last_step}{why} into '
+                  f'{self.log_dir}/plugins/profile (tensorboard --logdir {self.log_dir}, '
+                  'Profile tab)')
     self.first_step, self.done = None, True
 
   def __enter__(self):

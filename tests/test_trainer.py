@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
-from jaxcnn import trainer
+from jaxcnn import profiling, trainer
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.metrics import read_metrics
@@ -257,6 +257,17 @@ def test_a_profile_window_the_run_does_not_fill_is_said(fake_tfds, tmp_path, cap
   assert ('warning: profile_start_step=24 is not before the last step (24): no steps will be '
           'profiled; lower profile_start_step') in capsys.readouterr().err
   assert not (tmp_path / 'past' / 'plugins').exists()
+
+
+def test_a_profile_window_stopped_inside_its_first_call_reports_no_steps(tmp_path):
+  reports = []
+  window = profiling.ProfileWindow(str(tmp_path), start_step=0, num_steps=5,
+                                   report=reports.append)
+  with pytest.raises(KeyboardInterrupt), window:
+    window.before_call(0)  # The trace starts; the call is interrupted before it returns.
+    raise KeyboardInterrupt
+  assert not reports  # Not 'profiled steps 1 to None'.
+  assert window.done and window.first_step is None  # The trace was stopped all the same.
 
 
 def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(fake_tfds,
