@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from jaxcnn.errors import UserError
+
 
 def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
   """Writes `path` through `write(file)` so that readers see either no file or the whole file.
@@ -46,3 +48,17 @@ def load_arrays(path: str) -> dict[str, np.ndarray] | None:
     with contextlib.suppress(OSError):
       os.remove(path)
     return None
+
+
+def make_writable_folder(path: str, flag: str) -> None:
+  """Creates the folder `path` if needed, or raises a UserError naming `flag` (the command-line
+  flag that gave it, e.g. '--workdir') and saying why it cannot hold what is to be written."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise UserError(f'{flag} {path!r} is not a folder: it, or a folder above it, is a file; '
+                    'give a new or existing folder') from None
+  except OSError as e:
+    raise UserError(f'{flag} {path!r} cannot be created: {e.strerror}') from None
+  if not os.access(path, os.W_OK):
+    raise UserError(f'{flag} {path!r} is not writable')

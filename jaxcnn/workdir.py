@@ -85,15 +85,7 @@ def remove_if_empty(path: str) -> None:
 
 def make_workdir(path: str) -> None:
   """Creates the workdir `path` if needed, or raises a UserError saying why it cannot be one."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except (FileExistsError, NotADirectoryError):
-    raise UserError(f'--workdir {path!r} is not a folder: it, or a folder above it, is a file; '
-                    'give a new or existing folder') from None
-  except OSError as e:
-    raise UserError(f'--workdir {path!r} cannot be created: {e.strerror}') from None
-  if not os.access(path, os.W_OK):
-    raise UserError(f'--workdir {path!r} is not writable')
+  files.make_writable_folder(path, '--workdir')
 
 
 def _write_atomically(path: str, text: str) -> None:

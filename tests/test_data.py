@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcnn.data import augment, decoded_index, device_data, pipeline, tfds_data
-from jaxcnn.errors import ConfigError, DataError
+from jaxcnn.errors import ConfigError, DataError, UserError
 
 from conftest import MNIST_MANUAL_DIR, REPO_ROOT, tiny_config
 
@@ -49,6 +49,23 @@ def test_a_wrong_file_in_manual_dir_is_a_one_line_error_naming_it(tmp_path, capf
       f"{wrong} is not the file dataset 'mnist' is made from: it has 1000 bytes where the "
       'official file has ')
   assert 'Traceback' not in capfd.readouterr().err
+
+
+def test_a_data_dir_that_cannot_be_a_folder_is_named_before_preparing(tmp_path, monkeypatch):
+  """Found by jaxcnn, in one line, not by the TensorFlow child's traceback from os.makedirs."""
+  monkeypatch.setattr(tfds_data, '_run_keeping_error_line',
+                      lambda command: pytest.fail(f'started {command}'))
+  (tmp_path / 'a_file').write_text('')
+  message = "{}data_dir '{}' is not a folder: it, or a folder above it, is a file"
+  with pytest.raises(UserError, match=re.escape(message.format('--config.', tmp_path / 'a_file'))):
+    tfds_data.ensure_prepared('mnist', str(tmp_path / 'a_file'), str(MNIST_MANUAL_DIR))
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxcnn.data.prepare', 'mnist', f'--data_dir={tmp_path}/a_file/tfds',
+       f'--manual_dir={MNIST_MANUAL_DIR}'], cwd=REPO_ROOT, capture_output=True, text=True,
+      check=False)
+  assert (result.returncode, result.stderr) == (
+      2, f"error: {message.format('--', tmp_path / 'a_file' / 'tfds')}; give a new or existing "
+      'folder\n')
 
 
 def test_the_prepare_child_error_line_is_kept_and_the_rest_passed_through_as_it_comes(capfd):

@@ -61,6 +61,89 @@ def test_a_folder_without_the_layout_is_a_config_error(tmp_path):
     image_folder.list_folder(str(tmp_path / 'missing'))
 
 
+def test_layout_mistakes_are_named_and_hidden_folders_and_subfolders_are_handled(tmp_path):
+  root = tmp_path / 'images'
+  make_folder(root, {'train': 8, 'test': 4})
+  # Tools' hidden folders are neither splits nor classes.
+  (root / '.ipynb_checkpoints' / 'cat').mkdir(parents=True)
+  (root / 'train' / '.ipynb_checkpoints').mkdir()
+  # A class's images may be sorted into subfolders of its folder.
+  nested = root / 'train' / 'dog' / '2024' / 'march'
+  nested.mkdir(parents=True)
+  Image.new('RGB', (24, 24)).save(nested / 'deep.png')
+  listed = image_folder.list_folder(str(root))
+  assert listed.class_names == ('cat', 'dog') and sorted(listed.splits) == ['test', 'train']
+  assert image_folder.split_folders(str(root)) == ['test', 'train']
+  assert (str(nested / 'deep.png'), 1) in listed.splits['train']
+
+  (root / 'test' / 'bird').mkdir()  # A class with no image anywhere: an output never trained.
+  with pytest.raises(DataError, match="has class folders with no image in any split: bird; "):
+    image_folder.list_folder(str(root))
+
+  # image_folder pointed at a split folder: its class folders look like splits without classes.
+  with pytest.raises(ConfigError, match="its folders cat, dog hold images themselves, as class "
+                                        'folders do: point image_folder at a folder holding '
+                                        'split folders'):
+    image_folder.list_folder(str(root / 'test'))
+
+
+def test_the_check_names_loose_images_and_missing_classes_and_skips_broken_links(tmp_path,
+                                                                                  capfd):
+  root = tmp_path / 'images'
+  for split, classes in (('train', ('cat', 'dog')), ('test', ('cat',))):
+    for name in classes:
+      (root / split / name).mkdir(parents=True)
+      Image.new('RGB', (20, 30)).save(root / split / name / 'a.png')
+  Image.new('L', (20, 30)).save(root / 'train' / 'loose.png')
+  os.symlink(tmp_path / 'moved_away.jpg', root / 'train' / 'cat' / 'link.jpg')
+  listed = image_folder.list_folder(str(root))
+  assert listed.fingerprint()  # A broken link does not stop the listing.
+  checked = image_folder.without_unreadable(listed)
+  err = capfd.readouterr().err
+  assert (f'warning: leaving out the images directly in {root}/train, outside any class folder '
+          f'(1, e.g. {root}/train/loose.png)') in err
+  assert f'warning: skipping unreadable image {root}/train/cat/link.jpg: FileNotFoundError' in err
+  assert ("warning: image folder split 'test' has no readable images of classes dog, which "
+          'other splits have') in err
+  assert checked.unreadable == (str(root / 'train' / 'cat' / 'link.jpg'),)
+  assert checked.image_size == (30, 20)  # (height, width) when every image has it.
+  Image.new('RGB', (21, 30)).save(root / 'train' / 'dog' / 'b.png')
+  assert image_folder.without_unreadable(image_folder.list_folder(str(root))).image_size is None
+
+
+def test_images_of_one_size_train_at_their_size_and_a_split_without_images_is_named(tmp_path):
+  from jaxcnn.data import pipeline
+  root = tmp_path / 'images'
+  pixels = np.random.default_rng(0).integers(0, 256, (18, 26, 3), np.uint8)
+  for split in ('train', 'test'):
+    (root / split / 'cat').mkdir(parents=True)
+    Image.fromarray(pixels).save(root / split / 'cat' / 'photo.jpg', quality=90)  # Own bytes.
+    Image.fromarray(pixels[..., 0]).save(root / split / 'cat' / 'grey.png')  # Made RGB.
+  (root / 'val' / 'cat').mkdir(parents=True)
+  (root / 'val' / 'cat' / 'broken.png').write_bytes(b'\x89PNG')
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/imagefolder.py')
+  config.image_folder, config.data_dir, config.image_size = str(root), str(tmp_path / 'tfds'), 0
+  assert pipeline.input_spec(config) == ((18, 26, 3), 1)  # Not 'varied sizes'.
+  builder = image_folder.ensure_prepared(str(root), config.data_dir)
+  source = builder.as_data_source(split='test')
+  assert {source[i]['image'].shape for i in range(2)} == {(18, 26, 3)}
+  # 'val' holds only an unreadable image: named as such, whether or not the folder was prepared.
+  config.eval_split = 'val'
+  message = f"image folder split '{root}/val' has no readable image in a class folder"
+  with pytest.raises(DataError, match=re.escape(message)):
+    pipeline.input_spec(config)
+  (root / 'val' / 'cat' / 'broken.png').unlink()
+  (root / 'val' / 'cat' / 'notes.txt').write_text('not an image')
+  with pytest.raises(DataError, match=re.escape(message)):
+    pipeline.load_data(config)
+  # data_dir is checked before anything is prepared in it.
+  (tmp_path / 'a_file').write_text('')
+  config.eval_split, config.data_dir = 'test', str(tmp_path / 'a_file')
+  with pytest.raises(UserError, match="--config.data_dir '.*a_file' is not a folder: it, or a "
+                                      'folder above it, is a file'):
+    pipeline.load_data(config)
+
+
 def test_a_missing_split_folder_is_named_before_the_folder_is_read(tmp_path, monkeypatch):
   from jaxcnn.data import pipeline
   make_folder(tmp_path / 'images', {'train': 4, 'val': 2})

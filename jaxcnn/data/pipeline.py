@@ -96,7 +96,8 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
   if config.dataset == SYNTHETIC:
     return tuple(config.synthetic.image_shape), config.synthetic.num_classes
   if config.dataset == IMAGE_FOLDER:
-    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
+    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir,
+                                           splits=(config.train_split, config.eval_split))
   else:
     builder = tfds_data.get_builder(config.dataset, config.data_dir)
   info = tfds_data.dataset_info(builder)
@@ -133,7 +134,8 @@ def _load(config, train: bool, flag_prefix: str) -> Data:
       print(f'no image_folder given: using synthetic data of shape {shape} '
             '(synthetic_if_unprepared)', flush=True)
       return _synthetic(config, shape, config.synthetic.num_classes, name='synthetic imagefolder')
-    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir)
+    builder = image_folder.ensure_prepared(config.image_folder, config.data_dir,
+                                           _splits_read(config, train), flag_prefix)
   else:
     recorded = _read_recorded(config, train)
     if recorded is not None:

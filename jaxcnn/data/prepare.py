@@ -19,7 +19,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from jaxcnn import cli  # pylint: disable=g-import-not-at-top
+from jaxcnn import cli, files  # pylint: disable=g-import-not-at-top
 from jaxcnn.data import tfds_data  # pylint: disable=g-import-not-at-top
 from jaxcnn.errors import DataError  # pylint: disable=g-import-not-at-top
 
@@ -74,6 +74,7 @@ def main(argv):
     return
   offline = tfds_data.check_can_prepare(builder, _MANUAL_DIR.value, offline=_OFFLINE.value,
                                         flag_prefix='--')
+  files.make_writable_folder(os.fspath(builder.data_dir_root), '--data_dir')
   prepare(name, _DATA_DIR.value, _MANUAL_DIR.value, offline)
 
 

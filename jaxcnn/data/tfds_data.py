@@ -197,6 +197,7 @@ def ensure_prepared(name: str, data_dir: str | None = None, manual_dir: str | No
         f'dataset {name!r} is not prepared in {builder.data_dir_root}, and preparing it needs '
         "TensorFlow (CPU), which is not installed: pip install 'jaxcnn[prepare]', or prepare it "
         f'elsewhere with python -m jaxcnn.data.prepare and point {flag_prefix}data_dir at it')
+  files.make_writable_folder(os.fspath(builder.data_dir_root), f'{flag_prefix}data_dir')
   command = [sys.executable, '-m', 'jaxcnn.data.prepare', name,
              f'--data_dir={builder.data_dir_root}']
   if manual_dir:
