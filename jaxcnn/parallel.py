@@ -168,10 +168,17 @@ class JitStrategy(Strategy):
   name = 'jit'
   axis_name = None
 
+  def _jit(self, fn: Callable, **options) -> Callable:
+    """`jax.jit` of `fn`, whose outputs (the state, the metric sums) are replicated over the mesh,
+    as its inputs are: left to XLA, an output could come back sharded, and the next call, compiled
+    ahead of time for replicated arguments, would refuse it; the donated buffers would not be
+    reused either."""
+    return jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()), **options)
+
   def train_fn(self, train_step, batch_size):
     batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,))
+    @functools.partial(self._jit, donate_argnums=(0, 1), static_argnums=(6,))
     def train_steps(state, sums, seed, split, permutation, first_batch, num_steps):
       def one_step(carry, i):
         state, sums = carry
@@ -187,7 +194,7 @@ class JitStrategy(Strategy):
   def eval_fn(self, eval_step, batch_size):
     batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
+    @functools.partial(self._jit, donate_argnums=(1,))
     def eval_batch(state, sums, split, batch_index):
       batch, mask = device_data.eval_batch(split, batch_index * batch_size, batch_size)
       batch, mask = jax.lax.with_sharding_constraint((batch, mask), batch_sharding)
@@ -196,14 +203,14 @@ class JitStrategy(Strategy):
     return eval_batch
 
   def stream_train_fn(self, train_step):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(self._jit, donate_argnums=(0, 1))
     def train_one(state, sums, seed, batch):
       state, metrics = train_step(state, batch, seed)
       return state, accumulate(sums, metrics)
     return train_one
 
   def stream_eval_fn(self, eval_step):
-    @functools.partial(jax.jit, donate_argnums=(1,))
+    @functools.partial(self._jit, donate_argnums=(1,))
     def eval_one(state, sums, batch):
       return _add(sums, eval_step(state, batch, batch['mask']))
     return eval_one

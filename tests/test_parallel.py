@@ -139,6 +139,9 @@ def test_jit_over_a_mesh_exchanges_only_reductions_between_devices(model):
   collectives = re.findall(r'\b(all-gather|all-to-all|collective-permute|reduce-scatter|'
                            r'all-reduce)(?:-start)?\(', compiled.as_text())
   assert set(collectives) == {'all-reduce'}, collectives
+  # The state and the sums come back replicated, as the next call was compiled to take them.
+  assert all(sharding.is_fully_replicated
+             for sharding in jax.tree.leaves(compiled.output_shardings))
 
 
 def test_a_mesh_over_some_devices_takes_as_many_from_every_process():
