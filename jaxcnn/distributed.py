@@ -6,7 +6,9 @@ cluster's environment (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS), as
 `jax.distributed.initialize()` does. This must run before anything touches a JAX device.
 """
 
+import errno
 import os
+import socket
 import sys
 import threading
 
@@ -61,6 +63,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not (host and port.isdigit() and 0 < int(port) < 65536):
       raise ConfigError(f'--coordinator_address {coordinator_address!r} must be HOST:PORT, the '
                         'address of process 0 and a free port on it, e.g. node0:12355')
+    _check_host_resolves(coordinator_address, host)
+    if process_id == 0:  # JAX starts its coordinator there, even for a run of one process.
+      _check_port_is_free(coordinator_address, int(port))
     if num_processes > 1:
       print(f'process {process_id} of {num_processes}: joining the run at {coordinator_address} '
             f'(waiting up to {join_timeout_s} s for every process to join; --join_timeout)',
@@ -69,6 +74,56 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           num_processes=num_processes, process_id=process_id)
   elif _cluster_environment():
     _join(join_timeout_s)
+
+
+def _check_host_resolves(address: str, host: str) -> None:
+  """Raises ConfigError if `host` (of `address`, HOST:PORT; an IPv6 host may be in brackets)
+  does not resolve: JAX would only say so when the join timeout passed."""
+  name = host[1:-1] if host.startswith('[') and host.endswith(']') else host
+  try:
+    socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+  except (socket.gaierror, UnicodeError) as e:
+    reason = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
+    raise ConfigError(f'--coordinator_address {address!r}: host {name!r} does not resolve '
+                      f"({reason}); give the name or IP address of process 0's host") from None
+
+
+def _check_port_is_free(address: str, port: int) -> None:
+  """Raises ConfigError if another program listens on `port` here, where process 0's
+  coordinator is to listen: JAX's coordinator, failing to, crashes the process (a segfault and
+  pages of log). Another program may still take the port between this check and JAX's."""
+  if 'JAX_COORDINATOR_BIND_ADDRESS' in os.environ:
+    return  # JAX listens where that says, not on the port of `address`.
+  # JAX's coordinator (jax/_src/distributed.py, `coordinator_bind_address`) listens on
+  # '[::]:PORT', every interface, so a program on any of them takes the port from it: the probe
+  # listens on the wildcard address of IPv4 and of IPv6 (where the host has it), and closes at
+  # once. SO_REUSEADDR as gRPC sets it, so that a recent run's connections left in TIME_WAIT on
+  # the port are no conflict; no SO_REUSEPORT, which would share the port with a listener.
+  families = [(socket.AF_INET, '0.0.0.0')]
+  if socket.has_ipv6:
+    families.append((socket.AF_INET6, '::'))
+  for family, wildcard in families:
+    try:
+      probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # This host has no such family (IPv6 turned off); JAX cannot listen on it either.
+    with probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      if family == socket.AF_INET6:  # Only IPv6 here: IPv4 was probed on its own.
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+      try:
+        probe.bind((wildcard, port))
+        probe.listen()
+      except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+          raise ConfigError(f'--coordinator_address {address!r}: port {port} is already in use '
+                            "on this host (process 0's coordinator listens on it); choose a free "
+                            'port') from None
+        if e.errno == errno.EACCES:
+          raise ConfigError(f'--coordinator_address {address!r}: port {port} may not be '
+                            "listened on by this user (process 0's coordinator listens on it); "
+                            'choose a free port above 1023') from None
+        # Anything else (no IPv6 address configured, ...) is for JAX to meet and report.
 
 
 def _join(timeout_s: int, **arguments) -> None:

@@ -10,6 +10,7 @@ steps, and the data position to store in a checkpoint. An eval feed runs a whole
 """
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Generator
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxcnn import xla_options
-from jaxcnn.data.pipeline import Data, default_data_workers
+from jaxcnn.data.pipeline import Data, default_data_workers, usable_cpu_cores
 from jaxcnn.errors import ConfigError
 
 _PREFETCH = 2
@@ -290,10 +291,12 @@ def make_train_feed(config, experiment, data: Data):
                                   flip=config.augment.flip,
                                   inception_crop=config.augment.inception_crop)
 
+  workers = _workers(config)  # Now, not at each (re)start of the stream: it may warn.
+
   def make_batches(start_batch: int):
     return streaming.train_batches(data.train, augment=augment,
                                    batch_size=config.batch_size // jax.process_count(),
-                                   seed=config.seed, worker_count=_workers(config),
+                                   seed=config.seed, worker_count=workers,
                                    start_batch=start_batch, image_key=data.image_key,
                                    label_key=data.label_key)
 
@@ -309,5 +312,23 @@ def make_eval_feed(config, experiment, data: Data):
                         batch_size=config.eval_batch_size, worker_count=_workers(config))
 
 
+# Whether this process has warned of more data workers than cores: once, not once per feed.
+_warned_of_workers = False
+
+
 def _workers(config) -> int:
-  return config.data_workers if config.data_workers >= 0 else default_data_workers()
+  """The Grain worker processes of a streamed feed: `data_workers`, or the default for -1.
+
+  A number above the cores this process may use is still obeyed (a config from a bigger machine
+  must still run), with a warning: every worker is a Python process with its own memory.
+  """
+  global _warned_of_workers
+  if config.data_workers < 0:
+    return default_data_workers()
+  cores = usable_cpu_cores()
+  if config.data_workers > cores and not _warned_of_workers:
+    _warned_of_workers = True
+    print(f'warning: data_workers={config.data_workers} is more than the {cores} CPU cores this '
+          'process may use; each data worker is a process of its own, so more workers than '
+          'cores add memory, not speed', file=sys.stderr, flush=True)
+  return config.data_workers

@@ -123,6 +123,8 @@ def free_port() -> int:
 
 def coordinator_port_was_taken(stderr: str, port: int) -> bool:
   """Whether a process 0's `stderr` says its coordinator could not listen on `port` because
-  another program had taken it: gRPC logs this line, then the process crashes (seen by holding
-  the port while starting the processes)."""
-  return re.search(rf"Failed to add port to server: .* for '.*:{port}'", stderr) is not None
+  another program had taken it: mostly jaxcnn's one line, from its check before joining; or, when
+  the port was taken after that check, gRPC's log line before the process crashes (seen by
+  holding the port while starting the processes without the check)."""
+  return (f'port {port} is already in use on this host' in stderr or
+          re.search(rf"Failed to add port to server: .* for '.*:{port}'", stderr) is not None)

@@ -1,6 +1,7 @@
 """`python train.py`: a user's mistake is one line on stderr, exit status 2, and no traceback."""
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -153,3 +154,61 @@ def test_a_coordinator_address_without_a_port_is_a_one_line_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr == ("error: --coordinator_address 'localhost' must be HOST:PORT, the "
                            'address of process 0 and a free port on it, e.g. node0:12355\n')
+
+
+def test_process_0_on_a_port_another_program_holds_is_a_one_line_error(tmp_path):
+  """Refused before joining: JAX's coordinator, failing to listen, crashed the process."""
+  with socket.socket() as holder:  # Another program, listening on the port.
+    holder.bind(('localhost', 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    result = run_train('--config', 'configs/mnist.py', f'--coordinator_address=localhost:{port}',
+                       '--num_processes=2', '--process_id=0', '--join_timeout=60',
+                       f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr == (f"error: --coordinator_address 'localhost:{port}': port {port} is "
+                           "already in use on this host (process 0's coordinator listens on it); "
+                           'choose a free port\n')
+  assert result.stdout == ''  # Not even "joining the run".
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_coordinator_host_that_does_not_resolve_is_a_one_line_error_at_once(tmp_path):
+  """Not after --join_timeout: a name that does not resolve will not resolve by waiting."""
+  result = run_train('--config', 'configs/mnist.py',
+                     '--coordinator_address=nosuchhost.invalid:1234', '--num_processes=2',
+                     '--process_id=1', '--join_timeout=60', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2, result.stderr[-3000:]
+  # The resolver's reason depends on the host ("Name or service not known", ...).
+  assert re.fullmatch(r"error: --coordinator_address 'nosuchhost\.invalid:1234': host "
+                      r"'nosuchhost\.invalid' does not resolve \([^()\n]+\); give the name or IP "
+                      r"address of process 0's host\n", result.stderr), result.stderr[-3000:]
+  assert result.stdout == ''
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.fixture
+def no_joining(monkeypatch):
+  """Fails a test that would join a run in the test's own process."""
+  def join(*unused_args, **unused_kwargs):
+    raise AssertionError('jax.distributed was asked to join')
+  monkeypatch.setattr(distributed, '_join', join)
+
+
+@pytest.mark.parametrize('process_id', [0, 1])
+def test_every_process_resolves_the_coordinator_host_first(no_joining, process_id):
+  with pytest.raises(ConfigError, match=r"host 'nosuchhost\.invalid' does not resolve \("):
+    distributed.initialize(coordinator_address='nosuchhost.invalid:1234', num_processes=2,
+                           process_id=process_id)
+
+
+def test_a_bracketed_ipv6_coordinator_host_resolves(no_joining):
+  """'[::1]' is the host ::1: it resolves (numeric, so even without IPv6), and process 0 then
+  finds the port taken (on IPv4: the coordinator listens on every interface)."""
+  with socket.socket() as holder:
+    holder.bind(('127.0.0.1', 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    with pytest.raises(ConfigError, match=re.escape(
+        f"--coordinator_address '[::1]:{port}': port {port} is already in use on this host")):
+      distributed.initialize(coordinator_address=f'[::1]:{port}', num_processes=2, process_id=0)

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import threading
+import types
 
 import jax
 import numpy as np
@@ -79,6 +80,55 @@ def test_a_streamed_run_is_the_same_for_any_worker_count(fake_tfds, tmp_path):
                          if 'train/loss' in r]
   assert len(losses('workers')) == 4
   assert losses('halves') == losses('workers')
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+  """A process that may use 2 CPU cores, and has not warned of its data workers yet."""
+  monkeypatch.setattr(feeds, 'usable_cpu_cores', lambda: 2)
+  monkeypatch.setattr(feeds, '_warned_of_workers', False)
+
+
+def streamed_feeds(config, monkeypatch):
+  """The train and eval feeds of `config`, and the worker count each would start Grain with
+  (none is started: the train stream is only made, with Grain's function replaced)."""
+  data = pipeline.load_data(config)
+  experiment = types.SimpleNamespace(strategy=parallel.make_strategy('jit', 1), train_fn=None,
+                                     eval_fn=None, steps_per_epoch=1)
+  train_feed = feeds.make_train_feed(config, experiment, data)
+  eval_feed = feeds.make_eval_feed(config, experiment, data)
+  monkeypatch.setattr(streaming, 'train_batches', lambda *unused, worker_count, **kw: worker_count)
+  return train_feed._make_batches(0), eval_feed._workers  # pylint: disable=protected-access
+
+
+WORKERS_WARNING = ('warning: data_workers=5 is more than the 2 CPU cores this process may use; '
+                   'each data worker is a process of its own, so more workers than cores add '
+                   'memory, not speed\n')
+
+
+def test_more_data_workers_than_cores_are_started_with_one_warning(fake_tfds, two_cores,
+                                                                   monkeypatch, capsys):
+  """Obeyed (a config from a bigger machine must still run), with one warning for both feeds."""
+  assert streamed_feeds(stream_config(data_workers=5), monkeypatch) == (5, 5)
+  assert capsys.readouterr().err == WORKERS_WARNING
+  assert streamed_feeds(stream_config(data_workers=5), monkeypatch) == (5, 5)
+  assert capsys.readouterr().err == ''  # Once a process.
+
+
+@pytest.mark.parametrize('workers', [0, 2, -1])
+def test_no_more_data_workers_than_cores_is_no_warning(fake_tfds, two_cores, monkeypatch,
+                                                       capsys, workers):
+  expected = 0 if workers == -1 else workers  # The default: none when the CPU trains.
+  assert streamed_feeds(stream_config(data_workers=workers), monkeypatch) == (expected, expected)
+  assert capsys.readouterr().err == ''
+
+
+def test_the_default_data_workers_are_the_cores_this_process_may_use(monkeypatch):
+  """Its CPU affinity (taskset, a cgroup), not every core of the machine."""
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: {0, 1, 2}, raising=False)
+  monkeypatch.setattr(pipeline.os, 'cpu_count', lambda: 64)
+  monkeypatch.setattr(pipeline.jax, 'default_backend', lambda: 'gpu')
+  assert pipeline.default_data_workers() == 3
 
 
 def numbered_source(num_examples):
