@@ -6,8 +6,6 @@ its dataset nor compiles its steps again.
 
 import os
 
-import jax
-
 
 def cache_dir() -> str:
   """$JAXCNN_CACHE_DIR, else ~/.cache/jaxcnn."""
@@ -24,6 +22,8 @@ def enable_compilation_cache() -> None:
   """Turns on JAX's persistent compilation cache in `cache_dir()/xla`, unless one is set already
   (e.g. with $JAX_COMPILATION_CACHE_DIR), and has it keep programs that took 0.1 s or more to
   compile, unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
+  # Imported here: the TensorFlow process that prepares datasets reads `cache_dir` without jax.
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.config.jax_compilation_cache_dir is None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir(), 'xla'))
   # Also where the folder was chosen elsewhere: with JAX's 1 s, a LeNet-5 epoch on 2 cores

@@ -261,7 +261,8 @@ class Checkpointer:
     return dict(restored['meta'])
 
   def check_compatible(self, step: int, template) -> None:
-    """Raises a ConfigError naming the first array whose shape differs from `template`'s.
+    """Raises a ConfigError naming the first array whose shape differs from `template`'s, or a
+    CheckpointError if the checkpoint's metadata cannot be read (a damaged checkpoint).
 
     Parameters are compared first, so the message names the layer that changed rather than its
     optimizer moments.

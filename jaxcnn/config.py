@@ -15,10 +15,9 @@ import numbers
 import ml_collections
 from ml_collections import config_dict
 
-from jaxcnn import models, optim
+from jaxcnn import models, optim, parallel
 from jaxcnn.errors import ConfigError
 
-PARALLEL_STRATEGIES = ('jit', 'shard_map', 'pmap')
 PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
 
 
@@ -35,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.image_size = 0  # Train at this size (square); 0: the dataset's own (fixed) size.
   config.data_placement = 'auto'  # 'device' (in device memory), 'stream' (Grain) or 'auto'.
-  # Grain worker processes when streaming; -1: one per CPU core (none when training on the CPU).
+  # Grain worker processes when streaming; -1: one per usable CPU core, at most 16 (none when
+  # training on the CPU).
   config.data_workers = -1
   config.synthetic = ml_collections.ConfigDict()  # For dataset='synthetic'.
   config.synthetic.image_shape = (32, 32, 3)
@@ -190,7 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   accepted."""
   _check_keys_defined(config, default_config())
   _require(config, 'dataset', isinstance(config.dataset, str) and config.dataset,
-           "a TFDS dataset name or 'synthetic'")
+           "a TFDS dataset name, 'imagefolder' or 'synthetic'")
   if config.image_folder and config.dataset != 'imagefolder':
     raise ConfigError(f"config key 'image_folder' is read only with --config.dataset=imagefolder; "
                       f'this config trains on {config.dataset!r}')
@@ -198,7 +198,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'lr_schedule', optim.SCHEDULES)
-  _choice(config, 'parallel', PARALLEL_STRATEGIES)
+  _choice(config, 'parallel', tuple(parallel.STRATEGIES))
   for key in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
               'grad_accum_steps'):
     _positive_int(config, key)

@@ -31,7 +31,8 @@ class TrainingDiverged(JaxcnnError):
 
 
 class TrainingInterrupted(JaxcnnError):
-  """SIGTERM or SIGINT stopped the run after saving a checkpoint; exit status 128 + signal."""
+  """SIGTERM or SIGINT stopped the run (with a checkpoint, once training had begun); exit status
+  128 + signal."""
   label = 'stopped'
 
   def __init__(self, message: str, signal_number: int):

@@ -1,7 +1,7 @@
 """How batches reach the compiled step: gathered on the device, or streamed from the host.
 
-A train feed hands the trainer the compiled function to run, its arguments for the next chunk of
-steps, and the data position to store in a checkpoint. An eval feed runs a whole evaluation.
+A train feed hands the trainer the jitted function to compile and run, its arguments for the next
+call of several steps, and the data position to store in a checkpoint. An eval feed runs a whole evaluation.
 
 * `DeviceTrainFeed`: the split lives in device memory; each epoch's permutation is drawn on the
   device and the compiled function gathers its batches, several steps per call.
@@ -37,7 +37,7 @@ class DeviceTrainFeed:
     self._permutation, self._permutation_epoch = None, None
 
   def max_steps(self, step: int) -> int:
-    """Steps a call may run from `step`: a chunk never crosses into the next epoch."""
+    """Steps a call may run from `step`: a call never crosses into the next epoch."""
     return self.steps_per_epoch - step % self.steps_per_epoch
 
   def static(self, num_steps: int) -> tuple:
@@ -233,9 +233,6 @@ class DeviceEvalFeed:
       sums = self._compiled(state, sums, self.split, self.strategy.scalar(batch_index))
     return sums
 
-  def close(self) -> None:
-    pass
-
 
 class StreamEvalFeed:
   """Evaluation over a streamed split: this process's examples in order, padded and masked."""
@@ -273,9 +270,6 @@ class StreamEvalFeed:
     for batch in self._batches():
       sums = self._compiled(state, sums, self.strategy.put_batch(batch))
     return sums
-
-  def close(self) -> None:
-    pass
 
 
 def make_train_feed(config, experiment, data: Data):

@@ -36,6 +36,11 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
     raise
 
 
+def write_text_atomically(path: str, text: str) -> None:
+  """`write_atomically` of `text`, in UTF-8."""
+  write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+
+
 def load_arrays(path: str) -> dict[str, np.ndarray] | None:
   """The arrays of the .npz cache file `path`, or None where it cannot be read: the damaged file
   is then removed, with a warning, so that the data is decoded and cached afresh."""

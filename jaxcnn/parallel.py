@@ -70,6 +70,14 @@ def _add(sums, values):
   return jax.tree.map(jnp.add, sums, values)
 
 
+def _stream_eval(eval_step):
+  """`(state, sums, batch) -> sums` of a streamed batch, whose `mask` marks its real examples
+  (the same program on the global batch under jit, or on each device's part of it)."""
+  def eval_one(state, sums, batch):
+    return _add(sums, eval_step(state, batch, batch['mask']))
+  return eval_one
+
+
 def _run_steps(one_step, carry, num_steps: int):
   """Runs `one_step(carry, i)` for i in [0, num_steps): unrolled once, or as a `lax.scan`."""
   if num_steps == 1:
@@ -210,10 +218,7 @@ class JitStrategy(Strategy):
     return train_one
 
   def stream_eval_fn(self, eval_step):
-    @functools.partial(self._jit, donate_argnums=(1,))
-    def eval_one(state, sums, batch):
-      return _add(sums, eval_step(state, batch, batch['mask']))
-    return eval_one
+    return self._jit(_stream_eval(eval_step), donate_argnums=(1,))
 
 
 class _PerDeviceStrategy(Strategy):
@@ -252,12 +257,6 @@ class _PerDeviceStrategy(Strategy):
       return state, accumulate(sums, metrics)
     return train_one
 
-  @staticmethod
-  def _per_device_stream_eval(eval_step):
-    def eval_one(state, sums, batch):
-      return _add(sums, eval_step(state, batch, batch['mask']))
-    return eval_one
-
 
 class ShardMapStrategy(_PerDeviceStrategy):
   """`jax.shard_map` over the mesh: explicit per-device code with `lax.pmean`."""
@@ -291,7 +290,7 @@ class ShardMapStrategy(_PerDeviceStrategy):
                    donate_argnums=(0, 1))
 
   def stream_eval_fn(self, eval_step):
-    return jax.jit(self._map_batch(self._per_device_stream_eval(eval_step), 3),
+    return jax.jit(self._map_batch(_stream_eval(eval_step), 3),
                    donate_argnums=(1,))
 
 
@@ -374,7 +373,7 @@ class PmapStrategy(_PerDeviceStrategy):
                     in_axes=(0, 0, None, 0), donate_argnums=(0, 1), devices=self._devices)
 
   def stream_eval_fn(self, eval_step):
-    return jax.pmap(self._per_device_stream_eval(eval_step), axis_name=DATA_AXIS,
+    return jax.pmap(_stream_eval(eval_step), axis_name=DATA_AXIS,
                     donate_argnums=(1,), devices=self._devices)
 
 

@@ -43,7 +43,7 @@ TIMED_PHASES = ('compile', 'train', 'eval', 'checkpoint', 'data')
 _WHITENING_IMAGES = 5000
 
 
-def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """The number of optimizer steps of the run: `num_train_steps`, or `num_epochs` of steps."""
   if config.num_train_steps > 0:
     return config.num_train_steps
@@ -135,7 +135,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "
                       f'{num_train_examples} training examples')
-  total_steps = train_steps(config, steps_per_epoch)
+  total_steps = total_train_steps(config, steps_per_epoch)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
                               dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name)
   # shard_map checks that the statistics it returns are synchronised even on one device.
@@ -396,7 +396,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   compiled_train: dict[int, Callable] = {}
 
   def compiled_train_fn(num_steps: int, args) -> Callable:
-    """Compiles one variant per chunk length ahead of time: compiling never counts as training."""
+    """Compiles one variant per call length ahead of time: compiling never counts as training."""
     if num_steps not in compiled_train:
       # The steps already dispatched run on while this compiles: they are training time.
       jax.block_until_ready(args[0])

@@ -1,7 +1,7 @@
 """A run's directory: its resolved config, its dataset record and its metrics.
 
   <workdir>/config.json       the config the run was started with
-  <workdir>/dataset.json      image shape, classes, split sizes and normalisation statistics
+  <workdir>/dataset.json      name, image shape, classes, training-set size, normalisation stats
   <workdir>/metrics.jsonl     one JSON record per logged step (see jaxcnn.metrics)
   <workdir>/events.out.*      TensorBoard event files
   <workdir>/checkpoints/      Orbax checkpoints (see jaxcnn.checkpoint)
@@ -88,14 +88,10 @@ def make_workdir(path: str) -> None:
   files.make_writable_folder(path, '--workdir')
 
 
-def _write_atomically(path: str, text: str) -> None:
-  files.write_atomically(path, lambda f: f.write(text.encode('utf-8')))
-
-
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the run's resolved config as `config.json` (read back by `read_config`)."""
-  _write_atomically(os.path.join(workdir, CONFIG_FILE),
-                    config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  files.write_text_atomically(os.path.join(workdir, CONFIG_FILE),
+                              config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -111,8 +107,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def write_dataset(workdir: str, record: DatasetRecord) -> None:
   """Records what the run was trained on as `dataset.json` (read back by `read_dataset`)."""
-  _write_atomically(os.path.join(workdir, DATASET_FILE),
-                    json.dumps(dataclasses.asdict(record), indent=2) + '\n')
+  files.write_text_atomically(os.path.join(workdir, DATASET_FILE),
+                              json.dumps(dataclasses.asdict(record), indent=2) + '\n')
 
 
 def read_dataset(workdir: str) -> DatasetRecord:
@@ -214,4 +210,4 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     if all(key == 'step' or key.startswith('time/') for key in record):
       continue  # An earlier process's end-of-run times: the resumed run writes the run's own.
     kept.append(line)
-  _write_atomically(path, ''.join(kept))
+  files.write_text_atomically(path, ''.join(kept))

@@ -83,7 +83,6 @@ def record(name: str, data_dir: str | None, *, info: dict, prepared_dir: str,
   text = json.dumps({'version': _VERSION, 'info': info, 'prepared_dir': prepared_dir,
                      'dataset_info_digest': digest, 'split_files': split_files})
   try:
-    files.write_atomically(_index_path(name, data_dir, cache_dir),
-                           lambda f: f.write(text.encode('utf-8')))
+    files.write_text_atomically(_index_path(name, data_dir, cache_dir), text)
   except OSError:
     pass  # Unrecorded, the next run only takes the TFDS path again.

@@ -22,7 +22,8 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def resize_and_center_crop(image: np.ndarray, height: int, width: int,
                            crop_fraction: float = 0.875) -> np.ndarray:
-  """The standard evaluation transform: resize the shorter side to size / 0.875, crop the centre.
+  """The standard evaluation transform: resize the shorter side to the larger target side /
+  `crop_fraction` (0.875, as ImageNet evaluation does), and crop the centre.
 
   Images already of the target size are returned as they are.
   """

@@ -296,8 +296,8 @@ def read_split(builder, split: str, image_shape=None,
                       '--config.image_size to the size to train at')
   check_split(info, split)
   # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
-  cache_path = (_cache_path(builder, split, image_shape, cache_dir or caches.cache_dir())
-                if info.split_sizes else None)
+  cache_path = (split_cache_file(builder, split, image_shape, cache_dir) if info.split_sizes
+                else None)
   arrays = files.load_arrays(cache_path) if cache_path and os.path.isfile(cache_path) else None
   if arrays is not None:
     return arrays['images'], arrays['labels']
