@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxcnn import config as config_lib, parallel, xla_options
 from jaxcnn.data import device_data, pipeline
+from jaxcnn.errors import UserError
 from jaxcnn.trainer import build_experiment, default_steps_per_call
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,16 @@ def dataset_shape(config) -> tuple[tuple[int, ...], int]:
   return pipeline.input_spec(config)
 
 
+def training_only(config):
+  """A copy of `config` whose evaluation batch is its training batch: the benchmarks never
+  evaluate, so the config's own (MNIST's 1000, say) is no reason to refuse a device count that
+  does not split it."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.eval_batch_size = config.batch_size
+  return config
+
+
 def build_synthetic_experiment(config, image_shape, num_classes: int, num_train_examples: int,
                                strategy):
   """`trainer.build_experiment` for synthetic uint8 data: the real model, optimizer and step."""
@@ -53,11 +64,25 @@ def measure_throughput(config, steps: int, repeats: int, image_shape=None,
   """Compile time and steady-state steps/s of `config`'s train function on synthetic data.
 
   `image_shape` and `num_classes` default to those of `config.dataset` from its TFDS metadata.
+  A batch that does not fit in device memory is a UserError naming it, not XLA's traceback.
   """
+  config = training_only(config)
   config_lib.validate(config)
   if image_shape is None or num_classes is None:
     image_shape, num_classes = dataset_shape(config)
   strategy = parallel.make_strategy(config.parallel, config.num_devices)
+  try:
+    return _measure(config, strategy, steps, repeats, tuple(image_shape), num_classes)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    raise UserError(f'{config.model} at a global batch of {config.batch_size} on '
+                    f'{strategy.num_devices} {jax.default_backend()} device(s) does not fit in '
+                    'device memory (RESOURCE_EXHAUSTED); measure a smaller batch') from None
+
+
+def _measure(config, strategy, steps: int, repeats: int, image_shape, num_classes: int) -> dict:
+  """`measure_throughput` of a checked config."""
   steps_per_call = (config.steps_per_call if config.steps_per_call > 0
                     else default_steps_per_call(jax.default_backend()))
   steps = max(steps // steps_per_call, 1) * steps_per_call

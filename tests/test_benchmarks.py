@@ -50,6 +50,31 @@ def run_refused(*command, env=None):
   return result.stderr
 
 
+def test_throughput_ignores_an_eval_batch_it_never_uses():
+  # configs/mnist.py:lenet5_epoch evaluates in batches of 200, which 3 devices do not split.
+  result = run('benchmarks/throughput.py', '--config=configs/mnist.py:lenet5_epoch', '--steps=1',
+               '--repeats=1', '--config.batch_size=48', '--config.num_devices=3',
+               env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=3'})
+  measured = json.loads(result.stdout)
+  assert (measured['num_devices'], measured['batch_size']) == (3, 48)
+
+
+def test_a_batch_too_large_for_device_memory_is_a_one_line_error(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import measure  # pylint: disable=g-import-not-at-top
+  from jaxcnn import cli  # pylint: disable=g-import-not-at-top
+  from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  def exhausted(*unused_args):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9.1GiB')
+  monkeypatch.setattr(measure, '_measure', exhausted)
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/mnist.py:lenet5_epoch')
+  with pytest.raises(UserError, match=r'^lenet5 at a global batch of 128 on \d+ cpu device\(s\) '
+                                      r'does not fit in device memory \(RESOURCE_EXHAUSTED\); '
+                                      'measure a smaller batch$'):
+    measure.measure_throughput(config, 1, 1, image_shape=(28, 28, 1), num_classes=10)
+
+
 @pytest.mark.parametrize('flag', ['--steps=0', '--steps=-5', '--repeats=0'])
 def test_throughput_refuses_a_count_that_is_not_positive(flag):
   name, value = flag[2:].split('=')
@@ -72,6 +97,9 @@ def test_throughput_of_an_image_folder_config_needs_no_folder():
      '--global_batch 64 must be divisible by every count in --devices, and 3 does not divide it'),
     (['--devices=1,x'], "--devices must be positive integers, e.g. 1,2,4,8; got '1,x'"),
     (['--repeats=0'], 'flag --repeats=0: 0 is not a positive integer'),
+    (['--devices=1,2', '--per_device_batch=33', '--config.grad_accum_steps=2'],
+     "weak scaling of jit on 1 devices, batch 33 from --per_device_batch 33 x 1 devices: config "
+     "key 'batch_size' (33) must be divisible by 'grad_accum_steps' (2)"),
 ])
 def test_scaling_refuses_a_bad_argument_before_measuring_anything(args, error):
   assert run_refused('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch', '--steps=1',
@@ -89,8 +117,9 @@ def test_scaling_over_devices_that_do_not_split_the_configs_eval_batch():
 
 def test_scaling_measures_every_strategy_and_device_count(tmp_path):
   output = tmp_path / 'scaling.json'
+  # Given in any order, the counts are measured from the fewest, the baseline.
   result = run('benchmarks/scaling.py', '--config=configs/mnist.py:lenet5_epoch',
-               '--strategies=jit,shard_map,pmap', '--devices=1,2', '--per_device_batch=16',
+               '--strategies=jit,shard_map,pmap', '--devices=2,1', '--per_device_batch=16',
                '--global_batch=32', '--steps=2', '--repeats=1', f'--output={output}',
                env={**os.environ, 'XLA_FLAGS': ''})
   measured = json.loads(output.read_text())
@@ -100,8 +129,16 @@ def test_scaling_measures_every_strategy_and_device_count(tmp_path):
   for strategy in ('jit', 'shard_map', 'pmap'):
     assert points[('weak', strategy, 2)]['batch_size'] == 32
     assert points[('strong', strategy, 2)]['batch_size'] == 32
-    assert points[('weak', strategy, 1)]['efficiency'] == pytest.approx(1.0)
-  assert '| weak | jit | 2 | 32 |' in result.stdout  # The Markdown table.
+    for mode in ('weak', 'strong'):
+      one, two = points[(mode, strategy, 1)], points[(mode, strategy, 2)]
+      assert one['baseline_devices'] == two['baseline_devices'] == 1
+      assert one['efficiency'] == pytest.approx(1.0)
+      assert two['speedup'] == pytest.approx(two['examples_per_sec'] / one['examples_per_sec'])
+      assert two['efficiency'] == pytest.approx(two['speedup'] / 2)
+  table = result.stdout[result.stdout.index('| mode |'):]  # The Markdown table, after the JSON.
+  assert '| weak | jit | 2 | 32 |' in table
+  assert 'Speedup: examples/s over those of the same mode and strategy on 1 device(s)' in table
+  assert 'Note: fake CPU devices share the same cores' in table
 
 
 def test_checkpoint_cost_reports_blocking_and_completion_per_mode(tmp_path):

@@ -148,10 +148,15 @@ def test_a_compilation_cache_chosen_elsewhere_still_keeps_small_programs(monkeyp
     jax.config.update('jax_persistent_cache_min_compile_time_secs', saved)
 
 
-def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path):
-  """Scanning several steps per compiled call computes the same steps as one call per step."""
-  results = [trainer.train_and_evaluate(tiny_config(steps_per_call=k), str(tmp_path / str(k)))
-             for k in (1, 5)]
+def test_steps_per_call_does_not_change_the_run(fake_tfds, tmp_path, capfd):
+  """Scanning several steps per compiled call computes the same steps as one call per step (on
+  the CPU, many times slower, which a warning says)."""
+  results, warned = [], []
+  for k in (1, 5):
+    results.append(trainer.train_and_evaluate(tiny_config(steps_per_call=k),
+                                              str(tmp_path / str(k))))
+    warned.append(f'warning: steps_per_call={k} on the CPU' in capfd.readouterr().err)
+  assert warned == [False, True]
   np.testing.assert_allclose(results[0]['train/loss'], results[1]['train/loss'], rtol=1e-5)
   np.testing.assert_allclose(results[0]['test/loss'], results[1]['test/loss'], rtol=1e-5)
 
