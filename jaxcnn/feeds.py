@@ -1,7 +1,8 @@
 """How batches reach the compiled step: gathered on the device, or streamed from the host.
 
 A train feed hands the trainer the jitted function to compile and run, its arguments for the next
-call of several steps, and the data position to store in a checkpoint. An eval feed runs a whole evaluation.
+call of several steps, and the data position to store in a checkpoint. An eval feed runs a whole
+evaluation.
 
 * `DeviceTrainFeed`: the split lives in device memory; each epoch's permutation is drawn on the
   device and the compiled function gathers its batches, several steps per call.
