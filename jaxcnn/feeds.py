@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable, Generator
 
 import jax
-import numpy as np
 
 from jaxcnn import xla_options
 from jaxcnn.data.pipeline import Data, default_data_workers, usable_cpu_cores
@@ -259,10 +258,8 @@ class StreamEvalFeed:
                                   image_key=self._keys[0], label_key=self._keys[1])
 
   def compile(self, state, zero_sums):
-    height, width, channels = self._shape
-    empty = {'image': np.zeros((self._local_batch, height, width, channels), np.uint8),
-             'label': np.zeros((self._local_batch,), np.int32),
-             'mask': np.zeros((self._local_batch,), bool)}
+    from jaxcnn.data import streaming  # pylint: disable=g-import-not-at-top
+    empty = streaming.masked_batch(self._local_batch, self._shape)
     self._compiled = self.strategy.compile(self.fn, state, zero_sums,
                                            self.strategy.put_batch(empty),
                                            options=xla_options.inference_options())

@@ -236,15 +236,10 @@ def _find_builder_dir(directory: str) -> str | None:
 
 def _write_dataset(listing_path: str, directory: str) -> None:
   """Writes the listed images as an ArrayRecord TFDS dataset (runs in the prepare subprocess)."""
-  os.environ['CUDA_VISIBLE_DEVICES'] = ''
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jaxcnn.data.tfds_data import (  # pylint: disable=g-import-not-at-top
-      import_tfds, without_tfds_announcements)
-  tfds = import_tfds()
-  tf.config.set_visible_devices([], 'GPU')
-  if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
-    tfds.disable_progress_bar()
+      tfds_for_preparing, without_tfds_announcements)
+  tfds = tfds_for_preparing()
   with open(listing_path, encoding='utf-8') as f:
     listing = json.load(f)
   # Images of one size get it as their fixed shape, so that they can be trained on at their own

@@ -8,7 +8,6 @@ by itself when a dataset is not prepared yet; run it by hand to prepare on anoth
 
 import os
 import re
-import sys
 
 # Hide GPUs before anything below can import TensorFlow.
 os.environ['CUDA_VISIBLE_DEVICES'] = ''
@@ -32,13 +31,9 @@ _OFFLINE = flags.DEFINE_bool('offline', False, 'Take every file from manual_dir;
 
 def prepare(name: str, data_dir: str | None, manual_dir: str | None, offline: bool) -> None:
   """Downloads `name` (or takes its files from manual_dir) and writes it as ArrayRecord files."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = tfds_data.tfds_for_preparing()
   from tensorflow_datasets.core.download import (  # pylint: disable=g-import-not-at-top
       download_manager)
-  tf.config.set_visible_devices([], 'GPU')
-  if not sys.stdout.isatty():  # Progress bars make pages of blank lines in a log file.
-    tfds.disable_progress_bar()
   builder = tfds_data.get_builder(name, data_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir,
                                                  try_download_gcs=not offline)

@@ -152,6 +152,12 @@ def train_batches(source, *, augment: HostAugment, batch_size: int, seed: int, w
   yield from _iterate(batches[start_batch:], worker_count)
 
 
+def masked_batch(batch_size: int, image_shape) -> dict[str, np.ndarray]:
+  """A batch of `batch_size` examples that are all masked out: padding, and a compile example."""
+  return {'image': np.zeros((batch_size, *image_shape), np.uint8),
+          'label': np.zeros((batch_size,), np.int32), 'mask': np.zeros((batch_size,), bool)}
+
+
 def eval_batches(source, *, image_shape, batch_size: int, worker_count: int,
                  image_key: str = 'image', label_key: str = 'label'):
   """This process's share of a split (every P-th example from the p-th, for process p of P) in
@@ -167,9 +173,7 @@ def eval_batches(source, *, image_shape, batch_size: int, worker_count: int,
   batches = (examples.map(_EvalTransform(image_shape, image_key, label_key))
              .batch(batch_size, drop_remainder=False))
   iterator = _iterate(batches, worker_count)
-  height, width, channels = image_shape
-  empty = {'image': np.zeros((batch_size, height, width, channels), np.uint8),
-           'label': np.zeros((batch_size,), np.int32), 'mask': np.zeros((batch_size,), bool)}
+  empty = masked_batch(batch_size, image_shape)
   try:
     # Exactly len(batches) reads: a worker iterator run to its end leaves one shared memory
     # block behind (grain 0.2.18), which Python's resource tracker then reports at exit.

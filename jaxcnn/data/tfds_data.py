@@ -99,6 +99,19 @@ def import_tfds():
   return tfds
 
 
+def tfds_for_preparing():
+  """`import_tfds()` for a process that prepares a dataset: TensorFlow (which TFDS's writers need)
+  kept off every GPU, whose memory is JAX's, and no progress bars in a log file, where they make
+  pages of blank lines."""
+  os.environ['CUDA_VISIBLE_DEVICES'] = ''  # Before TensorFlow starts, which may be now.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  tfds = import_tfds()
+  if not sys.stdout.isatty():
+    tfds.disable_progress_bar()
+  return tfds
+
+
 def _not_yet_prepared_warning(record: logging.LogRecord) -> bool:
   """Drops TFDS's 'Variant folder .../mnist/3.0.1 has no dataset_info.json': TFDS says it of
   every dataset not prepared yet, which jaxcnn then prepares or reports in its own words."""
