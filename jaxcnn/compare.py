@@ -1,0 +1,174 @@
+"""Compares runs side by side: one row per run, and the config keys that differ between them.
+
+  python -m jaxcnn.compare                          # every run under runs/
+  python -m jaxcnn.compare runs/mnist-lenet5-* RUN  # these runs
+  python -m jaxcnn.compare --sort loss --json       # by final eval loss; JSON instead of a table
+
+Everything is read from the runs' own files (`config.json`, `dataset.json`, `metrics.jsonl`), so
+a run still training can be compared too: its row says how far it has come. A row gives the model
+and its parameter count (built under `nnx.eval_shape`: nothing is materialised), the steps
+trained, the last evaluation's accuracy and loss, the best accuracy and the step it came at, the
+training and compile seconds, and the median of the logged examples/s. Below the table are the
+config keys whose values differ between the runs, so that what was varied is plain.
+"""
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Sequence
+
+from absl import flags
+from flax import nnx
+
+from jaxcnn import cli, metrics, models
+from jaxcnn import workdir as workdir_lib
+from jaxcnn.errors import UserError
+
+_SORT_KEYS = ('accuracy', 'loss', 'time', 'name')
+_SORT = flags.DEFINE_enum('sort', 'accuracy', _SORT_KEYS,
+                          'Order of the rows: best final accuracy first, lowest final loss '
+                          'first, least training time first, or by run folder.')
+_JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Markdown table.')
+_DEFAULT_ROOT = 'runs'
+
+
+def find_runs(root: str) -> list[str]:
+  """The run folders (those holding a `config.json`) directly under `root`, sorted by name."""
+  if not os.path.isdir(root):
+    return []
+  return sorted(os.path.join(root, name) for name in os.listdir(root)
+                if os.path.isfile(os.path.join(root, name, workdir_lib.CONFIG_FILE)))
+
+
+def count_parameters(model: str, image_shape: Sequence[int], num_classes: int) -> int | None:
+  """The parameters of `model` for these inputs, or None where it cannot be built here (a user's
+  model whose module is not importable from this folder)."""
+  try:
+    abstract = nnx.eval_shape(lambda: models.create_model(
+        model, num_classes=num_classes, input_shape=tuple(image_shape)))
+  except UserError:
+    return None
+  return sum(math.prod(param.get_value().shape)
+             for _, param in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def describe_run(run_dir: str) -> dict:
+  """A run's row: what it trained and what it reached, from its own files."""
+  config = workdir_lib.read_config(run_dir)
+  record = workdir_lib.read_dataset(run_dir)
+  try:
+    records = metrics.read_metrics(run_dir)
+  except FileNotFoundError:
+    records = []  # Started, and stopped before its first log step.
+  except ValueError as e:
+    raise UserError(f'{run_dir}/{metrics.METRICS_FILE} is damaged ({e}); its runs cannot be '
+                    'compared') from None
+  split = config.eval_split
+  evaluations = [r for r in records if f'{split}/accuracy' in r]
+  best = max(evaluations, key=lambda r: r[f'{split}/accuracy'], default=None)
+
+  def last(key):
+    return next((r[key] for r in reversed(records) if key in r), None)
+
+  speeds = [r['train/examples_per_sec'] for r in records if 'train/examples_per_sec' in r]
+  finished = last('time/train_seconds') is not None
+  return {
+      'run': run_dir, 'model': config.model, 'dataset': record.name,
+      'parameters': count_parameters(config.model, record.image_shape, record.num_classes),
+      'step': max((r['step'] for r in records), default=0), 'finished': finished,
+      'eval_split': split,
+      'accuracy': evaluations[-1][f'{split}/accuracy'] if evaluations else None,
+      'loss': evaluations[-1][f'{split}/loss'] if evaluations else None,
+      'best_accuracy': best[f'{split}/accuracy'] if best else None,
+      'best_step': best['step'] if best else None,
+      'train_seconds': last('time/train_seconds') if finished else last('train/seconds'),
+      'compile_seconds': last('time/compile_seconds'),
+      'examples_per_sec': statistics.median(speeds) if speeds else None,
+      'config': _flatten(config.to_dict()),
+  }
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def differing_keys(rows: Sequence[dict]) -> list[str]:
+  """The config keys whose values are not the same in every row, sorted."""
+  keys = sorted({key for row in rows for key in row['config']})
+  return [key for key in keys
+          if len({json.dumps(row['config'].get(key)) for row in rows}) > 1]
+
+
+def sort_rows(rows: list[dict], by: str) -> list[dict]:
+  """`rows` in the order `by` asks for; rows without the figure go last."""
+  if by == 'name':
+    return sorted(rows, key=lambda row: row['run'])
+  field, sign = {'accuracy': ('accuracy', -1), 'loss': ('loss', 1),
+                 'time': ('train_seconds', 1)}[by]
+  return sorted(rows, key=lambda row: (row[field] is None, sign * (row[field] or 0), row['run']))
+
+
+def short_names(paths: Sequence[str]) -> list[str]:
+  """The shortest trailing parts of `paths` that tell them apart: `run` for runs/a/run and
+  runs/b/run would not, `a/run` and `b/run` do."""
+  parts = [os.path.normpath(path).split(os.sep) for path in paths]
+  for depth in range(1, max(map(len, parts)) + 1):
+    names = ['/'.join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return list(paths)  # The same run named twice.
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table, then the config keys that differ between them."""
+  def number(value, spec):
+    return '-' if value is None else format(value, spec)
+
+  lines = ['| run | model | parameters | steps | accuracy | loss | best accuracy (step) | '
+           'train s | compile s | examples/s |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  names = short_names([row['run'] for row in rows])
+  for name, row in zip(names, rows):
+    steps = f'{row["step"]:,}' + ('' if row['finished'] else ' (running or stopped)')
+    best = ('-' if row['best_accuracy'] is None
+            else f'{100 * row["best_accuracy"]:.2f}% ({row["best_step"]:,})')
+    accuracy = '-' if row['accuracy'] is None else f'{100 * row["accuracy"]:.2f}%'
+    lines.append(f'| {name} | {row["model"]} | {number(row["parameters"], ",")} | {steps} | '
+                 f'{accuracy} | {number(row["loss"], ".4f")} | {best} | '
+                 f'{number(row["train_seconds"], ".1f")} | {number(row["compile_seconds"], ".1f")}'
+                 f' | {number(row["examples_per_sec"], ",.0f")} |')
+  splits = sorted({row['eval_split'] for row in rows})
+  lines.append(f'\nAccuracy and loss: the last evaluation, on {", ".join(splits)}.')
+  differing = differing_keys(rows) if len(rows) > 1 else []
+  if differing:
+    lines.append('Config keys that differ:')
+    for key in differing:
+      values = ', '.join(f'{name}={json.dumps(row["config"].get(key))}'
+                         for name, row in zip(names, rows))
+      lines.append(f'  {key}: {values}')
+  elif len(rows) > 1:
+    lines.append('The runs have the same config.')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  run_dirs = list(argv[1:]) or find_runs(_DEFAULT_ROOT)
+  if not run_dirs:
+    raise UserError(f'no runs to compare: {_DEFAULT_ROOT}/ holds no run folders here; name the '
+                    'run folders, e.g. python -m jaxcnn.compare RUN1 RUN2')
+  rows = sort_rows([describe_run(run_dir) for run_dir in run_dirs], _SORT.value)
+  if _JSON.value:
+    print(json.dumps(rows, indent=2))
+  else:
+    print(format_table(rows))
+
+
+if __name__ == '__main__':
+  cli.run(main)
