@@ -22,6 +22,7 @@ from absl import flags
 from flax import nnx
 
 from jaxcnn import cli, metrics, models
+from jaxcnn import config as config_lib
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import UserError
 
@@ -85,18 +86,8 @@ def describe_run(run_dir: str) -> dict:
       'train_seconds': last('time/train_seconds') if finished else last('train/seconds'),
       'compile_seconds': last('time/compile_seconds'),
       'examples_per_sec': statistics.median(speeds) if speeds else None,
-      'config': _flatten(config.to_dict()),
+      'config': config_lib.flatten(config.to_dict()),
   }
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-  return flat
 
 
 def differing_keys(rows: Sequence[dict]) -> list[str]:

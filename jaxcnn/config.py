@@ -185,6 +185,18 @@ def unknown_variant(config_file: str, variant: str, known: tuple[str, ...]) -> C
   return ConfigError(f'unknown variant {variant!r} of {config_file}; use one of: {choices}')
 
 
+def flatten(values: dict, prefix: str = '') -> dict:
+  """A config as a dict (`ConfigDict.to_dict()`, or config.json read back) flattened to dotted
+  keys, `{'augment.flip': True, ...}`, with tuples as the lists that JSON reads back."""
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError naming the first key that is not defined or whose value is not
   accepted."""

@@ -545,8 +545,8 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
     recorded = workdir_lib.read_config(workdir).to_dict()
   except UserError:  # No record to compare with (written by hand, or lost).
     return ''
-  recorded, changes = _flatten(recorded), []
-  for key, now in _flatten(config.to_dict()).items():
+  recorded, changes = config_lib.flatten(recorded), []
+  for key, now in config_lib.flatten(config.to_dict()).items():
     before = recorded.get(key)
     if before != now and key in recorded:
       if key == 'seed':
@@ -556,16 +556,6 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
             'start a new --workdir for another seed')
       changes.append(f'{key} {before} -> {now}')
   return ', '.join(changes)
-
-
-def _flatten(values: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-  return flat
 
 
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
