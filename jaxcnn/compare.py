@@ -63,7 +63,7 @@ def describe_run(run_dir: str) -> dict:
   except FileNotFoundError:
     records = []  # Started, and stopped before its first log step.
   except ValueError as e:
-    raise UserError(f'{run_dir}/{metrics.METRICS_FILE} is damaged ({e}); its runs cannot be '
+    raise UserError(f'{run_dir}/{metrics.METRICS_FILE} is damaged ({e}); that run cannot be '
                     'compared') from None
   split = config.eval_split
   evaluations = [r for r in records if f'{split}/accuracy' in r]
@@ -73,7 +73,8 @@ def describe_run(run_dir: str) -> dict:
     return next((r[key] for r in reversed(records) if key in r), None)
 
   speeds = [r['train/examples_per_sec'] for r in records if 'train/examples_per_sec' in r]
-  finished = last('time/train_seconds') is not None
+  # The timing record ends a finished run; a finished run resumed for more steps writes on.
+  finished = bool(records) and 'time/train_seconds' in records[-1]
   return {
       'run': run_dir, 'model': config.model, 'dataset': record.name,
       'parameters': count_parameters(config.model, record.image_shape, record.num_classes),

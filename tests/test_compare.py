@@ -45,6 +45,14 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   assert not row['finished'] and row['compile_seconds'] is None
   assert row['train_seconds'] == pytest.approx(results[3e-3]['time/train_seconds'])  # At step 24.
 
+  # A finished run resumed for more steps: going again, past its earlier end.
+  resumed = runs / 'lr0.0001' / 'metrics.jsonl'
+  with open(resumed, 'a', encoding='utf-8') as f:
+    f.write('{"step": 32, "train/loss": 0.5, "train/examples_per_sec": 100.0}\n')
+  row = compare.describe_run(str(runs / 'lr0.0001'))
+  assert (row['finished'], row['step']) == (False, 32)
+  resumed.write_text(''.join(resumed.read_text().splitlines(keepends=True)[:-1]))
+
   # The command: every run under runs/ of the current folder, as a Markdown table.
   result = run_compare('--sort', 'name', cwd=tmp_path)
   assert result.returncode == 0, result.stderr
