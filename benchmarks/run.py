@@ -181,8 +181,9 @@ def matmul_flops(quick: bool) -> dict:
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by a part
 # of the device name JAX reports: MFU as the field usually quotes it is against these.
+# The first part found in the name counts, so a variant comes before its family's SXM part.
 BF16_PEAK_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4),
-                    ('H200', 989.4), ('A100', 312.0))
+                    ('H200 NVL', 835.0), ('H200', 989.4), ('A100', 312.0))
 
 
 def datasheet_bf16_tflops(device: str) -> float | None:
@@ -304,9 +305,27 @@ def throughput_keys(quick: bool) -> list[str]:
   return [f'{name}_{dtype}' for name in names for dtype in dtypes]
 
 
+def _attempt(failures: list[str], part: str, measure: Callable[..., dict], *args, **kwargs
+             ) -> dict:
+  """`measure(*args, **kwargs)`, or `{'error': its one-line cause}` (recorded in `failures` as
+  `part: cause`, the traceback on stderr) if it raises: one framework's failure must not cost the
+  other framework's figure, measured or still to come, on a lent machine."""
+  try:
+    return measure(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    traceback.print_exc()
+    cause = torch_reference.error_line(e)
+    failures.append(f'{part}: {cause}')
+    return {'error': cause}
+
+
 def throughput(key: str, quick: bool, repeats: int) -> dict:
   """Images/s of one model and dtype (`key`, e.g. 'resnet50_bfloat16'), for jaxcnn and PyTorch,
-  and their ratio."""
+  and their ratio.
+
+  Each framework's part is measured whatever happened to the other's; a part that raised is kept
+  as its `error`, and listed under the entry's `failures` (which `record` makes the suite's
+  errors)."""
   name, dtype = key.rsplit('_', 1)
   on_cpu = jax.default_backend() == 'cpu'
   steps = 3 if quick else (10 if on_cpu else 50)
@@ -315,33 +334,40 @@ def throughput(key: str, quick: bool, repeats: int) -> dict:
   batch = cpu_batch if on_cpu else accelerator_batch
   torch_name = name if name != 'fastcifar' else 'airbench'
   height, width, channels, classes = torch_reference.MODEL_SHAPES[torch_name]
-  ours = measure_throughput(_throughput_config(model, dataset, batch, dtype), steps, repeats,
-                            image_shape=(height, width, channels), num_classes=classes)
+  failures = []
+  ours = _attempt(failures, 'jaxcnn', measure_throughput,
+                  _throughput_config(model, dataset, batch, dtype), steps, repeats,
+                  image_shape=(height, width, channels), num_classes=classes)
   # On a GPU, torch.compile's graphs and cuDNN's choices settle over the first few steps.
   reference = dict(batch_size=batch, dtype=dtype, steps=steps, repeats=repeats,
                    device='cpu' if on_cpu else 'cuda', warmup_steps=3 if on_cpu else 10)
-  theirs = torch_reference.measure_throughput(torch_name, compile=not on_cpu, **reference)
+  theirs = _attempt(failures, 'pytorch', torch_reference.measure_throughput, torch_name,
+                    compile=not on_cpu, **reference)
   entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
-           'jaxcnn_img_per_s': ours['examples_per_sec'],
+           'jaxcnn_img_per_s': ours.get('examples_per_sec'),
            'pytorch_img_per_s': theirs.get('images_per_s_median'),
-           'pytorch_mode': 'torch.compile' if theirs['compile'] else 'eager'}
-  if theirs['error'] and theirs['compile']:
+           'pytorch_mode': 'torch.compile' if theirs.get('compile') else 'eager'}
+  if theirs['error'] and theirs.get('compile'):
     # torch.compile failed here (the error is kept): PyTorch's eager mode is still a reference.
-    entry['pytorch_eager'] = torch_reference.measure_throughput(torch_name, **reference)
+    entry['pytorch_eager'] = _attempt(failures, 'pytorch eager',
+                                      torch_reference.measure_throughput, torch_name, **reference)
     entry['pytorch_img_per_s'] = entry['pytorch_eager'].get('images_per_s_median')
     entry['pytorch_mode'] = 'eager (torch.compile failed)'
-  if not on_cpu and name in SHORT_STEP_MODELS:
+  pytorch_ran = 'compile' in theirs  # Not when it raised: CUDA graphs would fail alike.
+  if not on_cpu and name in SHORT_STEP_MODELS and pytorch_ran:
     # jaxcnn runs these as scans of many steps per call; PyTorch's answer to per-step launch
     # costs is CUDA graphs. The faster of its two modes is the reference.
-    graphs = torch_reference.measure_throughput(torch_name, compile=True,
-                                                compile_mode='reduce-overhead', **reference)
+    graphs = _attempt(failures, 'pytorch CUDA graphs', torch_reference.measure_throughput,
+                      torch_name, compile=True, compile_mode='reduce-overhead', **reference)
     entry['pytorch_cuda_graphs'] = graphs
     rate = graphs.get('images_per_s_median')
     if not graphs['error'] and rate and rate > (entry['pytorch_img_per_s'] or 0):
       entry['pytorch_img_per_s'] = rate
       entry['pytorch_mode'] = "torch.compile mode='reduce-overhead' (CUDA graphs)"
-  if entry['pytorch_img_per_s']:
+  if entry['jaxcnn_img_per_s'] and entry['pytorch_img_per_s']:
     entry['ratio_jaxcnn_to_pytorch'] = entry['jaxcnn_img_per_s'] / entry['pytorch_img_per_s']
+  if failures:
+    entry['failures'] = failures
   return entry
 
 
@@ -364,7 +390,9 @@ def lenet5_epoch(quick: bool, repeats: int, data_dir: str | None, mnist_dir: str
   """One epoch of LeNet-5 on MNIST, whole process, jaxcnn against PyTorch (after one warm-up
   run each, so that both find their caches warm, as a user's second run does; `quick`: one
   run of 20 steps each, no warm-up)."""
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  # A CPU figure on a GPU machine too: jaxcnn would otherwise train on the GPU (PyTorch's
+  # reference always runs on the CPU), and TensorFlow, if it prepares MNIST, must not take a GPU.
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
   repeats, warm_ups = (1, 0) if quick else (repeats, 1)
   jax_runs, torch_runs = [], []
   # PyTorch evaluates in the config's batches too, the faster size on the CPU for both: 0.25 s
@@ -540,6 +568,8 @@ def record(measured: dict, measurement: Measurement, value: dict) -> None:
     measured[section] = mnist_summary(MNIST_RECIPES[section], runs)
   elif section == 'throughput':
     measured.setdefault('throughput', {})[measurement.key] = value
+    if value.get('failures'):  # A part failed, the other's figure is kept: still an error.
+      measured.setdefault('errors', {})[measurement.name] = '; '.join(value['failures'])
   else:
     measured[section] = value
 
@@ -578,6 +608,18 @@ def measure_all(plan: list[Measurement], measured: dict, budget_seconds: float,
   return measured
 
 
+def describe_run(quick: bool, compilation_cache: str) -> dict:
+  """What every measurement shares: the environment and the device's measured matmul rate (the
+  MFU's denominator; if measuring it fails, that is an error of the run that costs the MFU alone,
+  not the results file or the other figures)."""
+  measured = {'environment': {**environment(), 'compilation_cache': compilation_cache}}
+  failures = []
+  measured['matmul'] = _attempt(failures, 'matmul', matmul_flops, quick)
+  if failures:
+    measured['errors'] = {'matmul': measured['matmul']['error']}
+  return measured
+
+
 def main(argv):
   del argv
   quick = _QUICK.value
@@ -594,9 +636,7 @@ def main(argv):
                          f'{", ".join(missing)}, which the cpu section reads; point --mnist_dir '
                          'at a folder of the four, or leave cpu out of --sections')
   repeats = 1 if quick else _REPEATS.value
-  compilation_cache = use_fresh_compilation_cache()
-  measured = {'environment': {**environment(), 'compilation_cache': compilation_cache},
-              'matmul': matmul_flops(quick)}
+  measured = describe_run(quick, compilation_cache=use_fresh_compilation_cache())
   path = result_path(_OUTPUT_DIR.value, measured['environment']['device'], quick)
   previous = None
   if _UPDATE.value and os.path.isfile(path):

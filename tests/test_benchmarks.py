@@ -361,4 +361,71 @@ def test_mfu_is_reported_against_the_measured_rate_and_the_datasheet_peak():
   assert summary['resnet50_mfu_of_datasheet_peak'] == pytest.approx(8000 * 24.6e9 / 989.4e12)
   assert suite.datasheet_bf16_tflops('NVIDIA H100 PCIe') == 756.0
   assert suite.datasheet_bf16_tflops('NVIDIA H200') == 989.4
+  assert suite.datasheet_bf16_tflops('NVIDIA H200 NVL') == 835.0
   assert suite.datasheet_bf16_tflops('cpu (2 cores, x86_64)') is None
+
+
+@pytest.mark.parametrize('failing', ['jaxcnn', 'pytorch'])
+def test_one_frameworks_failure_keeps_the_others_throughput(monkeypatch, failing):
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+
+  def raises(*args, **kwargs):
+    raise ValueError('device cuda was asked for, but torch sees no CUDA device\nmore detail')
+
+  if failing == 'jaxcnn':
+    monkeypatch.setattr(suite, 'measure_throughput', raises)
+  else:
+    monkeypatch.setattr(suite.torch_reference, 'measure_throughput', raises)
+  entry = suite.throughput('lenet5_float32', quick=True, repeats=1)
+  survivor = 'pytorch' if failing == 'jaxcnn' else 'jaxcnn'
+  assert entry[failing] == {
+      'error': 'ValueError: device cuda was asked for, but torch sees no CUDA device'}
+  assert entry[f'{failing}_img_per_s'] is None and entry[f'{survivor}_img_per_s'] > 0
+  assert 'ratio_jaxcnn_to_pytorch' not in entry
+  # Still an error of the suite (its exit status says so), the survivor's figure recorded.
+  measured = {}
+  suite.record(measured, suite.Measurement('throughput', 'lenet5_float32', lambda: entry), entry)
+  assert measured['errors'] == {'throughput lenet5_float32': (
+      f'{failing}: ValueError: device cuda was asked for, but torch sees no CUDA device')}
+  assert measured['throughput']['lenet5_float32'][f'{survivor}_img_per_s'] > 0
+
+
+def test_a_failed_matmul_rate_costs_only_the_mfu(monkeypatch):
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+
+  def raises(quick):
+    raise RuntimeError('CUDA_ERROR_ILLEGAL_ADDRESS\nmore detail')
+
+  monkeypatch.setattr(suite, 'matmul_flops', raises)
+  measured = suite.describe_run(quick=True, compilation_cache='fresh')
+  assert measured['errors'] == {'matmul': 'RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS'}
+  measured['throughput'] = {'resnet50_bfloat16': {'jaxcnn_img_per_s': 3000.0}}
+  summary = suite.merge_results(None, measured, quick=True)['summary']
+  assert summary['resnet50_bf16_img_per_s'] == 3000.0 and summary['resnet50_mfu'] is None
+
+
+def test_the_cpu_epoch_runs_both_frameworks_on_the_cpu_of_a_gpu_machine(monkeypatch):
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  environments = []
+
+  def timed(command, env):
+    environments.append(env)
+    raise RuntimeError('enough: the environment is what is checked')
+
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  monkeypatch.setattr(suite, '_timed', timed)
+  with pytest.raises(RuntimeError, match='enough'):
+    suite.lenet5_epoch(quick=True, repeats=1, data_dir=None, mnist_dir=str(MNIST_MANUAL_DIR))
+  assert environments[0]['JAX_PLATFORMS'] == 'cpu'
+  assert environments[0]['CUDA_VISIBLE_DEVICES'] == ''
+
+
+def test_preflight_passes_where_jax_computes_and_stops_a_gpu_run_without_a_gpu():
+  result = run('benchmarks/preflight.py', '--platform', 'cpu')
+  assert "JAX computes on cpu; its convolutions and PyTorch's run" in result.stdout
+  result = subprocess.run([sys.executable, 'benchmarks/preflight.py'], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False, env=ONE_DEVICE)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      "preflight: error: JAX runs on 'cpu' ([CpuDevice(id=0)]), not 'gpu': its CUDA plugin did "
+      "not start (see the log above), so every figure would be the CPU's"]

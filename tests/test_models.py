@@ -9,7 +9,7 @@ from flax import nnx
 from jaxcnn import models
 from jaxcnn.errors import ConfigError
 from jaxcnn.models import cpu_conv
-from jaxcnn.models.layers import Conv, max_pool
+from jaxcnn.models.layers import Conv, max_pool, strided_max_pool
 
 
 # Counts worked out by hand from each architecture (weights + biases, BatchNorm scale + bias).
@@ -92,6 +92,40 @@ def test_max_pool_shares_the_gradient_among_tied_maxima_as_jnp_max_does(dtype):
   assert grad.dtype == dtype
   np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(expected, np.float32))
   assert float(grad[0, 0, 0, 0]) == float(weights[0, 0, 0, 0]) / 4  # Four tied zeros.
+
+
+@pytest.mark.parametrize('shape', [(2, 12, 12, 3), (3, 7, 9, 2), (1, 2, 2, 1)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_strided_max_pool_matches_flax_values_and_gives_the_gradient_to_the_first_maximum(shape,
+                                                                                         dtype):
+  # Values on a coarse grid (many ties within a window), as after a ReLU.
+  x = jnp.maximum(jnp.round(jax.random.normal(jax.random.key(0), shape) * 2), 0).astype(dtype)
+  reference = lambda x: nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(strided_max_pool(x), reference(x))
+  # Positive weights: each window's gradient lands on exactly the element that XLA's
+  # select-and-scatter chooses (the first maximum), summed over the windows that share it.
+  weights = jax.random.uniform(jax.random.key(1), reference(x).shape, minval=1, maxval=2)
+  loss = lambda pool: lambda x: jnp.sum(pool(x).astype(jnp.float32) * weights)
+  grad, expected = jax.grad(loss(strided_max_pool))(x), jax.grad(loss(reference))(x)
+  assert grad.dtype == dtype
+  np.testing.assert_array_equal(grad != 0, expected != 0)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected, np.float32),
+                             rtol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_imagenet_resnets_train_without_select_and_scatter(name):
+  """XLA:GPU has no deterministic select-and-scatter: under --xla_gpu_deterministic_ops (the
+  README's way to resume bitwise on a GPU) a model whose gradient holds one does not compile."""
+  model = models.create_model(name, num_classes=10, input_shape=(32, 32, 3))
+  model.eval()  # BatchNorm's statistics need not be updated to show where gradients flow.
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, images):
+    return jnp.mean(nnx.merge(graph, params, rest)(images))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 32, 32, 3))).as_text()
+  assert 'select_and_scatter' not in hlo and 'reduce_window' in hlo  # Only the forward pool.
 
 
 def test_batchnorm_models_take_the_mapped_axis_name():

@@ -78,6 +78,69 @@ _max_pool = jax.custom_vjp(_reduce_window_max, nondiff_argnums=(1,))
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def strided_max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1
+                     ) -> jax.Array:
+  """`window` x `window` max-pooling of NHWC input at `stride`, after `padding` pixels of -inf on
+  every side: the overlapping pooling of the ImageNet ResNets' stem (3x3, stride 2, padding 1).
+
+  Values and gradients are exactly `nnx.max_pool`'s, ties included: a window's gradient goes to
+  its first maximal element in row-major order, as with XLA's select-and-scatter and PyTorch.
+  The gradient is computed without select-and-scatter, which XLA:GPU implements with atomic adds
+  (their order varies from run to run) and refuses to compile under
+  `--xla_gpu_deterministic_ops=true`. Here each of the window's taps contributes its share by
+  elementwise compares and a strided `lax.pad`, which XLA fuses into one loop, in a fixed order.
+  """
+  return _strided_max_pool(x, window, stride, padding)
+
+
+def _padded_reduce_window_max(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+  lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  return jax.lax.reduce_window(x, jnp.array(lowest, x.dtype), jax.lax.max,
+                               (1, window, window, 1), (1, stride, stride, 1),
+                               ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _strided_max_pool_fwd(x, window, stride, padding):
+  pooled = _padded_reduce_window_max(x, window, stride, padding)
+  return pooled, (x, pooled)
+
+
+def _strided_max_pool_bwd(window, stride, padding, residuals, grad):
+  """Tap by tap in row-major order, the window's gradient goes to the first tap equal to its max;
+  each tap's share is spread back onto the padded input's grid by a `lax.pad` with interior
+  padding (the stride's gaps), and the padding is cut off at the end."""
+  x, pooled = residuals
+  lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                   constant_values=lowest)
+  out_h, out_w = pooled.shape[1:3]
+  padded_h, padded_w = padded.shape[1:3]
+  grad = grad.astype(jnp.float32)  # An input element sums the shares of up to 4 windows.
+  zero = jnp.zeros((), jnp.float32)
+  taken = jnp.zeros(pooled.shape, bool)
+  dx = jnp.zeros(padded.shape, jnp.float32)
+  for i in range(window):
+    for j in range(window):
+      # The input elements tap (i, j) of every window reads: rows i, i + stride, ...
+      tap = jax.lax.slice(padded, (0, i, j, 0),
+                          (padded.shape[0], i + stride * (out_h - 1) + 1,
+                           j + stride * (out_w - 1) + 1, padded.shape[3]),
+                          (1, stride, stride, 1))
+      first_max = (tap == pooled) & ~taken
+      taken = taken | first_max
+      share = jnp.where(first_max, grad, zero)
+      dx = dx + jax.lax.pad(share, zero, ((0, 0, 0),
+                                          (i, padded_h - i - stride * (out_h - 1) - 1, stride - 1),
+                                          (j, padded_w - j - stride * (out_w - 1) - 1, stride - 1),
+                                          (0, 0, 0)))
+  height, width = x.shape[1:3]
+  return (dx[:, padding:padding + height, padding:padding + width, :].astype(x.dtype),)
+
+
+_strided_max_pool = jax.custom_vjp(_padded_reduce_window_max, nondiff_argnums=(1, 2, 3))
+_strided_max_pool.defvjp(_strided_max_pool_fwd, _strided_max_pool_bwd)
+
+
 def flatten(x: jax.Array) -> jax.Array:
   """Flattens every axis but the batch axis."""
   return x.reshape(x.shape[0], -1)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn.models.layers import strided_max_pool
+
 # torchvision's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`: an untruncated normal with
 # variance 2 / (kernel height * kernel width * output channels).
 conv_kernel_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -185,8 +187,8 @@ class ResNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.stem_bn(self.stem_conv(x)))
-    # A 3x3/2 max-pool padded by one pixel on each side (PyTorch pads with -inf, as Flax does).
-    x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    # A 3x3/2 max-pool padded by one pixel of -inf on each side, as PyTorch's.
+    x = strided_max_pool(x, window=3, stride=2, padding=1)
     for stage in self.stages:
       x = stage(x)
     return self.fc(global_average_pool(x))
