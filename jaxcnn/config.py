@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.keep_best = 1  # ...and, separately, the best ones by best_metric.
   # '<eval_split>/accuracy', following eval_split until set itself.
   config.best_metric = config.get_ref('eval_split') + '/accuracy'
-  config.best_mode = 'max'  # 'max' or 'min'.
+  config.best_mode = 'auto'  # 'max', 'min' or 'auto': 'min' for a loss, 'max' for an accuracy.
   config.async_checkpointing = True  # Write checkpoints while training goes on.
   return config
 
@@ -242,11 +242,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'true or false')
   for key in ('keep_best', 'profile_steps', 'profile_start_step'):
     _require(config, key, _is_int(config[key]) and config[key] >= 0, 'an integer >= 0')
-  _choice(config, 'best_mode', ('max', 'min'))
+  _choice(config, 'best_mode', ('auto', 'max', 'min'))
   # Checkpoints are ranked by the evaluation metrics saved with them.
   best_metrics = [f'{config.eval_split}/{name}' for name in
                   ('accuracy', 'loss', *(('ema_accuracy', 'ema_loss') if config.ema_decay else ()))]
   _choice(config, 'best_metric', best_metrics)
+  if config.best_mode not in ('auto', best_mode(config)):
+    # The checkpoint kept as best would be the worst one, with nothing to say so.
+    highest = 'highest' if config.best_mode == 'max' else 'lowest'
+    raise ConfigError(f"config key 'best_mode' ({config.best_mode!r}) would keep the checkpoints "
+                      f"with the {highest} {config.best_metric} as the best; use "
+                      f"'{best_mode(config)}' or 'auto'")
   _require(config, 'async_checkpointing', isinstance(config.async_checkpointing, bool),
            'true or false')
   for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices',
@@ -284,6 +290,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.pad_mode', config.augment.pad_mode in PAD_MODES,
            f'one of {", ".join(PAD_MODES)}')
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
+
+
+def best_mode(config: ml_collections.ConfigDict) -> str:
+  """Whether the best checkpoint has the 'min' or the 'max' of `best_metric`: a loss is best
+  lowest, an accuracy highest."""
+  return 'min' if config.best_metric.endswith('loss') else 'max'
 
 
 def _is_int(value) -> bool:

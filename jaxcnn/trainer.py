@@ -562,7 +562,7 @@ def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
                       reading_only: bool = False) -> Checkpointer:
   """The checkpoint manager of a run, with the config's retention and saving options."""
   return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
-                      best_metric=config.best_metric, best_mode=config.best_mode,
+                      best_metric=config.best_metric, best_mode=config_lib.best_mode(config),
                       async_save=config.async_checkpointing, reading_only=reading_only)
 
 

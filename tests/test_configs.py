@@ -102,6 +102,23 @@ def test_best_metric_follows_eval_split_until_it_is_set():
   assert config.best_metric == 'validation/loss'
 
 
+@pytest.mark.parametrize('metric, mode', [('test/loss', 'min'), ('test/accuracy', 'max'),
+                                          ('test/ema_loss', 'min')])
+def test_the_best_checkpoint_is_the_lowest_loss_or_the_highest_accuracy(metric, mode):
+  config = config_lib.default_config()
+  config.ema_decay, config.best_metric = 0.99, metric
+  assert config.best_mode == 'auto' and config_lib.best_mode(config) == mode
+  config_lib.validate(config)
+  config.best_mode = mode
+  config_lib.validate(config)
+  wrong, highest = ('max', 'highest') if mode == 'min' else ('min', 'lowest')
+  config.best_mode = wrong  # Would keep the worst checkpoint as the best, silently.
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config key 'best_mode' ('{wrong}') would keep the checkpoints with the {highest} "
+      f"{metric} as the best; use '{mode}' or 'auto'")):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize('seed', [-1, 2 ** 31])
 def test_a_seed_the_steps_cannot_take_is_refused(seed):
   """The compiled steps take the seed as an int32 argument."""
