@@ -5,17 +5,21 @@
   python -m jaxcnn.compare --sort loss --json       # by final eval loss; JSON instead of a table
 
 Everything is read from the runs' own files (`config.json`, `dataset.json`, `metrics.jsonl`), so
-a run still training can be compared too: its row says how far it has come. A row gives the model
-and its parameter count (built under `nnx.eval_shape`: nothing is materialised), the steps
-trained, the last evaluation's accuracy and loss, the best accuracy and the step it came at, the
-training and compile seconds, and the median of the logged examples/s. Below the table are the
-config keys whose values differ between the runs, so that what was varied is plain.
+a run still training can be compared too: its row says how far it has come. A row gives the model,
+the data it was trained and evaluated on (the dataset, `synthetic ...` for stand-in data, and the
+evaluation split: figures on other data do not compare), its parameter count (built under
+`nnx.eval_shape`: nothing is materialised), the steps trained, the last evaluation's accuracy and
+loss, the best accuracy and the step it came at, the training and compile seconds, and the median
+of the logged examples/s. Below the table are the config keys whose values differ between the runs,
+so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
+left out; the others are still compared.
 """
 
 import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -32,6 +36,38 @@ _SORT = flags.DEFINE_enum('sort', 'accuracy', _SORT_KEYS,
                           'first, least training time first, or by run folder.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Markdown table.')
 _DEFAULT_ROOT = 'runs'
+
+
+class DamagedMetrics(UserError):
+  """A run's `metrics.jsonl` holds a line that is not a record of a step (other than a last line
+  cut short): that run cannot be compared."""
+
+
+def read_records(run_dir: str) -> list[dict]:
+  """The records of the run's `metrics.jsonl`, as `metrics.read_metrics` reads them, except that a
+  last line cut short is skipped, as `workdir.truncate_metrics` does when the run resumes: that is
+  what a run killed mid-write (or still writing) leaves.
+
+  Raises:
+    FileNotFoundError: the run has no metrics yet.
+    DamagedMetrics: any other line is not a record of a step; the message names the file and the
+      line's number in it (json's own message counts within the line: always "line 1").
+  """
+  path = os.path.join(run_dir, metrics.METRICS_FILE)
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for number, line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if number == lines[-1][0]:
+        continue
+      raise DamagedMetrics(f'{path} is damaged: line {number} is not JSON') from None
+    if not (isinstance(record, dict) and isinstance(record.get('step'), int)):
+      raise DamagedMetrics(f'{path} is damaged: line {number} is not a record of a step')
+    records.append(record)
+  return records
 
 
 def find_runs(root: str) -> list[str]:
@@ -59,15 +95,14 @@ def describe_run(run_dir: str) -> dict:
   config = workdir_lib.read_config(run_dir)
   record = workdir_lib.read_dataset(run_dir)
   try:
-    records = metrics.read_metrics(run_dir)
+    records = read_records(run_dir)
   except FileNotFoundError:
     records = []  # Started, and stopped before its first log step.
-  except ValueError as e:
-    raise UserError(f'{run_dir}/{metrics.METRICS_FILE} is damaged ({e}); that run cannot be '
-                    'compared') from None
   split = config.eval_split
   evaluations = [r for r in records if f'{split}/accuracy' in r]
-  best = max(evaluations, key=lambda r: r[f'{split}/accuracy'], default=None)
+  # Of tied accuracies the latest step, as `--checkpoint best` picks (checkpoint.best_step takes
+  # max((metric, step))), so that the step named here is the checkpoint that flag loads.
+  best = max(evaluations, key=lambda r: (r[f'{split}/accuracy'], r['step']), default=None)
 
   def last(key):
     return next((r[key] for r in reversed(records) if key in r), None)
@@ -123,21 +158,21 @@ def format_table(rows: Sequence[dict]) -> str:
   def number(value, spec):
     return '-' if value is None else format(value, spec)
 
-  lines = ['| run | model | parameters | steps | accuracy | loss | best accuracy (step) | '
+  lines = ['| run | model | data | parameters | steps | accuracy | loss | best accuracy (step) | '
            'train s | compile s | examples/s |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+           '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   names = short_names([row['run'] for row in rows])
   for name, row in zip(names, rows):
     steps = f'{row["step"]:,}' + ('' if row['finished'] else ' (running or stopped)')
     best = ('-' if row['best_accuracy'] is None
             else f'{100 * row["best_accuracy"]:.2f}% ({row["best_step"]:,})')
     accuracy = '-' if row['accuracy'] is None else f'{100 * row["accuracy"]:.2f}%'
-    lines.append(f'| {name} | {row["model"]} | {number(row["parameters"], ",")} | {steps} | '
-                 f'{accuracy} | {number(row["loss"], ".4f")} | {best} | '
+    data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.
+    lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
+                 f'{steps} | {accuracy} | {number(row["loss"], ".4f")} | {best} | '
                  f'{number(row["train_seconds"], ".1f")} | {number(row["compile_seconds"], ".1f")}'
                  f' | {number(row["examples_per_sec"], ",.0f")} |')
-  splits = sorted({row['eval_split'] for row in rows})
-  lines.append(f'\nAccuracy and loss: the last evaluation, on {", ".join(splits)}.')
+  lines.append('\nAccuracy and loss: the last evaluation, on the split named under data.')
   differing = differing_keys(rows) if len(rows) > 1 else []
   if differing:
     lines.append('Config keys that differ:')
@@ -155,7 +190,17 @@ def main(argv: Sequence[str]) -> None:
   if not run_dirs:
     raise UserError(f'no runs to compare: {_DEFAULT_ROOT}/ holds no run folders here; name the '
                     'run folders, e.g. python -m jaxcnn.compare RUN1 RUN2')
-  rows = sort_rows([describe_run(run_dir) for run_dir in run_dirs], _SORT.value)
+  rows, damaged = [], []
+  for run_dir in run_dirs:
+    try:
+      rows.append(describe_run(run_dir))
+    except DamagedMetrics as e:
+      damaged.append(str(e))
+  if not rows:
+    raise UserError('; '.join(damaged) + '; no run is left to compare')
+  for message in damaged:  # One line each; the other runs are still worth comparing.
+    print(f'warning: {message}; that run is left out', file=sys.stderr, flush=True)
+  rows = sort_rows(rows, _SORT.value)
   if _JSON.value:
     print(json.dumps(rows, indent=2))
   else:

@@ -1,5 +1,6 @@
 """`python -m jaxcnn.compare`: runs side by side, from their own files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -57,14 +58,87 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   result = run_compare('--sort', 'name', cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[2].startswith('| lr0.0001 | lenet5 | 61,706 | 24 | ')
-  assert lines[3].startswith('| lr0.003 | lenet5 | 61,706 | 24 (running or stopped) | ')
+  data = f'{rows[str(runs / "lr0.003")]["dataset"]}, test'
+  assert lines[2].startswith(f'| lr0.0001 | lenet5 | {data} | 61,706 | 24 | ')
+  assert lines[3].startswith(f'| lr0.003 | lenet5 | {data} | 61,706 | 24 (running or stopped) | ')
   assert '  learning_rate: lr0.0001=0.0001, lr0.003=0.003' in lines
 
-  with open(stopped, 'a', encoding='utf-8') as f:  # A line cut short by a full disk, say.
+  with open(stopped, 'a', encoding='utf-8') as f:  # A last line cut short by a kill, say.
     f.write('{"step": 30, "train/lo')
-  with pytest.raises(UserError, match=f'{stopped} is damaged'):
-    compare.describe_run(str(runs / 'lr0.003'))
+  row = compare.describe_run(str(runs / 'lr0.003'))
+  assert (row['step'], row['finished']) == (24, False)
+
+
+def write_run(run_dir, records, dataset='mnist/3.0.1', eval_split='test', last_line=''):
+  """A run folder as the trainer leaves it: config.json (only the keys that matter here: the
+  others are the defaults), dataset.json and metrics.jsonl with `records`, then `last_line`."""
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'dataset': 'mnist', 'model': 'lenet5', 'eval_split': eval_split}, f)
+  with open(os.path.join(run_dir, 'dataset.json'), 'w', encoding='utf-8') as f:
+    json.dump({'name': dataset, 'image_shape': [28, 28, 1], 'num_classes': 10,
+               'class_names': [str(i) for i in range(10)], 'num_train_examples': 60000,
+               'mean': [33.3], 'std': [78.6]}, f)
+  with open(os.path.join(run_dir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    f.write(''.join(json.dumps(record) + '\n' for record in records) + last_line)
+  return str(run_dir)
+
+
+def evaluation(step, accuracy, split='test'):
+  return {'step': step, f'{split}/loss': 1 - accuracy, f'{split}/accuracy': accuracy}
+
+
+def test_each_row_says_what_data_it_was_trained_and_evaluated_on(tmp_path):
+  # A smoke run on stand-in synthetic data scores 100% and sorts first: the row must say so.
+  write_run(tmp_path / 'runs' / 'smoke', [evaluation(50, 1.0)], dataset='synthetic mnist')
+  write_run(tmp_path / 'runs' / 'real', [evaluation(50, 0.98, 'train[90%:]')],
+            eval_split='train[90%:]')
+  result = run_compare(cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('| run | model | data | parameters |')
+  assert lines[2].startswith('| smoke | lenet5 | synthetic mnist, test | 61,706 | 50 ')
+  assert lines[3].startswith('| real | lenet5 | mnist/3.0.1, train[90%:] | 61,706 | 50 ')
+
+
+def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):
+  steps = [{'step': step, 'train/loss': 1.0} for step in range(10, 130, 10)]
+  good = write_run(tmp_path / 'good', steps + [evaluation(120, 0.9)])
+  # Killed while writing: the last line is cut short, as the trainer itself expects.
+  killed = write_run(tmp_path / 'killed', steps + [evaluation(120, 0.8)],
+                     last_line='{"step": 130, "train/lo')
+  row = compare.describe_run(killed)
+  assert (row['step'], row['accuracy'], row['finished']) == (120, 0.8, False)
+  # Damaged on line 14 of 15 (the blank line 13 counts: it is a line of the file).
+  damaged = write_run(tmp_path / 'damaged', steps, last_line='\n{"step": 130, "train/lo\n' +
+                      json.dumps(evaluation(140, 0.95)) + '\n')
+  with pytest.raises(UserError, match='damaged/metrics.jsonl is damaged: line 14 is not JSON'):
+    compare.describe_run(damaged)
+
+  result = run_compare(good, damaged, killed, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert result.stderr == (f'warning: {damaged}/metrics.jsonl is damaged: line 14 is not JSON; '
+                           'that run is left out\n')
+  rows = [line.split(' | ')[0] for line in result.stdout.splitlines()[2:] if line.startswith('|')]
+  assert rows == ['| good', '| killed']
+
+  result = run_compare(damaged, cwd=tmp_path)  # Nothing left to compare: an error.
+  assert (result.returncode, result.stderr) == (
+      2, f'error: {damaged}/metrics.jsonl is damaged: line 14 is not JSON; no run is left to '
+      'compare\n')
+
+  with open(os.path.join(good, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+    f.write('[120, 0.9]\n{"step": 130}\n')  # JSON, but not a record of a step.
+  with pytest.raises(UserError, match='good/metrics.jsonl is damaged: line 14 is not a record'):
+    compare.describe_run(good)
+
+
+def test_the_best_step_of_tied_accuracies_is_the_one_checkpoint_best_loads(tmp_path):
+  # checkpoint.best_step picks max((accuracy, step)): of tied accuracies, the latest step.
+  run = write_run(tmp_path / 'run', [evaluation(10, 0.9), evaluation(20, 0.95),
+                                     evaluation(30, 0.95), evaluation(40, 0.93)])
+  row = compare.describe_run(run)
+  assert (row['best_accuracy'], row['best_step'], row['accuracy']) == (0.95, 30, 0.93)
 
 
 def test_runs_with_the_same_last_folder_name_are_told_apart():
