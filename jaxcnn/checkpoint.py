@@ -128,6 +128,30 @@ def _short(message: str, limit: int = 160) -> str:
   return line if len(line) <= limit else line[:limit] + '...'
 
 
+class StateMismatch(ConfigError):
+  """A checkpoint whose training state another config built (another model, optimizer, or an
+  option with state of its own, such as ema_decay, turned on or off).
+
+  Attributes:
+    step: the checkpoint's step.
+    directory: the run's checkpoint folder.
+    difference: the first array that differs, and how.
+  """
+
+  def __init__(self, step: int, directory: str, difference: str, changes: str = ''):
+    """`changes`: the config keys changed from the run's own config, as 'key old -> new, ...'."""
+    self.step, self.directory, self.difference = step, directory, difference
+    run_config = os.path.join(os.path.dirname(directory), 'config.json')
+    if changes:
+      # The user may be resuming with the run's own config already, with these on top of it.
+      advice = (f"as this config changes {changes}; resume with the run's own config (--config "
+                f'{run_config}) without the changes that shape the training state')
+    else:
+      advice = f"resume with the run's own config (--config {run_config})"
+    super().__init__(f'the checkpoint at step {step} in {directory} does not match this config: '
+                     f'{difference}; {advice}, or start a new --workdir')
+
+
 class _WithoutUnusedMetadataErrors(logging.Filter):
   """Drops Orbax's ERROR log of a checkpoint's `_CHECKPOINT_METADATA` that does not parse.
 
@@ -261,7 +285,7 @@ class Checkpointer:
     return dict(restored['meta'])
 
   def check_compatible(self, step: int, template) -> None:
-    """Raises a ConfigError naming the first array whose shape differs from `template`'s, or a
+    """Raises a StateMismatch naming the first array whose shape differs from `template`'s, or a
     CheckpointError if the checkpoint's metadata cannot be read (a damaged checkpoint).
 
     Parameters are compared first, so the message names the layer that changed rather than its
@@ -283,11 +307,7 @@ class Checkpointer:
       else:
         difference = (f'{path} has shape {saved[path]} in the checkpoint and {wanted[path]} in '
                       'the model')
-      raise ConfigError(
-          f'the checkpoint at step {step} in {self.directory} does not match this config: '
-          f"{difference}; resume with the run's own config (--config "
-          f'{os.path.join(os.path.dirname(self.directory), "config.json")}), or start a new '
-          '--workdir')
+      raise StateMismatch(step, self.directory, difference)
 
   def restore(self, step: int, template, sharding) -> tuple[object, dict]:
     """Restores checkpoint `step` into `template`'s structure, placed with `sharding`.

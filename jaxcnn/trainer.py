@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxcnn import config as config_lib
 from jaxcnn import caches, feeds, models, optim, parallel, profiling, xla_options
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.checkpoint import Checkpointer
+from jaxcnn.checkpoint import Checkpointer, StateMismatch
 from jaxcnn.data import pipeline
 from jaxcnn.data.augment import Preprocessor
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
@@ -117,6 +117,11 @@ def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Stra
   strategy.check_batch_size('eval_batch_size', config.eval_batch_size)
 
 
+# L2 weight decay (every optimizer but AdamW) from which on it is likely meant as AdamW's: 20x the
+# 5e-4 of the CIFAR and ImageNet recipes.
+L2_WARNING_THRESHOLD = 0.01
+
+
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
                      num_train_examples: int, mean, std, strategy: parallel.Strategy,
                      placement: str = 'device', init_images=None,
@@ -150,6 +155,13 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
     print(f'warning: warmup_epochs={config.warmup_epochs:g} is {warmup} steps, as long as the '
           f'run ({total_steps} steps) or longer: the learning rate rises over the whole run and '
           'reaches learning_rate at its last step', file=sys.stderr, flush=True)
+  if (training and config.optimizer != 'adamw' and config.weight_decay >= L2_WARNING_THRESHOLD
+      and jax.process_index() == 0):
+    # Typically a config written for AdamW (configs/mnist.py's 0.05) run with another optimizer.
+    print(f'warning: weight_decay={config.weight_decay:g} with optimizer {config.optimizer!r} is '
+          f'an L2 penalty, {config.weight_decay / 5e-4:g}x the usual 5e-4; values like it are '
+          "AdamW's decoupled decay (optimizer 'adamw'), which scales with the learning rate",
+          file=sys.stderr, flush=True)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'
@@ -356,13 +368,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
 
   # ---------------------------------------------------------------- Restore
   checkpointer = resources.enter_context(contextlib.closing(make_checkpointer(config, workdir)))
-  step = 0
+  step, num_saves = 0, 0  # num_saves: the checkpoints the run saved, before resumes included.
   if checkpointer.steps() and os.path.isfile(os.path.join(workdir, workdir_lib.DATASET_FILE)):
     # Before restoring: another number of classes would otherwise be refused as another model.
     workdir_lib.check_same_classes(workdir, data.class_names)
-  restored = checkpointer.restore_latest_good(
-      {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
-      NamedSharding(strategy.mesh, PartitionSpec()))
+  try:
+    restored = checkpointer.restore_latest_good(
+        {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
+        NamedSharding(strategy.mesh, PartitionSpec()))
+  except StateMismatch as e:  # Named with the keys changed from the run's: one of them did it.
+    raise StateMismatch(e.step, e.directory, e.difference,
+                        changes=_config_changes(workdir, config)) from None
   if restored is not None:
     tree, meta = restored
     step = meta['step']
@@ -377,6 +393,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
       stopwatch.add(phase, seconds)
+    num_saves = meta.get('saves', 0)  # Checkpoints written before saving the count: 0.
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})'
           + (f' with changed config: {changes}' if changes else ''), flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
@@ -432,7 +449,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   window_seconds, window_step = 0.0, step  # Training time and first step of the log window.
-  num_saves = 0
 
   if config.profile_steps and config.profile_start_step >= total_steps and is_chief:
     print(f'warning: profile_start_step={config.profile_start_step} is not before the last step '
@@ -501,13 +517,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
                          f'{100 * last_eval[config.eval_split + "/accuracy"]:.2f}%, loss '
                          f'{last_eval[config.eval_split + "/loss"]:.4f}')
       if checkpoint_now:
+        num_saves += 1
         with stopwatch.timed('checkpoint'):
           checkpointer.save(
               step, {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
               meta={'data': train_feed.position(step), 'batch_size': config.batch_size,
-                    'seconds': dict(stopwatch.totals)},
+                    'seconds': dict(stopwatch.totals), 'saves': num_saves},
               metrics=last_eval if eval_now else None)
-        num_saves += 1
       if stopping:  # `resources` waits for the checkpoint just started.
         raise TrainingInterrupted(
             f'stopped by {signal.Signals(stop_requests.signal_number or signal.SIGTERM).name} at '

@@ -4,6 +4,7 @@ and the evaluate and predict command lines."""
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -315,6 +316,16 @@ def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resume
   config_json = (tmp_path / 'config.json').read_text()
   with pytest.raises(ConfigError, match='does not match this config'):
     trainer.train_and_evaluate(tiny_config(num_train_steps=24, model='bn_cnn'), str(tmp_path))
+  # Options with state of their own, turned on: the message names the key to take back (the
+  # run's own config.json, which it used to suggest, may be what the user resumes with).
+  for key, change in (('grad_clip_norm', '0.0 -> 1.0'), ('ema_decay', '0.0 -> 0.99')):
+    with pytest.raises(ConfigError, match=(
+        rf'does not match this config: state\.\S+ \(shape .*\) is in the \w+ but not in the '
+        rf'\w+; as this config changes {key} {re.escape(change)}, num_train_steps 12 -> 24; '
+        r"resume with the run's own config \(--config .*config\.json\) without the changes "
+        'that shape the training state, or start a new --workdir$')):
+      trainer.train_and_evaluate(
+          tiny_config(num_train_steps=24, **{key: float(change.split()[-1])}), str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == config_json  # evaluate still rebuilds lenet5.
   result = trainer.train_and_evaluate(tiny_config(num_train_steps=24), str(tmp_path))
   assert '"num_train_steps": 24' in (tmp_path / 'config.json').read_text()
@@ -325,8 +336,10 @@ def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resume
   assert seconds == sorted(seconds) and seconds[-1] > seconds_at_12
   assert result['time/train_seconds'] > [r['time/train_seconds'] for r in first
                                          if 'time/train_seconds' in r][0]
-  # One end-of-run record of times, the resumed run's.
+  # One end-of-run record of times, the resumed run's, and the saves of both runs counted.
   assert [r['step'] for r in records if 'time/train_seconds' in r] == [24]
+  assert [r['time/checkpoint_saves'] for r in first if 'time/checkpoint_saves' in r] == [1]
+  assert result['time/checkpoint_saves'] == 2  # Steps 12 and 24.
 
 
 def test_last_k_and_best_k_are_kept(tmp_path):
