@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image
 
 from jaxcnn import cli
-from jaxcnn.data.image_ops import resize_and_center_crop
+from jaxcnn.data.image_ops import resize_and_center_crop, to_uint8
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.train_step import make_predict_step
@@ -42,7 +42,7 @@ def load_image(path: str, image_shape) -> np.ndarray:
   """
   height, width, channels = image_shape
   with Image.open(path) as image:
-    pixels = np.asarray(image.convert('L' if channels == 1 else 'RGB'), np.uint8)
+    pixels = to_uint8(image, 'L' if channels == 1 else 'RGB')
   return resize_and_center_crop(pixels.reshape(*pixels.shape[:2], channels), height, width)
 
 

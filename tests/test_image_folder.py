@@ -266,3 +266,18 @@ def test_predict_reads_an_image_as_evaluation_does(tmp_path):
   np.testing.assert_array_equal(load_image(str(tmp_path / 'wide.png'), (64, 64, 3)), evaluated)
   grey = load_image(str(tmp_path / 'wide.png'), (28, 28, 1))
   assert grey.shape == (28, 28, 1) and grey.dtype == np.uint8
+
+
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+  """PIL's own conversion of a 16-bit PNG clips every value above 255 to white."""
+  from jaxcnn.data import image_ops
+  from jaxcnn.predict import load_image
+  wide = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1040).astype(np.uint16)  # 0 to 65,520.
+  Image.fromarray(wide).save(tmp_path / 'deep.png')
+  expected = np.round(wide / 257).astype(np.uint8)
+  with Image.open(tmp_path / 'deep.png') as image:
+    assert image.mode == 'I;16'
+    rgb = image_ops.to_uint8(image, 'RGB')  # As an image folder stores it.
+  np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(load_image(str(tmp_path / 'deep.png'), (8, 8, 1))[..., 0],
+                                expected)

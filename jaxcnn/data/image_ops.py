@@ -10,6 +10,18 @@ import numpy as np
 from PIL import Image
 
 
+def to_uint8(image: Image.Image, mode: str) -> np.ndarray:
+  """`image`'s pixels as a uint8 array in PIL `mode` ('L' for grey, 'RGB').
+
+  A 16-bit grey image (a PNG of mode 'I;16') is scaled to 8 bits first: PIL's own conversion
+  clips every value above 255, which turns all but the darkest pixels white.
+  """
+  if image.mode.startswith('I;16'):
+    wide = np.asarray(image).astype(np.uint32)
+    image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded.
+  return np.asarray(image.convert(mode), np.uint8)
+
+
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """Bilinear resize of a uint8 HWC image (a no-op at the same size)."""
   if image.shape[:2] == (height, width):
