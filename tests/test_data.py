@@ -1,5 +1,6 @@
 """The data path: TFDS preparation checks, device-resident splits, augmentation."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcnn import trainer
 from jaxcnn.data import augment, decoded_index, device_data, pipeline, tfds_data
 from jaxcnn.errors import ConfigError, DataError, UserError
 
@@ -378,3 +380,25 @@ def test_streamed_statistics_sample_the_whole_split_not_its_first_images():
   indices = pipeline.sample_indices(3000, 1024)
   assert len(set(indices.tolist())) == 1024 and list(indices) == sorted(indices)
   assert list(pipeline.sample_indices(10, 1024)) == list(range(10))
+
+
+@pytest.mark.parametrize('train_split, eval_split, shared', [
+    ('train', 'train[90%:]', 6_000), ('train[:90%]', 'train[90%:]', 0), ('train', 'test', 0),
+    ('train[:50%]+test', 'test[:100]+train[40%:60%]', 100 + 6_000), ('train', 'train', 60_000)])
+def test_examples_shared_by_the_train_and_eval_splits_are_counted(train_split, eval_split, shared):
+  info = tfds_data.DatasetInfo(name='mnist', image_shape=(28, 28, 1), num_classes=10,
+                               class_names=None, split_sizes={'train': 60_000, 'test': 10_000},
+                               image_key='image', label_key='label')
+  assert tfds_data.shared_examples(info, train_split, eval_split) == shared
+  no_sizes = dataclasses.replace(info, split_sizes={})  # A mocked dataset: nothing known.
+  assert tfds_data.shared_examples(no_sizes, train_split, eval_split) == 0
+
+
+def test_training_warns_of_an_eval_split_inside_the_train_split(mnist_data_dir, tmp_path, capsys):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=1, data_dir=str(mnist_data_dir),
+                                         eval_split='train[99%:]'), str(tmp_path))
+  warnings = [line for line in capsys.readouterr().err.splitlines() if 'shares' in line]
+  assert warnings == [
+      "warning: eval_split 'train[99%:]' shares 600 examples with train_split 'train': its "
+      "accuracy is partly on training data; hold them out of train_split (e.g. 'train[:90%]' "
+      "beside 'train[90%:]')"]

@@ -54,8 +54,9 @@ class Data:
   label_key: str = 'label'
 
 
-def check_dataset(config) -> None:
-  """Fails at once, before any work, on a dataset that cannot exist."""
+def check_dataset(config) -> tfds_data.DatasetInfo | None:
+  """Fails at once, before any work, on a dataset that cannot exist; returns a TFDS dataset's
+  metadata (None for an image folder or synthetic data)."""
   if config.dataset == IMAGE_FOLDER:
     if not config.image_folder and not config.synthetic_if_unprepared:
       raise ConfigError("dataset 'imagefolder' needs --config.image_folder=ROOT, a folder of "
@@ -73,8 +74,11 @@ def check_dataset(config) -> None:
   elif config.dataset != SYNTHETIC:
     recorded = decoded_index.lookup(config.dataset, config.data_dir)
     # TFDS's metadata names the splits of a dataset, prepared or not.
-    _check_splits(config, tfds_data.info_from_json(recorded.info) if recorded else
-                  tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir)))
+    info = (tfds_data.info_from_json(recorded.info) if recorded else
+            tfds_data.dataset_info(tfds_data.get_builder(config.dataset, config.data_dir)))
+    _check_splits(config, info)
+    return info
+  return None
 
 
 def _check_splits(config, info: tfds_data.DatasetInfo) -> None:

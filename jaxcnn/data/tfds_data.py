@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.parse
 from collections.abc import Sequence
 
@@ -68,6 +69,27 @@ def check_split(info: DatasetInfo, split: str) -> None:
 def split_size_bound(info: DatasetInfo, split: str) -> int:
   """At most how many examples the split spec `split` reads: its named splits' sizes."""
   return sum(info.split_sizes.get(name, 0) for name in split_names(split))
+
+
+def shared_examples(info: DatasetInfo, split_a: str, split_b: str) -> int:
+  """How many examples both split specs read (e.g. 6,000 of MNIST's 'train' and 'train[90%:]');
+  0 where the dataset records no split sizes."""
+  if not (info.split_sizes and reads_known_splits(info, split_a)
+          and reads_known_splits(info, split_b)):
+    return 0
+  tfds = import_tfds()
+  # TFDS resolves a spec's percentages and its rounding against the splits' SplitInfo objects.
+  split_infos = {name: types.SimpleNamespace(num_examples=size)
+                 for name, size in info.split_sizes.items()}
+
+  def ranges(spec):
+    return [(part.splitname, part.from_ or 0,
+             info.split_sizes[part.splitname] if part.to is None else part.to)
+            for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(split_infos)]
+
+  return sum(max(0, min(end_a, end_b) - max(start_a, start_b))
+             for name_a, start_a, end_a in ranges(split_a)
+             for name_b, start_b, end_b in ranges(split_b) if name_a == name_b)
 
 
 def split_num_examples(builder, split: str) -> int:
