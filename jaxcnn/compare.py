@@ -38,38 +38,6 @@ _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Ma
 _DEFAULT_ROOT = 'runs'
 
 
-class DamagedMetrics(UserError):
-  """A run's `metrics.jsonl` holds a line that is not a record of a step (other than a last line
-  cut short): that run cannot be compared."""
-
-
-def read_records(run_dir: str) -> list[dict]:
-  """The records of the run's `metrics.jsonl`, as `metrics.read_metrics` reads them, except that a
-  last line cut short is skipped, as `workdir.truncate_metrics` does when the run resumes: that is
-  what a run killed mid-write (or still writing) leaves.
-
-  Raises:
-    FileNotFoundError: the run has no metrics yet.
-    DamagedMetrics: any other line is not a record of a step; the message names the file and the
-      line's number in it (json's own message counts within the line: always "line 1").
-  """
-  path = os.path.join(run_dir, metrics.METRICS_FILE)
-  with open(path, encoding='utf-8', errors='replace') as f:
-    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-  records = []
-  for number, line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError:
-      if number == lines[-1][0]:
-        continue
-      raise DamagedMetrics(f'{path} is damaged: line {number} is not JSON') from None
-    if not (isinstance(record, dict) and isinstance(record.get('step'), int)):
-      raise DamagedMetrics(f'{path} is damaged: line {number} is not a record of a step')
-    records.append(record)
-  return records
-
-
 def find_runs(root: str) -> list[str]:
   """The run folders (those holding a `config.json`) directly under `root`, sorted by name."""
   if not os.path.isdir(root):
@@ -95,7 +63,7 @@ def describe_run(run_dir: str) -> dict:
   config = workdir_lib.read_config(run_dir)
   record = workdir_lib.read_dataset(run_dir)
   try:
-    records = read_records(run_dir)
+    records = metrics.read_step_records(run_dir)
   except FileNotFoundError:
     records = []  # Started, and stopped before its first log step.
   split = config.eval_split
@@ -194,7 +162,7 @@ def main(argv: Sequence[str]) -> None:
   for run_dir in run_dirs:
     try:
       rows.append(describe_run(run_dir))
-    except DamagedMetrics as e:
+    except metrics.DamagedMetrics as e:
       damaged.append(str(e))
   if not rows:
     raise UserError('; '.join(damaged) + '; no run is left to compare')

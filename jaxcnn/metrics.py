@@ -15,6 +15,8 @@ import time
 import types
 from collections.abc import Mapping
 
+from jaxcnn.errors import UserError
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -62,6 +64,45 @@ class MetricWriter:
     if self._enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._events.close()
+
+
+class DamagedMetrics(UserError):
+  """A `metrics.jsonl` line that is not a record of a step (other than a last line cut short).
+
+  Attributes:
+    reason: which line, by its number in the file, and what is wrong with it.
+  """
+
+  def __init__(self, path: str, reason: str):
+    self.reason = reason
+    super().__init__(f'{path} is damaged: {reason}')
+
+
+def read_step_records(workdir: str) -> list[dict]:
+  """The records of `<workdir>/metrics.jsonl`, checked: each line a JSON object with an integer
+  `step`, except a last line cut short, which is skipped (what a run killed mid-write, or still
+  writing, leaves; a resumed run cuts it off).
+
+  Raises:
+    FileNotFoundError: there is no metrics file.
+    DamagedMetrics: naming the first other line that is not a record of a step.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for number, line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if number == lines[-1][0]:
+        continue
+      # By the line's number in the file: json's own message counts within the line.
+      raise DamagedMetrics(path, f'line {number} is not JSON') from None
+    if not (isinstance(record, dict) and isinstance(record.get('step'), int)):
+      raise DamagedMetrics(path, f'line {number} is not a record of a step')
+    records.append(record)
+  return records
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
