@@ -18,7 +18,7 @@ import ml_collections
 
 from jaxcnn import files
 from jaxcnn.errors import UserError
-from jaxcnn.metrics import METRICS_FILE
+from jaxcnn.metrics import METRICS_FILE, DamagedMetrics, read_step_records
 
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
@@ -153,7 +153,8 @@ def check_same_classes(workdir: str, class_names: tuple[str, ...]) -> None:
 
 def check_can_hold_run(path: str) -> None:
   """Refuses a workdir that holds a file of a run's name that is not a jaxcnn run's, which the
-  run would overwrite (a new run in a folder of other files, or one with `--workdir` mistyped).
+  run would overwrite (a new run in a folder of other files, or one with `--workdir` mistyped),
+  and a folder of runs that is not a run itself.
 
   Files of other names are left alone: a run writes only its own.
   """
@@ -163,6 +164,14 @@ def check_can_hold_run(path: str) -> None:
                     'a jaxcnn run to resume it')
 
   config_path = os.path.join(path, CONFIG_FILE)
+  if os.path.isdir(path) and not os.path.isfile(config_path):
+    # `--workdir runs` for `--workdir runs/NAME`: the run would be mixed in with those under it.
+    runs = sorted(name for name in os.listdir(path)
+                  if os.path.isfile(os.path.join(path, name, CONFIG_FILE)))
+    if runs:
+      raise UserError(f'--workdir {path!r} holds other runs ({", ".join(runs[:3])}'
+                      f'{", ..." if len(runs) > 3 else ""}) and is not one itself; give the run '
+                      f'a folder of its own, e.g. --workdir {os.path.join(path, "NAME")}')
   if os.path.isfile(config_path):
     try:
       with open(config_path, encoding='utf-8') as f:
@@ -176,19 +185,11 @@ def check_can_hold_run(path: str) -> None:
       _load_dataset_record(os.path.join(path, DATASET_FILE))
     except ValueError as e:
       refuse(DATASET_FILE, str(e))
-  metrics_path = os.path.join(path, METRICS_FILE)
-  if os.path.isfile(metrics_path):
-    with open(metrics_path, encoding='utf-8', errors='replace') as f:
-      lines = [line for line in f if line.strip()]
-    for number, line in enumerate(lines, 1):
-      try:
-        record = json.loads(line)
-      except ValueError:
-        if number == len(lines):  # The last line cut short by a kill.
-          continue
-        refuse(METRICS_FILE, f'line {number} is not JSON')
-      if not (isinstance(record, dict) and 'step' in record):
-        refuse(METRICS_FILE, f'line {number} is not a record of a step')
+  if os.path.isfile(os.path.join(path, METRICS_FILE)):
+    try:
+      read_step_records(path)
+    except DamagedMetrics as e:
+      refuse(METRICS_FILE, e.reason)
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import threading
 
 import jax
@@ -218,6 +219,17 @@ def test_a_workdir_with_files_of_a_runs_names_not_a_runs_is_left_untouched(fake_
     trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == sorted(['notes.txt', name])
   assert (tmp_path / name).read_text() == text
+
+
+def test_a_folder_of_runs_is_not_taken_for_a_run(fake_tfds, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path / 'runs' / 'first'))
+  with pytest.raises(UserError, match=re.escape(
+      f"--workdir '{tmp_path / 'runs'}' holds other runs (first) and is not one itself; give the "
+      f"run a folder of its own, e.g. --workdir {tmp_path / 'runs' / 'NAME'}")):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path / 'runs'))
+  assert os.listdir(tmp_path / 'runs') == ['first']
+  # A run's own workdir still resumes (its checkpoints folder holds no run).
+  trainer.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / 'runs' / 'first'))
 
 
 def test_batch_larger_than_the_dataset_is_refused(fake_tfds, tmp_path):
