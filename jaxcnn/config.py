@@ -113,6 +113,10 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file {path!r} holds a JSON {type(values).__name__}, not an object '
                       'of config keys')
   config = default_config()
+  if values.get('best_metric') == f'{values.get("eval_split")}/accuracy':
+    # JSON records the value, not that it followed eval_split: left to the default, it follows
+    # again, so that the run's config with another --config.eval_split is still consistent.
+    values = {key: value for key, value in values.items() if key != 'best_metric'}
   _update_from_json(config, values, path)
   return config
 

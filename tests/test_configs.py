@@ -58,6 +58,22 @@ def test_a_runs_config_json_reads_back_as_the_config_it_records(path, tmp_path):
   assert again.get_ref('data_dir').get_type() is str  # A None key keeps its type for overrides.
 
 
+@pytest.mark.parametrize('best_metric, after', [(None, 'train[90%:]/accuracy'),
+                                                 ('test/loss', 'test/loss')])
+def test_a_runs_config_json_with_another_eval_split_ranks_checkpoints_on_it(best_metric, after,
+                                                                           tmp_path):
+  """best_metric follows eval_split unless it was set: JSON records only its value."""
+  config = config_lib.default_config()
+  if best_metric:
+    config.best_metric = best_metric
+  workdir_lib.write_config(str(tmp_path), config)
+  again = config_lib.config_from_json(str(tmp_path / 'config.json'))
+  again.eval_split, again.train_split = 'train[90%:]', 'train[:90%]'
+  assert again.best_metric == after
+  if best_metric is None:
+    config_lib.validate(again)  # Not refused for ranking on a split it does not evaluate.
+
+
 def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text('{"augment": {"flip": 3}}')
   with pytest.raises(ConfigError, match="gives config key 'augment.flip' the value 3; it takes bool"):
