@@ -64,7 +64,9 @@ class SimpleCNN(nnx.Module):
 
 
 class KerasCNN(nnx.Module):
-  """The Keras tutorial CNN: conv 32@3x3 VALID -> max-pool -> flatten -> 64 -> dropout 0.5 -> classes."""
+  """A minimal Keras-style CNN: conv 32@3x3 VALID -> max-pool -> flatten -> 64 -> dropout 0.5 ->
+  classes. One convolution, a baseline to compare deeper networks against: not Keras's MNIST
+  example, which has two (32 and 64 channels)."""
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
                rngs: nnx.Rngs):
