@@ -28,6 +28,7 @@ from flax import nnx
 from jaxcnn import cli, metrics, models
 from jaxcnn import config as config_lib
 from jaxcnn import workdir as workdir_lib
+from jaxcnn.checkpoint import CHECKPOINT_DIR
 from jaxcnn.errors import UserError
 
 _SORT_KEYS = ('accuracy', 'loss', 'time', 'name')
@@ -81,7 +82,9 @@ def describe_run(run_dir: str) -> dict:
   return {
       'run': run_dir, 'model': config.model, 'dataset': record.name,
       'parameters': count_parameters(config.model, record.image_shape, record.num_classes),
-      'step': max((r['step'] for r in records), default=0), 'finished': finished,
+      # A run stopped by a signal saves its last step, which it may not have logged.
+      'step': max(max((r['step'] for r in records), default=0), latest_checkpoint_step(run_dir)),
+      'finished': finished,
       'eval_split': split,
       'accuracy': evaluations[-1][f'{split}/accuracy'] if evaluations else None,
       'loss': evaluations[-1][f'{split}/loss'] if evaluations else None,
@@ -92,6 +95,16 @@ def describe_run(run_dir: str) -> dict:
       'examples_per_sec': statistics.median(speeds) if speeds else None,
       'config': config_lib.flatten(config.to_dict()),
   }
+
+
+def latest_checkpoint_step(run_dir: str) -> int:
+  """The step of the run's newest complete checkpoint, 0 if none: Orbax writes a checkpoint
+  under a temporary name and renames it to its step once it is complete."""
+  try:
+    names = os.listdir(os.path.join(run_dir, CHECKPOINT_DIR))
+  except OSError:
+    return 0
+  return max((int(name) for name in names if name.isdigit()), default=0)
 
 
 def differing_keys(rows: Sequence[dict]) -> list[str]:

@@ -141,6 +141,15 @@ def test_the_best_step_of_tied_accuracies_is_the_one_checkpoint_best_loads(tmp_p
   assert (row['best_accuracy'], row['best_step'], row['accuracy']) == (0.95, 30, 0.93)
 
 
+def test_a_run_stopped_after_its_last_log_counts_the_step_of_its_checkpoint(tmp_path):
+  # Stopped by SIGTERM at step 2153: the checkpoint of that step is saved; the log ends at 2100.
+  run = write_run(tmp_path / 'stopped', [{'step': 2100, 'train/loss': 0.1}, evaluation(2100, 0.99)])
+  for name in ('2100', '2153', '2160.orbax-checkpoint-tmp-1'):  # The last one is incomplete.
+    os.makedirs(os.path.join(run, 'checkpoints', name))
+  row = compare.describe_run(run)
+  assert (row['step'], row['finished'], row['accuracy']) == (2153, False, 0.99)
+
+
 def test_runs_with_the_same_last_folder_name_are_told_apart():
   assert compare.short_names(['a/x/run', 'b/x/run', 'c/run']) == ['a/x/run', 'b/x/run', 'c/run']
   assert compare.short_names(['runs/one', 'runs/two']) == ['one', 'two']
