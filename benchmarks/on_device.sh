@@ -15,8 +15,9 @@
 # It first checks in seconds that JAX computes on the GPU (and says what stands in PyTorch's way,
 # if anything: benchmarks/preflight.py). It writes the results JSON (rewritten after every
 # measurement, so a run cut off by the timeout still brings back what it measured), the suite's
-# log and the GPU's description to $OUT (to benchmarks/results outside the device tool). Copy the JSON into benchmarks/results/ and run
-# `python benchmarks/report.py` to put it in the README. The measurements run in the order of
+# log and the GPU's description to $OUT (to benchmarks/results outside the device tool). Copy
+# the JSON into benchmarks/results/ and run `python benchmarks/report.py` to put it in the
+# README. The measurements run in the order of
 # benchmarks/run.py's plan: the first seed of each MNIST recipe (configs/mnist.py and its
 # :speedrun variant), the fast CIFAR network and ResNet-50 in bfloat16, the other MNIST seeds, then
 # the other throughputs; what the budget leaves out is listed under 'skipped'. A later call with
@@ -39,8 +40,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
   > "$out/nvidia-smi.csv" 2>&1 || true
 # Seconds, not the budget, to learn that JAX has no GPU (it would measure the CPU for ten minutes)
 # or what stands in PyTorch's way. EXPECTED_PLATFORM=cpu runs this script in a CPU stand-in.
-python3 benchmarks/preflight.py --platform "${EXPECTED_PLATFORM:-gpu}" 2>&1 | tee "$out/preflight.log"
-[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "error: preflight failed (above; $out/preflight.log)" >&2; exit 1; }
+python3 benchmarks/preflight.py --platform "${EXPECTED_PLATFORM:-gpu}" 2>&1 \
+  | tee "$out/preflight.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] \
+  || { echo "error: preflight failed (above; $out/preflight.log)" >&2; exit 1; }
 # The budget is the whole call's: what installing the wheels took comes off the suite's.
 budget=$(( budget > SECONDS + 60 ? budget - SECONDS : 60 ))
 echo "suite budget: ${budget} s (set-up took ${SECONDS} s)"

@@ -343,18 +343,19 @@ def throughput(key: str, quick: bool, repeats: int) -> dict:
                    device='cpu' if on_cpu else 'cuda', warmup_steps=3 if on_cpu else 10)
   theirs = _attempt(failures, 'pytorch', torch_reference.measure_throughput, torch_name,
                     compile=not on_cpu, **reference)
+  pytorch_ran = 'compile' in theirs  # Not when it raised.
   entry = {'batch_size': batch, 'dtype': dtype, 'jaxcnn': ours, 'pytorch': theirs,
            'jaxcnn_img_per_s': ours.get('examples_per_sec'),
            'pytorch_img_per_s': theirs.get('images_per_s_median'),
-           'pytorch_mode': 'torch.compile' if theirs.get('compile') else 'eager'}
-  if theirs['error'] and theirs.get('compile'):
+           'pytorch_mode': (('torch.compile' if theirs['compile'] else 'eager') if pytorch_ran
+                            else None)}
+  if pytorch_ran and theirs['error'] and theirs['compile']:
     # torch.compile failed here (the error is kept): PyTorch's eager mode is still a reference.
     entry['pytorch_eager'] = _attempt(failures, 'pytorch eager',
                                       torch_reference.measure_throughput, torch_name, **reference)
     entry['pytorch_img_per_s'] = entry['pytorch_eager'].get('images_per_s_median')
     entry['pytorch_mode'] = 'eager (torch.compile failed)'
-  pytorch_ran = 'compile' in theirs  # Not when it raised: CUDA graphs would fail alike.
-  if not on_cpu and name in SHORT_STEP_MODELS and pytorch_ran:
+  if not on_cpu and name in SHORT_STEP_MODELS and pytorch_ran:  # (If it raised, so would this.)
     # jaxcnn runs these as scans of many steps per call; PyTorch's answer to per-step launch
     # costs is CUDA graphs. The faster of its two modes is the reference.
     graphs = _attempt(failures, 'pytorch CUDA graphs', torch_reference.measure_throughput,

@@ -139,13 +139,14 @@ class StateMismatch(ConfigError):
   """
 
   def __init__(self, step: int, directory: str, difference: str, changes: str = ''):
-    """`changes`: the config keys changed from the run's own config, as 'key old -> new, ...'."""
+    """`changes`: the keys that can shape the training state which this config changes from the
+    run's own, as 'key old -> new, ...'."""
     self.step, self.directory, self.difference = step, directory, difference
     run_config = os.path.join(os.path.dirname(directory), 'config.json')
     if changes:
       # The user may be resuming with the run's own config already, with these on top of it.
-      advice = (f"as this config changes {changes}; resume with the run's own config (--config "
-                f'{run_config}) without the changes that shape the training state')
+      advice = (f"this config changes {changes}, which can shape it; resume with the run's own "
+                f'config (--config {run_config}) without that change')
     else:
       advice = f"resume with the run's own config (--config {run_config})"
     super().__init__(f'the checkpoint at step {step} in {directory} does not match this config: '

@@ -64,13 +64,14 @@ def describe_run(run_dir: str) -> dict:
   config = workdir_lib.read_config(run_dir)
   record = workdir_lib.read_dataset(run_dir)
   try:
-    records = metrics.read_step_records(run_dir)
+    records = metrics.read_metrics(run_dir)
   except FileNotFoundError:
     records = []  # Started, and stopped before its first log step.
   split = config.eval_split
   evaluations = [r for r in records if f'{split}/accuracy' in r]
   # Of tied accuracies the latest step, as `--checkpoint best` picks (checkpoint.best_step takes
-  # max((metric, step))), so that the step named here is the checkpoint that flag loads.
+  # max((metric, step))): for a run ranked by accuracy with a checkpoint at every evaluation, the
+  # step named here is the checkpoint that flag loads.
   best = max(evaluations, key=lambda r: (r[f'{split}/accuracy'], r['step']), default=None)
 
   def last(key):

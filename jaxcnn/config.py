@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import numbers
+import sys
 
 import ml_collections
 from ml_collections import config_dict
@@ -117,6 +118,13 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     # JSON records the value, not that it followed eval_split: left to the default, it follows
     # again, so that the run's config with another --config.eval_split is still consistent.
     values = {key: value for key, value in values.items() if key != 'best_metric'}
+  metric, mode = values.get('best_metric'), values.get('best_mode')
+  if isinstance(metric, str) and mode in ('max', 'min') and mode != metric_direction(metric):
+    # Recorded before best_mode 'auto' (the default 'max' with a loss): it kept the worst.
+    print(f"warning: {path} records best_mode {mode!r} for {metric}, which kept the "
+          f"{'highest' if mode == 'max' else 'lowest'} as the best; reading it as 'auto'",
+          file=sys.stderr, flush=True)
+    values = {**values, 'best_mode': 'auto'}
   _update_from_json(config, values, path)
   return config
 
@@ -251,12 +259,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   best_metrics = [f'{config.eval_split}/{name}' for name in
                   ('accuracy', 'loss', *(('ema_accuracy', 'ema_loss') if config.ema_decay else ()))]
   _choice(config, 'best_metric', best_metrics)
-  if config.best_mode not in ('auto', best_mode(config)):
+  direction = metric_direction(config.best_metric)
+  if config.best_mode not in ('auto', direction):
     # The checkpoint kept as best would be the worst one, with nothing to say so.
     highest = 'highest' if config.best_mode == 'max' else 'lowest'
     raise ConfigError(f"config key 'best_mode' ({config.best_mode!r}) would keep the checkpoints "
                       f"with the {highest} {config.best_metric} as the best; use "
-                      f"'{best_mode(config)}' or 'auto'")
+                      f"'{direction}' or 'auto'")
   _require(config, 'async_checkpointing', isinstance(config.async_checkpointing, bool),
            'true or false')
   for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices',
@@ -296,10 +305,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
 
 
-def best_mode(config: ml_collections.ConfigDict) -> str:
-  """Whether the best checkpoint has the 'min' or the 'max' of `best_metric`: a loss is best
-  lowest, an accuracy highest."""
-  return 'min' if config.best_metric.endswith('loss') else 'max'
+def metric_direction(metric: str) -> str:
+  """Whether the best value of `metric` is its 'min' (a loss) or its 'max' (an accuracy): what
+  best_mode 'auto' ranks checkpoints by."""
+  return 'min' if metric.endswith('loss') else 'max'
 
 
 def _is_int(value) -> bool:

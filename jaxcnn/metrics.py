@@ -78,10 +78,10 @@ class DamagedMetrics(UserError):
     super().__init__(f'{path} is damaged: {reason}')
 
 
-def read_step_records(workdir: str) -> list[dict]:
-  """The records of `<workdir>/metrics.jsonl`, checked: each line a JSON object with an integer
-  `step`, except a last line cut short, which is skipped (what a run killed mid-write, or still
-  writing, leaves; a resumed run cuts it off).
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `<workdir>/metrics.jsonl`, in the order they were written, checked: each line
+  a JSON object with an integer `step`, except a last line cut short, which is skipped (what a run
+  killed mid-write, or still writing, leaves; a resumed run cuts it off).
 
   Raises:
     FileNotFoundError: there is no metrics file.
@@ -103,10 +103,3 @@ def read_step_records(workdir: str) -> list[dict]:
       raise DamagedMetrics(path, f'line {number} is not a record of a step')
     records.append(record)
   return records
-
-
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """All records of `<workdir>/metrics.jsonl`, in the order they were written."""
-  path = os.path.join(workdir, METRICS_FILE)
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]

@@ -383,9 +383,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     restored = checkpointer.restore_latest_good(
         {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
         NamedSharding(strategy.mesh, PartitionSpec()))
-  except StateMismatch as e:  # Named with the keys changed from the run's: one of them did it.
-    raise StateMismatch(e.step, e.directory, e.difference,
-                        changes=_config_changes(workdir, config)) from None
+  except StateMismatch as e:  # With the changed keys that can have done it, if any.
+    raise StateMismatch(e.step, e.directory, e.difference, changes=_config_changes(
+        workdir, config, only=STATE_SHAPING_KEYS)) from None
   if restored is not None:
     tree, meta = restored
     step = meta['step']
@@ -558,8 +558,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
   return {**last_train, **last_eval, **timing, 'workdir': workdir, 'step': step}
 
 
-def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """The keys a resume changes from the run's recorded config, as 'key old -> new, ...'.
+# The config keys whose change can change the arrays a checkpoint holds: the model's (its inputs
+# and classes included), the optimizer's state, and the moving average's.
+STATE_SHAPING_KEYS = ('dataset', 'image_folder', 'image_size', 'model', 'optimizer',
+                      'grad_clip_norm', 'weight_decay', 'ema_decay')
+
+
+def _config_changes(workdir: str, config: ml_collections.ConfigDict,
+                    only: tuple[str, ...] | None = None) -> str:
+  """The keys a resume changes from the run's recorded config (`only` these, if given), as
+  'key old -> new, ...'.
 
   Raises a ConfigError for a changed seed: the data order, augmentation and dropout of every step
   derive from it, so a resumed run with another seed would no longer be the run.
@@ -571,7 +579,7 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
   recorded, changes = config_lib.flatten(recorded), []
   for key, now in config_lib.flatten(config.to_dict()).items():
     before = recorded.get(key)
-    if before != now and key in recorded:
+    if before != now and key in recorded and (only is None or key in only):
       if key == 'seed':
         raise ConfigError(
             f'the run in {workdir} was trained with seed {before}, and its data order, '
@@ -585,7 +593,8 @@ def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
                       reading_only: bool = False) -> Checkpointer:
   """The checkpoint manager of a run, with the config's retention and saving options."""
   return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
-                      best_metric=config.best_metric, best_mode=config_lib.best_mode(config),
+                      best_metric=config.best_metric,
+                      best_mode=config_lib.metric_direction(config.best_metric),
                       async_save=config.async_checkpointing, reading_only=reading_only)
 
 

@@ -18,7 +18,7 @@ import ml_collections
 
 from jaxcnn import files
 from jaxcnn.errors import UserError
-from jaxcnn.metrics import METRICS_FILE, DamagedMetrics, read_step_records
+from jaxcnn.metrics import METRICS_FILE, DamagedMetrics, read_metrics
 
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
@@ -187,7 +187,7 @@ def check_can_hold_run(path: str) -> None:
       refuse(DATASET_FILE, str(e))
   if os.path.isfile(os.path.join(path, METRICS_FILE)):
     try:
-      read_step_records(path)
+      read_metrics(path)
     except DamagedMetrics as e:
       refuse(METRICS_FILE, e.reason)
 
@@ -198,17 +198,8 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return
-  with open(path, encoding='utf-8') as f:
-    lines = [line for line in f if line.strip()]
-  kept = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError:  # A line cut short by a kill: drop it.
-      continue
-    if 'step' not in record or record['step'] > last_step:
-      continue
-    if all(key == 'step' or key.startswith('time/') for key in record):
-      continue  # An earlier process's end-of-run times: the resumed run writes the run's own.
-    kept.append(line)
-  files.write_text_atomically(path, ''.join(kept))
+  kept = [record for record in read_metrics(workdir)  # Less a last line cut short by a kill.
+          if record['step'] <= last_step
+          # An earlier process's end-of-run times: the resumed run writes the run's own.
+          and not all(key == 'step' or key.startswith('time/') for key in record)]
+  files.write_text_atomically(path, ''.join(json.dumps(record) + '\n' for record in kept))

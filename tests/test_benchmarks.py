@@ -382,6 +382,7 @@ def test_one_frameworks_failure_keeps_the_others_throughput(monkeypatch, failing
       'error': 'ValueError: device cuda was asked for, but torch sees no CUDA device'}
   assert entry[f'{failing}_img_per_s'] is None and entry[f'{survivor}_img_per_s'] > 0
   assert 'ratio_jaxcnn_to_pytorch' not in entry
+  assert entry['pytorch_mode'] == (None if failing == 'pytorch' else 'eager')
   # Still an error of the suite (its exit status says so), the survivor's figure recorded.
   measured = {}
   suite.record(measured, suite.Measurement('throughput', 'lenet5_float32', lambda: entry), entry)
@@ -421,10 +422,11 @@ def test_the_cpu_epoch_runs_both_frameworks_on_the_cpu_of_a_gpu_machine(monkeypa
 
 
 def test_preflight_passes_where_jax_computes_and_stops_a_gpu_run_without_a_gpu():
-  result = run('benchmarks/preflight.py', '--platform', 'cpu')
+  on_cpu = {**ONE_DEVICE, 'JAX_PLATFORMS': 'cpu'}  # So on a machine with a GPU too.
+  result = run('benchmarks/preflight.py', '--platform', 'cpu', env=on_cpu)
   assert "JAX computes on cpu; its convolutions and PyTorch's run" in result.stdout
   result = subprocess.run([sys.executable, 'benchmarks/preflight.py'], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, check=False, env=ONE_DEVICE)
+                          capture_output=True, text=True, timeout=120, check=False, env=on_cpu)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       "preflight: error: JAX runs on 'cpu' ([CpuDevice(id=0)]), not 'gpu': its CUDA plugin did "

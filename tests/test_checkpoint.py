@@ -321,9 +321,9 @@ def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resume
   for key, change in (('grad_clip_norm', '0.0 -> 1.0'), ('ema_decay', '0.0 -> 0.99')):
     with pytest.raises(ConfigError, match=(
         rf'does not match this config: state\.\S+ \(shape .*\) is in the \w+ but not in the '
-        rf'\w+; as this config changes {key} {re.escape(change)}, num_train_steps 12 -> 24; '
-        r"resume with the run's own config \(--config .*config\.json\) without the changes "
-        'that shape the training state, or start a new --workdir$')):
+        rf'\w+; this config changes {key} {re.escape(change)}, which can shape it; resume with '
+        r"the run's own config \(--config .*config\.json\) without that change, or start a "
+        'new --workdir$')):
       trainer.train_and_evaluate(
           tiny_config(num_train_steps=24, **{key: float(change.split()[-1])}), str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == config_json  # evaluate still rebuilds lenet5.
@@ -365,6 +365,14 @@ def test_retention_in_a_run_follows_the_eval_metric(fake_tfds, tmp_path):
   checkpointer = trainer.make_checkpointer(config, str(tmp_path))
   assert checkpointer.steps() == sorted({best, 48})
   assert checkpointer.best_step() == best
+  checkpointer.close()
+  # A lowest loss early in a run is kept by it alone: the last checkpoint is another.
+  checkpointer = trainer.make_checkpointer(config, str(tmp_path / 'early'))
+  for step, loss in {8: 0.5, 16: 0.2, 24: 0.4, 32: 0.6}.items():
+    checkpointer.save(step, {'w': jnp.full((2,), step, jnp.float32)}, meta={},
+                      metrics={'test/loss': loss})
+  checkpointer.wait()
+  assert checkpointer.steps() == [16, 32] and checkpointer.best_step() == 16
   checkpointer.close()
 
 

@@ -74,6 +74,17 @@ def test_a_runs_config_json_with_another_eval_split_ranks_checkpoints_on_it(best
     config_lib.validate(again)  # Not refused for ranking on a split it does not evaluate.
 
 
+def test_an_older_runs_best_mode_that_kept_the_worst_is_read_as_auto(tmp_path, capsys):
+  (tmp_path / 'config.json').write_text(
+      '{"best_metric": "test/loss", "best_mode": "max", "eval_split": "test"}')
+  config = config_lib.config_from_json(str(tmp_path / 'config.json'))
+  assert config.best_mode == 'auto' and config.best_metric == 'test/loss'
+  config_lib.validate(config)  # Its own config resumes the run.
+  assert capsys.readouterr().err == (
+      f"warning: {tmp_path / 'config.json'} records best_mode 'max' for test/loss, which kept "
+      "the highest as the best; reading it as 'auto'\n")
+
+
 def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text('{"augment": {"flip": 3}}')
   with pytest.raises(ConfigError, match="gives config key 'augment.flip' the value 3; it takes bool"):
@@ -123,7 +134,7 @@ def test_best_metric_follows_eval_split_until_it_is_set():
 def test_the_best_checkpoint_is_the_lowest_loss_or_the_highest_accuracy(metric, mode):
   config = config_lib.default_config()
   config.ema_decay, config.best_metric = 0.99, metric
-  assert config.best_mode == 'auto' and config_lib.best_mode(config) == mode
+  assert config.best_mode == 'auto' and config_lib.metric_direction(metric) == mode
   config_lib.validate(config)
   config.best_mode = mode
   config_lib.validate(config)

@@ -281,3 +281,9 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
   np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=-1))
   np.testing.assert_array_equal(load_image(str(tmp_path / 'deep.png'), (8, 8, 1))[..., 0],
                                 expected)
+  Image.fromarray(wide).save(tmp_path / 'deep.pgm')  # PIL opens a 16-bit PGM as 32-bit 'I'.
+  with Image.open(tmp_path / 'deep.pgm') as image:
+    assert image.mode == 'I'
+    np.testing.assert_array_equal(image_ops.to_uint8(image, 'L'), expected)
+  shallow = Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8), 'I')  # 8-bit values.
+  np.testing.assert_array_equal(image_ops.to_uint8(shallow, 'L'), np.arange(64).reshape(8, 8))

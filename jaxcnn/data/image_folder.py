@@ -29,8 +29,8 @@ _LISTING = 'listing.json'
 # How the prepared copy is written; part of its key, so that a copy written otherwise by an
 # earlier jaxcnn is prepared afresh. Version 2: in TFDS's shuffled order, not class by class.
 # Version 3: images of one size are stored with that fixed shape; images in subfolders of a class
-# folder belong to the class.
-_COPY_FORMAT = 'jaxcnn image folder copy, version 3\n'
+# folder belong to the class. Version 4: 16-bit grey images are scaled to 8 bits, not clipped.
+_COPY_FORMAT = 'jaxcnn image folder copy, version 4\n'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,12 +13,14 @@ from PIL import Image
 def to_uint8(image: Image.Image, mode: str) -> np.ndarray:
   """`image`'s pixels as a uint8 array in PIL `mode` ('L' for grey, 'RGB').
 
-  A 16-bit grey image (a PNG of mode 'I;16') is scaled to 8 bits first: PIL's own conversion
-  clips every value above 255, which turns all but the darkest pixels white.
+  A 16-bit grey image (a PNG of mode 'I;16', or a 16-bit PGM or TIFF that PIL opens as 32-bit
+  'I' with values above 255) is scaled to 8 bits first: PIL's own conversion clips every value
+  above 255, which turns all but the darkest pixels white.
   """
-  if image.mode.startswith('I;16'):
-    wide = np.asarray(image).astype(np.uint32)
-    image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded.
+  if image.mode.startswith('I;16') or image.mode == 'I':
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    if image.mode != 'I' or wide.max(initial=0) > 255:
+      image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded.
   return np.asarray(image.convert(mode), np.uint8)
 
 

@@ -73,7 +73,8 @@ def split_size_bound(info: DatasetInfo, split: str) -> int:
 
 def shared_examples(info: DatasetInfo, split_a: str, split_b: str) -> int:
   """How many examples both split specs read (e.g. 6,000 of MNIST's 'train' and 'train[90%:]');
-  0 where the dataset records no split sizes."""
+  0 where the dataset records no split sizes, or where TFDS cannot read a spec (reading it later
+  names the spec in a one-line error)."""
   if not (info.split_sizes and reads_known_splits(info, split_a)
           and reads_known_splits(info, split_b)):
     return 0
@@ -87,9 +88,13 @@ def shared_examples(info: DatasetInfo, split_a: str, split_b: str) -> int:
              info.split_sizes[part.splitname] if part.to is None else part.to)
             for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(split_infos)]
 
+  try:
+    ranges_a, ranges_b = ranges(split_a), ranges(split_b)
+  except (ValueError, AssertionError):  # A slice out of range, or not a spec TFDS parses.
+    return 0
   return sum(max(0, min(end_a, end_b) - max(start_a, start_b))
-             for name_a, start_a, end_a in ranges(split_a)
-             for name_b, start_b, end_b in ranges(split_b) if name_a == name_b)
+             for name_a, start_a, end_a in ranges_a
+             for name_b, start_b, end_b in ranges_b if name_a == name_b)
 
 
 def split_num_examples(builder, split: str) -> int:

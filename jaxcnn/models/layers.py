@@ -83,8 +83,9 @@ def strided_max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: in
   """`window` x `window` max-pooling of NHWC input at `stride`, after `padding` pixels of -inf on
   every side: the overlapping pooling of the ImageNet ResNets' stem (3x3, stride 2, padding 1).
 
-  Values and gradients are exactly `nnx.max_pool`'s, ties included: a window's gradient goes to
-  its first maximal element in row-major order, as with XLA's select-and-scatter and PyTorch.
+  Values are exactly `nnx.max_pool`'s, and so are gradients up to the order of summation (in
+  float32, also for bfloat16 input): a window's gradient goes to its first maximal element in
+  row-major order, as with XLA's select-and-scatter and PyTorch.
   The gradient is computed without select-and-scatter, which XLA:GPU implements with atomic adds
   (their order varies from run to run) and refuses to compile under
   `--xla_gpu_deterministic_ops=true`. Here each of the window's taps contributes its share by
