@@ -130,27 +130,23 @@ def _short(message: str, limit: int = 160) -> str:
 
 class StateMismatch(ConfigError):
   """A checkpoint whose training state another config built (another model, optimizer, or an
-  option with state of its own, such as ema_decay, turned on or off).
+  option with state of its own, such as ema_decay, turned on or off), or another model code.
 
   Attributes:
     step: the checkpoint's step.
     directory: the run's checkpoint folder.
     difference: the first array that differs, and how.
+    run_config: the run's own config file.
   """
 
-  def __init__(self, step: int, directory: str, difference: str, changes: str = ''):
-    """`changes`: the keys that can shape the training state which this config changes from the
-    run's own, as 'key old -> new, ...'."""
+  def __init__(self, step: int, directory: str, difference: str, advice: str | None = None):
+    """`advice`: what to do, for the message (default: resume with the run's own config)."""
     self.step, self.directory, self.difference = step, directory, difference
-    run_config = os.path.join(os.path.dirname(directory), 'config.json')
-    if changes:
-      # The user may be resuming with the run's own config already, with these on top of it.
-      advice = (f"this config changes {changes}, which can shape it; resume with the run's own "
-                f'config (--config {run_config}) without that change')
-    else:
-      advice = f"resume with the run's own config (--config {run_config})"
+    self.run_config = os.path.join(os.path.dirname(directory), 'config.json')
+    advice = advice or (f"resume with the run's own config (--config {self.run_config}), or "
+                        'start a new --workdir')
     super().__init__(f'the checkpoint at step {step} in {directory} does not match this config: '
-                     f'{difference}; {advice}, or start a new --workdir')
+                     f'{difference}; {advice}')
 
 
 class _WithoutUnusedMetadataErrors(logging.Filter):

@@ -52,7 +52,7 @@ def count_parameters(model: str, image_shape: Sequence[int], num_classes: int) -
   model whose module is not importable from this folder)."""
   try:
     abstract = nnx.eval_shape(lambda: models.create_model(
-        model, num_classes=num_classes, input_shape=tuple(image_shape)))
+        model, num_classes=num_classes, input_shape=tuple(image_shape), warn=False))
   except UserError:
     return None
   return sum(math.prod(param.get_value().shape)

@@ -10,7 +10,7 @@ import jax
 
 from jaxcnn import parallel
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.checkpoint import CheckpointError
+from jaxcnn.checkpoint import CheckpointError, StateMismatch
 from jaxcnn.errors import UserError
 from jaxcnn.trainer import Experiment, build_experiment, make_checkpointer
 
@@ -67,6 +67,12 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
         restored = checkpointer.restore(step, template, sharding)
       except CheckpointError as e:
         raise UserError(str(e)) from e
+  except StateMismatch as e:
+    # The config is the run's own: what builds other arrays now is the model's code.
+    cause = (f'the code of model {config.model!r} builds other arrays than it did for the run: '
+             'restore that code' if ':' in config.model else
+             'another version of jaxcnn wrote it, whose model differs from this one')
+    raise StateMismatch(e.step, e.directory, e.difference, cause) from None
   finally:
     checkpointer.close()
   tree, meta = restored

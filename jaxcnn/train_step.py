@@ -192,7 +192,14 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                               opt_state=opt_state)
     if options.ema_decay > 0:
       decay = ema_decay_at(state.step, options.ema_decay)
-      average = lambda old, new: decay * old + (1 - decay) * new
+
+      def average(old, new):
+        # In each leaf's own dtype, as the compiled step takes it back (a model's bfloat16
+        # parameters, say); a leaf that is not floating (a counter) is not averaged but copied.
+        if not jnp.issubdtype(new.dtype, jnp.floating):
+          return new
+        return (decay * old + (1 - decay) * new).astype(new.dtype)
+
       new_state = new_state.replace(
           ema_params=jax.tree.map(average, state.ema_params, params),
           ema_model_state=jax.tree.map(average, state.ema_model_state, model_state))

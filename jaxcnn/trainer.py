@@ -384,8 +384,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
         {'state': strategy.unreplicate(state), 'train_sums': strategy.unreplicate(sums)},
         NamedSharding(strategy.mesh, PartitionSpec()))
   except StateMismatch as e:  # With the changed keys that can have done it, if any.
-    raise StateMismatch(e.step, e.directory, e.difference, changes=_config_changes(
-        workdir, config, only=STATE_SHAPING_KEYS)) from None
+    raise StateMismatch(e.step, e.directory, e.difference,
+                        _how_to_resume(e, workdir, config)) from None
   if restored is not None:
     tree, meta = restored
     step = meta['step']
@@ -556,6 +556,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       f'{format_duration(timing["time/eval_seconds"])}, saving '
       f'{format_duration(timing["time/checkpoint_seconds"])}')
   return {**last_train, **last_eval, **timing, 'workdir': workdir, 'step': step}
+
+
+def _how_to_resume(mismatch: StateMismatch, workdir: str, config: ml_collections.ConfigDict
+                   ) -> str | None:
+  """The advice of a resume refused for a checkpoint of another state: the changed config keys
+  that can have caused it, or a user model's code (None: the default advice)."""
+  changes = _config_changes(workdir, config, only=STATE_SHAPING_KEYS)
+  if changes:
+    # The user may be resuming with the run's own config already, with these on top of it.
+    return (f"this config changes {changes}, which can shape it; resume with the run's own "
+            f'config (--config {mismatch.run_config}) without that change, or start a new '
+            '--workdir')
+  if ':' in config.model:
+    return (f"if this is the run's own config, the code of model {config.model!r} builds other "
+            'arrays than it did for the run: restore that code, or start a new --workdir')
+  return None
 
 
 # The config keys whose change can change the arrays a checkpoint holds: the model's (its inputs

@@ -10,9 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcnn import models
+from jaxcnn import models, trainer
 from jaxcnn.errors import ConfigError
 from jaxcnn.models import airbench, resnet, vgg, wide_resnet
+
+from conftest import tiny_config
 
 ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'cifar_resnet20',
        'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
@@ -208,6 +210,7 @@ def test_vgg_pool_keeps_odd_rows_like_ceil_mode(shape):
 # User models: `package.module:ClassName`.
 
 USER_MODULE = '''
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -258,6 +261,65 @@ def build_a_dict(num_classes):
 
 
 WIDTH = 3
+
+
+class Wide(Net):
+  """Requires an argument jaxcnn cannot know."""
+
+  def __init__(self, width, *, num_classes, rngs):
+    super().__init__(num_classes=num_classes, rngs=rngs)
+
+
+WIDE_BUILT = Net(num_classes=5, rngs=nnx.Rngs(0))
+
+
+class TrainFlag(Net):
+  """A linen habit: a train flag that jaxcnn never passes."""
+
+  def __call__(self, x, train=False):
+    return super().__call__(x)
+
+
+class TrainRequired(Net):
+  def __call__(self, x, train):
+    return super().__call__(x)
+
+
+class DropoutWithoutRngs(Net):
+  """Dropout built without rngs fails in training mode only."""
+
+  def __init__(self, *, num_classes, rngs):
+    super().__init__(num_classes=num_classes, rngs=rngs)
+    self.drop = nnx.Dropout(0.5)
+
+  def __call__(self, x):
+    return self.drop(super().__call__(x))
+
+
+class OwnStreams(Net):
+  """Draws from streams other than params and dropout."""
+
+  def __init__(self, *, num_classes, rngs):
+    super().__init__(num_classes=num_classes, rngs=rngs)
+    self.offset = nnx.Param(jax.random.normal(rngs(), (num_classes,)))
+    self.noise = nnx.Param(jax.random.normal(rngs.noise(), (num_classes,)))
+
+  def __call__(self, x):
+    return super().__call__(x) + self.offset + self.noise
+
+
+class Bfloat16WithCounter(nnx.Module):
+  """Parameters in bfloat16 and an integer count of calls: neither is float32."""
+
+  def __init__(self, *, num_classes, input_shape, rngs):
+    height, width, channels = input_shape
+    self.fc = nnx.Linear(height * width * channels, num_classes, param_dtype=jnp.bfloat16,
+                         rngs=rngs)
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.calls[...] = self.calls[...] + 1
+    return self.fc(x.reshape(x.shape[0], -1)).astype(jnp.float32)
 '''
 
 
@@ -295,6 +357,76 @@ def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
   with pytest.raises(ConfigError, match=message) as error:
     models.get_model_constructor(name)
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('name, message', [
+    ('mymod:Wide', r"model 'mymod:Wide' requires 'width', which jaxcnn does not pass: it passes "
+                   r'those of num_classes, .* give the others defaults'),
+    ('mymod:WIDE_BUILT', r"model 'mymod:WIDE_BUILT': 'WIDE_BUILT' is a built Net; name its "
+                         r'class'),
+    ('mymod:TrainRequired', r"model 'mymod:TrainRequired': its __call__ takes 'train'; jaxcnn "
+                            r'calls model\(images\) and switches between training and '
+                            r'evaluation with model.train\(\) and model.eval\(\)'),
+])
+def test_a_user_model_jaxcnn_cannot_build_or_call_is_a_one_line_error(user_module, name,
+                                                                      message):
+  with pytest.raises(ConfigError, match=message) as error:
+    models.create_model(name, num_classes=5, input_shape=(2, 2, 1))
+  assert '\n' not in str(error.value)
+  import mymod  # pylint: disable=g-import-not-at-top
+  # What a partial binds counts as passed.
+  models._check_constructor(  # pylint: disable=protected-access
+      'wide', functools.partial(mymod.Wide, 3), ['num_classes', 'rngs'])
+
+
+def test_what_a_user_model_would_silently_ignore_is_warned_of(user_module, capsys):
+  models.create_model('mymod:TrainFlag', num_classes=5, input_shape=(2, 2, 1), dtype='bfloat16')
+  assert capsys.readouterr().err.splitlines() == [
+      "warning: model 'mymod:TrainFlag' takes no dtype argument, so it computes in its own "
+      "dtype, not in the config's bfloat16",
+      "warning: model 'mymod:TrainFlag': its __call__ takes 'train', which keep their defaults: "
+      'jaxcnn calls model(images) and switches between training and evaluation with '
+      'model.train() and model.eval()']
+
+
+def test_a_user_models_training_mode_is_checked_before_training(user_module):
+  with pytest.raises(ValueError, match='.deterministic. is False, but no .rngs. argument'):
+    models.create_model('mymod:DropoutWithoutRngs', num_classes=5, input_shape=(2, 2, 1))
+
+
+def test_a_user_model_may_draw_from_streams_of_its_own(user_module):
+  one = models.create_model('mymod:OwnStreams', num_classes=5, input_shape=(2, 2, 1), seed=1)
+  two = models.create_model('mymod:OwnStreams', num_classes=5, input_shape=(2, 2, 1), seed=2)
+  assert not np.array_equal(one.noise[...], two.noise[...])  # Seeded from the run's seed.
+
+
+def test_a_moving_average_keeps_each_leafs_dtype(user_module, fake_tfds, tmp_path):
+  """The compiled step takes its state back: an average promoted to float32 was refused."""
+  result = trainer.train_and_evaluate(
+      tiny_config(model='mymod:Bfloat16WithCounter', ema_decay=0.9, num_train_steps=4,
+                  eval_every_steps=2), str(tmp_path))
+  assert result['step'] == 4 and 0 <= result['test/ema_accuracy'] <= 1
+
+
+def test_a_user_models_code_changed_since_its_run_is_named(user_module, fake_tfds, tmp_path,
+                                                           monkeypatch):
+  from jaxcnn.restore import restore_run  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model='mymod:Net', num_train_steps=2)
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The model's code is edited: it now reads 3 features, not 4.
+  module = tmp_path / 'mymod.py'
+  module.write_text(module.read_text().replace('nnx.Linear(4,', 'nnx.Linear(3,')
+                    .replace('[:, :4]', '[:, :3]'))
+  monkeypatch.delitem(sys.modules, 'mymod')
+  cause = "the code of model 'mymod:Net' builds other arrays than it did for the run"
+  with pytest.raises(ConfigError, match=rf'state.params.fc.kernel has shape \(4, 10\) in the '
+                                        rf'checkpoint and \(3, 10\) in the model; {cause}: '
+                                        'restore that code$'):
+    restore_run(str(tmp_path / 'run'))  # What evaluate and predict do.
+  config.num_train_steps = 4
+  with pytest.raises(ConfigError, match=rf"if this is the run's own config, {cause}: restore that "
+                                        'code, or start a new --workdir$'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_a_model_function_must_build_an_nnx_module(user_module):

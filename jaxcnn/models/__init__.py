@@ -23,6 +23,8 @@ that its constructor accepts, so a model that has no BatchNorm need not take `ax
 import functools
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -96,7 +98,8 @@ class ImagesTooSmall(ConfigError):
 
 
 def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
-                 dtype: str = 'float32', seed: int = 0, axis_name: str | None = None) -> nnx.Module:
+                 dtype: str = 'float32', seed: int = 0, axis_name: str | None = None,
+                 warn: bool = True) -> nnx.Module:
   """Builds model `name` (a zoo name or `package.module:ClassName`) for `input_shape` images.
 
   Parameters are initialised from `seed`; the model's dropout stream is reseeded at every step by
@@ -105,17 +108,27 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
 
   The initialisers run as one compiled program: run eagerly, each parameter's initialiser would
   be compiled on its own, seconds of start-up for a small CNN on a CPU.
+
+  A user's model is checked first: a one-line ConfigError for a constructor or `__call__` that
+  jaxcnn cannot call, and (with `warn`) a warning of what it would silently ignore.
   """
   constructor = get_model_constructor(name)
   kwargs = dict(num_classes=num_classes, input_shape=tuple(input_shape), dtype=DTYPES[dtype],
                 rngs=None, axis_name=axis_name)
   names = [k for k in kwargs if (k != 'axis_name' or axis_name is not None)
            and _accepts(constructor, k)]
+  user_model = name not in MODELS
+  if user_model:
+    _check_constructor(name, constructor, names)
+    if warn and dtype != 'float32' and 'dtype' not in names:
+      _warn(f'model {name!r} takes no dtype argument, so it computes in its own dtype, not in '
+            f'the config\'s {dtype}')
 
   def build() -> nnx.Module:
-    # The Rngs are made inside each trace: NNX refuses to advance them from another one.
-    model = constructor(**{k: nnx.Rngs(params=seed, dropout=seed) if k == 'rngs' else kwargs[k]
-                           for k in names})
+    # The Rngs are made inside each trace: NNX refuses to advance them from another one. Streams
+    # other than these two (a user's model calling `rngs()`, say) draw from the default one.
+    rngs = nnx.Rngs(seed, params=seed, dropout=seed)
+    model = constructor(**{k: rngs if k == 'rngs' else kwargs[k] for k in names})
     if not isinstance(model, nnx.Module):
       raise ConfigError(f'model {name!r} built a {type(model).__name__}, not an nnx.Module; name '
                         "an nnx.Module subclass or a function that returns one")
@@ -125,14 +138,22 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
     # The model applied to a batch of two, abstractly, to check what it returns: a copy in
     # evaluation mode, which neither updates statistics nor needs the mapped axis of axis_name.
     model = build()
+    if user_model:
+      _check_call(name, model, warn)
     probe = nnx.merge(*nnx.split(model))
+    images = jnp.zeros((2, *input_shape), DTYPES[dtype])
+    if axis_name is None:
+      # Training mode too, where mistakes of its own show (a Dropout without rngs): here, not
+      # at the first step. (With axis_name, BatchNorm would need the mapped axis to train.)
+      probe.train()
+      probe(images)
     probe.eval()
-    return model, probe(jnp.zeros((2, *input_shape), DTYPES[dtype]))
+    return model, probe(images)
 
   try:
     abstract_model, logits = nnx.eval_shape(build_and_apply)
   except (ZeroDivisionError, ValueError, TypeError) as e:
-    if name not in MODELS:
+    if user_model:
       raise  # A user's model: its own traceback says more than we could.
     if isinstance(e, ZeroDivisionError):
       reason = 'its downsampling leaves nothing of them'
@@ -155,14 +176,22 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
 
 
 def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
-  """Imports `package.module:Name` and checks that it is an nnx.Module subclass or a callable."""
+  """Imports `package.module:Name` and checks that it is an nnx.Module subclass or a callable.
+
+  The module is looked for on `sys.path` and, after it, in the current directory: `python
+  train.py` puts the script's folder on the path, not the current one, as `python -m` does.
+  """
   module_name, _, attribute = spec.partition(':')
   if not module_name or module_name.startswith('.') or not attribute:  # No relative imports.
     raise ConfigError(f"invalid model {spec!r}: write your own model as 'package.module:ClassName'")
+  if os.getcwd() not in sys.path and '' not in sys.path:
+    sys.path.append(os.getcwd())
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:  # The module, or one that it imports, is missing.
-    raise ConfigError(f'model {spec!r}: cannot import module {module_name!r}: {e}') from None
+    raise ConfigError(f'model {spec!r}: cannot import module {module_name!r}: {e} (it must be '
+                      'importable: installed, on PYTHONPATH, or in the current directory)'
+                      ) from None
   try:
     constructor = functools.reduce(getattr, attribute.split('.'), module)
   except AttributeError:
@@ -171,19 +200,72 @@ def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
   if inspect.isclass(constructor):
     if not issubclass(constructor, nnx.Module):
       raise ConfigError(f'model {spec!r}: class {attribute!r} is not an nnx.Module subclass')
+  elif isinstance(constructor, nnx.Module):
+    raise ConfigError(f'model {spec!r}: {attribute!r} is a built {type(constructor).__name__}; '
+                      'name its class, or a function that builds one, for jaxcnn to build')
   elif not callable(constructor):
     raise ConfigError(f'model {spec!r}: {attribute!r} (a {type(constructor).__name__}) is neither '
                       'an nnx.Module subclass nor a function that builds one')
   return constructor
 
 
-def _accepts(constructor: Callable[..., object], keyword: str) -> bool:
-  """Whether `constructor` (a class, function or partial of either) takes `keyword`."""
+def _signature(constructor: Callable[..., object]) -> inspect.Signature:
+  """The parameters a class, function or partial of either is called with."""
   if isinstance(constructor, functools.partial):
     constructor = constructor.func
   if inspect.isclass(constructor):  # NNX's metaclass hides the signature of the class itself.
-    constructor = constructor.__init__
-  parameters = inspect.signature(constructor).parameters
+    return inspect.signature(constructor.__init__)
+  return inspect.signature(constructor)
+
+
+def _required(parameters, skip: int = 0) -> list[str]:
+  """The names of `parameters` (after the first `skip`) that have no default."""
+  return [p.name for p in list(parameters.values())[skip:] if p.default is inspect.Parameter.empty
+          and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+
+def _check_constructor(name: str, constructor: Callable[..., object], passed: list[str]) -> None:
+  """Refuses a user model whose constructor requires arguments that jaxcnn does not pass."""
+  bound_keywords, skip = set(), 0
+  if isinstance(constructor, functools.partial):  # What the partial binds is passed too.
+    bound_keywords, skip = set(constructor.keywords), len(constructor.args)
+    constructor = constructor.func
+  skip += 1 if inspect.isclass(constructor) else 0  # self
+  missing = [p for p in _required(_signature(constructor).parameters, skip)
+             if p not in passed and p not in bound_keywords]
+  if missing:
+    raise ConfigError(
+        f'model {name!r} requires {", ".join(map(repr, missing))}, which jaxcnn does not pass: it '
+        'passes those of num_classes, input_shape, dtype, rngs and (under shard_map and pmap) '
+        'axis_name that the constructor takes; give the others defaults, or name a function that '
+        'builds the model with them')
+
+
+def _check_call(name: str, model: nnx.Module, warn: bool) -> None:
+  """Refuses a model that cannot be called as `model(images)`, and warns of parameters of its
+  `__call__` that jaxcnn never passes (a `train` flag would keep its default)."""
+  parameters = list(inspect.signature(model.__call__).parameters.values())  # Bound: no self.
+  extra = [p.name for p in parameters[1:]
+           if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+  required = _required(inspect.signature(model.__call__).parameters, skip=1)
+  how = ('jaxcnn calls model(images) and switches between training and evaluation with '
+         'model.train() and model.eval()')
+  if not parameters or required:
+    raise ConfigError(f'model {name!r}: its __call__ takes '
+                      f'{", ".join(map(repr, required)) if required else "no images"}; {how}')
+  if extra and warn:
+    _warn(f'model {name!r}: its __call__ takes {", ".join(map(repr, extra))}, which keep their '
+          f'defaults: {how}')
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def _accepts(constructor: Callable[..., object], keyword: str) -> bool:
+  """Whether `constructor` (a class, function or partial of either) takes `keyword`."""
+  parameters = _signature(constructor).parameters
   return keyword in parameters or any(
       p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
