@@ -280,6 +280,16 @@ class TrainFlag(Net):
     return super().__call__(x)
 
 
+class Unseeded(nnx.Module):
+  """Initialised without rngs: the same weights whatever the seed."""
+
+  def __init__(self, *, num_classes):
+    self.w = nnx.Param(jnp.ones((4, num_classes)))
+
+  def __call__(self, x):
+    return x.reshape(x.shape[0], -1)[:, :4] @ self.w
+
+
 class TrainRequired(Net):
   def __call__(self, x, train):
     return super().__call__(x)
@@ -387,6 +397,10 @@ def test_what_a_user_model_would_silently_ignore_is_warned_of(user_module, capsy
       "warning: model 'mymod:TrainFlag': its __call__ takes 'train', which keep their defaults: "
       'jaxcnn calls model(images) and switches between training and evaluation with '
       'model.train() and model.eval()']
+  models.create_model('mymod:Unseeded', num_classes=5, input_shape=(2, 2, 1))
+  assert capsys.readouterr().err.splitlines() == [
+      "warning: model 'mymod:Unseeded' takes no rngs argument, so its initialisation does not "
+      "follow the config's seed"]
 
 
 def test_a_user_models_training_mode_is_checked_before_training(user_module):

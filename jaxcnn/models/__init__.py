@@ -123,6 +123,9 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
     if warn and dtype != 'float32' and 'dtype' not in names:
       _warn(f'model {name!r} takes no dtype argument, so it computes in its own dtype, not in '
             f'the config\'s {dtype}')
+    if warn and 'rngs' not in names:
+      _warn(f'model {name!r} takes no rngs argument, so its initialisation does not follow the '
+            'config\'s seed')
 
   def build() -> nnx.Module:
     # The Rngs are made inside each trace: NNX refuses to advance them from another one. Streams
