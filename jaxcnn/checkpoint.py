@@ -130,19 +130,22 @@ def _short(message: str, limit: int = 160) -> str:
 
 class StateMismatch(ConfigError):
   """A checkpoint whose training state another config built (another model, optimizer, or an
-  option with state of its own, such as ema_decay, turned on or off), or another model code.
+  option with state of its own, such as ema_decay, turned on or off), or other model code.
 
   Attributes:
     step: the checkpoint's step.
     directory: the run's checkpoint folder.
     difference: the first array that differs, and how.
     run_config: the run's own config file.
+    in_model: whether that array is the model's (its weights, statistics or their averages)
+      rather than the optimizer's.
   """
 
   def __init__(self, step: int, directory: str, difference: str, advice: str | None = None):
     """`advice`: what to do, for the message (default: resume with the run's own config)."""
     self.step, self.directory, self.difference = step, directory, difference
     self.run_config = os.path.join(os.path.dirname(directory), 'config.json')
+    self.in_model = not difference.startswith('state.opt_state.')
     advice = advice or (f"resume with the run's own config (--config {self.run_config}), or "
                         'start a new --workdir')
     super().__init__(f'the checkpoint at step {step} in {directory} does not match this config: '

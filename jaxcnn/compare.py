@@ -105,7 +105,7 @@ def latest_checkpoint_step(run_dir: str) -> int:
     names = os.listdir(os.path.join(run_dir, CHECKPOINT_DIR))
   except OSError:
     return 0
-  return max((int(name) for name in names if name.isdigit()), default=0)
+  return max((int(name) for name in names if name.isascii() and name.isdigit()), default=0)
 
 
 def differing_keys(rows: Sequence[dict]) -> list[str]:

@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+_WARNED_BEST_MODE: set[str] = set()  # The config files whose best_mode was warned of.
+
+
 def config_from_json(path: str) -> ml_collections.ConfigDict:
   """A run's `config.json` as a config again: `default_config()` with the recorded values.
 
@@ -118,12 +121,15 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     # JSON records the value, not that it followed eval_split: left to the default, it follows
     # again, so that the run's config with another --config.eval_split is still consistent.
     values = {key: value for key, value in values.items() if key != 'best_metric'}
-  metric, mode = values.get('best_metric'), values.get('best_mode')
+  metric = values.get('best_metric', f'{values.get("eval_split", "test")}/accuracy')
+  mode = values.get('best_mode')
   if isinstance(metric, str) and mode in ('max', 'min') and mode != metric_direction(metric):
     # Recorded before best_mode 'auto' (the default 'max' with a loss): it kept the worst.
-    print(f"warning: {path} records best_mode {mode!r} for {metric}, which kept the "
-          f"{'highest' if mode == 'max' else 'lowest'} as the best; reading it as 'auto'",
-          file=sys.stderr, flush=True)
+    if path not in _WARNED_BEST_MODE:  # A command may read a run's config more than once.
+      _WARNED_BEST_MODE.add(path)
+      print(f"warning: {path} records best_mode {mode!r} for {metric}, which kept the "
+            f"{'highest' if mode == 'max' else 'lowest'} as the best; reading it as 'auto'",
+            file=sys.stderr, flush=True)
     values = {**values, 'best_mode': 'auto'}
   _update_from_json(config, values, path)
   return config

@@ -68,10 +68,15 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
       except CheckpointError as e:
         raise UserError(str(e)) from e
   except StateMismatch as e:
-    # The config is the run's own: what builds other arrays now is the model's code.
-    cause = (f'the code of model {config.model!r} builds other arrays than it did for the run: '
-             'restore that code' if ':' in config.model else
-             'another version of jaxcnn wrote it, whose model differs from this one')
+    # The config is the run's own: what builds other arrays now is the model's code, or another
+    # version of jaxcnn (or of Optax, for the optimizer's state).
+    if e.in_model and ':' in config.model:
+      cause = (f'the code of model {config.model!r} builds other arrays than it did for the run: '
+               'restore that code')
+    else:
+      cause = ('another version of jaxcnn wrote it, whose '
+               + ('model' if e.in_model else "optimizer's state (or Optax's)")
+               + ' differs from this one')
     raise StateMismatch(e.step, e.directory, e.difference, cause) from None
   finally:
     checkpointer.close()

@@ -194,11 +194,11 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
       decay = ema_decay_at(state.step, options.ema_decay)
 
       def average(old, new):
-        # In each leaf's own dtype, as the compiled step takes it back (a model's bfloat16
-        # parameters, say); a leaf that is not floating (a counter) is not averaged but copied.
+        # Floating averages are kept in float32 (`create_train_state`), whatever the weights'
+        # dtype; a leaf that is not floating (a counter) is not averaged but copied.
         if not jnp.issubdtype(new.dtype, jnp.floating):
           return new
-        return (decay * old + (1 - decay) * new).astype(new.dtype)
+        return decay * old + (1 - decay) * new.astype(old.dtype)
 
       new_state = new_state.replace(
           ema_params=jax.tree.map(average, state.ema_params, params),

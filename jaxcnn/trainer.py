@@ -565,19 +565,20 @@ def _how_to_resume(mismatch: StateMismatch, workdir: str, config: ml_collections
   changes = _config_changes(workdir, config, only=STATE_SHAPING_KEYS)
   if changes:
     # The user may be resuming with the run's own config already, with these on top of it.
-    return (f"this config changes {changes}, which can shape it; resume with the run's own "
-            f'config (--config {mismatch.run_config}) without that change, or start a new '
-            '--workdir')
-  if ':' in config.model:
+    return (f'this config changes {changes}, which can shape the training state; resume with '
+            f"the run's own config (--config {mismatch.run_config}) without that change, or "
+            'start a new --workdir')
+  if ':' in config.model and mismatch.in_model:
     return (f"if this is the run's own config, the code of model {config.model!r} builds other "
             'arrays than it did for the run: restore that code, or start a new --workdir')
   return None
 
 
-# The config keys whose change can change the arrays a checkpoint holds: the model's (its inputs
-# and classes included), the optimizer's state, and the moving average's.
-STATE_SHAPING_KEYS = ('dataset', 'image_folder', 'image_size', 'model', 'optimizer',
-                      'grad_clip_norm', 'weight_decay', 'ema_decay')
+# The config keys (and groups of keys) whose change can change the arrays a checkpoint holds: the
+# model's (its inputs and classes included), the optimizer's state, and the moving average's.
+STATE_SHAPING_KEYS = ('dataset', 'image_folder', 'image_size', 'synthetic',
+                      'synthetic_if_unprepared', 'model', 'optimizer', 'grad_clip_norm',
+                      'weight_decay', 'ema_decay')
 
 
 def _config_changes(workdir: str, config: ml_collections.ConfigDict,
@@ -595,7 +596,7 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
   recorded, changes = config_lib.flatten(recorded), []
   for key, now in config_lib.flatten(config.to_dict()).items():
     before = recorded.get(key)
-    if before != now and key in recorded and (only is None or key in only):
+    if before != now and key in recorded and (only is None or key.split('.')[0] in only):
       if key == 'seed':
         raise ConfigError(
             f'the run in {workdir} was trained with seed {before}, and its data order, '

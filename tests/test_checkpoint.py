@@ -308,6 +308,17 @@ def test_when_every_checkpoint_is_damaged_the_run_is_not_restarted_over_them(fak
     restore_run(str(tmp_path), 'latest')  # What evaluate and predict do.
 
 
+def test_a_state_mismatch_says_whether_the_model_or_the_optimizer_differs():
+  from jaxcnn.checkpoint import StateMismatch  # pylint: disable=g-import-not-at-top
+  model = StateMismatch(8, '/r/checkpoints', 'state.params.fc.kernel has shape (4, 10) in the '
+                        'checkpoint and (3, 10) in the model')
+  optimizer = StateMismatch(8, '/r/checkpoints', 'state.opt_state.0.count (shape ()) is in the '
+                            'checkpoint but not in the model')
+  assert model.in_model and not optimizer.in_model
+  assert str(model).endswith("; resume with the run's own config (--config /r/config.json), or "
+                             'start a new --workdir')
+
+
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resumes(
     fake_tfds, tmp_path):

@@ -74,15 +74,19 @@ def test_a_runs_config_json_with_another_eval_split_ranks_checkpoints_on_it(best
     config_lib.validate(again)  # Not refused for ranking on a split it does not evaluate.
 
 
-def test_an_older_runs_best_mode_that_kept_the_worst_is_read_as_auto(tmp_path, capsys):
+@pytest.mark.parametrize('metric, mode, highest', [('test/loss', 'max', 'highest'),
+                                                  ('test/accuracy', 'min', 'lowest')])
+def test_an_older_runs_best_mode_that_kept_the_worst_is_read_as_auto(tmp_path, capsys, metric,
+                                                                     mode, highest):
   (tmp_path / 'config.json').write_text(
-      '{"best_metric": "test/loss", "best_mode": "max", "eval_split": "test"}')
-  config = config_lib.config_from_json(str(tmp_path / 'config.json'))
-  assert config.best_mode == 'auto' and config.best_metric == 'test/loss'
+      f'{{"best_metric": "{metric}", "best_mode": "{mode}", "eval_split": "test"}}')
+  for _ in range(2):  # Warned of once, however often a command reads it.
+    config = config_lib.config_from_json(str(tmp_path / 'config.json'))
+  assert config.best_mode == 'auto' and config.best_metric == metric
   config_lib.validate(config)  # Its own config resumes the run.
   assert capsys.readouterr().err == (
-      f"warning: {tmp_path / 'config.json'} records best_mode 'max' for test/loss, which kept "
-      "the highest as the best; reading it as 'auto'\n")
+      f"warning: {tmp_path / 'config.json'} records best_mode '{mode}' for {metric}, which kept "
+      f"the {highest} as the best; reading it as 'auto'\n")
 
 
 def test_a_config_json_with_a_value_of_the_wrong_type_is_refused(tmp_path):

@@ -225,6 +225,36 @@ def test_ema_follows_the_weights_with_the_ramped_decay():
   assert float(ema_decay_at(jnp.int32(10_000), 0.9)) == pytest.approx(0.9)
 
 
+class Bfloat16Linear(nnx.Module):
+  """A model whose parameters are bfloat16."""
+
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(28 * 28, 10, param_dtype=jnp.bfloat16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+
+
+def test_the_average_of_bfloat16_weights_moves_late_in_a_run_and_keeps_their_dtype():
+  """Averaged in bfloat16, (1 - 0.999) x the change of a step would round away."""
+  # Steps well above bfloat16's resolution: XLA may average the update before its rounding to
+  # bfloat16 (excess precision), which would dwarf steps that round away.
+  tx = optax.sgd(1.0)
+  model_def, state = create_train_state(Bfloat16Linear(nnx.Rngs(0)), tx, ema=True)
+  step = jax.jit(make_train_step(model_def, tx, PREPROCESS,
+                                 StepOptions(num_classes=10, ema_decay=0.999)))
+  state = state.replace(step=jnp.int32(100_000))  # The decay has reached 0.999.
+  new, _ = step(state, batch(), 0)
+  kernel = lambda tree: tree['fc']['kernel'][...]
+  assert kernel(new.params).dtype == jnp.bfloat16 and kernel(new.ema_params).dtype == jnp.float32
+  # The average moves by a thousandth of the step's change.
+  old, weights = np.asarray(kernel(state.ema_params)), np.asarray(kernel(new.params), np.float32)
+  moved, expected = np.asarray(kernel(new.ema_params)) - old, 0.001 * (weights - old)
+  np.testing.assert_allclose(moved, expected, atol=0.02 * np.abs(expected).max())
+  assert np.abs(moved).max() > 0.5 * np.abs(expected).max() > 0
+  assert kernel(new.averaged().params).dtype == jnp.bfloat16  # Evaluated as the model computes.
+
+
 @pytest.mark.parametrize('mixup, cutmix', [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
 def test_mixup_and_cutmix_mix_images_and_targets_alike(mixup, cutmix):
   images = jax.random.uniform(jax.random.key(0), (8, 6, 6, 1))

@@ -210,6 +210,8 @@ def test_vgg_pool_keeps_odd_rows_like_ceil_mode(shape):
 # User models: `package.module:ClassName`.
 
 USER_MODULE = '''
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -288,6 +290,34 @@ class Unseeded(nnx.Module):
 
   def __call__(self, x):
     return x.reshape(x.shape[0], -1)[:, :4] @ self.w
+
+
+class NnxFlags(Net):
+  """NNX's own optional arguments: None follows model.train() and model.eval()."""
+
+  def __call__(self, x, *, rngs=None, deterministic=None):
+    return super().__call__(x)
+
+
+class KeywordImages(Net):
+  def __call__(self, *, x):
+    return super().__call__(x)
+
+
+class NoCall(nnx.Module):
+  def __init__(self, *, num_classes, rngs):
+    self.fc = nnx.Linear(4, num_classes, rngs=rngs)
+
+
+class Positional(Net):
+  """Takes the class count by position, which a partial may bind."""
+
+  def __init__(self, num_classes, *, rngs):
+    super().__init__(num_classes=num_classes, rngs=rngs)
+
+
+BOUND_BY_POSITION = functools.partial(Positional, 5)
+WIDE_3 = functools.partial(Wide, 3)
 
 
 class TrainRequired(Net):
@@ -374,19 +404,25 @@ def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
                    r'those of num_classes, .* give the others defaults'),
     ('mymod:WIDE_BUILT', r"model 'mymod:WIDE_BUILT': 'WIDE_BUILT' is a built Net; name its "
                          r'class'),
-    ('mymod:TrainRequired', r"model 'mymod:TrainRequired': its __call__ takes 'train'; jaxcnn "
-                            r'calls model\(images\) and switches between training and '
+    ('mymod:TrainRequired', r"model 'mymod:TrainRequired': its __call__ requires 'train'; "
+                            r'jaxcnn calls model\(images\) and switches between training and '
                             r'evaluation with model.train\(\) and model.eval\(\)'),
+    ('mymod:KeywordImages', r"model 'mymod:KeywordImages': its __call__ takes no images as its "
+                            r'first argument; jaxcnn calls model\(images\)'),
+    ('mymod:NoCall', r"model 'mymod:NoCall': a NoCall has no __call__; jaxcnn calls "
+                     r'model\(images\)'),
 ])
 def test_a_user_model_jaxcnn_cannot_build_or_call_is_a_one_line_error(user_module, name,
                                                                       message):
   with pytest.raises(ConfigError, match=message) as error:
     models.create_model(name, num_classes=5, input_shape=(2, 2, 1))
   assert '\n' not in str(error.value)
-  import mymod  # pylint: disable=g-import-not-at-top
-  # What a partial binds counts as passed.
-  models._check_constructor(  # pylint: disable=protected-access
-      'wide', functools.partial(mymod.Wide, 3), ['num_classes', 'rngs'])
+
+
+def test_what_a_partial_binds_is_not_passed_again(user_module):
+  for name in ('mymod:BOUND_BY_POSITION', 'mymod:WIDE_3'):  # Positional, and what jaxcnn lacks.
+    model = models.create_model(name, num_classes=5, input_shape=(2, 2, 1))
+    assert model(jnp.ones((3, 2, 2, 1))).shape == (3, 5)
 
 
 def test_what_a_user_model_would_silently_ignore_is_warned_of(user_module, capsys):
@@ -394,9 +430,11 @@ def test_what_a_user_model_would_silently_ignore_is_warned_of(user_module, capsy
   assert capsys.readouterr().err.splitlines() == [
       "warning: model 'mymod:TrainFlag' takes no dtype argument, so it computes in its own "
       "dtype, not in the config's bfloat16",
-      "warning: model 'mymod:TrainFlag': its __call__ takes 'train', which keep their defaults: "
+      "warning: model 'mymod:TrainFlag': its __call__ takes 'train', which jaxcnn never passes: "
       'jaxcnn calls model(images) and switches between training and evaluation with '
       'model.train() and model.eval()']
+  models.create_model('mymod:NnxFlags', num_classes=5, input_shape=(2, 2, 1))
+  assert capsys.readouterr().err == ''  # NNX's own rngs=None and deterministic=None are fine.
   models.create_model('mymod:Unseeded', num_classes=5, input_shape=(2, 2, 1))
   assert capsys.readouterr().err.splitlines() == [
       "warning: model 'mymod:Unseeded' takes no rngs argument, so its initialisation does not "

@@ -15,7 +15,9 @@ def to_uint8(image: Image.Image, mode: str) -> np.ndarray:
 
   A 16-bit grey image (a PNG of mode 'I;16', or a 16-bit PGM or TIFF that PIL opens as 32-bit
   'I' with values above 255) is scaled to 8 bits first: PIL's own conversion clips every value
-  above 255, which turns all but the darkest pixels white.
+  above 255, which turns all but the darkest pixels white. An 'I' image whose values all fit in
+  8 bits is taken as 8-bit, as PIL keeps no bit depth for it: a 16-bit frame that dark would come
+  out 257 times too bright.
   """
   if image.mode.startswith('I;16') or image.mode == 'I':
     wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)

@@ -129,8 +129,9 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
 
   def build() -> nnx.Module:
     # The Rngs are made inside each trace: NNX refuses to advance them from another one. Streams
-    # other than these two (a user's model calling `rngs()`, say) draw from the default one.
-    rngs = nnx.Rngs(seed, params=seed, dropout=seed)
+    # other than these two (a user's model calling `rngs()`, say) draw from the default one,
+    # whose keys are not those of `params` (the same seed would give the same keys).
+    rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1), params=seed, dropout=seed)
     model = constructor(**{k: rngs if k == 'rngs' else kwargs[k] for k in names})
     if not isinstance(model, nnx.Module):
       raise ConfigError(f'model {name!r} built a {type(model).__name__}, not an nnx.Module; name '
@@ -192,8 +193,11 @@ def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:  # The module, or one that it imports, is missing.
-    raise ConfigError(f'model {spec!r}: cannot import module {module_name!r}: {e} (it must be '
-                      'importable: installed, on PYTHONPATH, or in the current directory)'
+    # The module or its package (not one of its own imports) is what is missing.
+    own = e.name is not None and f'{module_name}.'.startswith(f'{e.name}.')
+    where = (' (it must be importable: installed, on PYTHONPATH, or in the current directory)'
+             if own else '')
+    raise ConfigError(f'model {spec!r}: cannot import module {module_name!r}: {e}{where}'
                       ) from None
   try:
     constructor = functools.reduce(getattr, attribute.split('.'), module)
@@ -212,30 +216,27 @@ def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
   return constructor
 
 
-def _signature(constructor: Callable[..., object]) -> inspect.Signature:
-  """The parameters a class, function or partial of either is called with."""
+def _parameters(constructor: Callable[..., object]) -> list[inspect.Parameter]:
+  """The parameters a class, function or partial of either is still called with: less `self`,
+  and less those a partial binds by position (those it binds by keyword may be given again)."""
+  bound = 0
   if isinstance(constructor, functools.partial):
-    constructor = constructor.func
+    bound, constructor = len(constructor.args), constructor.func
   if inspect.isclass(constructor):  # NNX's metaclass hides the signature of the class itself.
-    return inspect.signature(constructor.__init__)
-  return inspect.signature(constructor)
+    bound, constructor = bound + 1, constructor.__init__  # self
+  return list(inspect.signature(constructor).parameters.values())[bound:]
 
 
-def _required(parameters, skip: int = 0) -> list[str]:
-  """The names of `parameters` (after the first `skip`) that have no default."""
-  return [p.name for p in list(parameters.values())[skip:] if p.default is inspect.Parameter.empty
+def _required(parameters: list[inspect.Parameter]) -> list[str]:
+  """The names of `parameters` that have no default."""
+  return [p.name for p in parameters if p.default is inspect.Parameter.empty
           and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
 
 def _check_constructor(name: str, constructor: Callable[..., object], passed: list[str]) -> None:
   """Refuses a user model whose constructor requires arguments that jaxcnn does not pass."""
-  bound_keywords, skip = set(), 0
-  if isinstance(constructor, functools.partial):  # What the partial binds is passed too.
-    bound_keywords, skip = set(constructor.keywords), len(constructor.args)
-    constructor = constructor.func
-  skip += 1 if inspect.isclass(constructor) else 0  # self
-  missing = [p for p in _required(_signature(constructor).parameters, skip)
-             if p not in passed and p not in bound_keywords]
+  bound = set(constructor.keywords) if isinstance(constructor, functools.partial) else set()
+  missing = [p for p in _required(_parameters(constructor)) if p not in passed and p not in bound]
   if missing:
     raise ConfigError(
         f'model {name!r} requires {", ".join(map(repr, missing))}, which jaxcnn does not pass: it '
@@ -245,20 +246,26 @@ def _check_constructor(name: str, constructor: Callable[..., object], passed: li
 
 
 def _check_call(name: str, model: nnx.Module, warn: bool) -> None:
-  """Refuses a model that cannot be called as `model(images)`, and warns of parameters of its
-  `__call__` that jaxcnn never passes (a `train` flag would keep its default)."""
-  parameters = list(inspect.signature(model.__call__).parameters.values())  # Bound: no self.
-  extra = [p.name for p in parameters[1:]
-           if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-  required = _required(inspect.signature(model.__call__).parameters, skip=1)
+  """Refuses a model that cannot be called as `model(images)`, and warns of a flag of its
+  `__call__` that jaxcnn never passes (a linen-style `train=False` would keep its default; NNX's
+  own `deterministic=None` follows `model.train()` and `model.eval()`, and is fine)."""
   how = ('jaxcnn calls model(images) and switches between training and evaluation with '
          'model.train() and model.eval()')
-  if not parameters or required:
-    raise ConfigError(f'model {name!r}: its __call__ takes '
-                      f'{", ".join(map(repr, required)) if required else "no images"}; {how}')
-  if extra and warn:
-    _warn(f'model {name!r}: its __call__ takes {", ".join(map(repr, extra))}, which keep their '
-          f'defaults: {how}')
+  if not callable(model):
+    raise ConfigError(f'model {name!r}: a {type(model).__name__} has no __call__; {how}')
+  parameters = list(inspect.signature(model.__call__).parameters.values())  # Bound: no self.
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.VAR_POSITIONAL)
+  if not parameters or parameters[0].kind not in positional:
+    raise ConfigError(f'model {name!r}: its __call__ takes no images as its first argument; {how}')
+  required = _required(parameters[1:])
+  if required:
+    raise ConfigError(f'model {name!r}: its __call__ requires {", ".join(map(repr, required))}; '
+                      f'{how}')
+  flags = [p.name for p in parameters[1:] if isinstance(p.default, bool)]
+  if flags and warn:
+    _warn(f'model {name!r}: its __call__ takes {", ".join(map(repr, flags))}, which jaxcnn never '
+          f'passes: {how}')
 
 
 def _warn(message: str) -> None:
@@ -268,9 +275,8 @@ def _warn(message: str) -> None:
 
 def _accepts(constructor: Callable[..., object], keyword: str) -> bool:
   """Whether `constructor` (a class, function or partial of either) takes `keyword`."""
-  parameters = _signature(constructor).parameters
-  return keyword in parameters or any(
-      p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+  return any(p.name == keyword and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+             or p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(constructor))
 
 
 def count_params(module_or_state) -> int:
