@@ -400,7 +400,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     state, sums = strategy.from_global(tree['state']), strategy.from_global(tree['train_sums'])
     for phase, seconds in meta.get('seconds', {}).items():  # The run's time so far counts too.
       stopwatch.add(phase, seconds)
-    num_saves = meta.get('saves', 0)  # Checkpoints written before saving the count: 0.
+    num_saves = meta.get('saves', 0)  # 0 from a jaxcnn that did not record the count.
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})'
           + (f' with changed config: {changes}' if changes else ''), flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
