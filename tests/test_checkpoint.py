@@ -332,9 +332,9 @@ def test_a_refused_resume_keeps_the_runs_own_config_and_times_add_up_over_resume
   for key, change in (('grad_clip_norm', '0.0 -> 1.0'), ('ema_decay', '0.0 -> 0.99')):
     with pytest.raises(ConfigError, match=(
         rf'does not match this config: state\.\S+ \(shape .*\) is in the \w+ but not in the '
-        rf'\w+; this config changes {key} {re.escape(change)}, which can shape it; resume with '
-        r"the run's own config \(--config .*config\.json\) without that change, or start a "
-        'new --workdir$')):
+        rf'\w+; this config changes {key} {re.escape(change)}, which can shape the training '
+        r"state; resume with the run's own config \(--config .*config\.json\) without that "
+        'change, or start a new --workdir$')):
       trainer.train_and_evaluate(
           tiny_config(num_train_steps=24, **{key: float(change.split()[-1])}), str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == config_json  # evaluate still rebuilds lenet5.
