@@ -396,6 +396,18 @@ def test_examples_shared_by_the_train_and_eval_splits_are_counted(train_split, e
   assert tfds_data.shared_examples(no_sizes, train_split, eval_split) == 0
 
 
+def test_counting_shared_examples_of_different_splits_needs_no_tfds():
+  """A run that reads its decoded cache never imports TFDS; the check must not either."""
+  code = ('import sys; from jaxcnn.data import tfds_data; '
+          "info = tfds_data.DatasetInfo('mnist', (28, 28, 1), 10, None, "
+          "{'train': 60000, 'test': 10000}, 'image', 'label'); "
+          "print(tfds_data.shared_examples(info, 'train[:90%]', 'test'), "
+          "'tensorflow_datasets' in sys.modules)")
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+  assert result.stdout.split() == ['0', 'False']
+
+
 def test_training_warns_of_an_eval_split_inside_the_train_split(mnist_data_dir, tmp_path, capsys):
   trainer.train_and_evaluate(tiny_config(num_train_steps=1, data_dir=str(mnist_data_dir),
                                          eval_split='train[99%:]'), str(tmp_path))
