@@ -16,7 +16,6 @@ left out; the others are still compared.
 """
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -39,14 +38,6 @@ _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Ma
 _DEFAULT_ROOT = 'runs'
 
 
-def find_runs(root: str) -> list[str]:
-  """The run folders (those holding a `config.json`) directly under `root`, sorted by name."""
-  if not os.path.isdir(root):
-    return []
-  return sorted(os.path.join(root, name) for name in os.listdir(root)
-                if os.path.isfile(os.path.join(root, name, workdir_lib.CONFIG_FILE)))
-
-
 def count_parameters(model: str, image_shape: Sequence[int], num_classes: int) -> int | None:
   """The parameters of `model` for these inputs, or None where it cannot be built here (a user's
   model whose module is not importable from this folder)."""
@@ -55,8 +46,7 @@ def count_parameters(model: str, image_shape: Sequence[int], num_classes: int) -
         model, num_classes=num_classes, input_shape=tuple(image_shape), warn=False))
   except UserError:
     return None
-  return sum(math.prod(param.get_value().shape)
-             for _, param in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  return models.count_params(abstract)
 
 
 def describe_run(run_dir: str) -> dict:
@@ -168,7 +158,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  run_dirs = list(argv[1:]) or find_runs(_DEFAULT_ROOT)
+  run_dirs = list(argv[1:]) or workdir_lib.find_runs(_DEFAULT_ROOT)
   if not run_dirs:
     raise UserError(f'no runs to compare: {_DEFAULT_ROOT}/ holds no run folders here; name the '
                     'run folders, e.g. python -m jaxcnn.compare RUN1 RUN2')

@@ -151,6 +151,14 @@ def check_same_classes(workdir: str, class_names: tuple[str, ...]) -> None:
                   '--workdir')
 
 
+def find_runs(root: str) -> list[str]:
+  """The run folders (those holding a `config.json`) directly under `root`, sorted by name."""
+  if not os.path.isdir(root):
+    return []
+  return sorted(os.path.join(root, name) for name in os.listdir(root)
+                if os.path.isfile(os.path.join(root, name, CONFIG_FILE)))
+
+
 def check_can_hold_run(path: str) -> None:
   """Refuses a workdir that holds a file of a run's name that is not a jaxcnn run's, which the
   run would overwrite (a new run in a folder of other files, or one with `--workdir` mistyped),
@@ -164,14 +172,11 @@ def check_can_hold_run(path: str) -> None:
                     'a jaxcnn run to resume it')
 
   config_path = os.path.join(path, CONFIG_FILE)
-  if os.path.isdir(path) and not os.path.isfile(config_path):
-    # `--workdir runs` for `--workdir runs/NAME`: the run would be mixed in with those under it.
-    runs = sorted(name for name in os.listdir(path)
-                  if os.path.isfile(os.path.join(path, name, CONFIG_FILE)))
-    if runs:
-      raise UserError(f'--workdir {path!r} holds other runs ({", ".join(runs[:3])}'
-                      f'{", ..." if len(runs) > 3 else ""}) and is not one itself; give the run '
-                      f'a folder of its own, e.g. --workdir {os.path.join(path, "NAME")}')
+  runs = [] if os.path.isfile(config_path) else [os.path.basename(run) for run in find_runs(path)]
+  if runs:  # `--workdir runs` for `--workdir runs/NAME`: the run would be mixed in with those.
+    raise UserError(f'--workdir {path!r} holds other runs ({", ".join(runs[:3])}'
+                    f'{", ..." if len(runs) > 3 else ""}) and is not one itself; give the run '
+                    f'a folder of its own, e.g. --workdir {os.path.join(path, "NAME")}')
   if os.path.isfile(config_path):
     try:
       with open(config_path, encoding='utf-8') as f:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jaxcnn import compare, trainer
+from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import UserError
 
 from conftest import REPO_ROOT, tiny_config
@@ -23,7 +24,7 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   runs = tmp_path / 'runs'
   results = {lr: trainer.train_and_evaluate(tiny_config(learning_rate=lr), str(runs / f'lr{lr}'))
              for lr in (3e-3, 1e-4)}
-  rows = {row['run']: row for row in map(compare.describe_run, compare.find_runs(str(runs)))}
+  rows = {row['run']: row for row in map(compare.describe_run, workdir_lib.find_runs(str(runs)))}
   assert sorted(rows) == [str(runs / 'lr0.0001'), str(runs / 'lr0.003')]
   for lr, result in results.items():
     row = rows[str(runs / f'lr{lr}')]
