@@ -7,8 +7,10 @@
 #   bash benchmarks/stage_device.sh          # wheels and a prepared MNIST into .device/
 #
 # then run this there with carry [".device"] and a timeout_s above the budget by the longest
-# measurement (ResNet-50 with torch.compile, a few minutes): the default 360 s with timeout_s 600
-# fits one call into a session's 15 minutes of device time, the machine's start included.
+# measurement. On an H200 (2026-12-04) the machine started in 30 s and `on_device.sh 300` took
+# 316 s with timeout_s 480: both MNIST sections (5 seeds each) and all but three throughputs,
+# ResNet-50 bfloat16 (both frameworks, compiles included) in 104 s. ResNet-50 float32 did not
+# finish in 296 s: give it a call of its own, or leave it out with --throughputs.
 #
 #   bash benchmarks/on_device.sh [BUDGET_SECONDS [RUN_PY_FLAGS...]]     # default 360 s
 #
@@ -21,8 +23,8 @@
 # benchmarks/run.py's plan: the first seed of each MNIST recipe (configs/mnist.py and its
 # :speedrun variant), the fast CIFAR network and ResNet-50 in bfloat16, the other MNIST seeds, then
 # the other throughputs; what the budget leaves out is listed under 'skipped'. A later call with
-# `--update --sections throughput` measures that section again, whole (an update replaces the
-# sections it names), keeping the MNIST ones.
+# `--update --sections throughput --throughputs KEY,...` measures the named throughputs again
+# and keeps the others (copy the day's JSON into $OUT first: the update reads it there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-360}

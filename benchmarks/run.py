@@ -91,6 +91,11 @@ MNIST_RECIPES = {'mnist': 'configs/mnist.py', 'mnist_speedrun': 'configs/mnist.p
 SECTIONS = (*MNIST_RECIPES, 'throughput', 'cpu')
 _SECTIONS = flags.DEFINE_list('sections', list(SECTIONS),
                               f'Sections to run: {", ".join(SECTIONS)}.')
+_THROUGHPUTS = flags.DEFINE_list(
+    'throughputs', None, 'The throughput measurements to run, as <model>_<dtype> (e.g. '
+    'resnet50_float32,lenet5_bfloat16; default: all of them). With --update, the ones measured '
+    'replace their earlier figures and the others are kept, so that a measurement skipped or '
+    'cut off on a lent GPU can be taken in a later call.')
 _BUDGET_SECONDS = flags.DEFINE_float(
     'budget_seconds', 0.0, 'Start no measurement after this many seconds of the run (0: no limit); '
     "the ones left are listed under 'skipped'. Leave the longest measurement's time (a few "
@@ -309,14 +314,22 @@ def _attempt(failures: list[str], part: str, measure: Callable[..., dict], *args
              ) -> dict:
   """`measure(*args, **kwargs)`, or `{'error': its one-line cause}` (recorded in `failures` as
   `part: cause`, the traceback on stderr) if it raises: one framework's failure must not cost the
-  other framework's figure, measured or still to come, on a lent machine."""
+  other framework's figure, measured or still to come, on a lent machine.
+
+  Says on stderr how long the part took, so that the log of a run cut off by an outside time
+  limit tells which part was running."""
+  start = time.perf_counter()
   try:
-    return measure(*args, **kwargs)
+    result = measure(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-exception-caught
     traceback.print_exc()
     cause = torch_reference.error_line(e)
     failures.append(f'{part}: {cause}')
+    print(f'    {part}: failed after {time.perf_counter() - start:.0f} s', file=sys.stderr,
+          flush=True)
     return {'error': cause}
+  print(f'    {part}: {time.perf_counter() - start:.0f} s', file=sys.stderr, flush=True)
+  return result
 
 
 def throughput(key: str, quick: bool, repeats: int) -> dict:
@@ -499,22 +512,59 @@ def result_path(output_dir: str, device: str, quick: bool) -> str:
 _INCOMPLETE = ('skipped', 'errors', 'running')
 
 
+def _measurement_names(measured: dict, throughputs: dict) -> set[str]:
+  """The names (as `Measurement.name` gives them) of the measurements whose figures `measured`
+  holds: the seeds of its MNIST sections, the throughputs in `throughputs`, the CPU epoch."""
+  names = {f'throughput {key}' for key in throughputs}
+  for section in MNIST_RECIPES:
+    runs = measured.get(section, {}).get('runs', [])
+    names.update(f'{section} seed {run["seed"]}' for run in runs)
+  if 'cpu' in measured:
+    names.add('cpu epoch')
+  return names
+
+
 def merge_results(previous: dict | None, measured: dict, quick: bool) -> dict:
   """The results file: `measured` alone, or `previous` with the sections in `measured` replaced
   and an entry in its `updates` naming them with the environment they were measured in (and what
-  that update skipped or failed to measure)."""
+  that update skipped or failed to measure).
+
+  The throughput section is replaced measurement by measurement: each `<model>_<dtype>` measured
+  again replaces its figure and the others are kept. The matmul rate, the MFU's denominator, is
+  replaced only with ResNet-50's bfloat16 figure, so that both come from one run; otherwise the
+  update's own rate is kept in its `updates` entry. The file's own `skipped` and `errors` then
+  list what it still lacks: an earlier run's skipped or failed measurement leaves them once an
+  update measures it."""
   incomplete = {k: measured[k] for k in _INCOMPLETE if measured.get(k)}
   measured = {k: v for k, v in measured.items() if k not in _INCOMPLETE}
   if previous is None:
     results = {'environment': measured['environment'], 'quick': quick, **incomplete}
   else:
     results = dict(previous)
-    sections = [k for k in measured if k in SECTIONS]
-    results['updates'] = [*previous.get('updates', []),
-                          {'sections': sections, 'environment': measured['environment'],
-                           **incomplete}]
-    if 'throughput' not in measured:  # The MFU of the kept throughput uses the kept rate.
+    update = {'sections': [k for k in measured if k in SECTIONS],
+              'environment': measured['environment'], **incomplete}
+    throughputs = measured.get('throughput', {})
+    if throughputs:
+      update['throughputs'] = list(throughputs)
+      measured['throughput'] = {**previous.get('throughput', {}), **throughputs}
+    if 'resnet50_bfloat16' not in throughputs and 'matmul' in previous:
+      if 'throughput' in measured:
+        update['matmul'] = measured['matmul']
       measured = {k: v for k, v in measured.items() if k != 'matmul'}
+    results['updates'] = [*previous.get('updates', []), update]
+    # What the file still lacks: the earlier runs' skipped and failed measurements less the
+    # ones measured now, and what failed now (its figure replaced the earlier one).
+    measured_now = _measurement_names(measured, throughputs)
+    if 'matmul' in measured:
+      measured_now.add('matmul')
+    skipped = [name for name in previous.get('skipped', []) if name not in measured_now]
+    errors = {**{name: cause for name, cause in previous.get('errors', {}).items()
+                 if name not in measured_now}, **incomplete.get('errors', {})}
+    for key, value in (('skipped', skipped), ('errors', errors)):
+      if value:
+        results[key] = value
+      else:
+        results.pop(key, None)
   results.update({k: v for k, v in measured.items() if k != 'environment'})
   results['summary'] = summarise(results)
   return results
@@ -540,8 +590,9 @@ SUMMARY_THROUGHPUTS = ('fastcifar_bfloat16', 'resnet50_bfloat16')
 
 
 def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_dir: str | None,
-                     mnist_dir: str) -> list[Measurement]:
-  """The suite's measurements in `sections`, those of the summary figures first."""
+                     mnist_dir: str, throughputs: list[str] | None = None) -> list[Measurement]:
+  """The suite's measurements in `sections`, those of the summary figures first; of the
+  throughput section only the keys in `throughputs` (None: all)."""
   def seed_runs(section: str) -> list[Measurement]:
     if section not in sections:
       return []
@@ -552,7 +603,8 @@ def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_di
 
   mnist_runs = [seed_runs(section) for section in MNIST_RECIPES]
   throughputs = [Measurement('throughput', key, lambda key=key: throughput(key, quick, repeats))
-                 for key in throughput_keys(quick)] if 'throughput' in sections else []
+                 for key in throughput_keys(quick)
+                 if throughputs is None or key in throughputs] if 'throughput' in sections else []
   first = [m for key in SUMMARY_THROUGHPUTS for m in throughputs if m.key == key]
   epoch = ([Measurement('cpu', 'epoch', lambda: lenet5_epoch(quick, repeats, data_dir, mnist_dir))]
            if 'cpu' in sections else [])
@@ -621,13 +673,26 @@ def describe_run(quick: bool, compilation_cache: str) -> dict:
   return measured
 
 
-def main(argv):
-  del argv
-  quick = _QUICK.value
-  unknown = sorted(set(_SECTIONS.value) - set(SECTIONS))
+def check_selection(sections: list[str], throughputs: list[str] | None, quick: bool) -> None:
+  """Raises a one-line UsageError for a section or throughput the suite does not have."""
+  unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
     raise app.UsageError(f'unknown section {unknown[0]!r} in --sections; choose from '
                          f'{", ".join(SECTIONS)}')
+  if throughputs and 'throughput' not in sections:
+    raise app.UsageError(f'--throughputs {",".join(throughputs)} measures nothing without the '
+                         'throughput section: add throughput to --sections')
+  known = throughput_keys(quick)
+  unknown = sorted(set(throughputs or ()) - set(known))
+  if unknown:
+    raise app.UsageError(f'unknown throughput {unknown[0]!r} in --throughputs; choose from '
+                         f'{", ".join(known)}{" (with --quick)" if quick else ""}')
+
+
+def main(argv):
+  del argv
+  quick = _QUICK.value
+  check_selection(_SECTIONS.value, _THROUGHPUTS.value, quick)
   # The cpu section's PyTorch reference reads the official files themselves (the MNIST sections
   # can do with a prepared TFDS MNIST, as on a GPU machine without them).
   missing = [name for name in torch_reference.MNIST_FILES.values()
@@ -653,7 +718,8 @@ def main(argv):
     return results
 
   plan = measurement_plan(_SECTIONS.value, quick=quick, seeds=_SEEDS.value, repeats=repeats,
-                          data_dir=_DATA_DIR.value, mnist_dir=_MNIST_DIR.value)
+                          data_dir=_DATA_DIR.value, mnist_dir=_MNIST_DIR.value,
+                          throughputs=_THROUGHPUTS.value)
   measured = measure_all(plan, measured, _BUDGET_SECONDS.value, write, start=_PROCESS_START)
   results = write(measured)  # Again, for the measurements skipped after the last one.
   print(json.dumps(results['summary'], indent=2))

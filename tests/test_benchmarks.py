@@ -208,6 +208,60 @@ def test_update_replaces_only_the_sections_measured_again():
   assert updated['summary']['mnist_seconds_to_99'] == 70.0
 
 
+def test_update_replaces_only_the_throughputs_measured_again():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  env = lambda date: {'device': 'NVIDIA H200', 'date': date, 'command': 'python benchmarks/run.py'}
+  rate = lambda images: {'jaxcnn_img_per_s': images, 'pytorch_img_per_s': 100.0}
+  matmul = lambda tflops: {'dtype': 'bfloat16', 'flops': {'median': tflops * 1e12}}
+  first = suite.merge_results(None, {
+      'environment': env('1'), 'matmul': matmul(800.0),
+      'throughput': {'resnet50_bfloat16': rate(4000.0), 'lenet5_float32': rate(1.0)},
+      'skipped': ['throughput resnet50_float32', 'throughput fastcifar_float32'],
+      'errors': {'throughput lenet5_float32': 'pytorch: CUDA out of memory'}}, quick=False)
+  # A later call measures two throughputs the first one skipped, or measured wrongly.
+  second = suite.merge_results(first, {
+      'environment': env('2'), 'matmul': matmul(600.0),
+      'throughput': {'lenet5_float32': rate(2.0), 'resnet50_float32': rate(3.0)},
+      'running': 'throughput fastcifar_float32'}, quick=False)  # Cut off by a time limit.
+  assert second['throughput'] == {'resnet50_bfloat16': rate(4000.0), 'lenet5_float32': rate(2.0),
+                                  'resnet50_float32': rate(3.0)}
+  # The MFU still divides ResNet-50's figure by the rate measured in the same call as it.
+  assert second['matmul'] == matmul(800.0)
+  assert second['summary']['resnet50_mfu'] == pytest.approx(4000 * 24.6e9 / 800e12)
+  assert second['updates'] == [{'sections': ['throughput'], 'environment': env('2'),
+                                'running': 'throughput fastcifar_float32',
+                                'throughputs': ['lenet5_float32', 'resnet50_float32'],
+                                'matmul': matmul(600.0)}]
+  # What the file still lacks: the measurement skipped first and cut off in the update.
+  assert second['skipped'] == ['throughput fastcifar_float32'] and 'errors' not in second
+  # Measured again with ResNet-50's bfloat16 figure, the rate is replaced with it.
+  third = suite.merge_results(second, {
+      'environment': env('3'), 'matmul': matmul(500.0),
+      'throughput': {'resnet50_bfloat16': rate(5000.0)}}, quick=False)
+  assert third['matmul'] == matmul(500.0)
+  assert third['summary']['resnet50_mfu'] == pytest.approx(5000 * 24.6e9 / 500e12)
+  assert third['throughput']['resnet50_float32'] == rate(3.0)
+
+
+def test_throughputs_select_the_measurements_and_unknown_ones_are_refused():
+  import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  plan = suite.measurement_plan(['mnist', 'throughput'], quick=False, seeds=2, repeats=1,
+                                data_dir=None, mnist_dir='',
+                                throughputs=['resnet50_float32', 'fastcifar_bfloat16'])
+  assert [m.name for m in plan] == ['mnist seed 0', 'throughput fastcifar_bfloat16',
+                                    'mnist seed 1', 'throughput resnet50_float32']
+  suite.check_selection(['throughput'], ['resnet50_float32'], quick=False)
+  with pytest.raises(app.UsageError, match=r"^unknown throughput 'resnet50_fp32' in "
+                     r"--throughputs; choose from lenet5_float32, lenet5_bfloat16, "):
+    suite.check_selection(['throughput'], ['resnet50_fp32'], quick=False)
+  with pytest.raises(app.UsageError, match=r'^--throughputs resnet50_float32 measures nothing '
+                     r'without the throughput section: add throughput to --sections$'):
+    suite.check_selection(['mnist'], ['resnet50_float32'], quick=False)
+  with pytest.raises(app.UsageError, match=r"^unknown section 'gpu' in --sections"):
+    suite.check_selection(['gpu'], None, quick=False)
+
+
 def test_plan_measures_the_summary_figures_first():
   import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
   plan = suite.measurement_plan(suite.SECTIONS, quick=False, seeds=3, repeats=1, data_dir=None,
