@@ -10,7 +10,9 @@
 # measurement. On an H200 (2026-12-04) the machine started in 30 s and `on_device.sh 300` took
 # 316 s with timeout_s 480: both MNIST sections (5 seeds each) and all but three throughputs,
 # ResNet-50 bfloat16 (both frameworks, compiles included) in 104 s. ResNet-50 float32 did not
-# finish in 296 s: give it a call of its own, or leave it out with --throughputs.
+# finish in 296 s: give it a call of its own, or leave it out with --throughputs. The levers'
+# A/B runs (benchmarks/levers.py) are not part of this script: run them first in the same call,
+#   source .device/env.sh; python3 benchmarks/levers.py --output $OUT/levers.json; bash ...
 #
 #   bash benchmarks/on_device.sh [BUDGET_SECONDS [RUN_PY_FLAGS...]]     # default 360 s
 #
