@@ -10,7 +10,6 @@ asynchronous saving, then without. For each save it records how long the call bl
 """
 
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,8 @@ from ml_collections import config_flags
 
 from jaxcnn import cli, parallel
 from jaxcnn.checkpoint import Checkpointer
-from measure import REPO_ROOT, build_synthetic_experiment, dataset_shape, device_description
+from measure import (REPO_ROOT, build_synthetic_experiment, dataset_shape, device_description,
+                     emit_json)
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'mnist.py'),
                                           'Config whose state to save.',
@@ -67,12 +67,7 @@ def main(argv):
   result = {**device_description(), **measure(_CONFIG.value, _SAVES.value),
             'saves': _SAVES.value, 'date': datetime.datetime.now().astimezone().isoformat(
                 timespec='seconds'), 'command': ' '.join(['python'] + sys.argv)}
-  text = json.dumps(result, indent=2)
-  if _OUTPUT.value:
-    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      f.write(text + '\n')
-  print(text)
+  emit_json(result, _OUTPUT.value)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ after `source .device/env.sh` (benchmarks/on_device.sh says how to stage that).
 """
 
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from absl import app, flags
 from jaxcnn import cli
 from jaxcnn.metrics import read_metrics
 from jaxcnn.trainer import default_steps_per_call, train_and_evaluate
-from measure import REPO_ROOT, device_description, measure_throughput
+from measure import REPO_ROOT, device_description, emit_json, measure_throughput
 
 _STEPS = flags.DEFINE_integer('steps', 1000, 'Train steps per timed repeat of a throughput.',
                               lower_bound=1)
@@ -120,13 +119,8 @@ def main(argv):
             'data_placement': data_placement(_PLACEMENTS.value,
                                              ':smoke' if quick else ':speedrun',
                                              _MNIST_DIR.value, _DATA_DIR.value,
-                                             20 if quick else 0)}
-  text = json.dumps(result, indent=2)
-  if _OUTPUT.value:
-    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      f.write(text + '\n')
-  print(text)
+                                             8 if quick else 0)}
+  emit_json(result, _OUTPUT.value)
 
 
 if __name__ == '__main__':

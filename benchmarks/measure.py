@@ -5,6 +5,7 @@ parallel strategy, steps per call) on synthetic uint8 images of the dataset's sh
 memory, so the input pipeline is not measured and no dataset needs to be prepared.
 """
 
+import json
 import os
 import platform
 import statistics
@@ -27,6 +28,17 @@ def device_description() -> dict:
   return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
           'devices_available': jax.device_count(), 'host': platform.node(),
           'jax': jax.__version__, 'python': platform.python_version()}
+
+
+def emit_json(result: dict, output: str | None) -> None:
+  """Prints `result` as JSON and, where `output` names a file, writes it there too (making its
+  folder)."""
+  text = json.dumps(result, indent=2)
+  if output:
+    os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
+    with open(output, 'w', encoding='utf-8') as f:
+      f.write(text + '\n')
+  print(text)
 
 
 # About the mean and standard deviation of uniform uint8 noise (127.5 and 73.9), so that synthetic

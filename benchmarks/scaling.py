@@ -29,8 +29,6 @@ if '--no_fake_devices' not in sys.argv and 'xla_force_host_platform_device_count
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={_FAKE_DEVICES}').strip()
 
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -39,7 +37,7 @@ from jaxcnn import cli, config as config_lib, parallel  # pylint: disable=g-impo
 from jaxcnn.errors import UserError  # pylint: disable=g-import-not-at-top
 from jaxcnn.trainer import check_batch_sizes  # pylint: disable=g-import-not-at-top
 from measure import (  # pylint: disable=g-import-not-at-top
-    REPO_ROOT, device_description, measure_throughput, training_only)
+    REPO_ROOT, device_description, emit_json, measure_throughput, training_only)
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'mnist.py'),
                                           'Config to measure.',
@@ -153,11 +151,7 @@ def main(argv):
           'how jaxcnn scales') if fake else ''
   result = {**device_description(), 'fake_cpu_devices': fake, 'note': note,
             'command': ' '.join(['python'] + sys.argv), 'runs': runs}
-  text = json.dumps(result, indent=2)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      f.write(text + '\n')
-  print(text)
+  emit_json(result, _OUTPUT.value)
   print(table(runs, note))
 
 

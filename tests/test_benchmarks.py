@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -153,30 +152,30 @@ def test_checkpoint_cost_reports_blocking_and_completion_per_mode(tmp_path):
     assert all(0 < b <= c for b, c in zip(blocked['values'], complete['values']))
 
 
-def test_levers_compare_steps_per_call_and_data_placement(mnist_data_dir):
-  import levers  # pylint: disable=g-import-not-at-top  (benchmarks/levers.py)
-  calls = levers.steps_per_call([2], steps=4, repeats=1, variant=':smoke')
+def test_levers_compare_steps_per_call_and_data_placement(tmp_path, mnist_data_dir):
+  output = tmp_path / 'levers.json'
+  run('benchmarks/levers.py', '--quick', '--spc=2', f'--mnist_dir={MNIST_MANUAL_DIR}',
+      f'--data_dir={mnist_data_dir}', f'--output={output}')
+  measured = json.loads(output.read_text())
+  calls = measured['steps_per_call']
   assert calls['default'] == 1  # On the CPU; measured as the reference though not asked for.
   assert {k: run['steps_per_call'] for k, run in calls['runs'].items()} == {'2': 2, '1': 1}
   assert calls['runs']['1']['ratio_to_default'] == 1.0
   assert calls['runs']['2']['ratio_to_default'] == pytest.approx(
       calls['runs']['2']['examples_per_sec'] / calls['runs']['1']['examples_per_sec'])
-  placed = levers.data_placement(['device', 'stream'], ':smoke', str(MNIST_MANUAL_DIR),
-                                 str(mnist_data_dir), num_train_steps=4)
+  placed = measured['data_placement']
   assert placed['config'] == 'configs/mnist.py:smoke' and set(placed['runs']) == {'device', 'stream'}
-  for run in placed['runs'].values():
-    assert run['steps'] == 4 and run['train_seconds'] > 0 and 0 < run['test_accuracy'] <= 1
+  for placement in placed['runs'].values():
+    assert placement['steps'] == 8 and placement['train_seconds'] > 0
+    assert 0 < placement['test_accuracy'] <= 1
   assert placed['runs']['device']['train_seconds_ratio_to_device'] == 1.0
 
 
-@pytest.mark.parametrize('spc, placements, error', [
-    (['0'], ['device'], "--spc '0' is not a number of steps of at least 1"),
-    (['5'], ['gpu'], "--placements 'gpu': choose from device, stream")])
-def test_levers_refuse_a_bad_choice(spc, placements, error):
-  import levers  # pylint: disable=g-import-not-at-top  (benchmarks/levers.py)
-  from absl import app  # pylint: disable=g-import-not-at-top
-  with pytest.raises(app.UsageError, match=f'^{re.escape(error)}$'):
-    levers.check_choices(spc, placements)
+@pytest.mark.parametrize('args, error', [
+    (['--spc=1,0'], "--spc '0' is not a number of steps of at least 1"),
+    (['--placements=device,gpu'], "--placements 'device,gpu': choose from device, stream")])
+def test_levers_refuse_a_bad_choice(args, error):
+  assert run_refused('benchmarks/levers.py', *args) == f'error: {error}\n'
 
 
 def test_suite_quick_mode_writes_every_summary_figure(tmp_path, mnist_data_dir):
