@@ -7,9 +7,9 @@
 * Steps per compiled call (`config.steps_per_call`: a `lax.scan` of K train steps per call):
   `configs/mnist.py`'s network and batch on synthetic data in device memory
   (`measure.measure_throughput`), images/s for each K, and each K's ratio to the backend's
-  default (`trainer.default_steps_per_call`). A call costs a dispatch from Python, which an
-  accelerator feels when a step is short; on the 2-core CPU a scan was 40x slower
-  (benchmarks/HISTORY.md), hence the default of 1 there.
+  default (`trainer.default_steps_per_call`: 25 on accelerators, 1 on the CPU, where a scan runs
+  each step far slower). A call costs a dispatch from Python, which an accelerator feels when a
+  step is short.
 * Where the data lives (`config.data_placement`): `configs/mnist.py:speedrun` trained to its end
   with MNIST held in device memory (augmentation inside the compiled step) and streamed through
   Grain, the training and data-waiting seconds and the final test accuracy of each, and each one's
