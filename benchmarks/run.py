@@ -512,15 +512,21 @@ def result_path(output_dir: str, device: str, quick: bool) -> str:
 _INCOMPLETE = ('skipped', 'errors', 'running')
 
 
+def measurement_name(section: str, key: str | int) -> str:
+  """How the results file names a measurement: 'mnist seed 0', 'throughput lenet5_float32',
+  'cpu epoch'."""
+  return f'{section} {"seed " if section in MNIST_RECIPES else ""}{key}'
+
+
 def _measurement_names(measured: dict, throughputs: dict) -> set[str]:
-  """The names (as `Measurement.name` gives them) of the measurements whose figures `measured`
-  holds: the seeds of its MNIST sections, the throughputs in `throughputs`, the CPU epoch."""
-  names = {f'throughput {key}' for key in throughputs}
+  """The names (`measurement_name`) of the measurements whose figures `measured` holds: the
+  seeds of its MNIST sections, the throughputs in `throughputs`, the CPU epoch."""
+  names = {measurement_name('throughput', key) for key in throughputs}
   for section in MNIST_RECIPES:
     runs = measured.get(section, {}).get('runs', [])
-    names.update(f'{section} seed {run["seed"]}' for run in runs)
+    names.update(measurement_name(section, run['seed']) for run in runs)
   if 'cpu' in measured:
-    names.add('cpu epoch')
+    names.add(measurement_name('cpu', 'epoch'))
   return names
 
 
@@ -581,7 +587,7 @@ class Measurement:
 
   @property
   def name(self) -> str:
-    return f'{self.section} {"seed " if self.section in MNIST_RECIPES else ""}{self.key}'
+    return measurement_name(self.section, self.key)
 
 
 # The throughputs behind the README's summary columns, measured before the others; the fast
