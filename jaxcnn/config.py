@@ -224,6 +224,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.image_folder and config.dataset != 'imagefolder':
     raise ConfigError(f"config key 'image_folder' is read only with --config.dataset=imagefolder; "
                       f'this config trains on {config.dataset!r}')
+  # An empty folder name, often an unset shell variable (--config.data_dir=$DATA), would have
+  # datasets read from and prepared in the current folder.
+  for key in ('data_dir', 'manual_dir', 'image_folder'):
+    _require(config, key, config[key] is None or str(config[key]).strip(),
+             'a folder, or left unset for its default')
   models.get_model_constructor(config.model)
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)

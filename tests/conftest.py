@@ -2,6 +2,7 @@
 
 import atexit
 import contextlib
+import fcntl
 import os
 import pathlib
 import re
@@ -39,13 +40,20 @@ MNIST_MANUAL_DIR = pathlib.Path(
 def mnist_data_dir(tmp_path_factory):
   """A TFDS data_dir in which real MNIST was prepared from the official files, once a session.
 
-  Preparing runs jaxcnn's own path: a TensorFlow subprocess reading MNIST_MANUAL_DIR.
+  Preparing runs jaxcnn's own path: a TensorFlow subprocess reading MNIST_MANUAL_DIR. Under
+  pytest-xdist the workers share one copy: the first to need it prepares it (about 35 s on a
+  CI core) while the others wait on a lock, then find it prepared.
   """
   assert (MNIST_MANUAL_DIR / 'train-images-idx3-ubyte.gz').is_file(), (
       f'the official MNIST files are expected in {MNIST_MANUAL_DIR} (or $JAXCNN_MNIST_DIR)')
   from jaxcnn.data import tfds_data
-  data_dir = tmp_path_factory.mktemp('tfds')
-  tfds_data.ensure_prepared('mnist', str(data_dir), str(MNIST_MANUAL_DIR))
+  session_dir = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # Each worker's basetemp is a folder of the session's.
+    session_dir = session_dir.parent
+  data_dir = session_dir / 'mnist_tfds'
+  with open(session_dir / 'mnist_tfds.lock', 'w', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    tfds_data.ensure_prepared('mnist', str(data_dir), str(MNIST_MANUAL_DIR))
   return data_dir
 
 

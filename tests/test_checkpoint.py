@@ -24,7 +24,7 @@ from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, Us
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
 
-from conftest import MNIST_MANUAL_DIR, REPO_ROOT, learnable_images, tiny_config
+from conftest import REPO_ROOT, learnable_images, tiny_config
 
 # keras_cnn has dropout and the crop draws random offsets: a resume must reproduce both.
 RUN_FLAGS = ['--config=tests/tiny_config.py:keras_cnn', '--config.augment.crop_padding=2',
@@ -553,13 +553,23 @@ def test_a_run_trained_on_real_data_is_never_evaluated_on_a_synthetic_stand_in(m
   assert 'point --manual_dir at a folder' in missing.stderr  # evaluate's flag, not train.py's.
   assert 'synthetic' not in missing.stdout + missing.stderr
   assert 'Traceback' not in missing.stderr
-  # Given the files, evaluate prepares the dataset there and evaluates the run on it.
-  prepared = subprocess.run(command + [f'--manual_dir={MNIST_MANUAL_DIR}'], cwd=REPO_ROOT,
-                            env=environment(tmp_path), capture_output=True, text=True,
-                            timeout=600, check=False)
-  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  # --manual_dir reaches the preparation: it looks for the files there. (Preparing from them is
+  # the mnist_data_dir fixture's path, tested by tests/test_data.py too.)
+  no_files = tmp_path / 'no_files'
+  no_files.mkdir()
+  elsewhere = subprocess.run(command + [f'--manual_dir={no_files}'], cwd=REPO_ROOT,
+                             env=environment(tmp_path), capture_output=True, text=True,
+                             timeout=300, check=False)
+  assert elsewhere.returncode == 2, elsewhere.stderr[-3000:]
+  assert f'put these files in manual_dir {no_files} ' in elsewhere.stderr
+  # Where the dataset is prepared, evaluate reads the run's own test set, all of it.
+  real = subprocess.run(command[:-1] + [f'--data_dir={mnist_data_dir}'], cwd=REPO_ROOT,
+                        env=environment(tmp_path), capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert real.returncode == 0, real.stderr[-3000:]
+  assert 'synthetic' not in real.stdout + real.stderr
   accuracy = result['test/accuracy']
-  assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 10_000)}/10000)' in prepared.stdout
+  assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 10_000)}/10000)' in real.stdout
 
 
 def test_reading_a_checkpoint_with_unreadable_metadata_is_one_user_error(fake_tfds, tmp_path):

@@ -39,6 +39,9 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.profile_steps=-5', "config key 'profile_steps' must be an integer >= 0, got -5"),
     ('--config.synthetic.image_shape=16,16',
      "config key 'synthetic.image_shape' must be three positive integers, height,width,channels"),
+    # As from --config.data_dir=$DATA with DATA unset: not the current folder.
+    ('--config.data_dir=',
+     "config key 'data_dir' must be a folder, or left unset for its default, got ''"),
 ])
 def test_config_mistakes_are_one_line_errors(override, expected, tmp_path):
   result = run_train('--config', 'configs/mnist.py', override, f'--workdir={tmp_path / "run"}')
