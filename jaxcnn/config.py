@@ -226,9 +226,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'this config trains on {config.dataset!r}')
   # An empty folder name, often an unset shell variable (--config.data_dir=$DATA), would have
   # datasets read from and prepared in the current folder.
-  for key in ('data_dir', 'manual_dir', 'image_folder'):
-    _require(config, key, config[key] is None or str(config[key]).strip(),
-             'a folder, or left unset for its default')
+  for key, what in (('data_dir', "a folder, or left unset for TFDS's default"),
+                    ('manual_dir', 'a folder, or left unset for <data_dir>/downloads/manual'),
+                    ('image_folder', 'a folder')):
+    _require(config, key, config[key] is None or str(config[key]).strip(), what)
   models.get_model_constructor(config.model)
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)

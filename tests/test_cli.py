@@ -41,7 +41,7 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'synthetic.image_shape' must be three positive integers, height,width,channels"),
     # As from --config.data_dir=$DATA with DATA unset: not the current folder.
     ('--config.data_dir=',
-     "config key 'data_dir' must be a folder, or left unset for its default, got ''"),
+     "config key 'data_dir' must be a folder, or left unset for TFDS's default, got ''"),
 ])
 def test_config_mistakes_are_one_line_errors(override, expected, tmp_path):
   result = run_train('--config', 'configs/mnist.py', override, f'--workdir={tmp_path / "run"}')

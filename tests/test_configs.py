@@ -160,3 +160,16 @@ def test_a_seed_the_steps_cannot_take_is_refused(seed):
     config_lib.validate(config)
   config.seed = 2 ** 31 - 1
   config_lib.validate(config)
+
+
+@pytest.mark.parametrize('key, dataset', [('data_dir', 'mnist'), ('manual_dir', 'mnist'),
+                                          ('image_folder', 'imagefolder')])
+def test_an_empty_folder_name_is_refused_not_read_as_the_current_folder(key, dataset):
+  config = config_lib.default_config()
+  config.dataset = dataset
+  for empty in ('', '  '):  # As from --config.data_dir=$DATA with DATA unset.
+    config[key] = empty
+    with pytest.raises(ConfigError, match=re.escape(f"config key {key!r} must be a folder")):
+      config_lib.validate(config)
+  config[key] = 'folder'
+  config_lib.validate(config)
