@@ -33,6 +33,7 @@ def get_config(variant: str = ''):
   config.augment.flip = True
   if variant == 'smoke':
     shrink_for_smoke(config)
+    config.image_size = 32  # At 64, its 20 steps took 15 s on 2 CPU cores; 4 s at 32.
   elif variant:
     raise unknown_variant('configs/imagefolder.py', variant, ('', 'smoke'))
   return config
