@@ -314,12 +314,18 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(fak
   assert all(r['train/loss'] != 9.0 for r in records if 'train/loss' in r)
 
 
-def test_a_moving_average_of_the_weights_is_evaluated_and_resumed_exactly(fake_tfds, tmp_path):
+def test_a_moving_average_of_the_weights_is_evaluated_and_resumed_exactly(fake_tfds, tmp_path,
+                                                                         capsys):
   # A constant rate: a schedule over 12 steps would be another run from the start.
   config = tiny_config(ema_decay=0.9, lr_schedule='constant', num_train_steps=24,
                        eval_every_steps=12, checkpoint_every_steps=12)
   whole = trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
   assert {'test/ema_accuracy', 'test/ema_loss'} <= set(whole)
+  last_lines = capsys.readouterr().out.strip().splitlines()[-2:]  # Step 24's evaluation, done.
+  ema = f'EMA accuracy {100 * whole["test/ema_accuracy"]:.2f}%'
+  assert last_lines[0].startswith('step 24: test accuracy') and last_lines[0].endswith(ema)
+  assert last_lines[1].startswith('done: test accuracy')
+  assert f', {ema} after 24 steps' in last_lines[1]
   assert whole['test/ema_loss'] != whole['test/loss']  # The average, not the weights again.
   config.num_train_steps = 12
   trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
@@ -327,3 +333,11 @@ def test_a_moving_average_of_the_weights_is_evaluated_and_resumed_exactly(fake_t
   halves = trainer.train_and_evaluate(config, str(tmp_path / 'halves'))
   for name in ('test/ema_loss', 'test/ema_accuracy', 'test/loss'):
     assert halves[name] == whole[name], name  # The average is in the checkpoint, bit for bit.
+
+
+def test_the_terminal_names_the_moving_averages_accuracy_only_where_there_is_one():
+  metrics = {'test/accuracy': 0.98914, 'test/loss': 0.0345}
+  assert trainer.describe_evaluation(metrics, 'test') == 'test accuracy 98.91%, loss 0.0345'
+  metrics.update({'test/ema_accuracy': 0.9902, 'test/ema_loss': 0.03})
+  assert trainer.describe_evaluation(metrics, 'test', loss=False) == (
+      'test accuracy 98.91%, EMA accuracy 99.02%')
