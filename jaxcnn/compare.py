@@ -9,7 +9,8 @@ a run still training can be compared too: its row says how far it has come. A ro
 the data it was trained and evaluated on (the dataset, `synthetic ...` for stand-in data, and the
 evaluation split: figures on other data do not compare), its parameter count (built under
 `nnx.eval_shape`: nothing is materialised), the steps trained, the last evaluation's accuracy and
-loss, the best accuracy and the step it came at, the training and compile seconds, and the median
+loss (and the accuracy of the weights' moving average, in runs with `ema_decay`), the best
+accuracy and the step it came at, the training and compile seconds, and the median
 of the logged examples/s. Below the table are the config keys whose values differ between the runs,
 so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
 left out; the others are still compared.
@@ -79,6 +80,8 @@ def describe_run(run_dir: str) -> dict:
       'eval_split': split,
       'accuracy': evaluations[-1][f'{split}/accuracy'] if evaluations else None,
       'loss': evaluations[-1][f'{split}/loss'] if evaluations else None,
+      # The moving average of the weights (ema_decay > 0), evaluated beside them.
+      'ema_accuracy': evaluations[-1].get(f'{split}/ema_accuracy') if evaluations else None,
       'best_accuracy': best[f'{split}/accuracy'] if best else None,
       'best_step': best['step'] if best else None,
       'train_seconds': last('time/train_seconds') if finished else last('train/seconds'),
@@ -139,12 +142,16 @@ def format_table(rows: Sequence[dict]) -> str:
     best = ('-' if row['best_accuracy'] is None
             else f'{100 * row["best_accuracy"]:.2f}% ({row["best_step"]:,})')
     accuracy = '-' if row['accuracy'] is None else f'{100 * row["accuracy"]:.2f}%'
+    if row['ema_accuracy'] is not None:
+      accuracy += f' (EMA {100 * row["ema_accuracy"]:.2f}%)'
     data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.
     lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
                  f'{steps} | {accuracy} | {number(row["loss"], ".4f")} | {best} | '
                  f'{number(row["train_seconds"], ".1f")} | {number(row["compile_seconds"], ".1f")}'
                  f' | {number(row["examples_per_sec"], ",.0f")} |')
-  lines.append('\nAccuracy and loss: the last evaluation, on the split named under data.')
+  lines.append('\nAccuracy and loss: the last evaluation, on the split named under data'
+               + ('; EMA: that of the moving average of the weights.'
+                  if any(row['ema_accuracy'] is not None for row in rows) else '.'))
   differing = differing_keys(rows) if len(rows) > 1 else []
   if differing:
     lines.append('Config keys that differ:')

@@ -134,6 +134,20 @@ def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):
     compare.describe_run(good)
 
 
+def test_a_run_with_a_moving_average_shows_its_accuracy_beside_the_weights(tmp_path):
+  with_ema = {**evaluation(50, 0.98), 'test/ema_accuracy': 0.9912, 'test/ema_loss': 0.01}
+  write_run(tmp_path / 'runs' / 'ema', [with_ema])
+  write_run(tmp_path / 'runs' / 'plain', [evaluation(50, 0.97)])
+  rows = {os.path.basename(row['run']): row
+          for row in map(compare.describe_run, workdir_lib.find_runs(str(tmp_path / 'runs')))}
+  assert (rows['ema']['ema_accuracy'], rows['plain']['ema_accuracy']) == (0.9912, None)
+  result = run_compare(cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert '| 98.00% (EMA 99.12%) | 0.0200 |' in lines[2] and '| 97.00% | 0.0300 |' in lines[3]
+  assert 'EMA: that of the moving average of the weights.' in result.stdout
+
+
 def test_the_best_step_of_tied_accuracies_is_the_one_checkpoint_best_loads(tmp_path):
   # checkpoint.best_step picks max((accuracy, step)): of tied accuracies, the latest step.
   run = write_run(tmp_path / 'run', [evaluation(10, 0.9), evaluation(20, 0.95),
