@@ -33,9 +33,6 @@ def get_config(variant: str = ''):
   config.optimizer = 'momentum'
   config.momentum = 0.9
   config.learning_rate = 0.1
-  config.lr_schedule = 'step'
-  config.lr_decay_epochs = (32_000 / 390, 48_000 / 390)  # 32k and 48k iterations.
-  config.lr_decay_factor = 0.1
   config.weight_decay = 1e-4
   config.augment.crop_padding = 4
   config.augment.flip = True
@@ -57,6 +54,10 @@ def get_config(variant: str = ''):
     config.label_smoothing = 0.2
     config.augment.crop_padding = 2
     config.augment.pad_mode = 'reflect'  # As airbench pads.
+  else:
+    config.lr_schedule = 'step'
+    config.lr_decay_epochs = (32_000 / 390, 48_000 / 390)  # 32k and 48k iterations.
+    config.lr_decay_factor = 0.1
   if variant.endswith('smoke'):
     shrink_for_smoke(config)
   return config

@@ -9,6 +9,32 @@ OPTIMIZERS = ('adam', 'adamw', 'momentum', 'nesterov', 'sgd')
 SCHEDULES = ('constant', 'cosine', 'linear', 'onecycle', 'step')
 
 
+# Keys that only some optimizers or schedules read: (the key that chooses, the choices that read).
+_READ_ONLY_BY = {
+    'momentum': ('optimizer', ('momentum', 'nesterov')),
+    'beta1': ('optimizer', ('adam', 'adamw')),
+    'beta2': ('optimizer', ('adam', 'adamw')),
+    'lr_decay_epochs': ('lr_schedule', ('step',)),
+    'lr_decay_factor': ('lr_schedule', ('step',)),
+}
+
+
+def unread_settings(config, defaults) -> list[str]:
+  """One warning for each key that `config` sets away from its value in `defaults` but that its
+  optimizer or schedule never reads, e.g. momentum with 'adamw': a setting with no effect."""
+  warnings = []
+  for key, (chooser, readers) in _READ_ONLY_BY.items():
+    value, default = config[key], defaults[key]
+    if isinstance(value, (list, tuple)):  # config.json gives lists back for tuples.
+      value, default = list(value), list(default)
+    if config[chooser] not in readers and value != default:
+      read_with = ' or '.join(repr(reader) for reader in readers)
+      as_given = ','.join(f'{v:g}' for v in value) if isinstance(value, list) else f'{value:g}'
+      warnings.append(f'{key}={as_given} has no effect with {chooser} {config[chooser]!r}: '
+                      f'it is read only with {chooser} {read_with}')
+  return warnings
+
+
 def requested_warmup_steps(config, steps_per_epoch: int) -> int:
   """The warm-up steps `warmup_epochs` asks for; a run shorter than that warms up throughout."""
   return int(round(config.warmup_epochs * steps_per_epoch))

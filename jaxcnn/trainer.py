@@ -162,6 +162,9 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
           f'an L2 penalty, {config.weight_decay / 5e-4:g}x the usual 5e-4; values like it are '
           "AdamW's decoupled decay (optimizer 'adamw'), which scales with the learning rate",
           file=sys.stderr, flush=True)
+  if training and jax.process_index() == 0:
+    for message in optim.unread_settings(config, config_lib.default_config()):
+      print(f'warning: {message}', file=sys.stderr, flush=True)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'

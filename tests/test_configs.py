@@ -50,6 +50,18 @@ def test_smoke_variant_trains_on_synthetic_data_when_the_dataset_is_absent(spec,
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES)
+def test_no_shipped_config_sets_what_its_optimizer_or_schedule_never_reads(path):
+  from jaxcnn import optim  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError) as refused:  # Its error names every variant the file has.
+    cli.load_config_file(f'{REPO_ROOT / path}:nonsense')
+  variants = re.findall(r"'(\w*)'", str(refused.value).split('use one of:')[1])
+  assert '' in variants
+  for variant in variants:
+    config = cli.load_config_file(f'{REPO_ROOT / path}' + (f':{variant}' if variant else ''))
+    assert optim.unread_settings(config, config_lib.default_config()) == [], variant
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
 def test_a_runs_config_json_reads_back_as_the_config_it_records(path, tmp_path):
   config = cli.load_config_file(str(REPO_ROOT / path))
   workdir_lib.write_config(str(tmp_path), config)

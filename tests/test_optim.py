@@ -90,3 +90,21 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert norm == pytest.approx(expected_norm, rel=1e-5)
     # Clipping scales the gradient; it does not turn it.
     np.testing.assert_allclose(updates['w'] / updates['w'][0], np.ones(4), rtol=1e-6)
+
+
+def test_settings_the_optimizer_or_schedule_never_reads_are_named_when_changed():
+  defaults = config_lib.default_config()
+  config = config_lib.default_config()
+  config.optimizer, config.lr_schedule = 'adamw', 'cosine'
+  assert optim.unread_settings(config, defaults) == []  # Defaults are not the user's doing.
+  config.momentum, config.lr_decay_epochs = 0.95, [30, 60]  # As config.json gives tuples back.
+  assert optim.unread_settings(config, defaults) == [
+      "momentum=0.95 has no effect with optimizer 'adamw': it is read only with optimizer "
+      "'momentum' or 'nesterov'",
+      "lr_decay_epochs=30,60 has no effect with lr_schedule 'cosine': it is read only with "
+      "lr_schedule 'step'"]
+  config.optimizer, config.lr_schedule = 'nesterov', 'step'
+  assert optim.unread_settings(config, defaults) == []
+  config.lr_decay_epochs = defaults.lr_decay_epochs
+  config.lr_schedule = 'onecycle'
+  assert optim.unread_settings(config, defaults) == []

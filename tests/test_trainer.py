@@ -249,17 +249,21 @@ def test_a_warm_up_that_outlasts_the_run_is_announced(fake_tfds, tmp_path, capsy
   assert 'warmup_epochs' not in capsys.readouterr().err  # 5 steps of warm-up, then the schedule.
 
 
-def test_an_adamw_sized_weight_decay_with_another_optimizer_is_warned_of(fake_tfds, tmp_path,
-                                                                        capsys):
+def test_an_adamw_sized_weight_decay_or_a_setting_the_optimizer_never_reads_is_warned_of(
+    fake_tfds, tmp_path, capsys):
   fake_tfds({'train': 64, 'test': 32})
   for run, (optimizer, decay) in enumerate([('momentum', 0.05), ('adamw', 0.05), ('sgd', 5e-4)]):
     trainer.train_and_evaluate(tiny_config(num_train_steps=2, optimizer=optimizer,
-                                           weight_decay=decay), str(tmp_path / str(run)))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if 'weight_decay' in line]
-    assert warnings == ([
+                                           weight_decay=decay, beta2=0.99),
+                               str(tmp_path / str(run)))
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if 'weight_decay' in line] == ([
         "warning: weight_decay=0.05 with optimizer 'momentum' is an L2 penalty, 100x the usual "
         "5e-4; values like it are AdamW's decoupled decay (optimizer 'adamw'), which scales with "
         'the learning rate'] if optimizer == 'momentum' else [])
+    assert [line for line in err if 'no effect' in line] == ([] if optimizer == 'adamw' else [
+        f"warning: beta2=0.99 has no effect with optimizer {optimizer!r}: it is read only with "
+        "optimizer 'adam' or 'adamw'"])
 
 
 def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfds, tmp_path,
