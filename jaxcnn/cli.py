@@ -83,11 +83,20 @@ def run(main: Callable[[Sequence[str]], object], config_flag: str | None = None,
 def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:
   """Turns what absl or ml_collections raised while parsing `argv` into a one-line message."""
   if config_flag:
-    match = re.match(rf'flag --{config_flag}\.([\w.]+)=(.*?): (.*)', str(error), re.S)
+    match = re.match(rf'flag --{config_flag}\.([\w.]+)=', str(error))
     if match:
-      key, value, reason = match.groups()
+      key, rest = match.group(1), str(error)[match.end():]
+      # absl quotes the value as given, and a value may hold ': ' itself (a dict of model_kwargs).
+      value = _override_value(argv, f'--{config_flag}.{key}')
+      if value is not None and rest.startswith(f'{value}: '):
+        reason = rest[len(value) + 2:]
+      else:
+        value, _, reason = rest.partition(': ')
       if 'Non-boolean argument' in reason:  # absl's reason is then the repr of a tuple.
         reason = 'it takes true or false'
+      elif 'as a ConfigDict' in reason:  # ast.literal_eval's error, which names no node.
+        reason = ("it takes a dict of Python literals (numbers, strings, True, False, None and "
+                  "tuples of them), e.g. \"{'widths': (32, 64, 128)}\"")
       return f'invalid value {value!r} for config key {key!r}: {_first_line(reason)}'
     if isinstance(error, (AttributeError, KeyError)):
       try:
@@ -101,6 +110,17 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
     # config_flags quotes the traceback of what the config file raised: its last line says what.
     return f'{_first_line(text)} {text.strip().splitlines()[-1]}'
   return _first_line(text) or type(error).__name__
+
+
+def _override_value(argv: Sequence[str], flag: str) -> str | None:
+  """The value of the last `flag=VALUE` or `flag VALUE` in `argv`, or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == flag and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(f'{flag}='):
+      value = arg.split('=', 1)[1]
+  return value
 
 
 def _check_config_file(argv: Sequence[str], config_flag: str) -> None:
@@ -118,12 +138,7 @@ def _check_config_file(argv: Sequence[str], config_flag: str) -> None:
 def _config_file_argument(argv: Sequence[str], config_flag: str) -> str | None:
   """The `path.py[:variant]` given on the command line (the last one, as absl takes the last of
   a flag given twice), else the flag's default (or None)."""
-  given = None
-  for i, arg in enumerate(argv):
-    if arg == f'--{config_flag}' and i + 1 < len(argv):
-      given = argv[i + 1]
-    elif arg.startswith(f'--{config_flag}='):
-      given = arg.split('=', 1)[1]
+  given = _override_value(argv, f'--{config_flag}')
   if given is not None:
     return given
   flag = flags.FLAGS[config_flag]
@@ -181,6 +196,15 @@ def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:
     try:
       _lookup(config, key)
     except (AttributeError, KeyError):
+      if key.startswith('model_kwargs.') and key.count('.') == 1:
+        # The model's arguments are the config's own: only those it sets can be overridden.
+        # A dict given whole replaces the config's, so the suggestion holds those too.
+        name, value = key.split('.')[1], arg.partition('=')[2] or 'VALUE'
+        given = dict(config.model_kwargs.items())
+        whole = ''.join(f'{k!r}: {v!r}, ' for k, v in given.items()) + f'{name!r}: {value}'
+        return (f'config key {key!r} is not among the model_kwargs this config sets '
+                f"({', '.join(given) or 'none'}); give it as --{config_flag}.model_kwargs="
+                f'"{{{whole}}}"')
       known = _keys(config)
       close = difflib.get_close_matches(key, known, n=3)
       hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (

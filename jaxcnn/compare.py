@@ -20,7 +20,7 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from absl import flags
 from flax import nnx
@@ -39,12 +39,14 @@ _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Ma
 _DEFAULT_ROOT = 'runs'
 
 
-def count_parameters(model: str, image_shape: Sequence[int], num_classes: int) -> int | None:
-  """The parameters of `model` for these inputs, or None where it cannot be built here (a user's
-  model whose module is not importable from this folder)."""
+def count_parameters(model: str, image_shape: Sequence[int], num_classes: int,
+                     model_kwargs: Mapping[str, object] | None = None) -> int | None:
+  """The parameters of `model` (built with `model_kwargs`) for these inputs, or None where it
+  cannot be built here (a user's model whose module is not importable from this folder)."""
   try:
     abstract = nnx.eval_shape(lambda: models.create_model(
-        model, num_classes=num_classes, input_shape=tuple(image_shape), warn=False))
+        model, num_classes=num_classes, input_shape=tuple(image_shape),
+        model_kwargs=model_kwargs, warn=False))
   except UserError:
     return None
   return models.count_params(abstract)
@@ -73,7 +75,8 @@ def describe_run(run_dir: str) -> dict:
   finished = bool(records) and 'time/train_seconds' in records[-1]
   return {
       'run': run_dir, 'model': config.model, 'dataset': record.name,
-      'parameters': count_parameters(config.model, record.image_shape, record.num_classes),
+      'parameters': count_parameters(config.model, record.image_shape, record.num_classes,
+                                     config_lib.model_kwargs(config)),
       # A run stopped by a signal saves its last step, which it may not have logged.
       'step': max(max((r['step'] for r in records), default=0), latest_checkpoint_step(run_dir)),
       'finished': finished,
@@ -156,7 +159,9 @@ def format_table(rows: Sequence[dict]) -> str:
   if differing:
     lines.append('Config keys that differ:')
     for key in differing:
-      values = ', '.join(f'{name}={json.dumps(row["config"].get(key))}'
+      # Unset: a model argument that the run left at the model's own default.
+      values = ', '.join(f'{name}=' + (json.dumps(row['config'][key]) if key in row['config']
+                                       else 'unset')
                          for name, row in zip(names, rows))
       lines.append(f'  {key}: {values}')
   elif len(rows) > 1:

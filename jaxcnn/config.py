@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Model.
   config.model = 'bn_cnn'
+  # Further arguments of the model's constructor, beyond those jaxcnn passes: bn_cnn's widths,
+  # say, as --config.model_kwargs="{'widths': (32, 64, 128)}" (models.model_arguments lists them).
+  config.model_kwargs = ml_collections.ConfigDict()
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
 
   # Optimisation.
@@ -141,7 +144,12 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str
     if key not in config:
       raise _unknown_key(key, config, prefix, f'config file {path!r}')
     default = config.get(key)
-    if isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
+    if f'{prefix}{key}' == 'model_kwargs' and isinstance(value, dict):
+      # The model's own argument names, which the defaults cannot define; JSON's lists are read
+      # back as the tuples the command line gives.
+      config[key] = ml_collections.ConfigDict(
+          {name: _lists_as_tuples(v) for name, v in value.items()})
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(value, dict):
       _update_from_json(default, value, path, f'{prefix}{key}.')
     elif isinstance(default, tuple) and isinstance(value, list):
       config[key] = tuple(value)
@@ -151,6 +159,17 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, path: str
       except TypeError:
         raise ConfigError(f"config file {path!r} gives config key '{prefix}{key}' the value "
                           f'{value!r}; it takes {type(default).__name__} values') from None
+
+
+def _lists_as_tuples(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_lists_as_tuples(v) for v in value)
+  return value
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """The `model_kwargs` of `config` as the keyword arguments the model's constructor gets."""
+  return {key: _lists_as_tuples(value) for key, value in config.model_kwargs.items()}
 
 
 def _unknown_key(key: str, defined: ml_collections.ConfigDict, prefix: str,
@@ -173,7 +192,8 @@ def _check_keys_defined(config: ml_collections.ConfigDict, defaults: ml_collecti
       raise _unknown_key(key, defaults, prefix, 'the config')
     if isinstance(value, ml_collections.ConfigDict):
       default = defaults[key]
-      if isinstance(default, ml_collections.ConfigDict):
+      # model_kwargs holds the model's own argument names, which models.check_model_kwargs checks.
+      if isinstance(default, ml_collections.ConfigDict) and f'{prefix}{key}' != 'model_kwargs':
         _check_keys_defined(value, default, f'{prefix}{key}.')
 
 
@@ -231,6 +251,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     ('image_folder', 'a folder')):
     _require(config, key, config[key] is None or str(config[key]).strip(), what)
   models.get_model_constructor(config.model)
+  _require(config, 'model_kwargs', isinstance(config.model_kwargs, ml_collections.ConfigDict),
+           "a dict of the model's constructor arguments, e.g. \"{'widths': (32, 64, 128)}\"")
+  for key, value in config.model_kwargs.items():
+    if not _is_literal(value):
+      raise ConfigError(f"config key 'model_kwargs.{key}' must be a number, string, true or false, "
+                        f'None, or a tuple of those (a run records it in config.json), got '
+                        f'{value!r}')
+  models.check_model_kwargs(config.model, model_kwargs(config))
   _choice(config, 'dtype', tuple(models.DTYPES))
   _choice(config, 'optimizer', optim.OPTIMIZERS)
   _choice(config, 'lr_schedule', optim.SCHEDULES)
@@ -330,6 +358,14 @@ def _is_int(value) -> bool:
 def _is_number(value) -> bool:
   return (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value))
+
+
+def _is_literal(value) -> bool:
+  """Whether `value` is what JSON records and reads back as itself (a tuple as a list)."""
+  if isinstance(value, (list, tuple)):
+    return all(_is_literal(v) for v in value)
+  return (value is None or isinstance(value, (str, bool, numbers.Integral))
+          or _is_number(value))
 
 
 def _require(config, key: str, ok, what: str) -> None:

@@ -11,18 +11,20 @@ no memory and no initialisation time. Without --config the input defaults to 224
 classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
 classes otherwise. With --config the model and the dataset's image shape (at the config's
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
-override them (MODEL and a --config.model override may not name different models). The last line
-is the total, `total: 25,557,032 parameters`.
+override them (MODEL and a --config.model override may not name different models), and the
+config's `model_kwargs` (--config.model_kwargs="{'widths': (32, 64)}") build its model. The last
+line is the total, `total: 25,557,032 parameters`.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from jaxcnn import cli, models
+from jaxcnn import config as config_lib
 from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
 
@@ -102,11 +104,14 @@ def resolve(model: str | None, config, input_shape: str | None, num_classes: int
   return model, shape, classes
 
 
-def summarize(model: str, input_shape: Sequence[int], num_classes: int) -> str:
-  """The parameter table of `model` built for `input_shape` images and `num_classes` classes."""
+def summarize(model: str, input_shape: Sequence[int], num_classes: int,
+              model_kwargs: Mapping[str, object] | None = None) -> str:
+  """The parameter table of `model` (built with `model_kwargs`) for `input_shape` images and
+  `num_classes` classes."""
   abstract = nnx.eval_shape(lambda: models.create_model(
-      model, num_classes=num_classes, input_shape=input_shape))
-  header = f'{model}: input {",".join(map(str, input_shape))}, {num_classes} classes'
+      model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs))
+  header = (f'{model}{models.describe_kwargs(model_kwargs or {})}: input '
+            f'{",".join(map(str, input_shape))}, {num_classes} classes')
   return header + '\n' + format_table(parameter_rows(abstract))
 
 
@@ -117,8 +122,11 @@ def main(argv: Sequence[str]) -> None:
   config_model_given = 'config.model' in flags.FLAGS and flags.FLAGS['config.model'].present
   name, shape, classes = resolve(model, _CONFIG.value, _INPUT_SHAPE.value, _NUM_CLASSES.value,
                                  config_model_given)
+  config = _CONFIG.value
+  # The config's model_kwargs are arguments of its model, not of another MODEL.
+  kwargs = config_lib.model_kwargs(config) if config is not None and name == config.model else {}
   try:
-    print(summarize(name, shape, classes))
+    print(summarize(name, shape, classes, kwargs))
   except models.ImagesTooSmall as e:
     raise e.with_flag('--input_shape' if _INPUT_SHAPE.value else '--config.image_size') from None
 

@@ -142,7 +142,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                       f'{num_train_examples} training examples')
   total_steps = total_train_steps(config, steps_per_epoch)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
-                              dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name)
+                              dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name,
+                              model_kwargs=config_lib.model_kwargs(config))
   # shard_map checks that the statistics it returns are synchronised even on one device.
   if strategy.axis_name is not None and (strategy.num_devices > 1 or strategy.name == 'shard_map'):
     _check_batchnorm_axes(config.model, model, strategy)
@@ -589,8 +590,8 @@ def _how_to_resume(mismatch: StateMismatch, workdir: str, config: ml_collections
 # The config keys (and groups of keys) whose change can change the arrays a checkpoint holds: the
 # model's (its inputs and classes included), the optimizer's state, and the moving average's.
 STATE_SHAPING_KEYS = ('dataset', 'image_folder', 'image_size', 'synthetic',
-                      'synthetic_if_unprepared', 'model', 'optimizer', 'grad_clip_norm',
-                      'weight_decay', 'ema_decay')
+                      'synthetic_if_unprepared', 'model', 'model_kwargs', 'optimizer',
+                      'grad_clip_norm', 'weight_decay', 'ema_decay')
 
 
 def _config_changes(workdir: str, config: ml_collections.ConfigDict,
@@ -602,19 +603,27 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
   derive from it, so a resumed run with another seed would no longer be the run.
   """
   try:
-    recorded = workdir_lib.read_config(workdir).to_dict()
+    recorded_config = workdir_lib.read_config(workdir)
   except UserError:  # No record to compare with (written by hand, or lost).
     return ''
-  recorded, changes = config_lib.flatten(recorded), []
+  recorded, changes = config_lib.flatten(recorded_config.to_dict()), []
   for key, now in config_lib.flatten(config.to_dict()).items():
     before = recorded.get(key)
-    if before != now and key in recorded and (only is None or key.split('.')[0] in only):
+    group = key.split('.')[0]
+    if (before != now and key in recorded and group != 'model_kwargs'
+        and (only is None or group in only)):
       if key == 'seed':
         raise ConfigError(
             f'the run in {workdir} was trained with seed {before}, and its data order, '
             f'augmentation and dropout derive from it; resume with --config.seed={before}, or '
             'start a new --workdir for another seed')
       changes.append(f'{key} {before} -> {now}')
+  # The model's arguments are compared whole: an argument set on one side only is a change too,
+  # where a key of jaxcnn's own that the record lacks is only newer than the run.
+  kwargs_before = config_lib.model_kwargs(recorded_config)
+  kwargs_now = config_lib.model_kwargs(config)
+  if kwargs_before != kwargs_now and (only is None or 'model_kwargs' in only):
+    changes.append(f'model_kwargs {kwargs_before} -> {kwargs_now}')
   return ', '.join(changes)
 
 

@@ -308,6 +308,23 @@ def test_when_every_checkpoint_is_damaged_the_run_is_not_restarted_over_them(fak
     restore_run(str(tmp_path), 'latest')  # What evaluate and predict do.
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_run_is_rebuilt_with_its_model_kwargs_and_a_resume_changing_them_names_them(
+    fake_tfds, tmp_path):
+  kwargs = {'widths': (4, 8), 'hidden': 16}
+  trainer.train_and_evaluate(tiny_config(num_train_steps=4, model='bn_cnn', model_kwargs=kwargs),
+                             str(tmp_path))
+  run = restore_run(str(tmp_path))  # From config.json alone, as evaluate and predict rebuild it.
+  assert run.state.params['fc1']['kernel'].shape == (7 * 7 * 8, 16)
+  for changed, shown in (({'widths': (4, 8), 'hidden': 32}, "{'hidden': 32, 'widths': (4, 8)}"),
+                         ({}, '{}')):  # Left out: the model's own defaults.
+    with pytest.raises(ConfigError, match=re.escape(
+        f"this config changes model_kwargs {{'hidden': 16, 'widths': (4, 8)}} -> {shown}, which "
+        'can shape the training state')):
+      trainer.train_and_evaluate(
+          tiny_config(num_train_steps=8, model='bn_cnn', model_kwargs=changed), str(tmp_path))
+
+
 def test_a_state_mismatch_says_whether_the_model_or_the_optimizer_differs():
   from jaxcnn.checkpoint import StateMismatch  # pylint: disable=g-import-not-at-top
   model = StateMismatch(8, '/r/checkpoints', 'state.params.fc.kernel has shape (4, 10) in the '

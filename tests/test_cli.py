@@ -39,6 +39,14 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.profile_steps=-5', "config key 'profile_steps' must be an integer >= 0, got -5"),
     ('--config.synthetic.image_shape=16,16',
      "config key 'synthetic.image_shape' must be three positive integers, height,width,channels"),
+    # A dict that is no literal, and whose text holds ': ', as absl quotes it back.
+    ("--config.model_kwargs={'widths': (8,) * 6}",
+     "invalid value \"{'widths': (8,) * 6}\" for config key 'model_kwargs': it takes a dict of "
+     'Python literals'),
+    # A model argument the config does not set yet: the whole dict is how to give it.
+    ('--config.model_kwargs.hidden=256',
+     "config key 'model_kwargs.hidden' is not among the model_kwargs this config sets (none); "
+     "give it as --config.model_kwargs=\"{'hidden': 256}\""),
     # As from --config.data_dir=$DATA with DATA unset: not the current folder.
     ('--config.data_dir=',
      "config key 'data_dir' must be a folder, or left unset for TFDS's default, got ''"),

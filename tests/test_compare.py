@@ -70,12 +70,14 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   assert (row['step'], row['finished']) == (24, False)
 
 
-def write_run(run_dir, records, dataset='mnist/3.0.1', eval_split='test', last_line=''):
-  """A run folder as the trainer leaves it: config.json (only the keys that matter here: the
-  others are the defaults), dataset.json and metrics.jsonl with `records`, then `last_line`."""
+def write_run(run_dir, records, dataset='mnist/3.0.1', eval_split='test', last_line='',
+              **config):
+  """A run folder as the trainer leaves it: config.json (only the keys that matter here, and
+  `config`: the others are the defaults), dataset.json and metrics.jsonl with `records`, then
+  `last_line`."""
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump({'dataset': 'mnist', 'model': 'lenet5', 'eval_split': eval_split}, f)
+    json.dump({'dataset': 'mnist', 'model': 'lenet5', 'eval_split': eval_split, **config}, f)
   with open(os.path.join(run_dir, 'dataset.json'), 'w', encoding='utf-8') as f:
     json.dump({'name': dataset, 'image_shape': [28, 28, 1], 'num_classes': 10,
                'class_names': [str(i) for i in range(10)], 'num_train_examples': 60000,
@@ -100,6 +102,19 @@ def test_each_row_says_what_data_it_was_trained_and_evaluated_on(tmp_path):
   assert lines[0].startswith('| run | model | data | parameters |')
   assert lines[2].startswith('| smoke | lenet5 | synthetic mnist, test | 61,706 | 50 ')
   assert lines[3].startswith('| real | lenet5 | mnist/3.0.1, train[90%:] | 61,706 | 50 ')
+
+
+def test_runs_of_one_model_with_other_model_kwargs_count_their_own_parameters(tmp_path):
+  rows = [compare.describe_run(write_run(tmp_path / name, [evaluation(50, 0.98)], model='bn_cnn',
+                                         **config))
+          for name, config in (('narrow', {'model_kwargs': {'widths': [8, 16], 'hidden': 32}}),
+                               ('default', {}))]
+  # bn_cnn's README count, and by hand: convolutions 1*8*9 and 8*16*9, BatchNorm scales and
+  # biases 2*(8+16), fc1 (7*7*16 + 1)*32, fc2 (32 + 1)*10.
+  assert [row['parameters'] for row in rows] == [72 + 1152 + 48 + 25_120 + 330, 98_554]
+  lines = compare.format_table(rows).splitlines()
+  assert '  model_kwargs.hidden: narrow=32, default=unset' in lines
+  assert '  model_kwargs.widths: narrow=[8, 16], default=unset' in lines
 
 
 def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):

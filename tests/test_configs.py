@@ -185,3 +185,22 @@ def test_an_empty_folder_name_is_refused_not_read_as_the_current_folder(key, dat
       config_lib.validate(config)
   config[key] = 'folder'
   config_lib.validate(config)
+
+
+def test_model_kwargs_are_checked_against_the_model_and_read_back_as_tuples(tmp_path):
+  config = config_lib.default_config()
+  config.model_kwargs = {'widths': (8, 16), 'hidden': 32}
+  config_lib.validate(config)
+  workdir_lib.write_config(str(tmp_path), config)
+  again = config_lib.config_from_json(str(tmp_path / 'config.json'))
+  assert config_lib.model_kwargs(again) == {'hidden': 32, 'widths': (8, 16)}  # Not [8, 16].
+  config.model_kwargs = {'widths': {'a': 1}}  # config.json could not record it as itself.
+  with pytest.raises(ConfigError, match=re.escape(
+      "config key 'model_kwargs.widths' must be a number, string, true or false, None, or a "
+      "tuple of those")):
+    config_lib.validate(config)
+  config.model_kwargs = {'widht': (8, 16)}
+  with pytest.raises(ConfigError, match=re.escape(
+      "config key 'model_kwargs' sets 'widht', which model 'bn_cnn' does not take; it takes: "
+      'widths (default (16, 32, 64)), hidden (default 128)')):
+    config_lib.validate(config)

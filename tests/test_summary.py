@@ -29,6 +29,13 @@ def test_config_gives_model_input_shape_and_classes():
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines()[0] == 'bn_cnn: input 28,28,1, 10 classes'
   assert result.stdout.splitlines()[-1] == 'total: 98,554 parameters'
+  result = run_summary('--config', 'configs/mnist.py',
+                       "--config.model_kwargs={'widths': (8, 16), 'hidden': 32}")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == ('bn_cnn with hidden=32, widths=(8, 16): input 28,28,1, '
+                                           '10 classes')
+  # Convolutions 1*8*9 and 8*16*9, BatchNorm 2*(8+16), fc1 (7*7*16 + 1)*32, fc2 (32 + 1)*10.
+  assert result.stdout.splitlines()[-1] == f'total: {72 + 1152 + 48 + 25_120 + 330:,} parameters'
 
 
 def test_config_overrides_and_image_size_give_the_input():

@@ -1,6 +1,7 @@
 """The big model zoo: published parameter counts, forward passes, initialisation, user models."""
 
 import functools
+import re
 import sys
 
 import jax
@@ -211,6 +212,7 @@ def test_vgg_pool_keeps_odd_rows_like_ceil_mode(shape):
 
 USER_MODULE = '''
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +272,7 @@ class Wide(Net):
 
   def __init__(self, width, *, num_classes, rngs):
     super().__init__(num_classes=num_classes, rngs=rngs)
+    self.width = width
 
 
 WIDE_BUILT = Net(num_classes=5, rngs=nnx.Rngs(0))
@@ -401,7 +404,7 @@ def test_bad_user_models_are_one_line_config_errors(user_module, name, message):
 
 @pytest.mark.parametrize('name, message', [
     ('mymod:Wide', r"model 'mymod:Wide' requires 'width', which jaxcnn does not pass: it passes "
-                   r'those of num_classes, .* give the others defaults'),
+                   r'those of num_classes, .* set the others in the config key model_kwargs'),
     ('mymod:WIDE_BUILT', r"model 'mymod:WIDE_BUILT': 'WIDE_BUILT' is a built Net; name its "
                          r'class'),
     ('mymod:TrainRequired', r"model 'mymod:TrainRequired': its __call__ requires 'train'; "
@@ -417,6 +420,45 @@ def test_a_user_model_jaxcnn_cannot_build_or_call_is_a_one_line_error(user_modul
   with pytest.raises(ConfigError, match=message) as error:
     models.create_model(name, num_classes=5, input_shape=(2, 2, 1))
   assert '\n' not in str(error.value)
+
+
+def test_model_kwargs_reach_the_constructor_of_zoo_and_user_models(user_module):
+  model = nnx.eval_shape(lambda: models.create_model(
+      'bn_cnn', num_classes=10, input_shape=(28, 28, 1),
+      model_kwargs={'widths': (4, 8), 'hidden': 16}))
+  assert [stage.layers[0].kernel.shape for stage in model.stages] == [(3, 3, 1, 4), (3, 3, 4, 8)]
+  assert model.fc1.kernel.shape == (7 * 7 * 8, 16)  # Two poolings of 28x28, 8 channels.
+  wide = models.create_model('mymod:Wide', num_classes=5, input_shape=(2, 2, 1),
+                             model_kwargs={'width': 3})
+  assert wide.width == 3
+
+
+@pytest.mark.parametrize('name, kwargs, message', [
+    ('bn_cnn', {'width': 8}, "config key 'model_kwargs' sets 'width', which model 'bn_cnn' does "
+                             'not take; it takes: widths (default (16, 32, 64)), hidden (default '
+                             '128)'),
+    # wrn16_8 is depth 16 by its name.
+    ('wrn16_8', {'depth': 28}, "sets 'depth', which model 'wrn16_8' does not take; it takes: "
+                               'dropout_rate (default 0.3)'),
+    ('lenet5', {'hidden': 3}, "sets 'hidden', which model 'lenet5' does not take; it takes: none"),
+    ('mymod:Wide', {'width': 3, 'depth': 2}, "sets 'depth', which model 'mymod:Wide' does not "
+                                             'take; it takes: width'),
+    ('bn_cnn', {'num_classes': 3}, "config key 'model_kwargs' sets 'num_classes', which jaxcnn "
+                                   'passes to every model itself'),
+    ('bn_cnn', {'widths': (4,) * 6}, "model 'bn_cnn' with widths=(4, 4, 4, 4, 4, 4) cannot be "
+                                     'built for 28x28x1 images'),
+])
+def test_model_kwargs_a_model_cannot_take_are_one_line_errors(user_module, name, kwargs, message):
+  with pytest.raises(ConfigError, match=re.escape(message)) as error:
+    models.create_model(name, num_classes=10, input_shape=(28, 28, 1), model_kwargs=kwargs)
+  assert '\n' not in str(error.value)
+
+
+def test_a_model_taking_any_keyword_takes_any_model_kwargs(user_module):
+  models.create_model('mymod:build', num_classes=5, input_shape=(2, 2, 1),
+                      model_kwargs={'depth': 7})
+  import mymod  # pylint: disable=g-import-not-at-top
+  assert mymod.build.kwargs['depth'] == 7
 
 
 def test_what_a_partial_binds_is_not_passed_again(user_module):

@@ -18,6 +18,10 @@ The zoo, by family (parameter counts in each module's docstring):
 A user's own model is named `package.module:ClassName` (any importable module; the attribute may
 also be a function that returns a module). It is built with those of the keyword arguments above
 that its constructor accepts, so a model that has no BatchNorm need not take `axis_name`.
+
+Any other argument of a constructor (bn_cnn's `widths`, wrn16_8's `dropout_rate`, a user model's
+own) is set by `model_kwargs`, the config key of that name; `model_arguments` lists what a model
+takes.
 """
 
 import functools
@@ -25,7 +29,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +62,9 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# The constructor arguments that jaxcnn passes itself, from the data, the config and the strategy.
+PASSED_ARGUMENTS = ('num_classes', 'input_shape', 'dtype', 'rngs', 'axis_name')
+
 
 def model_names() -> list[str]:
   """The zoo names `create_model` accepts, sorted.
@@ -83,28 +90,76 @@ def get_model_constructor(name: str) -> Callable[..., nnx.Module]:
         "or name your own as 'package.module:ClassName'") from None
 
 
+def model_arguments(name: str) -> dict[str, object] | None:
+  """The constructor arguments of model `name` that `model_kwargs` may set, with their defaults
+  (`inspect.Parameter.empty` for one without); None where the constructor takes `**kwargs`.
+
+  Those jaxcnn passes itself are left out, and so are those a zoo entry binds (wrn16_8's depth:
+  that is what its name says).
+  """
+  constructor = get_model_constructor(name)
+  parameters = _parameters(constructor)
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    return None
+  bound = set(constructor.keywords) if isinstance(constructor, functools.partial) else set()
+  return {p.name: p.default for p in parameters
+          if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+          and p.name not in PASSED_ARGUMENTS and p.name not in bound}
+
+
+def check_model_kwargs(name: str, model_kwargs: Mapping[str, object]) -> None:
+  """Raises a one-line ConfigError for a key of `model_kwargs` that model `name` does not take,
+  or that jaxcnn sets itself."""
+  for key in model_kwargs:
+    if key in PASSED_ARGUMENTS:
+      raise ConfigError(f"config key 'model_kwargs' sets {key!r}, which jaxcnn passes to every "
+                        'model itself (from the data, dtype, seed and parallel keys)')
+  settable = model_arguments(name)
+  if settable is None:
+    return
+  unknown = [key for key in model_kwargs if key not in settable]
+  if unknown:
+    takes = (', '.join(key if default is inspect.Parameter.empty else f'{key} (default {default!r})'
+                       for key, default in settable.items()) or 'none')
+    raise ConfigError(f"config key 'model_kwargs' sets {unknown[0]!r}, which model {name!r} does "
+                      f'not take; it takes: {takes}')
+
+
+def describe_kwargs(model_kwargs: Mapping[str, object]) -> str:
+  """`model_kwargs` as a message shows them, ' with widths=(8, 16)' ('' for none)."""
+  if not model_kwargs:
+    return ''
+  return ' with ' + ', '.join(f'{key}={value!r}' for key, value in model_kwargs.items())
+
+
 class ImagesTooSmall(ConfigError):
   """A zoo model cannot be built for images this small; `size_flag` is the flag that sets the
   image size in the command the user ran."""
 
   def __init__(self, model: str, input_shape, reason: str,
-               size_flag: str = '--config.image_size'):
+               size_flag: str = '--config.image_size', model_kwargs: Mapping | None = None):
     self.model, self.input_shape, self.reason = model, tuple(input_shape), reason
-    super().__init__(f'model {model!r} cannot be built for {"x".join(map(str, input_shape))} '
-                     f'images ({reason}); it needs larger images ({size_flag})')
+    self.model_kwargs = dict(model_kwargs or {})
+    # With model_kwargs, the arguments themselves may be what fails (widths='wide').
+    remedy = (f'larger images ({size_flag}) or other model_kwargs' if self.model_kwargs else
+              f'larger images ({size_flag})')
+    super().__init__(f'model {model!r}{describe_kwargs(self.model_kwargs)} cannot be built for '
+                     f'{"x".join(map(str, input_shape))} images ({reason}); it needs {remedy}')
 
   def with_flag(self, size_flag: str) -> 'ImagesTooSmall':
-    return ImagesTooSmall(self.model, self.input_shape, self.reason, size_flag)
+    return ImagesTooSmall(self.model, self.input_shape, self.reason, size_flag, self.model_kwargs)
 
 
 def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
                  dtype: str = 'float32', seed: int = 0, axis_name: str | None = None,
+                 model_kwargs: Mapping[str, object] | None = None,
                  warn: bool = True) -> nnx.Module:
   """Builds model `name` (a zoo name or `package.module:ClassName`) for `input_shape` images.
 
   Parameters are initialised from `seed`; the model's dropout stream is reseeded at every step by
   the train step, so it needs no seed of its own here. The constructor receives those of
-  `num_classes`, `input_shape`, `dtype`, `rngs` and `axis_name` (when not None) that it accepts.
+  `num_classes`, `input_shape`, `dtype`, `rngs` and `axis_name` (when not None) that it accepts,
+  and `model_kwargs` (the config key's values, see `check_model_kwargs`).
 
   The initialisers run as one compiled program: run eagerly, each parameter's initialiser would
   be compiled on its own, seconds of start-up for a small CNN on a CPU.
@@ -113,13 +168,15 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
   jaxcnn cannot call, and (with `warn`) a warning of what it would silently ignore.
   """
   constructor = get_model_constructor(name)
+  model_kwargs = dict(model_kwargs or {})
+  check_model_kwargs(name, model_kwargs)
   kwargs = dict(num_classes=num_classes, input_shape=tuple(input_shape), dtype=DTYPES[dtype],
                 rngs=None, axis_name=axis_name)
   names = [k for k in kwargs if (k != 'axis_name' or axis_name is not None)
            and _accepts(constructor, k)]
   user_model = name not in MODELS
   if user_model:
-    _check_constructor(name, constructor, names)
+    _check_constructor(name, constructor, names + list(model_kwargs))
     if warn and dtype != 'float32' and 'dtype' not in names:
       _warn(f'model {name!r} takes no dtype argument, so it computes in its own dtype, not in '
             f'the config\'s {dtype}')
@@ -132,7 +189,7 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
     # other than these two (a user's model calling `rngs()`, say) draw from the default one,
     # whose keys are not those of `params` (the same seed would give the same keys).
     rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1), params=seed, dropout=seed)
-    model = constructor(**{k: rngs if k == 'rngs' else kwargs[k] for k in names})
+    model = constructor(**{k: rngs if k == 'rngs' else kwargs[k] for k in names}, **model_kwargs)
     if not isinstance(model, nnx.Module):
       raise ConfigError(f'model {name!r} built a {type(model).__name__}, not an nnx.Module; name '
                         "an nnx.Module subclass or a function that returns one")
@@ -163,7 +220,7 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int],
       reason = 'its downsampling leaves nothing of them'
     else:
       reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
-    raise ImagesTooSmall(name, input_shape, reason) from None
+    raise ImagesTooSmall(name, input_shape, reason, model_kwargs=model_kwargs) from None
   if not isinstance(logits, jax.ShapeDtypeStruct):  # A tuple or dict of outputs, say.
     raise ConfigError(f'model {name!r} returns a {type(logits).__name__}; it must return one '
                       f'array of logits of shape (batch, num_classes)')
@@ -241,8 +298,8 @@ def _check_constructor(name: str, constructor: Callable[..., object], passed: li
     raise ConfigError(
         f'model {name!r} requires {", ".join(map(repr, missing))}, which jaxcnn does not pass: it '
         'passes those of num_classes, input_shape, dtype, rngs and (under shard_map and pmap) '
-        'axis_name that the constructor takes; give the others defaults, or name a function that '
-        'builds the model with them')
+        'axis_name that the constructor takes; set the others in the config key model_kwargs '
+        "(--config.model_kwargs=\"{'name': value}\"), or give them defaults")
 
 
 def _check_call(name: str, model: nnx.Module, warn: bool) -> None:
