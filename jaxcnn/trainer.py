@@ -26,7 +26,7 @@ from jaxcnn import config as config_lib
 from jaxcnn import caches, feeds, models, optim, parallel, profiling, xla_options
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import Checkpointer, StateMismatch
-from jaxcnn.data import pipeline, tfds_data
+from jaxcnn.data import pipeline
 from jaxcnn.data.augment import Preprocessor
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from jaxcnn.metrics import MetricWriter
@@ -327,13 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   # ---------------------------------------------------------------- Setup
   config_lib.validate(config)
   dataset_info = pipeline.check_dataset(config)  # An unknown dataset fails before any work.
-  shared = dataset_info and tfds_data.shared_examples(dataset_info, config.train_split,
-                                                      config.eval_split)
-  if shared and jax.process_index() == 0:
-    print(f'warning: eval_split {config.eval_split!r} shares {shared:,} examples with '
-          f'train_split {config.train_split!r}: its accuracy is partly on training data; hold '
-          "them out of train_split (e.g. 'train[:90%]' beside 'train[90%:]')",
-          file=sys.stderr, flush=True)
+  if dataset_info:  # An image folder's splits are known once it is prepared: load_data warns.
+    pipeline.warn_of_shared_examples(config, dataset_info)
   caches.enable_compilation_cache()
   strategy = parallel.make_strategy(config.parallel, config.num_devices)
   check_batch_sizes(config, strategy)  # Before any data loads; build_experiment checks again.

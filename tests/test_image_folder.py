@@ -240,7 +240,7 @@ def test_rgb_jpegs_are_stored_as_their_own_bytes_and_the_rest_as_rgb(tmp_path, c
       assert (stored[i]['image'] == f.read()) == path.endswith('photo.jpg'), path
 
 
-def test_a_slice_of_a_split_holds_every_class(tmp_path):
+def test_a_slice_of_a_split_holds_every_class(tmp_path, capsys):
   """The copy is shuffled as TFDS shuffles its own datasets, so `train[75%:]` holds out examples
   of every class, not the last class's images as the folder lists them."""
   make_folder(tmp_path / 'images', {'train': 32})
@@ -252,6 +252,15 @@ def test_a_slice_of_a_split_holds_every_class(tmp_path):
     assert {int(source[i]['label']) for i in range(len(source))} == {0, 1}, split
   whole = builder.as_data_source(split='train')
   assert sorted(int(whole[i]['label']) for i in range(len(whole))) == listed
+  # Slices that overlap are warned of, as for a TFDS dataset, once the folder's sizes are known.
+  from jaxcnn.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/imagefolder.py')
+  config.image_folder, config.data_dir = str(tmp_path / 'images'), str(tmp_path / 'tfds')
+  for eval_split, warning in (('train[50%:]', "warning: eval_split 'train[50%:]' shares 8 "
+                               "examples with train_split 'train[:75%]'"), ('train[75%:]', '')):
+    config.train_split, config.eval_split = 'train[:75%]', eval_split
+    pipeline.load_data(config)
+    assert capsys.readouterr().err.startswith(warning)
 
 
 def test_predict_reads_an_image_as_evaluation_does(tmp_path):

@@ -8,6 +8,7 @@ names, `dataset` may be `imagefolder` (the user's own images, `image_folder.py`)
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -86,6 +87,17 @@ def _check_splits(config, info: tfds_data.DatasetInfo) -> None:
     tfds_data.check_split(info, split)
 
 
+def warn_of_shared_examples(config, info: tfds_data.DatasetInfo) -> None:
+  """Warns (on process 0) where `eval_split` reads examples that `train_split` trains on: the
+  accuracy it reports would be partly on training data."""
+  shared = tfds_data.shared_examples(info, config.train_split, config.eval_split)
+  if shared and jax.process_index() == 0:
+    print(f'warning: eval_split {config.eval_split!r} shares {shared:,} examples with '
+          f'train_split {config.train_split!r}: its accuracy is partly on training data; hold '
+          "them out of train_split (e.g. 'train[:90%]' beside 'train[90%:]')",
+          file=sys.stderr, flush=True)
+
+
 def input_spec(config) -> tuple[tuple[int, int, int], int]:
   """The image shape the model sees and the number of classes, without reading any image.
 
@@ -156,6 +168,8 @@ def _load(config, train: bool, flag_prefix: str) -> Data:
                                         flag_prefix)
   info = tfds_data.dataset_info(builder)
   _check_splits(config, info)
+  if train and config.dataset == IMAGE_FOLDER:  # A TFDS dataset's were checked before loading.
+    warn_of_shared_examples(config, info)
   splits = _splits_read(config, train)
   if info.split_sizes:  # A slice's spec is checked by TFDS itself (mocked datasets have none).
     for split in splits:
