@@ -227,14 +227,34 @@ def test_a_slice_of_train_holds_out_a_validation_set(mnist_data_dir, tmp_path, m
 
 def test_auto_placement_streams_only_what_device_memory_cannot_hold():
   config = tiny_config(data_placement='auto')
+  budget = pipeline.device_data_budget()
   imagenet = types.SimpleNamespace(split_sizes={'train': 1_281_167, 'validation': 50_000})
   config.train_split, config.eval_split = 'train', 'validation'
-  assert pipeline._placement(config, imagenet, (224, 224, 3)) == 'stream'  # About 200 GB.
+  assert pipeline._placement(config, imagenet, (224, 224, 3), budget) == 'stream'  # About 200 GB.
   mnist = types.SimpleNamespace(split_sizes={'train': 60_000, 'test': 10_000})
   config.eval_split = 'test'
-  assert pipeline._placement(config, mnist, (28, 28, 1)) == 'device'  # 55 MB.
+  assert pipeline._placement(config, mnist, (28, 28, 1), budget) == 'device'  # 55 MB.
   config.data_placement = 'stream'  # Asked for by name, it is never overruled.
-  assert pipeline._placement(config, mnist, (28, 28, 1)) == 'stream'
+  assert pipeline._placement(config, mnist, (28, 28, 1), budget) == 'stream'
+
+
+def test_every_process_places_data_by_the_least_device_memory_of_them_all(monkeypatch):
+  """Processes that decided apart could feed their steps differently: on a host whose device
+  holds less, MNIST would stream while the others keep it in device memory."""
+  own = pipeline.device_data_budget()
+  gathered = []
+
+  def allgather(value):
+    gathered.append(value)
+    return np.array([value, 40e6], np.float32)  # Another host's device, with 160 MB free.
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(pipeline.multihost_utils, 'process_allgather', allgather)
+  assert pipeline.device_data_budget() == pytest.approx(40e6)
+  assert gathered == [pytest.approx(own)]
+  mnist = types.SimpleNamespace(split_sizes={'train': 60_000, 'test': 10_000})
+  assert pipeline._placement(tiny_config(data_placement='auto'), mnist, (28, 28, 1),
+                             pipeline.device_data_budget()) == 'stream'
 
 
 def test_fake_dataset_reads_with_the_real_shape(fake_tfds):

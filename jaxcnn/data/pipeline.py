@@ -139,10 +139,27 @@ def load_data(config, train: bool = True, flag_prefix: str = '--config.') -> Dat
   if config.dataset == SYNTHETIC:
     return _synthetic(config, tuple(config.synthetic.image_shape), config.synthetic.num_classes,
                       name=SYNTHETIC)
-  return process_0_first(lambda: _load(config, train, flag_prefix))
+  # Decided before process 0 loads alone: a collective between processes, where there are several.
+  budget = device_data_budget() if config.data_placement == 'auto' else None
+  return process_0_first(lambda: _load(config, train, flag_prefix, budget))
 
 
-def _load(config, train: bool, flag_prefix: str) -> Data:
+def device_data_budget() -> float:
+  """The bytes of data that `data_placement='auto'` keeps in device memory: a fraction of the
+  first local device's memory (a fixed size for a CPU, which reports none).
+
+  In a multi-process run, the least of every process's: hosts may differ in what their devices
+  hold free, and all processes must feed their steps the same way.
+  """
+  stats = jax.local_devices()[0].memory_stats() or {}
+  budget = (stats['bytes_limit'] * _DEVICE_MEMORY_FRACTION if 'bytes_limit' in stats
+            else _HOST_DEVICE_BYTES)
+  if jax.process_count() > 1:
+    budget = float(np.min(multihost_utils.process_allgather(np.float32(budget))))
+  return budget
+
+
+def _load(config, train: bool, flag_prefix: str, budget: float | None) -> Data:
   """`load_data` of an image folder or a TFDS dataset."""
   if config.dataset == IMAGE_FOLDER:
     if not config.image_folder:
@@ -153,7 +170,7 @@ def _load(config, train: bool, flag_prefix: str) -> Data:
     builder = image_folder.ensure_prepared(config.image_folder, config.data_dir,
                                            _splits_read(config, train), flag_prefix)
   else:
-    recorded = _read_recorded(config, train)
+    recorded = _read_recorded(config, train, budget)
     if recorded is not None:
       return recorded
     builder = tfds_data.get_builder(config.dataset, config.data_dir)
@@ -178,7 +195,7 @@ def _load(config, train: bool, flag_prefix: str) -> Data:
         raise ConfigError(f'split {split!r} of dataset {info.name!r} selects no examples; give '
                           f'a split or slice that holds some (examples per split: {sizes})')
   shape = _image_shape(config, info)
-  placement = _placement(config, info, shape)
+  placement = _placement(config, info, shape, budget)
   common = _common(info, shape, placement)
   if placement == 'device':
     data = _device_resident(config, common,
@@ -239,7 +256,7 @@ def _device_resident(config, common: dict, read_split, train: bool) -> Data:
               train=device_data.pad_split(train_images, train_labels), eval=evaluation)
 
 
-def _read_recorded(config, train: bool) -> Data | None:
+def _read_recorded(config, train: bool, budget: float | None) -> Data | None:
   """The device-resident Data of a TFDS dataset that an earlier run decoded and recorded in
   `decoded_index`, read without importing TFDS; None where the TFDS path must run."""
   entry = decoded_index.lookup(config.dataset, config.data_dir)
@@ -251,7 +268,7 @@ def _read_recorded(config, train: bool) -> Data | None:
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
   paths = {split: entry.split_file(split, shape) for split in splits}
-  if _placement(config, info, shape) != 'device' or None in paths.values():
+  if _placement(config, info, shape, budget) != 'device' or None in paths.values():
     return None
   arrays = {split: files.load_arrays(path) for split, path in paths.items()}
   if None in arrays.values():  # Damaged, and removed: the TFDS path decodes it again.
@@ -296,16 +313,15 @@ def _folder_stand_in_shape(config) -> tuple[int, int, int]:
   return (config.image_size or 64,) * 2 + (3,)
 
 
-def _placement(config, info, shape) -> str:
+def _placement(config, info, shape, budget: float | None) -> str:
+  """'device' or 'stream': the config's, or for 'auto' whether the two splits fit in `budget`
+  bytes (`device_data_budget()`)."""
   if config.data_placement != 'auto':
     return config.data_placement
   if not info.split_sizes:  # Sizes unknown (a mocked dataset): small by construction.
     return 'device'
   size = sum(tfds_data.split_size_bound(info, s) for s in (config.train_split, config.eval_split))
   size *= int(np.prod(shape))
-  stats = jax.local_devices()[0].memory_stats() or {}
-  budget = (stats['bytes_limit'] * _DEVICE_MEMORY_FRACTION if 'bytes_limit' in stats
-            else _HOST_DEVICE_BYTES)
   return 'device' if size <= budget else 'stream'
 
 
