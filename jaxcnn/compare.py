@@ -3,6 +3,7 @@
   python -m jaxcnn.compare                          # every run under runs/
   python -m jaxcnn.compare runs/mnist-lenet5-* RUN  # these runs
   python -m jaxcnn.compare --sort loss --json       # by final eval loss; JSON instead of a table
+  python -m jaxcnn.compare --group_seeds            # one row per config: mean ± std over seeds
 
 Everything is read from the runs' own files (`config.json`, `dataset.json`, `metrics.jsonl`), so
 a run still training can be compared too: its row says how far it has come. A row gives the model,
@@ -14,6 +15,10 @@ accuracy and the step it came at, the training and compile seconds, and the medi
 of the logged examples/s. Below the table are the config keys whose values differ between the runs,
 so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
 left out; the others are still compared.
+
+With `--group_seeds`, the runs whose configs differ only in `seed` are one row, which names their
+seeds and gives the mean of each figure over them with the standard deviation beside it: how
+configs are compared when one seed's figure is within the noise of another's.
 """
 
 import json
@@ -36,6 +41,9 @@ _SORT = flags.DEFINE_enum('sort', 'accuracy', _SORT_KEYS,
                           'Order of the rows: best final accuracy first, lowest final loss '
                           'first, least training time first, or by run folder.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Markdown table.')
+_GROUP_SEEDS = flags.DEFINE_bool(
+    'group_seeds', False, 'One row for the runs whose configs differ only in seed: each figure '
+    'is their mean, with the standard deviation beside it.')
 _DEFAULT_ROOT = 'runs'
 
 
@@ -111,6 +119,43 @@ def differing_keys(rows: Sequence[dict]) -> list[str]:
           if len({json.dumps(row['config'].get(key)) for row in rows}) > 1]
 
 
+# The figures of a row that `group_seeds` averages over the seeds.
+AVERAGED = ('accuracy', 'loss', 'ema_accuracy', 'best_accuracy', 'train_seconds',
+            'compile_seconds', 'examples_per_sec')
+
+
+def group_seeds(rows: Sequence[dict]) -> list[dict]:
+  """One row for each set of `rows` whose configs (and data) differ only in `seed`.
+
+  A group's row is its first run's (by seed) with: `runs` and `seeds`, its runs and their seeds;
+  each figure of `AVERAGED` the mean over the runs that have it and `<figure>_std` its sample
+  standard deviation (0 for one run, None for none); `step` the fewest steps of its runs,
+  `finished` whether all finished; no `best_step` (the runs' best steps differ); and a config
+  without `seed`.
+  """
+  groups: dict[str, list[dict]] = {}
+  for row in rows:
+    # The data too: a smoke run on stand-in data has the config of one on the real dataset.
+    key = json.dumps([row['dataset'], {k: v for k, v in row['config'].items() if k != 'seed'}],
+                     sort_keys=True)
+    groups.setdefault(key, []).append(row)
+  grouped = []
+  for members in groups.values():
+    members = sorted(members, key=lambda member: member['config'].get('seed', 0))
+    row = {**members[0], 'runs': [m['run'] for m in members],
+           'seeds': [m['config'].get('seed', 0) for m in members],
+           'step': min(m['step'] for m in members),
+           'finished': all(m['finished'] for m in members), 'best_step': None,
+           'config': {k: v for k, v in members[0]['config'].items() if k != 'seed'}}
+    for figure in AVERAGED:
+      values = [m[figure] for m in members if m[figure] is not None]
+      row[figure] = statistics.mean(values) if values else None
+      row[f'{figure}_std'] = (statistics.stdev(values) if len(values) > 1 else
+                              0.0 if values else None)
+    grouped.append(row)
+  return grouped
+
+
 def sort_rows(rows: list[dict], by: str) -> list[dict]:
   """`rows` in the order `by` asks for; rows without the figure go last."""
   if by == 'name':
@@ -132,29 +177,43 @@ def short_names(paths: Sequence[str]) -> list[str]:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-  """The rows as a Markdown table, then the config keys that differ between them."""
-  def number(value, spec):
-    return '-' if value is None else format(value, spec)
+  """The rows as a Markdown table, then the config keys that differ between them. Rows of
+  `group_seeds` show their seeds, and each figure's standard deviation beside its mean."""
+  grouped = any('seeds' in row for row in rows)
 
-  lines = ['| run | model | data | parameters | steps | accuracy | loss | best accuracy (step) | '
+  def number(value, spec, row=None, figure=None, scale=1, unit=''):
+    if value is None:
+      return '-'
+    text = format(scale * value, spec)
+    spread = row.get(f'{figure}_std') if row is not None else None
+    return f'{text} ± {format(scale * spread, spec)}{unit}' if spread is not None else text + unit
+
+  best_header = 'best accuracy' if grouped else 'best accuracy (step)'  # Steps differ by seed.
+  lines = [f'| run | model | data | parameters | steps | accuracy | loss | {best_header} | '
            'train s | compile s | examples/s |',
            '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   names = short_names([row['run'] for row in rows])
   for name, row in zip(names, rows):
+    if 'seeds' in row:
+      name += f' (seed{"s" if len(row["seeds"]) > 1 else ""} {", ".join(map(str, row["seeds"]))})'
     steps = f'{row["step"]:,}' + ('' if row['finished'] else ' (running or stopped)')
-    best = ('-' if row['best_accuracy'] is None
-            else f'{100 * row["best_accuracy"]:.2f}% ({row["best_step"]:,})')
-    accuracy = '-' if row['accuracy'] is None else f'{100 * row["accuracy"]:.2f}%'
+    best = number(row['best_accuracy'], '.2f', row, 'best_accuracy', 100, '%')
+    if row['best_step'] is not None:
+      best += f' ({row["best_step"]:,})'
+    accuracy = number(row['accuracy'], '.2f', row, 'accuracy', 100, '%')
     if row['ema_accuracy'] is not None:
-      accuracy += f' (EMA {100 * row["ema_accuracy"]:.2f}%)'
+      accuracy += f' (EMA {number(row["ema_accuracy"], ".2f", row, "ema_accuracy", 100, "%")})'
     data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.
     lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
-                 f'{steps} | {accuracy} | {number(row["loss"], ".4f")} | {best} | '
-                 f'{number(row["train_seconds"], ".1f")} | {number(row["compile_seconds"], ".1f")}'
-                 f' | {number(row["examples_per_sec"], ",.0f")} |')
+                 f'{steps} | {accuracy} | {number(row["loss"], ".4f", row, "loss")} | {best} | '
+                 f'{number(row["train_seconds"], ".1f", row, "train_seconds")} | '
+                 f'{number(row["compile_seconds"], ".1f", row, "compile_seconds")} | '
+                 f'{number(row["examples_per_sec"], ",.0f", row, "examples_per_sec")} |')
   lines.append('\nAccuracy and loss: the last evaluation, on the split named under data'
-               + ('; EMA: that of the moving average of the weights.'
-                  if any(row['ema_accuracy'] is not None for row in rows) else '.'))
+               + ('; EMA: that of the moving average of the weights'
+                  if any(row['ema_accuracy'] is not None for row in rows) else '')
+               + ('. Each row: the mean over its seeds ± the standard deviation.' if grouped
+                  else '.'))
   differing = differing_keys(rows) if len(rows) > 1 else []
   if differing:
     lines.append('Config keys that differ:')
@@ -184,6 +243,8 @@ def main(argv: Sequence[str]) -> None:
     raise UserError('; '.join(damaged) + '; no run is left to compare')
   for message in damaged:  # One line each; the other runs are still worth comparing.
     print(f'warning: {message}; that run is left out', file=sys.stderr, flush=True)
+  if _GROUP_SEEDS.value:
+    rows = group_seeds(rows)
   rows = sort_rows(rows, _SORT.value)
   if _JSON.value:
     print(json.dumps(rows, indent=2))

@@ -117,6 +117,34 @@ def test_runs_of_one_model_with_other_model_kwargs_count_their_own_parameters(tm
   assert '  model_kwargs.widths: narrow=[8, 16], default=unset' in lines
 
 
+def test_runs_that_differ_only_in_seed_are_one_row_of_means_and_spreads(tmp_path):
+  runs = tmp_path / 'runs'
+  for seed, accuracy in ((1, 0.99), (0, 0.98), (2, 0.97)):
+    write_run(runs / f'a{seed}', [evaluation(50, accuracy)], seed=seed)
+  write_run(runs / 'b0', [evaluation(50, 0.5)], seed=0, learning_rate=0.1)
+  rows = compare.group_seeds([compare.describe_run(str(run)) for run in sorted(runs.iterdir())])
+  assert [(row['seeds'], row['runs']) for row in rows] == [
+      ([0, 1, 2], [str(runs / 'a0'), str(runs / 'a1'), str(runs / 'a2')]), ([0], [str(runs / 'b0')])]
+  assert rows[0]['accuracy'] == pytest.approx(0.98)
+  assert rows[0]['accuracy_std'] == pytest.approx(0.01)  # The sample standard deviation.
+  assert rows[0]['loss'] == pytest.approx(0.02) and rows[0]['loss_std'] == pytest.approx(0.01)
+  assert (rows[1]['accuracy'], rows[1]['accuracy_std']) == (0.5, 0.0)
+  assert 'seed' not in rows[0]['config']
+  lines = compare.format_table(rows).splitlines()
+  assert lines[0].startswith('| run | model | data | parameters | steps | accuracy | loss | best '
+                             'accuracy | train s |')
+  assert lines[2] == ('| a0 (seeds 0, 1, 2) | lenet5 | mnist/3.0.1, test | 61,706 | 50 (running '
+                      'or stopped) | 98.00 ± 1.00% | 0.0200 ± 0.0100 | 98.00 ± 1.00% | - | - | - |')
+  assert lines[3].startswith('| b0 (seed 0) | lenet5 | mnist/3.0.1, test | 61,706 | 50 (running '
+                             'or stopped) | 50.00 ± 0.00% |')
+  assert 'Each row: the mean over its seeds ± the standard deviation.' in lines[5]
+  assert '  learning_rate: a0=0.001, b0=0.1' in lines  # Not seed, which the rows average over.
+
+  result = run_compare('--group_seeds', '--json', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert [row['seeds'] for row in json.loads(result.stdout)] == [[0, 1, 2], [0]]  # By accuracy.
+
+
 def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):
   steps = [{'step': step, 'train/loss': 1.0} for step in range(10, 130, 10)]
   good = write_run(tmp_path / 'good', steps + [evaluation(120, 0.9)])
