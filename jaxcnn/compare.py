@@ -10,7 +10,8 @@ a run still training can be compared too: its row says how far it has come. A ro
 the data it was trained and evaluated on (the dataset, `synthetic ...` for stand-in data, and the
 evaluation split: figures on other data do not compare), its parameter count (built under
 `nnx.eval_shape`: nothing is materialised), the steps trained, the last evaluation's accuracy and
-loss (and the accuracy of the weights' moving average, in runs with `ema_decay`), the best
+loss (with the top-5 accuracy of datasets of more than 10 classes, and the accuracy of the
+weights' moving average in runs with `ema_decay`), the best
 accuracy and the step it came at, the training and compile seconds, and the median
 of the logged examples/s. Below the table are the config keys whose values differ between the runs,
 so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
@@ -91,6 +92,8 @@ def describe_run(run_dir: str) -> dict:
       'eval_split': split,
       'accuracy': evaluations[-1][f'{split}/accuracy'] if evaluations else None,
       'loss': evaluations[-1][f'{split}/loss'] if evaluations else None,
+      # Counted for datasets of more than 10 classes.
+      'top5_accuracy': evaluations[-1].get(f'{split}/top5_accuracy') if evaluations else None,
       # The moving average of the weights (ema_decay > 0), evaluated beside them.
       'ema_accuracy': evaluations[-1].get(f'{split}/ema_accuracy') if evaluations else None,
       'best_accuracy': best[f'{split}/accuracy'] if best else None,
@@ -120,7 +123,7 @@ def differing_keys(rows: Sequence[dict]) -> list[str]:
 
 
 # The figures of a row that `group_seeds` averages over the seeds.
-AVERAGED = ('accuracy', 'loss', 'ema_accuracy', 'best_accuracy', 'train_seconds',
+AVERAGED = ('accuracy', 'loss', 'top5_accuracy', 'ema_accuracy', 'best_accuracy', 'train_seconds',
             'compile_seconds', 'examples_per_sec')
 
 
@@ -201,6 +204,8 @@ def format_table(rows: Sequence[dict]) -> str:
     if row['best_step'] is not None:
       best += f' ({row["best_step"]:,})'
     accuracy = number(row['accuracy'], '.2f', row, 'accuracy', 100, '%')
+    if row['top5_accuracy'] is not None:
+      accuracy += f' (top-5 {number(row["top5_accuracy"], ".2f", row, "top5_accuracy", 100, "%")})'
     if row['ema_accuracy'] is not None:
       accuracy += f' (EMA {number(row["ema_accuracy"], ".2f", row, "ema_accuracy", 100, "%")})'
     data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.

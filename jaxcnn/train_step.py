@@ -50,9 +50,18 @@ def init_train_sums() -> dict[str, np.ndarray]:
           'steps': np.int32(0), 'first_nonfinite_step': np.int32(NO_STEP)}
 
 
-def init_eval_sums() -> dict[str, np.ndarray]:
-  """Accumulators of an evaluation: summed loss, correct predictions and examples."""
-  return {'loss': np.float32(0), 'correct': np.int32(0), 'count': np.int32(0)}
+# Top-5 accuracy is counted for datasets of more classes than this (ImageNet's 1000, CIFAR-100's
+# 100): with 10 or fewer, the right class is nearly always among five.
+TOP5_ABOVE_CLASSES = 10
+
+
+def init_eval_sums(num_classes: int) -> dict[str, np.ndarray]:
+  """Accumulators of an evaluation: summed loss, correct predictions (and correct top-5
+  predictions, above `TOP5_ABOVE_CLASSES` classes) and examples."""
+  sums = {'loss': np.float32(0), 'correct': np.int32(0), 'count': np.int32(0)}
+  if num_classes > TOP5_ABOVE_CLASSES:
+    sums['correct_top5'] = np.int32(0)
+  return sums
 
 
 def accumulate(sums: Metrics, metrics: Metrics) -> Metrics:
@@ -223,8 +232,9 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
                    axis_name: str | None = None) -> Callable[..., Metrics]:
   """Builds `eval_step(state, batch, mask) -> sums` over the real (mask=True) examples.
 
-  It returns sums, not means (`loss`, `correct`, `count`), so that batches, devices and the padded
-  last batch add up to exact metrics over the whole split.
+  It returns sums, not means (`loss`, `correct`, `count`, and `correct_top5` where
+  `init_eval_sums` has it), so that batches, devices and the padded last batch add up to exact
+  metrics over the whole split.
   """
 
   def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
@@ -236,6 +246,10 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
     sums = {'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
             'correct': jnp.sum(correct & mask, dtype=jnp.int32),
             'count': jnp.sum(mask, dtype=jnp.int32)}
+    if num_classes > TOP5_ABOVE_CLASSES:
+      _, top5 = jax.lax.top_k(logits, 5)
+      in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
+      sums['correct_top5'] = jnp.sum(in_top5 & mask, dtype=jnp.int32)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums

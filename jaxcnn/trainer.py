@@ -100,7 +100,7 @@ class Experiment:
 
   def zero_eval_sums(self):
     """Device-side accumulators of an evaluation's sums."""
-    return self.strategy.replicate(init_eval_sums())
+    return self.strategy.replicate(init_eval_sums(self.num_classes))
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Strategy, *,
@@ -219,9 +219,9 @@ def _path_name(path) -> str:
 
 
 def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:
-  """Metrics over every example of the feed's split: `<prefix>/loss`, `<prefix>/accuracy`, and
-  the count. With a moving average of the weights, `<prefix>/ema_loss` and
-  `<prefix>/ema_accuracy` too.
+  """Metrics over every example of the feed's split: `<prefix>/loss`, `<prefix>/accuracy`
+  (`<prefix>/top5_accuracy` too, for datasets of more than 10 classes), and the count. With
+  a moving average of the weights, `<prefix>/ema_loss` and `<prefix>/ema_accuracy` too.
 
   Batches are padded to full size; the mask keeps padding out of every sum, so every example of
   the split counts exactly once.
@@ -237,6 +237,8 @@ def _evaluate_weights(experiment, state, feed, prefix, name_prefix):
   count = int(sums['count'])
   metrics = {f'{prefix}/{name_prefix}loss': float(sums['loss']) / count,
              f'{prefix}/{name_prefix}accuracy': float(sums['correct']) / count}
+  if 'correct_top5' in sums:
+    metrics[f'{prefix}/{name_prefix}top5_accuracy'] = float(sums['correct_top5']) / count
   if not name_prefix:
     metrics[f'{prefix}/num_examples'] = count
   return metrics
@@ -300,9 +302,12 @@ class _StopRequests:
 
 
 def describe_evaluation(metrics: dict, split: str, loss: bool = True) -> str:
-  """`<split> accuracy 98.91%, loss 0.0345` for the terminal, and the moving average's accuracy
-  after it (`, EMA accuracy 99.02%`) where the run keeps one (ema_decay > 0)."""
+  """`<split> accuracy 98.91%, loss 0.0345` for the terminal, with the top-5 accuracy after the
+  accuracy where it is counted (`, top-5 93.20%`), and the moving average's accuracy at the end
+  (`, EMA accuracy 99.02%`) where the run keeps one (ema_decay > 0)."""
   text = f'{split} accuracy {100 * metrics[split + "/accuracy"]:.2f}%'
+  if split + '/top5_accuracy' in metrics:
+    text += f', top-5 {100 * metrics[split + "/top5_accuracy"]:.2f}%'
   if loss:
     text += f', loss {metrics[split + "/loss"]:.4f}'
   if split + '/ema_accuracy' in metrics:

@@ -191,6 +191,13 @@ def test_a_run_with_a_moving_average_shows_its_accuracy_beside_the_weights(tmp_p
   assert 'EMA: that of the moving average of the weights.' in result.stdout
 
 
+def test_the_top5_accuracy_is_shown_where_a_run_counted_it(tmp_path):
+  run = write_run(tmp_path / 'run', [{**evaluation(50, 0.7612), 'test/top5_accuracy': 0.9287}])
+  row = compare.describe_run(run)
+  assert row['top5_accuracy'] == 0.9287
+  assert '| 76.12% (top-5 92.87%) | 0.2388 |' in compare.format_table([row]).splitlines()[2]
+
+
 def test_the_best_step_of_tied_accuracies_is_the_one_checkpoint_best_loads(tmp_path):
   # checkpoint.best_step picks max((accuracy, step)): of tied accuracies, the latest step.
   run = write_run(tmp_path / 'run', [evaluation(10, 0.9), evaluation(20, 0.95),

@@ -345,3 +345,18 @@ def test_the_terminal_names_the_moving_averages_accuracy_only_where_there_is_one
   metrics.update({'test/ema_accuracy': 0.9902, 'test/ema_loss': 0.03})
   assert trainer.describe_evaluation(metrics, 'test', loss=False) == (
       'test accuracy 98.91%, EMA accuracy 99.02%')
+
+
+def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, capsys):
+  config = tiny_config(dataset='synthetic', num_train_steps=4, eval_every_steps=4)
+  config.synthetic.image_shape, config.synthetic.num_classes = (28, 28, 1), 20
+  config.synthetic.num_train, config.synthetic.num_eval = 128, 100
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result['test/accuracy'] < result['test/top5_accuracy'] <= 1
+  assert read_metrics(str(tmp_path))[-2]['test/top5_accuracy'] == result['test/top5_accuracy']
+  top5 = f'top-5 {100 * result["test/top5_accuracy"]:.2f}%'
+  evaluation = capsys.readouterr().out.strip().splitlines()[-2]
+  assert evaluation.startswith('step 4: test accuracy') and f'%, {top5}, loss ' in evaluation
+  assert trainer.describe_evaluation({'test/accuracy': 0.7612, 'test/top5_accuracy': 0.9287,
+                                      'test/loss': 1.0}, 'test') == (
+      'test accuracy 76.12%, top-5 92.87%, loss 1.0000')
