@@ -1,10 +1,12 @@
 """Evaluates a trained run on its evaluation split.
 
   python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split test]
-                           [--data_dir DIR] [--manual_dir DIR]
+                           [--data_dir DIR] [--manual_dir DIR] [--per_class]
 
 Rebuilds the run from its `config.json` and `dataset.json`, restores the chosen checkpoint and
-prints the metrics over every example of the split.
+prints the metrics over every example of the split. `--per_class` adds a line for each class: the
+accuracy on its examples and the classes they were most often taken for, from the confusion
+matrix that the same evaluation counts.
 """
 
 from absl import flags
@@ -30,6 +32,9 @@ def define_flags() -> None:
   flags.DEFINE_string('manual_dir', None,
                       "Folder of the dataset's downloaded files, to prepare it from where it is "
                       "not prepared in data_dir (default: the run's).")
+  flags.DEFINE_bool('per_class', False,
+                    'Also print, for each class, the accuracy on its examples and the classes '
+                    'they were most often taken for.')
 
 
 def main(argv):
@@ -60,7 +65,8 @@ def main(argv):
       config.manual_dir = FLAGS.manual_dir
   data = pipeline.load_data(config, train=False, flag_prefix='--')
   workdir_lib.check_same_classes(FLAGS.workdir, data.class_names)
-  run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement)
+  run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement,
+                    confusion_matrix=FLAGS.per_class)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)
   feed.compile(run.state, run.experiment.zero_eval_sums())
   metrics = evaluate(run.experiment, run.state, feed, split)
@@ -72,7 +78,28 @@ def main(argv):
       print(f'  {name} {value:.4f} ({round(value * count)}/{count})')
     elif name.endswith('loss'):
       print(f'  {name} {value:.4f}')
+  if FLAGS.per_class:
+    print('\n'.join(describe_classes(metrics[f'{split}/confusion_matrix'], data.class_names)))
 
+
+def describe_classes(confusion, class_names, mistakes: int = 3) -> list[str]:
+  """A line per class of `confusion` (rows: labels, columns: predictions): the accuracy on its
+  examples, how many of them were right, and the `mistakes` classes they were most often taken
+  for, with how often: `    cat   92.00%   92/100   taken for dog (6), fox (2)`."""
+  width = max(len(name) for name in class_names)
+  digits = len(str(int(confusion.sum(axis=1).max())))
+  lines = ['  per class: accuracy, correct/examples, and the classes its examples were most often '
+           'taken for']
+  for label, (name, row) in enumerate(zip(class_names, confusion)):
+    total, right = int(row.sum()), int(row[label])
+    accuracy = f'{100 * right / total:6.2f}%' if total else '      -'
+    wrong = sorted(((-int(count), predicted) for predicted, count in enumerate(row)
+                    if predicted != label and count))[:mistakes]
+    line = f'    {name:<{width}}  {accuracy}  {right:>{digits}}/{total:<{digits}}'
+    if wrong:
+      line += '  taken for ' + ', '.join(f'{class_names[p]} ({-count})' for count, p in wrong)
+    lines.append(line.rstrip())
+  return lines
 
 if __name__ == '__main__':
   define_flags()

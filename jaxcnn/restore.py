@@ -25,10 +25,12 @@ class RestoredRun:
   step: int
 
 
-def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'device') -> RestoredRun:
+def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'device',
+                confusion_matrix: bool = False) -> RestoredRun:
   """Rebuilds the run in `workdir` and restores its `checkpoint` ('latest', 'best' or a step).
 
-  `placement` says where the data to evaluate will live ('device' or 'stream').
+  `placement` says where the data to evaluate will live ('device' or 'stream');
+  `confusion_matrix` has its evaluation count the confusion matrix too.
   """
   config = workdir_lib.read_config(workdir)
   record = workdir_lib.read_dataset(workdir)
@@ -40,7 +42,7 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   experiment, state = build_experiment(
       config, image_shape=record.image_shape, num_classes=record.num_classes,
       num_train_examples=record.num_train_examples, mean=record.mean, std=record.std,
-      strategy=strategy, placement=placement, training=False)
+      strategy=strategy, placement=placement, training=False, confusion_matrix=confusion_matrix)
   checkpointer = make_checkpointer(config, workdir, reading_only=True)
   try:  # Closed on every path: an open manager's threads fail noisily at interpreter exit.
     template = {'state': state, 'train_sums': experiment.zero_train_sums()}

@@ -55,12 +55,15 @@ def init_train_sums() -> dict[str, np.ndarray]:
 TOP5_ABOVE_CLASSES = 10
 
 
-def init_eval_sums(num_classes: int) -> dict[str, np.ndarray]:
+def init_eval_sums(num_classes: int, confusion_matrix: bool = False) -> dict[str, np.ndarray]:
   """Accumulators of an evaluation: summed loss, correct predictions (and correct top-5
-  predictions, above `TOP5_ABOVE_CLASSES` classes) and examples."""
+  predictions, above `TOP5_ABOVE_CLASSES` classes) and examples; with `confusion_matrix`, the
+  count of every (label, predicted class) pair."""
   sums = {'loss': np.float32(0), 'correct': np.int32(0), 'count': np.int32(0)}
   if num_classes > TOP5_ABOVE_CLASSES:
     sums['correct_top5'] = np.int32(0)
+  if confusion_matrix:
+    sums['confusion'] = np.zeros((num_classes, num_classes), np.int32)
   return sums
 
 
@@ -229,12 +232,13 @@ def _per_device(tree, axis_name: str):
 
 
 def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes: int,
-                   axis_name: str | None = None) -> Callable[..., Metrics]:
+                   axis_name: str | None = None,
+                   confusion_matrix: bool = False) -> Callable[..., Metrics]:
   """Builds `eval_step(state, batch, mask) -> sums` over the real (mask=True) examples.
 
-  It returns sums, not means (`loss`, `correct`, `count`, and `correct_top5` where
-  `init_eval_sums` has it), so that batches, devices and the padded last batch add up to exact
-  metrics over the whole split.
+  It returns sums, not means (`loss`, `correct`, `count`, and `correct_top5` and `confusion`
+  where `init_eval_sums` has them), so that batches, devices and the padded last batch add up to
+  exact metrics over the whole split.
   """
 
   def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
@@ -242,7 +246,8 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
     model.eval()
     logits = model(preprocess(batch['image'], None, train=False))
     loss = cross_entropy(logits, batch['label'], num_classes)
-    correct = jnp.argmax(logits, -1) == batch['label']
+    predicted = jnp.argmax(logits, -1)
+    correct = predicted == batch['label']
     sums = {'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
             'correct': jnp.sum(correct & mask, dtype=jnp.int32),
             'count': jnp.sum(mask, dtype=jnp.int32)}
@@ -250,6 +255,9 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
       _, top5 = jax.lax.top_k(logits, 5)
       in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
       sums['correct_top5'] = jnp.sum(in_top5 & mask, dtype=jnp.int32)
+    if confusion_matrix:  # Rows: the labels; columns: the predicted classes.
+      sums['confusion'] = jnp.zeros((num_classes, num_classes), jnp.int32).at[
+          batch['label'], predicted].add(mask.astype(jnp.int32))
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums

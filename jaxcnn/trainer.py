@@ -93,6 +93,7 @@ class Experiment:
   preprocess: Preprocessor
   train_fn: Callable
   eval_fn: Callable
+  confusion_matrix: bool = False  # Whether eval_fn also counts (label, prediction) pairs.
 
   def zero_train_sums(self):
     """Device-side accumulators of the train metrics between two log steps."""
@@ -100,7 +101,7 @@ class Experiment:
 
   def zero_eval_sums(self):
     """Device-side accumulators of an evaluation's sums."""
-    return self.strategy.replicate(init_eval_sums(self.num_classes))
+    return self.strategy.replicate(init_eval_sums(self.num_classes, self.confusion_matrix))
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Strategy, *,
@@ -124,8 +125,8 @@ L2_WARNING_THRESHOLD = 0.01
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
                      num_train_examples: int, mean, std, strategy: parallel.Strategy,
-                     placement: str = 'device', init_images=None,
-                     training: bool = True) -> tuple[Experiment, TrainState]:
+                     placement: str = 'device', init_images=None, training: bool = True,
+                     confusion_matrix: bool = False) -> tuple[Experiment, TrainState]:
   """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
 
   The initial state is already placed on the devices in `strategy`'s layout. For streamed data
@@ -133,7 +134,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   `init_images` (uint8 training images) initialise models that learn their first layer from the
   data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
   trained run's state) leaves out the checks of the training batch against the devices, which may
-  not be those it was trained on.
+  not be those it was trained on. `confusion_matrix` has the evaluation count every (label,
+  predicted class) pair too, which `evaluate` returns.
   """
   check_batch_sizes(config, strategy, training=training)
   steps_per_epoch = num_train_examples // config.batch_size
@@ -181,7 +183,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                         cutmix_alpha=config.augment.cutmix_alpha)
   train_step = make_train_step(model_def, tx, preprocess, options, axis_name=strategy.axis_name)
   eval_step = make_eval_step(model_def, preprocess, num_classes=num_classes,
-                             axis_name=strategy.axis_name)
+                             axis_name=strategy.axis_name, confusion_matrix=confusion_matrix)
   if on_device:
     train_fn = strategy.train_fn(train_step, config.batch_size)
     eval_fn = strategy.eval_fn(eval_step, config.eval_batch_size)
@@ -191,7 +193,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
       config=config, strategy=strategy, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, model_def=model_def, tx=tx,
       schedule=optim.make_schedule(config, total_steps, steps_per_epoch), preprocess=preprocess,
-      train_fn=train_fn, eval_fn=eval_fn)
+      train_fn=train_fn, eval_fn=eval_fn, confusion_matrix=confusion_matrix)
   return experiment, strategy.replicate(state)
 
 
@@ -221,7 +223,9 @@ def _path_name(path) -> str:
 def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:
   """Metrics over every example of the feed's split: `<prefix>/loss`, `<prefix>/accuracy`
   (`<prefix>/top5_accuracy` too, for datasets of more than 10 classes), and the count. With
-  a moving average of the weights, `<prefix>/ema_loss` and `<prefix>/ema_accuracy` too.
+  a moving average of the weights, `<prefix>/ema_loss` and `<prefix>/ema_accuracy` too. Where the
+  experiment counts a confusion matrix, `<prefix>/confusion_matrix` (of the trained weights) is
+  that matrix, an array: rows the labels, columns the predicted classes.
 
   Batches are padded to full size; the mask keeps padding out of every sum, so every example of
   the split counts exactly once.
@@ -241,6 +245,8 @@ def _evaluate_weights(experiment, state, feed, prefix, name_prefix):
     metrics[f'{prefix}/{name_prefix}top5_accuracy'] = float(sums['correct_top5']) / count
   if not name_prefix:
     metrics[f'{prefix}/num_examples'] = count
+    if 'confusion' in sums:
+      metrics[f'{prefix}/confusion_matrix'] = sums['confusion']  # Fetched: a numpy array.
   return metrics
 
 

@@ -488,7 +488,8 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
   result = trainer.train_and_evaluate(config, str(workdir))
   env = environment(tmp_path)
   evaluation = subprocess.run(
-      [sys.executable, 'tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}'],
+      [sys.executable, 'tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}',
+       '--per_class'],
       cwd=REPO_ROOT, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
       capture_output=True, text=True, timeout=300, check=False)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
@@ -496,6 +497,12 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
   accuracy = result['test/accuracy']
   assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 200)}/200)' in evaluation.stdout
   assert f'test/loss {result["test/loss"]:.4f}' in evaluation.stdout
+  # The confusion matrix of the same evaluation, summed over 8 devices: a line per class whose
+  # right and total examples add up to the accuracy's.
+  per_class = evaluation.stdout.split('per class: ')[1].splitlines()[1:]
+  assert [line.split()[0] for line in per_class] == [str(digit) for digit in range(10)]
+  right, total = zip(*(map(int, line.split()[2].split('/')) for line in per_class))
+  assert (sum(right), sum(total)) == (round(accuracy * 200), 200)
 
   paths, labels = _write_digit_images(str(tmp_path), 6)
   broken = str(tmp_path / 'broken.png')
@@ -516,6 +523,16 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
     assert ranked[0].startswith(f'{label} (')  # The model learned the fake task.
     probabilities = [float(r.split('(')[1].rstrip(')')) for r in ranked]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
+
+
+def test_per_class_lines_name_what_each_class_is_most_often_taken_for():
+  from jaxcnn.evaluate import describe_classes  # pylint: disable=g-import-not-at-top
+  confusion = np.array([[8, 1, 1, 0], [1, 9, 0, 0], [0, 0, 0, 0], [0, 3, 5, 2]])
+  assert describe_classes(confusion, ['cat', 'dog', 'eel', 'fox'], mistakes=1)[1:] == [
+      '    cat   80.00%   8/10  taken for dog (1)',  # Of tied counts, the first class.
+      '    dog   90.00%   9/10  taken for cat (1)',
+      '    eel        -   0/0',  # No example of it in the split.
+      '    fox   20.00%   2/10  taken for eel (5)']
 
 
 def test_a_run_trained_on_a_synthetic_stand_in_is_evaluated_on_it(mnist_data_dir, tmp_path):

@@ -125,19 +125,23 @@ def test_eval_step_sums_only_masked_examples():
   np.testing.assert_allclose(float(sums['loss']), float(head['loss']), rtol=1e-5)
 
 
-def test_top5_is_counted_above_ten_classes_over_the_masked_examples_only():
+def test_top5_and_the_confusion_matrix_count_the_masked_examples_only():
   model = models.create_model('lenet5', num_classes=20, input_shape=(28, 28, 1))
   model_def, state = create_train_state(model, optax.sgd(0.1))
   images, labels = learnable_images(64, (28, 28, 1), 20, 0)
   data = {'image': jnp.asarray(images), 'label': jnp.asarray(labels, jnp.int32)}
   mask = jnp.arange(64) < 50
-  sums = jax.jit(make_eval_step(model_def, PREPROCESS, num_classes=20))(state, data, mask)
+  sums = jax.jit(make_eval_step(model_def, PREPROCESS, num_classes=20, confusion_matrix=True))(
+      state, data, mask)
   predict = jax.jit(make_predict_step(model_def, PREPROCESS))
   probabilities = np.asarray(predict(state, data['image']))
   ranks = (probabilities > probabilities[np.arange(64), labels][:, None]).sum(-1)  # 0: the top.
   assert int(sums['correct']) == int(np.sum(ranks[:50] == 0))
   assert int(sums['correct_top5']) == int(np.sum(ranks[:50] < 5))
   assert int(sums['correct']) < int(sums['correct_top5']) < 50  # Untrained: a test with teeth.
+  expected = np.zeros((20, 20), np.int32)
+  np.add.at(expected, (labels[:50], probabilities[:50].argmax(-1)), 1)
+  np.testing.assert_array_equal(sums['confusion'], expected)  # Rows: labels; columns: guesses.
   ten = create_train_state(models.create_model('lenet5', num_classes=10, input_shape=(28, 28, 1)),
                            optax.sgd(0.1))
   assert 'correct_top5' not in jax.jit(make_eval_step(ten[0], PREPROCESS, num_classes=10))(
