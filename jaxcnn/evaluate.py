@@ -85,7 +85,7 @@ def main(argv):
 def describe_classes(confusion, class_names, mistakes: int = 3) -> list[str]:
   """A line per class of `confusion` (rows: labels, columns: predictions): the accuracy on its
   examples, how many of them were right, and the `mistakes` classes they were most often taken
-  for, with how often: `    cat   92.00%   92/100   taken for dog (6), fox (2)`."""
+  for, with how often: `cat   92.00%   92/100  taken for dog (6), fox (2)`."""
   width = max(len(name) for name in class_names)
   digits = len(str(int(confusion.sum(axis=1).max())))
   lines = ['  per class: accuracy, correct/examples, and the classes its examples were most often '
@@ -100,6 +100,7 @@ def describe_classes(confusion, class_names, mistakes: int = 3) -> list[str]:
       line += '  taken for ' + ', '.join(f'{class_names[p]} ({-count})' for count, p in wrong)
     lines.append(line.rstrip())
   return lines
+
 
 if __name__ == '__main__':
   define_flags()
