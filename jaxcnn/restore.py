@@ -5,10 +5,11 @@ the model, optimizer and normalisation; the checkpoint gives the state.
 """
 
 import dataclasses
+import sys
 
 import jax
 
-from jaxcnn import parallel
+from jaxcnn import models, parallel
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import CheckpointError, StateMismatch
 from jaxcnn.errors import UserError
@@ -83,5 +84,8 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   finally:
     checkpointer.close()
   tree, meta = restored
+  source_change = workdir_lib.changed_model_source(workdir, models.source_digest(config.model))
+  if source_change:
+    print(source_change, file=sys.stderr, flush=True)
   return RestoredRun(config=config, dataset=record, experiment=experiment, state=tree['state'],
                      step=meta['step'])

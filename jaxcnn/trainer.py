@@ -389,6 +389,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       strategy=strategy, placement=data.placement,
       init_images=data.train.images if data.placement == 'device' else None)
   total_steps, steps_per_epoch = experiment.total_steps, experiment.steps_per_epoch
+  model_source = models.source_digest(config.model)  # Of the code the model was just built from.
   train_feed = resources.enter_context(
       contextlib.closing(feeds.make_train_feed(config, experiment, data)))
   eval_feed = feeds.make_eval_feed(config, experiment, data)
@@ -424,12 +425,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     num_saves = meta.get('saves', 0)  # 0 from a jaxcnn that did not record the count.
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})'
           + (f' with changed config: {changes}' if changes else ''), flush=True)
+    source_change = workdir_lib.changed_model_source(workdir, model_source)
+    if source_change and is_chief:
+      print(source_change, file=sys.stderr, flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
   # `evaluate` and `predict` rebuild the model from. Metrics logged after the checkpoint (all of
   # them, for a run killed before its first one) are logged again.
   if is_chief:
     workdir_lib.truncate_metrics(workdir, step)
     workdir_lib.write_config(workdir, config)
+    workdir_lib.write_model_source(workdir, model_source)
     workdir_lib.write_dataset(workdir, workdir_lib.DatasetRecord(
         name=data.name, image_shape=data.image_shape, num_classes=data.num_classes,
         class_names=data.class_names, num_train_examples=data.num_train_examples,

@@ -2,6 +2,7 @@
 
   <workdir>/config.json       the config the run was started with
   <workdir>/dataset.json      name, image shape, classes, training-set size, normalisation stats
+  <workdir>/model_source.json a user model's source file and its digest (zoo models: none)
   <workdir>/metrics.jsonl     one JSON record per logged step (see jaxcnn.metrics)
   <workdir>/events.out.*      TensorBoard event files
   <workdir>/checkpoints/      Orbax checkpoints (see jaxcnn.checkpoint)
@@ -22,6 +23,7 @@ from jaxcnn.metrics import METRICS_FILE, DamagedMetrics, read_metrics
 
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
+MODEL_SOURCE_FILE = 'model_source.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,36 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   config = config_from_json(path)
   config.lock()
   return config
+
+
+def write_model_source(workdir: str, digest: dict[str, str] | None) -> None:
+  """Records `models.source_digest` of the run's model as `model_source.json` (none for a zoo
+  model)."""
+  path = os.path.join(workdir, MODEL_SOURCE_FILE)
+  if digest is None:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+    return
+  files.write_text_atomically(path, json.dumps(digest, indent=2) + '\n')
+
+
+def changed_model_source(workdir: str, digest: dict[str, str] | None) -> str | None:
+  """A warning where the file that defines the run's user model differs from the one the run
+  last trained with (`digest` is the model's `models.source_digest` now); else None.
+
+  A change that keeps the shapes of the model's arrays (an activation, a dropout rate) is
+  otherwise silent: the checkpoint restores, and the model computes with the new code.
+  """
+  try:
+    with open(os.path.join(workdir, MODEL_SOURCE_FILE), encoding='utf-8') as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return None  # Nothing recorded: a zoo model, or a run of an earlier jaxcnn.
+  if (digest is None or not isinstance(recorded, dict) or recorded.get('model') != digest['model']
+      or recorded.get('sha256') == digest['sha256']):
+    return None
+  return (f"warning: {digest['file']}, which defines model {digest['model']!r}, has changed since "
+          f'the run in {workdir} last trained: its checkpoint now runs in the new code')
 
 
 def write_dataset(workdir: str, record: DatasetRecord) -> None:

@@ -523,6 +523,31 @@ def test_a_user_models_code_changed_since_its_run_is_named(user_module, fake_tfd
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+def test_a_user_models_code_changed_in_what_it_computes_is_warned_of(user_module, fake_tfds,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+  """A change that keeps every array's shape restores without a mismatch to name."""
+  from jaxcnn.restore import restore_run  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model='mymod:Net', num_train_steps=2)
+  run = tmp_path / 'run'
+  trainer.train_and_evaluate(config, str(run))
+  restore_run(str(run))
+  assert 'has changed' not in capsys.readouterr().err  # The code the run trained with.
+  module = tmp_path / 'mymod.py'
+  module.write_text(module.read_text() + '\nSCALE = 2  # An edit that keeps every shape.\n')
+  monkeypatch.delitem(sys.modules, 'mymod')
+  warning = (f"warning: {module}, which defines model 'mymod:Net', has changed since the run in "
+             f'{run} last trained: its checkpoint now runs in the new code')
+  restore_run(str(run))  # What evaluate and predict do.
+  assert warning in capsys.readouterr().err.splitlines()
+  config.num_train_steps = 4
+  trainer.train_and_evaluate(config, str(run))
+  assert warning in capsys.readouterr().err.splitlines()
+  config.num_train_steps = 6  # It has now trained with the new code: nothing more to say.
+  trainer.train_and_evaluate(config, str(run))
+  assert 'has changed' not in capsys.readouterr().err
+
+
 def test_a_model_function_must_build_an_nnx_module(user_module):
   with pytest.raises(ConfigError, match=r"model 'mymod:build_a_dict' built a dict, not an "
                                         r'nnx.Module'):

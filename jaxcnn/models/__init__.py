@@ -25,6 +25,7 @@ takes.
 """
 
 import functools
+import hashlib
 import importlib
 import inspect
 import os
@@ -271,6 +272,24 @@ def _import_user_model(spec: str) -> Callable[..., nnx.Module]:
     raise ConfigError(f'model {spec!r}: {attribute!r} (a {type(constructor).__name__}) is neither '
                       'an nnx.Module subclass nor a function that builds one')
   return constructor
+
+
+def source_digest(name: str) -> dict[str, str] | None:
+  """Where user model `name` is defined and a digest of that file, `{'model', 'file', 'sha256'}`,
+  to tell later whether its code changed; None for a zoo model (its code is jaxcnn's) or where
+  the file cannot be read (a model built in a notebook)."""
+  if name in MODELS:
+    return None
+  constructor = get_model_constructor(name)
+  if isinstance(constructor, functools.partial):
+    constructor = constructor.func
+  try:
+    path = inspect.getsourcefile(constructor)
+    with open(path, 'rb') as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+  except (TypeError, OSError):
+    return None
+  return {'model': name, 'file': os.path.abspath(path), 'sha256': digest}
 
 
 def _parameters(constructor: Callable[..., object]) -> list[inspect.Parameter]:
