@@ -69,8 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0
   config.lr_decay_epochs = (30, 60, 80)  # For lr_schedule='step'.
   config.lr_decay_factor = 0.1  # For lr_schedule='step'.
-  config.momentum = 0.9  # For 'momentum' and 'nesterov'.
-  config.beta1 = 0.9  # For 'adam' and 'adamw'.
+  config.momentum = 0.9  # For 'momentum', 'nesterov' and 'lars'.
+  config.beta1 = 0.9  # For 'adam', 'adamw' and 'lamb'.
   config.beta2 = 0.999
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0: no clipping.

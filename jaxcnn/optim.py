@@ -5,15 +5,17 @@ import jax
 
 from jaxcnn.errors import ConfigError
 
-OPTIMIZERS = ('adam', 'adamw', 'momentum', 'nesterov', 'sgd')
+OPTIMIZERS = ('adam', 'adamw', 'lamb', 'lars', 'momentum', 'nesterov', 'sgd')
+# Those that apply weight_decay themselves; the others get it as an L2 term of the gradient.
+OWN_WEIGHT_DECAY = ('adamw', 'lamb', 'lars')
 SCHEDULES = ('constant', 'cosine', 'linear', 'onecycle', 'step')
 
 
 # Keys that only some optimizers or schedules read: (the key that chooses, the choices that read).
 _READ_ONLY_BY = {
-    'momentum': ('optimizer', ('momentum', 'nesterov')),
-    'beta1': ('optimizer', ('adam', 'adamw')),
-    'beta2': ('optimizer', ('adam', 'adamw')),
+    'momentum': ('optimizer', ('lars', 'momentum', 'nesterov')),
+    'beta1': ('optimizer', ('adam', 'adamw', 'lamb')),
+    'beta2': ('optimizer', ('adam', 'adamw', 'lamb')),
     'lr_decay_epochs': ('lr_schedule', ('step',)),
     'lr_decay_factor': ('lr_schedule', ('step',)),
 }
@@ -81,8 +83,13 @@ def _decay_mask(params):
 def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer`, with its schedule, weight decay and clipping.
 
-  `adamw` decays weights decoupled from the gradient (Loshchilov & Hutter); the other optimizers
-  add `weight_decay * w` to the gradient (L2 regularisation, as PyTorch's SGD does).
+  `adamw` decays weights decoupled from the gradient (Loshchilov & Hutter). The layer-wise
+  adaptive optimizers for large batches scale each kernel's step by a trust ratio, the ratio of
+  the kernel's norm to its update's: `lars` (You et al. 2017, SGD with `momentum`; the decay joins
+  the gradient before the ratio, and biases and normalisation scales are neither decayed nor
+  scaled, as in MLPerf's ResNet-50) and `lamb` (You et al. 2019, Adam with `beta1` and `beta2`
+  and decoupled decay). The other optimizers add `weight_decay * w` to the gradient (L2
+  regularisation, as PyTorch's SGD does).
   """
   schedule = make_schedule(config, total_steps, steps_per_epoch)
   name = config.optimizer
@@ -90,7 +97,7 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Grad
   chain = []
   if config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if decay > 0 and name != 'adamw':
+  if decay > 0 and name not in OWN_WEIGHT_DECAY:
     chain.append(optax.add_decayed_weights(decay, mask=_decay_mask))
   if name == 'sgd':
     chain.append(optax.sgd(schedule))
@@ -101,6 +108,12 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Grad
   elif name == 'adamw':
     chain.append(optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=decay,
                              mask=_decay_mask))
+  elif name == 'lars':
+    chain.append(optax.lars(schedule, weight_decay=decay, weight_decay_mask=_decay_mask,
+                            trust_ratio_mask=_decay_mask, momentum=config.momentum))
+  elif name == 'lamb':
+    chain.append(optax.lamb(schedule, b1=config.beta1, b2=config.beta2, weight_decay=decay,
+                            mask=_decay_mask))
   else:
     raise ConfigError(f'unknown optimizer {name!r}; choose one of: {", ".join(OPTIMIZERS)}')
   return optax.chain(*chain) if len(chain) > 1 else chain[0]

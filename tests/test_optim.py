@@ -78,6 +78,34 @@ def test_weight_decay_leaves_biases_and_norm_scales_alone():
     assert float(jnp.abs(updates['norm']['scale']).max()) == 0, name
 
 
+def test_lars_and_lamb_scale_each_kernels_step_by_its_trust_ratio():
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {'conv': {'kernel': jax.random.normal(keys[0], (3, 3, 1, 4)), 'bias': jnp.ones(4)}}
+  grads = {'conv': {'kernel': 50 * jax.random.normal(keys[1], (3, 3, 1, 4)),
+                    'bias': jax.random.normal(keys[2], (4,))}}
+
+  def first_update(name):
+    config = tiny_config(optimizer=name, learning_rate=0.1, lr_schedule='constant',
+                         weight_decay=1e-4)
+    tx = optim.make_optimizer(config, total_steps=10, steps_per_epoch=10)
+    return tx.update(grads, tx.init(params), params)[0]['conv']
+
+  kernel, bias = params['conv']['kernel'], grads['conv']['bias']
+  # LARS: the kernel moves by lr * 0.001 (the trust coefficient) of its own norm, whatever the
+  # gradient's scale, along the decayed gradient; the bias takes a plain SGD step.
+  lars = first_update('lars')
+  decayed = grads['conv']['kernel'] + 1e-4 * kernel
+  np.testing.assert_allclose(lars['kernel'],
+                             -0.1 * 0.001 * jnp.linalg.norm(kernel) * decayed
+                             / jnp.linalg.norm(decayed), rtol=1e-4)
+  np.testing.assert_allclose(lars['bias'], -0.1 * bias, rtol=1e-6)
+  # LAMB: the step of every array is lr times that array's norm (Adam's direction).
+  lamb = first_update('lamb')
+  for name, param in params['conv'].items():
+    assert float(jnp.linalg.norm(lamb[name])) == pytest.approx(
+        0.1 * float(jnp.linalg.norm(param)), rel=1e-4), name
+
+
 def test_gradient_clipping_bounds_the_global_norm():
   params = {'w': jnp.zeros(4), 'b': jnp.zeros(3)}
   grads = {'w': jnp.full(4, 3.0), 'b': jnp.full(3, 4.0)}  # Global norm sqrt(36 + 48) = 9.17.
@@ -100,11 +128,18 @@ def test_settings_the_optimizer_or_schedule_never_reads_are_named_when_changed()
   config.momentum, config.lr_decay_epochs = 0.95, [30, 60]  # As config.json gives tuples back.
   assert optim.unread_settings(config, defaults) == [
       "momentum=0.95 has no effect with optimizer 'adamw': it is read only with optimizer "
-      "'momentum' or 'nesterov'",
+      "'lars' or 'momentum' or 'nesterov'",
       "lr_decay_epochs=30,60 has no effect with lr_schedule 'cosine': it is read only with "
       "lr_schedule 'step'"]
   config.optimizer, config.lr_schedule = 'nesterov', 'step'
   assert optim.unread_settings(config, defaults) == []
+  config.optimizer = 'lars'  # SGD with momentum, layer by layer.
+  assert optim.unread_settings(config, defaults) == []
+  config.beta2, config.optimizer = 0.99, 'lamb'  # Adam, layer by layer.
+  assert optim.unread_settings(config, defaults) == [
+      "momentum=0.95 has no effect with optimizer 'lamb': it is read only with optimizer "
+      "'lars' or 'momentum' or 'nesterov'"]
+  config.optimizer, config.beta2 = 'nesterov', defaults.beta2
   config.lr_decay_epochs = defaults.lr_decay_epochs
   config.lr_schedule = 'onecycle'
   assert optim.unread_settings(config, defaults) == []

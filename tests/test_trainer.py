@@ -263,7 +263,7 @@ def test_an_adamw_sized_weight_decay_or_a_setting_the_optimizer_never_reads_is_w
         'the learning rate'] if optimizer == 'momentum' else [])
     assert [line for line in err if 'no effect' in line] == ([] if optimizer == 'adamw' else [
         f"warning: beta2=0.99 has no effect with optimizer {optimizer!r}: it is read only with "
-        "optimizer 'adam' or 'adamw'"])
+        "optimizer 'adam' or 'adamw' or 'lamb'"])
 
 
 def test_a_profiled_run_traces_the_chosen_steps_and_trains_the_same_run(fake_tfds, tmp_path,
