@@ -1,11 +1,13 @@
 """Predicts the classes of image files with a trained run.
 
-  python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5] IMAGE...
+  python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5]
+                          [--weights trained|ema] IMAGE...
 
 Each image is decoded, converted to the run's channels, resized and centre-cropped to its image
 size and normalised with its training statistics, as evaluation does; the top classes and their
 probabilities are printed one image per line. An unreadable image is named in a one-line error on
-stderr and the others are still predicted (the exit status is then 2).
+stderr and the others are still predicted (the exit status is then 2). `--weights=ema` predicts
+with the moving average of the weights of a run trained with `ema_decay`.
 """
 
 import sys
@@ -31,6 +33,9 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'latest',
                       "'latest', 'best' (by the run's best_metric) or a step number.")
   flags.DEFINE_integer('top_k', 5, 'Classes to print per image (1 or more).', lower_bound=1)
+  flags.DEFINE_enum('weights', 'trained', ('trained', 'ema'),
+                    "The trained weights, or their moving average ('ema', for a run trained "
+                    'with ema_decay).')
 
 
 def load_image(path: str, image_shape) -> np.ndarray:
@@ -52,6 +57,9 @@ def main(argv):
   if not paths:
     raise UserError('name at least one image file: python -m jaxcnn.predict --workdir DIR IMAGE...')
   run = restore_run(FLAGS.workdir, FLAGS.checkpoint)
+  if FLAGS.weights == 'ema' and run.state.ema_params is None:
+    raise UserError(f'the run in {FLAGS.workdir} keeps no moving average of its weights (it was '
+                    'trained with ema_decay 0); predict with --weights=trained')
   record = run.dataset
   images, readable, failed = [], [], 0
   for path in paths:
@@ -65,6 +73,8 @@ def main(argv):
   if images:
     predict = jax.jit(make_predict_step(run.experiment.model_def, run.experiment.preprocess))
     state = run.experiment.strategy.fetch(run.state)
+    if FLAGS.weights == 'ema':
+      state = state.averaged()
     probabilities = np.asarray(predict(state, np.stack(images)))
     top_k = min(FLAGS.top_k, record.num_classes)
     for path, probs in zip(readable, probabilities):

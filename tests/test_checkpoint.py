@@ -525,6 +525,39 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
 
 
+def test_predict_with_the_moving_average_of_the_weights(fake_tfds, tmp_path):
+  from jaxcnn.predict import load_image  # pylint: disable=g-import-not-at-top
+  from jaxcnn.train_step import make_predict_step  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8, ema_decay=0.9), str(workdir))
+  paths, _ = _write_digit_images(str(tmp_path), 2)
+  command = [sys.executable, '-m', 'jaxcnn.predict', f'--workdir={workdir}', '--top_k=1', *paths]
+  printed = {}
+  for weights in ('trained', 'ema'):
+    result = subprocess.run([*command, f'--weights={weights}'], cwd=REPO_ROOT,
+                            env=environment(tmp_path), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed[weights] = result.stdout.splitlines()
+  # The average's probabilities, computed here from the checkpoint: what --weights=ema printed.
+  run = restore_run(str(workdir))
+  state = run.experiment.strategy.fetch(run.state).averaged()
+  images = np.stack([load_image(path, run.dataset.image_shape) for path in paths])
+  probabilities = np.asarray(jax.jit(make_predict_step(
+      run.experiment.model_def, run.experiment.preprocess))(state, images))
+  for line, probs in zip(printed['ema'], probabilities):
+    assert line.endswith(f'({probs.max():.4f})'), line
+  assert printed['ema'] != printed['trained']
+  plain = tmp_path / 'plain'
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(plain))
+  result = subprocess.run([*command, f'--workdir={plain}', '--weights=ema'], cwd=REPO_ROOT,
+                          env=environment(tmp_path), capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert (result.returncode, result.stderr) == (2, (
+      f'error: the run in {plain} keeps no moving average of its weights (it was trained with '
+      'ema_decay 0); predict with --weights=trained\n'))
+
+
 def test_per_class_lines_name_what_each_class_is_most_often_taken_for():
   from jaxcnn.evaluate import describe_classes  # pylint: disable=g-import-not-at-top
   confusion = np.array([[8, 1, 1, 0], [1, 9, 0, 0], [0, 0, 0, 0], [0, 3, 5, 2]])
