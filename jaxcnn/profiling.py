@@ -15,6 +15,21 @@ from collections.abc import Callable
 import jax
 
 
+def _trace_options() -> jax.profiler.ProfileOptions:
+  """The device's work and XLA's host activity, without Python's function calls.
+
+  JAX's Python tracer installs itself in every thread of the process as the trace starts and
+  stops, which races with threads that end meanwhile (an asynchronous checkpoint's, a data
+  worker's); CPython fixed that race in its own all-threads profiling only in 3.14.1
+  (gh-137400). It is the likely cause of the one segfault seen in a profiled test run (CPython
+  3.11, 2026-12-04). A profile of compiled train steps needs the device's timeline, and a crash
+  would cost the run.
+  """
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  return options
+
+
 class ProfileWindow:
   """Starts and stops one `jax.profiler` trace around the train calls of the chosen steps.
 
@@ -34,7 +49,7 @@ class ProfileWindow:
   def before_call(self, step: int) -> None:
     """Called before the train call that starts at `step`."""
     if not self.done and self.first_step is None and step >= self.start_step:
-      jax.profiler.start_trace(self.log_dir)
+      jax.profiler.start_trace(self.log_dir, profiler_options=_trace_options())
       self.first_step = step
 
   def after_call(self, step: int, state) -> float:
