@@ -6,8 +6,10 @@ import jax
 from jaxcnn.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'adamw', 'lamb', 'lars', 'momentum', 'nesterov', 'sgd')
-# Those that apply weight_decay themselves; the others get it as an L2 term of the gradient.
-OWN_WEIGHT_DECAY = ('adamw', 'lamb', 'lars')
+# Those whose weight decay is decoupled from the gradient, and those that apply weight_decay
+# themselves (LARS before its trust ratio); the others get it as an L2 term of the gradient.
+DECOUPLED_WEIGHT_DECAY = ('adamw', 'lamb')
+OWN_WEIGHT_DECAY = DECOUPLED_WEIGHT_DECAY + ('lars',)
 SCHEDULES = ('constant', 'cosine', 'linear', 'onecycle', 'step')
 
 

@@ -158,11 +158,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
     print(f'warning: warmup_epochs={config.warmup_epochs:g} is {warmup} steps, as long as the '
           f'run ({total_steps} steps) or longer: the learning rate rises over the whole run and '
           'reaches learning_rate at its last step', file=sys.stderr, flush=True)
-  if (training and config.optimizer not in ('adamw', 'lamb')
-      and config.weight_decay >= L2_WARNING_THRESHOLD
-      and jax.process_index() == 0):
-    # Typically a config written for AdamW (configs/mnist.py's 0.05) run with another optimizer.
-    # LAMB's decay is decoupled too; LARS adds its decay to the gradient, as an L2 penalty.
+  if (training and config.optimizer not in optim.DECOUPLED_WEIGHT_DECAY
+      and config.weight_decay >= L2_WARNING_THRESHOLD and jax.process_index() == 0):
+    # Typically a config written for AdamW (configs/mnist.py's 0.05) run with another optimizer;
+    # LARS adds its decay to the gradient, as an L2 penalty.
     print(f'warning: weight_decay={config.weight_decay:g} with optimizer {config.optimizer!r} is '
           f'an L2 penalty, {config.weight_decay / 5e-4:g}x the usual 5e-4; values like it are '
           "AdamW's decoupled decay (optimizer 'adamw'), which scales with the learning rate",
@@ -427,8 +426,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     num_saves = meta.get('saves', 0)  # 0 from a jaxcnn that did not record the count.
     print(f'resuming from the checkpoint at step {step} ({_describe_position(meta["data"])})'
           + (f' with changed config: {changes}' if changes else ''), flush=True)
-    source_change = workdir_lib.changed_model_source(workdir, model_source)
-    if source_change and is_chief:
+    source_change = is_chief and workdir_lib.changed_model_source(workdir, model_source)
+    if source_change:
       print(source_change, file=sys.stderr, flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
   # `evaluate` and `predict` rebuild the model from. Metrics logged after the checkpoint (all of

@@ -102,7 +102,7 @@ def model_arguments(name: str) -> dict[str, object] | None:
   parameters = _parameters(constructor)
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
     return None
-  bound = set(constructor.keywords) if isinstance(constructor, functools.partial) else set()
+  bound = _bound_keywords(constructor)
   return {p.name: p.default for p in parameters
           if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
           and p.name not in PASSED_ARGUMENTS and p.name not in bound}
@@ -303,6 +303,11 @@ def _parameters(constructor: Callable[..., object]) -> list[inspect.Parameter]:
   return list(inspect.signature(constructor).parameters.values())[bound:]
 
 
+def _bound_keywords(constructor: Callable[..., object]) -> set[str]:
+  """The keyword arguments a partial binds (which may still be given again); none otherwise."""
+  return set(constructor.keywords) if isinstance(constructor, functools.partial) else set()
+
+
 def _required(parameters: list[inspect.Parameter]) -> list[str]:
   """The names of `parameters` that have no default."""
   return [p.name for p in parameters if p.default is inspect.Parameter.empty
@@ -311,7 +316,7 @@ def _required(parameters: list[inspect.Parameter]) -> list[str]:
 
 def _check_constructor(name: str, constructor: Callable[..., object], passed: list[str]) -> None:
   """Refuses a user model whose constructor requires arguments that jaxcnn does not pass."""
-  bound = set(constructor.keywords) if isinstance(constructor, functools.partial) else set()
+  bound = _bound_keywords(constructor)
   missing = [p for p in _required(_parameters(constructor)) if p not in passed and p not in bound]
   if missing:
     raise ConfigError(
