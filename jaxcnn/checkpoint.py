@@ -23,12 +23,14 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxcnn.errors import ConfigError, JaxcnnError
+from jaxcnn import config as config_lib
+from jaxcnn.errors import ConfigError, JaxcnnError, UserError
 
 CHECKPOINT_DIR = 'checkpoints'
 # Where damaged checkpoints are moved, beside CHECKPOINT_DIR: kept for inspection, never restored.
@@ -52,14 +54,8 @@ def _path_names(path) -> tuple[str, ...]:
 
 def to_nested_dict(tree) -> dict:
   """A nested dict of the pytree's leaves, keyed by the names along each leaf's path."""
-  nested: dict = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    *parents, name = _path_names(path)
-    node = nested
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = leaf
-  return nested
+  return nest({'.'.join(_path_names(path)): leaf
+               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]})
 
 
 def from_nested_dict(template, nested: Mapping):
@@ -74,15 +70,28 @@ def from_nested_dict(template, nested: Mapping):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _flat_shapes(nested: Mapping, prefix: str = '') -> dict[str, tuple]:
-  shapes = {}
+def flat_leaves(nested: Mapping, prefix: str = '') -> dict:
+  """The leaves of a nested dict, keyed by dotted path."""
+  leaves = {}
   for name, value in nested.items():
     path = f'{prefix}{name}'
     if isinstance(value, Mapping):
-      shapes.update(_flat_shapes(value, path + '.'))
+      leaves.update(flat_leaves(value, path + '.'))
     else:
-      shapes[path] = tuple(value.shape)
-  return shapes
+      leaves[path] = value
+  return leaves
+
+
+def nest(flat: Mapping[str, object]) -> dict:
+  """The inverse of `flat_leaves`: a nested dict of the values keyed by dotted path."""
+  nested: dict = {}
+  for path, value in flat.items():
+    *parents, name = path.split('.')
+    node = nested
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = value
+  return nested
 
 
 # ---------------------------------------------------------------- Checksums
@@ -209,6 +218,12 @@ def damaged_for_any_process(step: int, error: CheckpointError | None) -> Checkpo
   return error
 
 
+def holds_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint (complete or not), from which a run there resumes."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
@@ -284,6 +299,78 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored['meta'])
 
+  def step_named(self, name: str, option: str) -> int:
+    """The step of the checkpoint that `name` ('latest', 'best' or a step number) names.
+
+    Raises a UserError, which names `option` (how the user gave `name`), when there is no such
+    checkpoint.
+    """
+    steps = self.steps()
+    if not steps:
+      raise UserError(f'{os.path.dirname(self.directory)} has no checkpoint yet')
+    if name == 'latest':
+      return steps[-1]
+    if name == 'best':
+      step = self.best_step()
+      if step is None:
+        raise UserError(f'no checkpoint in {self.directory} was saved with {self.best_metric}; '
+                        f'use {option}=latest')
+      return step
+    if name.isdigit() and int(name) in steps:
+      return int(name)
+    raise UserError(f"{option}={name!r} is not 'latest', 'best' or one of the steps saved in "
+                    f'{self.directory}: {", ".join(map(str, steps))}')
+
+  def saved_arrays(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shape and dtype of every array of checkpoint `step`, keyed by dotted path
+    (`state.params.conv1.kernel`), from its metadata alone.
+
+    Raises:
+      CheckpointError: the metadata cannot be read (a damaged checkpoint).
+    """
+    try:
+      leaves = flat_leaves(self._manager.item_metadata(step)['state'].tree)
+      return {path: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+              for path, leaf in leaves.items()}
+    except Exception as e:  # pylint: disable=broad-except  (unreadable metadata means damage)
+      raise CheckpointError(f'checkpoint {step} has unreadable metadata: {type(e).__name__}: '
+                            f'{_short(str(e))}') from e
+
+  def read_arrays(self, step: int, wanted: Mapping[str, jax.ShapeDtypeStruct]
+                  ) -> dict[str, np.ndarray]:
+    """Some arrays of checkpoint `step`, keyed by dotted path as `saved_arrays` gives them, read
+    into host memory on every process and checked against their checksums.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read or fails its checksums.
+    """
+    abstract = nest({path: jax.ShapeDtypeStruct(array.shape, array.dtype)
+                     for path, array in wanted.items()})
+    # The manager's own handler restores whole trees only; this one reads what it is given.
+    reader = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(create=False,
+                                                             cleanup_tmp_directories=False),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+    _ignore_failed_read_leftovers()
+    try:
+      restored = reader.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means damage)
+      logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # As in `restore`.
+      raise CheckpointError(f'checkpoint {step} cannot be read: {type(e).__name__}: '
+                            f'{_short(str(e))}') from e
+    finally:
+      reader.close()
+    arrays = {path: np.asarray(value) for path, value in flat_leaves(restored['state']).items()}
+    saved_sums = restored['meta'].get('checksums', {})
+    if any(saved_sums.get(path) != sums for path, sums in checksums(nest(arrays)).items()):
+      raise CheckpointError(f'checkpoint {step} does not match its checksums')
+    return arrays
+
   def check_compatible(self, step: int, template) -> None:
     """Raises a StateMismatch naming the first array whose shape differs from `template`'s, or a
     CheckpointError if the checkpoint's metadata cannot be read (a damaged checkpoint).
@@ -291,12 +378,9 @@ class Checkpointer:
     Parameters are compared first, so the message names the layer that changed rather than its
     optimizer moments.
     """
-    try:
-      saved = _flat_shapes(self._manager.item_metadata(step)['state'].tree)
-    except Exception as e:  # pylint: disable=broad-except  (unreadable metadata means damage)
-      raise CheckpointError(f'checkpoint {step} has unreadable metadata: {type(e).__name__}: '
-                            f'{_short(str(e))}') from e
-    wanted = _flat_shapes(to_nested_dict(template))
+    saved = {path: array.shape for path, array in self.saved_arrays(step).items()}
+    wanted = {path: tuple(leaf.shape)
+              for path, leaf in flat_leaves(to_nested_dict(template)).items()}
     for path in sorted(set(saved) | set(wanted), key=lambda p: ('.params.' not in f'.{p}', p)):
       if saved.get(path) == wanted.get(path):
         continue
@@ -400,3 +484,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
     self._closed = True
+
+
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
+                      reading_only: bool = False) -> Checkpointer:
+  """The checkpoint manager of a run, with the config's retention and saving options."""
+  return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
+                      best_metric=config.best_metric,
+                      best_mode=config_lib.metric_direction(config.best_metric),
+                      async_save=config.async_checkpointing, reading_only=reading_only)

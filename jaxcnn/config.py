@@ -20,6 +20,7 @@ from jaxcnn import models, optim, parallel
 from jaxcnn.errors import ConfigError
 
 PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
+WEIGHTS = ('trained', 'ema')  # A run's trained weights, or their moving average.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,6 +59,13 @@ def default_config() -> ml_collections.ConfigDict:
   # say, as --config.model_kwargs="{'widths': (32, 64, 128)}" (models.model_arguments lists them).
   config.model_kwargs = ml_collections.ConfigDict()
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # Fine-tuning: a new run starts from the weights of another run's checkpoint instead of random
+  # ones (jaxcnn/warm_start.py); arrays of another shape, such as a head for another number of
+  # classes, keep their random start. A run that resumes reads its own checkpoint instead.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.workdir = config_dict.placeholder(str)  # That run's workdir; None: off.
+  config.init_from.checkpoint = 'best'  # 'best' (by that run's best_metric), 'latest' or a step.
+  config.init_from.weights = 'trained'  # 'trained', or 'ema': that run's moving average.
 
   # Optimisation.
   config.batch_size = 128  # Global batch size, over all devices.
@@ -306,6 +314,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key 'best_mode' ({config.best_mode!r}) would keep the checkpoints "
                       f"with the {highest} {config.best_metric} as the best; use "
                       f"'{direction}' or 'auto'")
+  checkpoint = config.init_from.checkpoint
+  _require(config, 'init_from.checkpoint', isinstance(checkpoint, str)
+           and (checkpoint in ('best', 'latest') or checkpoint.isdigit()),
+           "'best', 'latest' or a step number")
+  _require(config, 'init_from.weights', config.init_from.weights in WEIGHTS,
+           f'one of {", ".join(WEIGHTS)}')
   _require(config, 'async_checkpointing', isinstance(config.async_checkpointing, bool),
            'true or false')
   for key in ('num_train_steps', 'eval_every_steps', 'steps_per_call', 'num_devices',

@@ -18,6 +18,7 @@ from absl import flags
 from PIL import Image
 
 from jaxcnn import cli
+from jaxcnn.config import WEIGHTS
 from jaxcnn.data.image_ops import resize_and_center_crop, to_uint8
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
@@ -33,7 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'latest',
                       "'latest', 'best' (by the run's best_metric) or a step number.")
   flags.DEFINE_integer('top_k', 5, 'Classes to print per image (1 or more).', lower_bound=1)
-  flags.DEFINE_enum('weights', 'trained', ('trained', 'ema'),
+  flags.DEFINE_enum('weights', 'trained', WEIGHTS,
                     "The trained weights, or their moving average ('ema', for a run trained "
                     'with ema_decay).')
 

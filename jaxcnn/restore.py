@@ -11,9 +11,9 @@ import jax
 
 from jaxcnn import models, parallel
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.checkpoint import CheckpointError, StateMismatch
+from jaxcnn.checkpoint import CheckpointError, StateMismatch, make_checkpointer
 from jaxcnn.errors import UserError
-from jaxcnn.trainer import Experiment, build_experiment, make_checkpointer
+from jaxcnn.trainer import Experiment, build_experiment
 
 
 @dataclasses.dataclass
@@ -48,23 +48,13 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   try:  # Closed on every path: an open manager's threads fail noisily at interpreter exit.
     template = {'state': state, 'train_sums': experiment.zero_train_sums()}
     sharding = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
-    steps = checkpointer.steps()
-    if not steps:
+    if not checkpointer.steps():
       raise UserError(f'{workdir} has no checkpoint yet')
     if checkpoint == 'latest':
       # Reading only: damaged checkpoints stay where they are, for the run itself to deal with.
       restored = checkpointer.restore_latest_good(template, sharding, set_aside_damaged=False)
     else:
-      if checkpoint == 'best':
-        step = checkpointer.best_step()
-        if step is None:
-          raise UserError(f'no checkpoint in {checkpointer.directory} was saved with '
-                          f'{config.best_metric}; use --checkpoint=latest')
-      elif checkpoint.isdigit() and int(checkpoint) in steps:
-        step = int(checkpoint)
-      else:
-        raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or one of the saved "
-                        f'steps: {", ".join(map(str, steps))}')
+      step = checkpointer.step_named(checkpoint, '--checkpoint')
       try:  # A damaged checkpoint (unreadable metadata or arrays) is the user's to know about.
         checkpointer.check_compatible(step, template)
         restored = checkpointer.restore(step, template, sharding)

@@ -79,7 +79,14 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
   With `ema`, the state also holds moving averages of the weights, starting at the weights.
   """
   graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return (ModelDef(graphdef=graphdef, rng_state=rng_state),
+          initial_train_state(tx, params, model_state, ema=ema))
 
+
+def initial_train_state(tx: optax.GradientTransformation, params: nnx.State,
+                        model_state: nnx.State, ema: bool = False) -> TrainState:
+  """The state at step 0 with these weights: the optimizer's state initialised for them and,
+  with `ema`, moving averages starting at them."""
   def initial_state(params: nnx.State, model_state: nnx.State) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params))
@@ -90,7 +97,7 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
   if ema:  # Copies with buffers of their own: the train step donates every buffer of the state.
     state = state.replace(ema_params=jax.tree.map(_average_start, params),
                           ema_model_state=jax.tree.map(_average_start, model_state))
-  return ModelDef(graphdef=graphdef, rng_state=rng_state), state
+  return state
 
 
 def _average_start(value: jax.Array) -> jax.Array:

@@ -23,9 +23,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
-from jaxcnn import caches, feeds, models, optim, parallel, profiling, xla_options
+from jaxcnn import caches, checkpoint, feeds, models, optim, parallel, profiling, warm_start
+from jaxcnn import xla_options
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.checkpoint import Checkpointer, StateMismatch
+from jaxcnn.checkpoint import StateMismatch, make_checkpointer
 from jaxcnn.data import pipeline
 from jaxcnn.data.augment import Preprocessor
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
@@ -350,6 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   new_workdir = workdir is None
   workdir = workdir or workdir_lib.new_workdir(config.dataset, config.model)
   try:
+    # A new run that starts from another's weights finds them before it writes anything; a run
+    # that resumes reads its own checkpoint instead.
+    source = (warm_start.find_source(config)
+              if config.init_from.workdir and not checkpoint.holds_checkpoints(workdir) else None)
     workdir_lib.make_workdir(workdir)
     workdir_lib.check_can_hold_run(workdir)
     # From here on a signal asks the run to stop where it can: before training begins, or after
@@ -357,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     with (_StopRequests() as stop_requests,
           workdir_lib.in_use(workdir, enabled=jax.process_index() == 0),
           contextlib.ExitStack() as resources):
-      return _train(config, workdir, strategy, stop_requests, resources)
+      return _train(config, workdir, strategy, stop_requests, resources, source)
   except KeyboardInterrupt:  # A second Ctrl-C: stop at once.
     raise TrainingInterrupted(
         f'stopped at once by a second SIGINT, without saving; {workdir} resumes from its latest '
@@ -368,8 +373,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.Strategy,
-           stop_requests: _StopRequests, resources: contextlib.ExitStack) -> dict:
-  """The run itself, from data to final metrics (see `train_and_evaluate`).
+           stop_requests: _StopRequests, resources: contextlib.ExitStack,
+           source: warm_start.Source | None) -> dict:
+  """The run itself, from data to final metrics (see `train_and_evaluate`); a new run starts
+  from the weights of `source`, if given.
 
   What needs closing (Grain's workers, the checkpoint manager, the metric writer, the progress
   bar) goes on `resources`, which closes it however the run ends: finished, stopped, diverged or
@@ -429,6 +436,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
     source_change = is_chief and workdir_lib.changed_model_source(workdir, model_source)
     if source_change:
       print(source_change, file=sys.stderr, flush=True)
+  elif config.init_from.workdir:
+    source = source or warm_start.find_source(config)
+    state, warm_start_record = warm_start.start_from(source, state, experiment.tx, strategy)
+    if is_chief:
+      warm_start.write_record(workdir, warm_start_record)
+      line = warm_start.describe(source, warm_start_record)
+      print(line, file=sys.stderr if line.startswith('warning') else sys.stdout, flush=True)
   # Written only now that the run goes ahead: a refused resume leaves the run's own record, which
   # `evaluate` and `predict` rebuild the model from. Metrics logged after the checkpoint (all of
   # them, for a run killed before its first one) are logged again.
@@ -637,15 +651,6 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
   if kwargs_before != kwargs_now and (only is None or 'model_kwargs' in only):
     changes.append(f'model_kwargs {kwargs_before} -> {kwargs_now}')
   return ', '.join(changes)
-
-
-def make_checkpointer(config: ml_collections.ConfigDict, workdir: str,
-                      reading_only: bool = False) -> Checkpointer:
-  """The checkpoint manager of a run, with the config's retention and saving options."""
-  return Checkpointer(workdir, keep_last=config.keep_checkpoints, keep_best=config.keep_best,
-                      best_metric=config.best_metric,
-                      best_mode=config_lib.metric_direction(config.best_metric),
-                      async_save=config.async_checkpointing, reading_only=reading_only)
 
 
 def _describe_position(position: dict) -> str:

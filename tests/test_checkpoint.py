@@ -19,7 +19,7 @@ from PIL import Image
 
 from jaxcnn import trainer
 from jaxcnn import workdir as workdir_lib
-from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint
+from jaxcnn.checkpoint import CHECKPOINT_DIR, Checkpointer, NoGoodCheckpoint, make_checkpointer
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from jaxcnn.metrics import read_metrics
 from jaxcnn.restore import restore_run
@@ -255,7 +255,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_p
                                                                 capfd):
   config = tiny_config(num_train_steps=24, checkpoint_every_steps=8)
   trainer.train_and_evaluate(config, str(tmp_path))
-  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  checkpointer = make_checkpointer(config, str(tmp_path))
   assert checkpointer.steps() == [8, 16, 24]
   checkpointer.close()
   damage(os.path.join(checkpointer.directory, '24', 'state'))
@@ -269,7 +269,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(fake_tfds, tmp_p
   assert result['step'] == 32
   # The damaged 24 was set aside, so the resumed run saved its own step 24 again, intact.
   assert os.listdir(tmp_path / 'checkpoints-damaged') == ['24']
-  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  checkpointer = make_checkpointer(config, str(tmp_path))
   assert checkpointer.steps() == [16, 24, 32]
   assert checkpointer.read_meta(24)['step'] == 24
   checkpointer.close()
@@ -390,12 +390,12 @@ def test_retention_in_a_run_follows_the_eval_metric(fake_tfds, tmp_path):
   losses = {r['step']: r['test/loss'] for r in read_metrics(str(tmp_path)) if 'test/loss' in r}
   assert sorted(losses) == [8, 16, 24, 32, 40, 48]
   best = min(losses, key=losses.get)
-  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  checkpointer = make_checkpointer(config, str(tmp_path))
   assert checkpointer.steps() == sorted({best, 48})
   assert checkpointer.best_step() == best
   checkpointer.close()
   # A lowest loss early in a run is kept by it alone: the last checkpoint is another.
-  checkpointer = trainer.make_checkpointer(config, str(tmp_path / 'early'))
+  checkpointer = make_checkpointer(config, str(tmp_path / 'early'))
   for step, loss in {8: 0.5, 16: 0.2, 24: 0.4, 32: 0.6}.items():
     checkpointer.save(step, {'w': jnp.full((2,), step, jnp.float32)}, meta={},
                       metrics={'test/loss': loss})
@@ -459,7 +459,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(fake_tf
   message = str(error.value)
   bad_step = int(message.split('not finite at step ')[1].split(',')[0])
   assert 9 <= bad_step < 200  # Counted as metrics count steps: step 9 is the first after 8.
-  checkpointer = trainer.make_checkpointer(config, str(tmp_path))
+  checkpointer = make_checkpointer(config, str(tmp_path))
   latest = checkpointer.latest_step()
   checkpointer.close()
   assert f'The last good checkpoint is step {latest} in' in message

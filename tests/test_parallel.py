@@ -218,7 +218,9 @@ def run_two_processes(tmp_path, workdir, flags, body):
 # shard_map share the mesh and how streamed batches are fed to it, so jit takes data held on two
 # devices of each process, and shard_map streamed data and one device of each process.
 @pytest.mark.parametrize('strategy, overrides', [
-    ('jit', {}), ('pmap', {}),
+    # Both runs start from the weights of another run (SOURCE, trained in the test), which every
+    # process reads for itself.
+    ('jit', {'init_from.workdir': 'SOURCE'}), ('pmap', {}),
     # Streamed, each process reads its share of every batch; micro-batches and Mixup pair rows
     # of the global batch, which must be the same examples however many processes read them,
     # here inside shard_map's per-device step.
@@ -232,6 +234,9 @@ def run_two_processes(tmp_path, workdir, flags, body):
 ])
 def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_path, strategy,
                                                                 overrides):
+  if overrides.get('init_from.workdir') == 'SOURCE':
+    source = run(tmp_path, 'source', num_train_steps=12)['workdir']
+    overrides = {**overrides, 'init_from.workdir': source}
   reference = run(tmp_path, 'one', parallel=strategy, **{'num_devices': 4, **overrides})
   workdir = tmp_path / 'multi'
 
@@ -243,6 +248,9 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(fake_tfds, tmp_p
   flags = [f'--config.parallel={strategy}',
            *[f'--config.{key}={value}' for key, value in overrides.items()]]
   run_two_processes(tmp_path, workdir, flags, wait_for_both)
+  if 'init_from.workdir' in overrides:
+    assert (workdir / 'init_from.json').read_text() == (tmp_path / 'one' /
+                                                         'init_from.json').read_text()
   records = read_metrics(str(workdir))
   # Only process 0 wrote metrics: one record per log step, not two.
   assert [r['step'] for r in records if 'train/loss' in r] == [8, 12, 16, 24]
