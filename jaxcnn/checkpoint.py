@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from jaxcnn import config as config_lib
+from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError, JaxcnnError, UserError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -39,22 +40,9 @@ DAMAGED_DIR = 'checkpoints-damaged'
 
 # ---------------------------------------------------------------- Pytrees <-> nested dicts
 
-def _key_name(key) -> str:
-  for attribute in ('key', 'name', 'idx'):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
-def _path_names(path) -> tuple[str, ...]:
-  # NNX variables appear as a trailing `.value`; it says nothing about the parameter.
-  names = tuple(_key_name(k) for k in path)
-  return names[:-1] if names and names[-1] == 'value' else names
-
-
 def to_nested_dict(tree) -> dict:
   """A nested dict of the pytree's leaves, keyed by the names along each leaf's path."""
-  return nest({'.'.join(_path_names(path)): leaf
+  return nest({tree_paths.dotted(path): leaf
                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]})
 
 
@@ -64,7 +52,7 @@ def from_nested_dict(template, nested: Mapping):
   leaves = []
   for path, _ in leaves_with_paths:
     node = nested
-    for name in _path_names(path):
+    for name in tree_paths.path_names(path):
       node = node[name]
     leaves.append(node)
   return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -115,7 +103,7 @@ def _checksums(tree):
 def checksums(nested: Mapping) -> dict[str, list[int]]:
   """Checksums of every array of a nested dict, keyed by dotted path (JSON-friendly)."""
   sums = jax.tree_util.tree_flatten_with_path(_checksums(nested))[0]
-  return {'.'.join(_key_name(k) for k in path): [int(v) for v in np.asarray(
+  return {'.'.join(tree_paths.key_name(k) for k in path): [int(v) for v in np.asarray(
       value.addressable_shards[0].data)] for path, value in sums}
 
 

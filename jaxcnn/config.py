@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import numbers
+import re
 import sys
 
 import ml_collections
@@ -85,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.grad_accum_steps = 1  # Micro-batches per optimizer step (each batch_size / this).
   config.ema_decay = 0.0  # Moving average of the weights, evaluated alongside them; 0: off.
+  # Parameters that training leaves as they are: a regular expression searched in each one's
+  # path (r'stages\.0\.', or r'^(?!fc2\.)' to train bn_cnn's head alone); '': none.
+  config.frozen = ''
   config.seed = 0
 
   # Evaluation, logging and execution.
@@ -314,6 +318,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key 'best_mode' ({config.best_mode!r}) would keep the checkpoints "
                       f"with the {highest} {config.best_metric} as the best; use "
                       f"'{direction}' or 'auto'")
+  check_frozen(config)
   checkpoint = config.init_from.checkpoint
   _require(config, 'init_from.checkpoint', isinstance(checkpoint, str)
            and (checkpoint in ('best', 'latest') or checkpoint.isdigit()),
@@ -357,6 +362,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.pad_mode', config.augment.pad_mode in PAD_MODES,
            f'one of {", ".join(PAD_MODES)}')
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
+
+
+def check_frozen(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError when the `frozen` key is not a regular expression."""
+  _require(config, 'frozen', isinstance(config.frozen, str), 'a regular expression')
+  try:
+    re.compile(config.frozen)
+  except re.error as e:
+    raise ConfigError(f"config key 'frozen' ({config.frozen!r}) is not a regular expression: "
+                      f'{e}') from None
 
 
 def metric_direction(metric: str) -> str:

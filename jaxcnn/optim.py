@@ -1,8 +1,12 @@
 """Optax optimizers and learning-rate schedules from the config."""
 
-import optax
-import jax
+import re
 
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'adamw', 'lamb', 'lars', 'momentum', 'nesterov', 'sgd')
@@ -83,7 +87,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optimizer named by `config.optimizer`, with its schedule, weight decay and clipping.
+  """The optimizer named by `config.optimizer`, with its schedule, weight decay and clipping,
+  for every parameter but those that `config.frozen` matches, which never move.
 
   `adamw` decays weights decoupled from the gradient (Loshchilov & Hutter). The layer-wise
   adaptive optimizers for large batches scale each kernel's step by a trust ratio, the ratio of
@@ -118,4 +123,38 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Grad
                             mask=_decay_mask))
   else:
     raise ConfigError(f'unknown optimizer {name!r}; choose one of: {", ".join(OPTIMIZERS)}')
-  return optax.chain(*chain) if len(chain) > 1 else chain[0]
+  tx = optax.chain(*chain) if len(chain) > 1 else chain[0]
+  if not config.frozen:
+    return tx
+  # The optimizer sees the other parameters alone: its clipping norm, trust ratios and moments
+  # are theirs, and frozen parameters keep no optimizer state.
+  is_frozen = _frozen_test(config.frozen)
+  return optax.multi_transform(
+      {'trained': tx, 'frozen': optax.set_to_zero()},
+      lambda params: jax.tree_util.tree_map_with_path(
+          lambda path, _: 'frozen' if is_frozen(path) else 'trained', params))
+
+
+def without_frozen(grads, pattern: str):
+  """`grads` with zeros for the parameters that `pattern` freezes.
+
+  The zeros are constants: nothing computed for those gradients is used any more, so XLA leaves
+  out the backward pass through the layers below the lowest trained one.
+  """
+  is_frozen = _frozen_test(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, grad: jnp.zeros_like(grad) if is_frozen(path) else grad, grads)
+
+
+def frozen_parameters(params, pattern: str) -> list[str]:
+  """The paths of the parameters that the `frozen` regular expression `pattern` matches."""
+  is_frozen = _frozen_test(pattern)
+  return [tree_paths.dotted(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+          if is_frozen(path)]
+
+
+def _frozen_test(pattern: str):
+  """Whether a parameter, given by its key path, is one that the regular expression `pattern`
+  (searched in its dotted name) freezes."""
+  regex = re.compile(pattern)
+  return lambda path: regex.search(tree_paths.dotted(path)) is not None

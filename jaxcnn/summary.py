@@ -13,17 +13,19 @@ classes otherwise. With --config the model and the dataset's image shape (at the
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
 override them (MODEL and a --config.model override may not name different models), and the
 config's `model_kwargs` (--config.model_kwargs="{'widths': (32, 64)}") build its model. The last
-line is the total, `total: 25,557,032 parameters`.
+line is the total, `total: 25,557,032 parameters`; the parameters that the config's `frozen`
+pattern matches are marked `frozen`, and counted in that line, so that a pattern can be checked
+before a run.
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxcnn import cli, models
+from jaxcnn import cli, models, optim
 from jaxcnn import config as config_lib
 from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
@@ -67,15 +69,21 @@ def parameter_rows(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int]]:
   return rows
 
 
-def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]]) -> str:
-  """The rows as aligned columns with a header, then `total: N parameters`."""
+def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]],
+                 frozen: Collection[str] = ()) -> str:
+  """The rows as aligned columns with a header, then `total: N parameters`. The parameters
+  named in `frozen` are marked as such, and counted in the total line."""
   cells = [(path, str(shape), f'{count:,}') for path, shape, count in rows]
   widths = [max([len(header)] + [len(cell[i]) for cell in cells])
             for i, header in enumerate(('parameter', 'shape', 'count'))]
+  mark = lambda path: '  frozen' if path in frozen else ''
   lines = [f"{'parameter':<{widths[0]}}  {'shape':<{widths[1]}}  {'count':>{widths[2]}}"]
-  lines += [f'{path:<{widths[0]}}  {shape:<{widths[1]}}  {count:>{widths[2]}}'
+  lines += [f'{path:<{widths[0]}}  {shape:<{widths[1]}}  {count:>{widths[2]}}{mark(path)}'
             for path, shape, count in cells]
-  lines.append(f'total: {sum(count for _, _, count in rows):,} parameters')
+  total = f'total: {sum(count for _, _, count in rows):,} parameters'
+  if frozen:
+    total += f', {sum(count for path, _, count in rows if path in frozen):,} of them frozen'
+  lines.append(total)
   return '\n'.join(lines)
 
 
@@ -105,14 +113,16 @@ def resolve(model: str | None, config, input_shape: str | None, num_classes: int
 
 
 def summarize(model: str, input_shape: Sequence[int], num_classes: int,
-              model_kwargs: Mapping[str, object] | None = None) -> str:
+              model_kwargs: Mapping[str, object] | None = None, frozen: str = '') -> str:
   """The parameter table of `model` (built with `model_kwargs`) for `input_shape` images and
-  `num_classes` classes."""
+  `num_classes` classes, with the parameters that the regular expression `frozen` (the config
+  key's) matches marked."""
   abstract = nnx.eval_shape(lambda: models.create_model(
       model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs))
   header = (f'{model}{models.describe_kwargs(model_kwargs or {})}: input '
             f'{",".join(map(str, input_shape))}, {num_classes} classes')
-  return header + '\n' + format_table(parameter_rows(abstract))
+  marked = optim.frozen_parameters(nnx.state(abstract, nnx.Param), frozen) if frozen else ()
+  return header + '\n' + format_table(parameter_rows(abstract), set(marked))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -125,8 +135,11 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   # The config's model_kwargs are arguments of its model, not of another MODEL.
   kwargs = config_lib.model_kwargs(config) if config is not None and name == config.model else {}
+  if config is not None:
+    config_lib.check_frozen(config)
+  frozen = config.frozen if config is not None else ''
   try:
-    print(summarize(name, shape, classes, kwargs))
+    print(summarize(name, shape, classes, kwargs, frozen))
   except models.ImagesTooSmall as e:
     raise e.with_flag('--input_shape' if _INPUT_SHAPE.value else '--config.image_size') from None
 

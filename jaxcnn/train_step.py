@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcnn import rng
+from jaxcnn import optim, rng
 from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import ModelDef, TrainState
 
@@ -35,6 +35,8 @@ class StepOptions:
     ema_decay: decay of the exponential moving average of the weights (0: no average).
     mixup_alpha: Beta(alpha, alpha) weight of Mixup (0: off).
     cutmix_alpha: Beta(alpha, alpha) weight of CutMix (0: off).
+    frozen: the regular expression of the parameters that never move ('': none), whose
+      gradients are then neither computed nor counted in the gradient's norm.
   """
   num_classes: int
   label_smoothing: float = 0.0
@@ -42,6 +44,7 @@ class StepOptions:
   ema_decay: float = 0.0
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
+  frozen: str = ''
 
 
 def init_train_sums() -> dict[str, np.ndarray]:
@@ -141,6 +144,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
       return loss, (logits, model_def.split_state(model)[1])
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if options.frozen:
+      grads = optim.without_frozen(grads, options.frozen)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return grads, new_model_state, loss, accuracy
 

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcnn import config as config_lib
 from jaxcnn import caches, checkpoint, feeds, models, optim, parallel, profiling, warm_start
-from jaxcnn import xla_options
+from jaxcnn import tree_paths, xla_options
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import StateMismatch, make_checkpointer
 from jaxcnn.data import pipeline
@@ -170,6 +170,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   if training and jax.process_index() == 0:
     for message in optim.unread_settings(config, config_lib.default_config()):
       print(f'warning: {message}', file=sys.stderr, flush=True)
+  if config.frozen:
+    _check_frozen(config, model, announce=training and jax.process_index() == 0)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'
@@ -182,7 +184,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                         mixup_alpha=config.augment.mixup_alpha,
-                        cutmix_alpha=config.augment.cutmix_alpha)
+                        cutmix_alpha=config.augment.cutmix_alpha, frozen=config.frozen)
   train_step = make_train_step(model_def, tx, preprocess, options, axis_name=strategy.axis_name)
   eval_step = make_eval_step(model_def, preprocess, num_classes=num_classes,
                              axis_name=strategy.axis_name, confusion_matrix=confusion_matrix)
@@ -216,6 +218,27 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
         f'{", ..." if len(local) > 3 else ""}): under {strategy.name} on {devices} '
         f'device{"s" if devices > 1 else ""} {why}. Accept axis_name in the '
         "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
+
+
+def _check_frozen(config: ml_collections.ConfigDict, model, announce: bool) -> None:
+  """Refuses a `frozen` pattern that matches no parameter of the model, or every one; with
+  `announce`, says what it freezes."""
+  params = nnx.state(model, nnx.Param)
+  sizes = {tree_paths.dotted(path): leaf.size
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  frozen = optim.frozen_parameters(params, config.frozen)
+  trained = sorted(set(sizes) - set(frozen))
+  listed = lambda names: ', '.join(names[:4]) + (', ...' if len(names) > 4 else '')
+  if not frozen:
+    raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches none of the parameters "
+                      f'of model {config.model!r}: {listed(sorted(sizes))}')
+  if not trained:
+    raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches every parameter of model "
+                      f'{config.model!r}: nothing would train')
+  if announce:
+    print(f'frozen: {len(frozen)} of {len(sizes)} parameter arrays '
+          f'({sum(sizes[name] for name in frozen):,} of {sum(sizes.values()):,} parameters); '
+          f'training {listed(trained)}', flush=True)
 
 
 def _path_name(path) -> str:
@@ -617,7 +640,7 @@ def _how_to_resume(mismatch: StateMismatch, workdir: str, config: ml_collections
 # model's (its inputs and classes included), the optimizer's state, and the moving average's.
 STATE_SHAPING_KEYS = ('dataset', 'image_folder', 'image_size', 'synthetic',
                       'synthetic_if_unprepared', 'model', 'model_kwargs', 'optimizer',
-                      'grad_clip_norm', 'weight_decay', 'ema_decay')
+                      'grad_clip_norm', 'weight_decay', 'ema_decay', 'frozen')
 
 
 def _config_changes(workdir: str, config: ml_collections.ConfigDict,
@@ -643,7 +666,8 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
             f'the run in {workdir} was trained with seed {before}, and its data order, '
             f'augmentation and dropout derive from it; resume with --config.seed={before}, or '
             'start a new --workdir for another seed')
-      changes.append(f'{key} {before} -> {now}')
+      shown = lambda value: f"'{value}'" if isinstance(value, str) else value  # '' visible.
+      changes.append(f'{key} {shown(before)} -> {shown(now)}')
   # The model's arguments are compared whole: an argument set on one side only is a change too,
   # where a key of jaxcnn's own that the record lacks is only newer than the run.
   kwargs_before = config_lib.model_kwargs(recorded_config)

@@ -120,6 +120,31 @@ def test_gradient_clipping_bounds_the_global_norm():
     np.testing.assert_allclose(updates['w'] / updates['w'][0], np.ones(4), rtol=1e-6)
 
 
+@pytest.mark.parametrize('name', ['sgd', 'adamw', 'lars'])
+def test_frozen_parameters_never_move_and_the_others_train_as_without_them(name):
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.ones(4)},
+            'head': {'kernel': jnp.ones((4, 10)), 'bias': jnp.ones(10)}}
+  grads = {'conv': {'kernel': jnp.full((3, 3, 1, 4), 5.0), 'bias': jnp.full(4, 5.0)},
+           'head': {'kernel': jnp.full((4, 10), 0.5), 'bias': jnp.full(10, 0.5)}}
+  settings = dict(optimizer=name, learning_rate=0.1, lr_schedule='constant', weight_decay=0.01,
+                  grad_clip_norm=1.0)
+  tx = optim.make_optimizer(tiny_config(frozen=r'^conv\.', **settings), 10, 10)
+  state = tx.init(params)
+  updates, _ = tx.update(grads, state, params)
+  # Neither the gradient nor the weight decay moves them.
+  for array in updates['conv'].values():
+    assert float(jnp.abs(array).max()) == 0
+  # The head trains as it would alone: the clipping norm is its gradient's, not the conv's too.
+  alone = optim.make_optimizer(tiny_config(**settings), 10, 10)
+  head_updates, _ = alone.update(grads['head'], alone.init(params['head']), params['head'])
+  for key in ('kernel', 'bias'):
+    np.testing.assert_allclose(updates['head'][key], head_updates[key], rtol=1e-6)
+  # Frozen parameters keep no optimizer state (moments, momentum).
+  state_sizes = sum(leaf.size for leaf in jax.tree.leaves(state))
+  assert state_sizes == sum(leaf.size for leaf in jax.tree.leaves(alone.init(params['head'])))
+  assert optim.frozen_parameters(params, r'^conv\.') == ['conv.bias', 'conv.kernel']
+
+
 def test_settings_the_optimizer_or_schedule_never_reads_are_named_when_changed():
   defaults = config_lib.default_config()
   config = config_lib.default_config()

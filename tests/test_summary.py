@@ -91,3 +91,17 @@ def test_an_image_folder_config_needs_no_folder():
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines()[0] == 'cifar_resnet20: input 48,48,3, 10 classes'
   assert result.stdout.splitlines()[-1] == 'total: 269,722 parameters'
+
+
+def test_a_configs_frozen_parameters_are_marked_so_a_pattern_is_checked_before_a_run():
+  result = run_summary('--config', 'configs/mnist.py', r'--config.frozen=^(?!fc2\.)')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  marked = {line.split()[0] for line in lines[2:-1] if line.endswith('  frozen')}
+  rows = {line.split()[0] for line in lines[2:-1]}
+  assert rows - marked == {'fc2.bias', 'fc2.kernel'}
+  assert lines[-1] == f'total: 98,554 parameters, {98_554 - 1_290:,} of them frozen'
+  result = run_summary('--config', 'configs/mnist.py', '--config.frozen=(')
+  assert (result.returncode, result.stderr) == (2, (
+      "error: config key 'frozen' ('(') is not a regular expression: missing ), unterminated "
+      'subpattern at position 0\n'))

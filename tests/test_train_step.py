@@ -9,13 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcnn import models, parallel, xla_options
+from jaxcnn import models, optim, parallel, xla_options
 from jaxcnn.data.augment import Preprocessor, mix_batch
 from jaxcnn.train_state import create_train_state
 from jaxcnn.train_step import (NO_STEP, StepOptions, ema_decay_at, make_eval_step,
                                make_predict_step, make_train_step)
 
-from conftest import learnable_images
+from conftest import learnable_images, tiny_config
 
 PREPROCESS = Preprocessor(mean=(100.0,), std=(80.0,))
 
@@ -72,6 +72,39 @@ def test_only_parameters_get_gradients_and_batchnorm_statistics_update():
   old_stats = jax.tree.leaves(state.model_state)
   new_stats = jax.tree.leaves(new_state.model_state)
   assert old_stats and any(not np.array_equal(a, b) for a, b in zip(old_stats, new_stats))
+
+
+def test_frozen_parameters_take_no_gradient_and_no_backward_pass_is_compiled_for_them():
+  head_only = r'^(?!fc2\.)'  # A linear probe.
+  data = batch()
+  steps, compiled = {}, {}
+  for frozen in ('', head_only):
+    model = models.create_model('bn_cnn', num_classes=10, input_shape=(28, 28, 1), seed=0)
+    tx = optim.make_optimizer(tiny_config(optimizer='sgd', learning_rate=0.1,
+                                          lr_schedule='constant', frozen=frozen), 10, 10)
+    model_def, state = create_train_state(model, tx)
+    step = jax.jit(make_train_step(model_def, tx, PREPROCESS,
+                                   StepOptions(num_classes=10, frozen=frozen)))
+    steps[frozen] = step(state, data, 0)
+    compiled[frozen] = step.lower(state, data, 0).compile().as_text()
+  (trained, _), (probed, metrics) = steps[''], steps[head_only]
+  flat = lambda tree: {jax.tree_util.keystr(path): np.asarray(value)
+                       for path, value in jax.tree_util.tree_leaves_with_path(tree)}
+  before, after, unfrozen = flat(state.params), flat(probed.params), flat(trained.params)
+  for path, value in before.items():
+    in_head = path.startswith("['fc2']")
+    assert np.array_equal(after[path], value) != in_head, path  # Only the head moved...
+    assert not np.array_equal(unfrozen[path], value), path  # ...where every array would have.
+
+  # The gradient's norm is the head's: computed here by hand, from the same normalised batch.
+  def loss(params):
+    logits = model_def.merge(params, state.model_state)(
+        (data['image'].astype(jnp.float32) - 100.0) / 80.0)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, data['label']).mean()
+  head_grad = jax.grad(loss)(state.params)['fc2']
+  np.testing.assert_allclose(metrics['grad_norm'], optax.tree.norm(head_grad), rtol=1e-5)
+  # Nothing below the head needs a gradient: XLA compiles no backward convolution.
+  assert compiled[head_only].count('convolution(') < compiled[''].count('convolution(')
 
 
 def test_same_seed_same_step_is_bitwise_identical():

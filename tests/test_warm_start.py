@@ -212,3 +212,38 @@ def test_weights_that_fail_their_checksums_or_do_not_read_are_refused(fake_tfds,
     with pytest.raises(UserError, match=re.escape(
         f"config key 'init_from.workdir' ({str(source)!r}): ") + expected):
       trainer.train_and_evaluate(config, str(tmp_path / f'new-{damage}'))
+
+
+def test_a_linear_probe_trains_the_head_alone_and_a_resume_must_keep_it(fake_tfds, source_run,
+                                                                        tmp_path, capsys):
+  config = tiny_config(model='bn_cnn', model_kwargs=BN_CNN, num_train_steps=4,
+                       eval_every_steps=4, learning_rate=0.01, frozen=r'^(?!fc2\.)')
+  config.init_from.workdir = str(source_run)
+  trainer.train_and_evaluate(config, str(tmp_path / 'probe'))
+  assert ('frozen: 8 of 10 parameter arrays (6,636 of 6,806 parameters); training fc2.bias, '
+          'fc2.kernel\n') in capsys.readouterr().out
+  started, probed = weights(source_run, 'best'), weights(tmp_path / 'probe')
+  for path, value in started.items():
+    if path.startswith('fc2.'):
+      assert not np.allclose(probed[path], value, atol=1e-4), path
+    elif not path.endswith(('mean', 'var')):  # BatchNorm statistics follow the data.
+      np.testing.assert_array_equal(probed[path], value, err_msg=path)
+  # The optimizer's state is the head's alone: a resume without the freeze is another state.
+  config.frozen, config.num_train_steps = '', 8
+  with pytest.raises(ConfigError, match=re.escape(
+      "this config changes frozen '^(?!fc2\\.)' -> '', which can shape the training state")):
+    trainer.train_and_evaluate(config, str(tmp_path / 'probe'))
+
+
+@pytest.mark.parametrize('pattern, message', [
+    ('(', "config key 'frozen' ('(') is not a regular expression: missing ), unterminated "
+     'subpattern at position 0'),
+    ('head', "config key 'frozen' ('head') matches none of the parameters of model 'lenet5': "
+     'conv1.bias, conv1.kernel, conv2.bias, conv2.kernel, ...'),
+    ('.', "config key 'frozen' ('.') matches every parameter of model 'lenet5': nothing would "
+     'train'),
+])
+def test_a_frozen_pattern_that_is_no_regex_or_freezes_nothing_or_everything_is_refused(
+    fake_tfds, tmp_path, pattern, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    trainer.train_and_evaluate(tiny_config(frozen=pattern), str(tmp_path))
