@@ -70,18 +70,18 @@ def parameter_rows(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int]]:
 
 
 def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]],
-                 frozen: Collection[str] = ()) -> str:
-  """The rows as aligned columns with a header, then `total: N parameters`. The parameters
-  named in `frozen` are marked as such, and counted in the total line."""
+                 frozen: Collection[str] | None = None) -> str:
+  """The rows as aligned columns with a header, then `total: N parameters`. Given `frozen`,
+  the parameters it names are marked as such and counted in the total line, even when none is."""
   cells = [(path, str(shape), f'{count:,}') for path, shape, count in rows]
   widths = [max([len(header)] + [len(cell[i]) for cell in cells])
             for i, header in enumerate(('parameter', 'shape', 'count'))]
-  mark = lambda path: '  frozen' if path in frozen else ''
+  mark = lambda path: '  frozen' if frozen is not None and path in frozen else ''
   lines = [f"{'parameter':<{widths[0]}}  {'shape':<{widths[1]}}  {'count':>{widths[2]}}"]
   lines += [f'{path:<{widths[0]}}  {shape:<{widths[1]}}  {count:>{widths[2]}}{mark(path)}'
             for path, shape, count in cells]
   total = f'total: {sum(count for _, _, count in rows):,} parameters'
-  if frozen:
+  if frozen is not None:
     total += f', {sum(count for path, _, count in rows if path in frozen):,} of them frozen'
   lines.append(total)
   return '\n'.join(lines)
@@ -121,8 +121,9 @@ def summarize(model: str, input_shape: Sequence[int], num_classes: int,
       model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs))
   header = (f'{model}{models.describe_kwargs(model_kwargs or {})}: input '
             f'{",".join(map(str, input_shape))}, {num_classes} classes')
-  marked = optim.frozen_parameters(nnx.state(abstract, nnx.Param), frozen) if frozen else ()
-  return header + '\n' + format_table(parameter_rows(abstract), set(marked))
+  marked = (set(optim.frozen_parameters(nnx.state(abstract, nnx.Param), frozen)) if frozen
+            else None)
+  return header + '\n' + format_table(parameter_rows(abstract), marked)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -135,9 +136,10 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   # The config's model_kwargs are arguments of its model, not of another MODEL.
   kwargs = config_lib.model_kwargs(config) if config is not None and name == config.model else {}
+  frozen = ''
   if config is not None:
     config_lib.check_frozen(config)
-  frozen = config.frozen if config is not None else ''
+    frozen = config.frozen
   try:
     print(summarize(name, shape, classes, kwargs, frozen))
   except models.ImagesTooSmall as e:

@@ -101,6 +101,8 @@ def test_a_configs_frozen_parameters_are_marked_so_a_pattern_is_checked_before_a
   rows = {line.split()[0] for line in lines[2:-1]}
   assert rows - marked == {'fc2.bias', 'fc2.kernel'}
   assert lines[-1] == f'total: 98,554 parameters, {98_554 - 1_290:,} of them frozen'
+  result = run_summary('--config', 'configs/mnist.py', '--config.frozen=head')  # No such name.
+  assert result.stdout.splitlines()[-1] == 'total: 98,554 parameters, 0 of them frozen'
   result = run_summary('--config', 'configs/mnist.py', '--config.frozen=(')
   assert (result.returncode, result.stderr) == (2, (
       "error: config key 'frozen' ('(') is not a regular expression: missing ), unterminated "
