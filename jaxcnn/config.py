@@ -87,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1  # Micro-batches per optimizer step (each batch_size / this).
   config.ema_decay = 0.0  # Moving average of the weights, evaluated alongside them; 0: off.
   # Parameters that training leaves as they are: a regular expression searched in each one's
-  # path (r'stages\.0\.', or r'^(?!fc2\.)' to train bn_cnn's head alone); '': none.
+  # path (r'stages\.0\.', or r'^(?!fc2\.)' to train bn_cnn's head alone); '': none. BatchNorm
+  # layers whose parameters are all frozen keep their running statistics too.
   config.frozen = ''
   config.seed = 0
 

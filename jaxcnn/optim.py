@@ -153,8 +153,14 @@ def frozen_parameters(params, pattern: str) -> list[str]:
           if is_frozen(path)]
 
 
-def _frozen_test(pattern: str):
-  """Whether a parameter, given by its key path, is one that the regular expression `pattern`
-  (searched in its dotted name) freezes."""
+def freezes(pattern: str):
+  """Whether a parameter, given by its dotted name (`stages.0.layers.0.kernel`), is one that the
+  regular expression `pattern` (the `frozen` config key) freezes: searched in the name."""
   regex = re.compile(pattern)
-  return lambda path: regex.search(tree_paths.dotted(path)) is not None
+  return lambda name: regex.search(name) is not None
+
+
+def _frozen_test(pattern: str):
+  """`freezes(pattern)` for a parameter given by its key path."""
+  test = freezes(pattern)
+  return lambda path: test(tree_paths.dotted(path))

@@ -171,7 +171,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
     for message in optim.unread_settings(config, config_lib.default_config()):
       print(f'warning: {message}', file=sys.stderr, flush=True)
   if config.frozen:
-    _check_frozen(config, model, announce=training and jax.process_index() == 0)
+    _freeze(config, model, announce=training and jax.process_index() == 0)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
   model_def, state = create_train_state(model, tx, ema=config.ema_decay > 0)
   on_device = placement == 'device'
@@ -220,8 +220,10 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
         "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
 
 
-def _check_frozen(config: ml_collections.ConfigDict, model, announce: bool) -> None:
-  """Refuses a `frozen` pattern that matches no parameter of the model, or every one; with
+def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
+  """Checks the `frozen` pattern against the model's parameters, refusing one that matches none
+  or every one, and has the BatchNorm layers it freezes whole normalise with their running
+  statistics in training too, leaving them as they are (torchvision's FrozenBatchNorm2d). With
   `announce`, says what it freezes."""
   params = nnx.state(model, nnx.Param)
   sizes = {tree_paths.dotted(path): leaf.size
@@ -235,10 +237,26 @@ def _check_frozen(config: ml_collections.ConfigDict, model, announce: bool) -> N
   if not trained:
     raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches every parameter of model "
                       f'{config.model!r}: nothing would train')
+  freezes = optim.freezes(config.frozen)
+  frozen_norms = 0
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      own = [_path_name((*path, *key)) for key, _ in
+             nnx.to_flat_state(nnx.state(module, nnx.Param))]
+      # A BatchNorm without scale and bias is named by its statistics.
+      own = own or [_path_name((*path, 'mean'))]
+      if all(freezes(param) for param in own):
+        # Set before the model is split: the train step's graph holds it, and evaluation's
+        # model.eval() sets it for every layer anyway.
+        module.use_running_average = True
+        frozen_norms += 1
   if announce:
+    norms = {0: '', 1: ' and 1 BatchNorm layer, which normalises with its running statistics'}.get(
+        frozen_norms, f' and {frozen_norms} BatchNorm layers, which normalise with their running '
+        'statistics')
     print(f'frozen: {len(frozen)} of {len(sizes)} parameter arrays '
-          f'({sum(sizes[name] for name in frozen):,} of {sum(sizes.values()):,} parameters); '
-          f'training {listed(trained)}', flush=True)
+          f'({sum(sizes[name] for name in frozen):,} of {sum(sizes.values()):,} parameters)'
+          f'{norms}; training {listed(trained)}', flush=True)
 
 
 def _path_name(path) -> str:

@@ -177,7 +177,7 @@ def test_a_linear_probe_from_another_run_works_over_several_devices(fake_tfds, s
     for path, value in started.items():
       if path.startswith('fc2.'):
         assert not np.allclose(probed[path], value, atol=1e-4), (strategy, path)
-      elif not path.endswith(('mean', 'var')):
+      else:
         np.testing.assert_array_equal(probed[path], value, err_msg=f'{strategy} {path}')
   assert workdir_lib.read_config(str(tmp_path / 'pmap')).init_from.workdir == str(source_run)
 
@@ -226,19 +226,35 @@ def test_a_linear_probe_trains_the_head_alone_and_a_resume_must_keep_it(fake_tfd
                        eval_every_steps=4, learning_rate=0.01, frozen=r'^(?!fc2\.)')
   config.init_from.workdir = str(source_run)
   trainer.train_and_evaluate(config, str(tmp_path / 'probe'))
-  assert ('frozen: 8 of 10 parameter arrays (6,636 of 6,806 parameters); training fc2.bias, '
-          'fc2.kernel\n') in capsys.readouterr().out
+  assert ('frozen: 8 of 10 parameter arrays (6,636 of 6,806 parameters) and 2 BatchNorm layers, '
+          'which normalise with their running statistics; training fc2.bias, fc2.kernel\n'
+          ) in capsys.readouterr().out
   started, probed = weights(source_run, 'best'), weights(tmp_path / 'probe')
-  for path, value in started.items():
+  for path, value in started.items():  # BatchNorm statistics included.
     if path.startswith('fc2.'):
       assert not np.allclose(probed[path], value, atol=1e-4), path
-    elif not path.endswith(('mean', 'var')):  # BatchNorm statistics follow the data.
+    else:
       np.testing.assert_array_equal(probed[path], value, err_msg=path)
   # The optimizer's state is the head's alone: a resume without the freeze is another state.
   config.frozen, config.num_train_steps = '', 8
   with pytest.raises(ConfigError, match=re.escape(
       "this config changes frozen '^(?!fc2\\.)' -> '', which can shape the training state")):
     trainer.train_and_evaluate(config, str(tmp_path / 'probe'))
+
+
+def test_a_frozen_stage_keeps_its_batchnorm_statistics_and_a_trained_one_follows_the_data(
+    fake_tfds, source_run, tmp_path, capsys):
+  config = tiny_config(model='bn_cnn', model_kwargs=BN_CNN, num_train_steps=2,
+                       eval_every_steps=2, frozen=r'^stages\.0\.')
+  config.init_from.workdir, config.init_from.checkpoint = str(source_run), 'latest'
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert ('frozen: 3 of 10 parameter arrays (44 of 6,806 parameters) and 1 BatchNorm layer, '
+          'which normalises with its running statistics;') in capsys.readouterr().out
+  started, ended = weights(source_run, 'latest'), weights(tmp_path / 'run')
+  for statistic in ('mean', 'var'):
+    frozen, trained = (f'stages.{i}.layers.1.{statistic}' for i in (0, 1))
+    np.testing.assert_array_equal(ended[frozen], started[frozen])
+    assert not np.allclose(ended[trained], started[trained], atol=1e-6), trained
 
 
 @pytest.mark.parametrize('pattern, message', [
