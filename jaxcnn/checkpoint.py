@@ -288,14 +288,13 @@ class Checkpointer:
     return dict(restored['meta'])
 
   def step_named(self, name: str, option: str) -> int:
-    """The step of the checkpoint that `name` ('latest', 'best' or a step number) names.
+    """The step of the checkpoint that `name` ('latest', 'best' or a step number) names, in a
+    run that holds checkpoints (its callers say in their own words that one holds none).
 
     Raises a UserError, which names `option` (how the user gave `name`), when there is no such
     checkpoint.
     """
     steps = self.steps()
-    if not steps:
-      raise UserError(f'{os.path.dirname(self.directory)} has no checkpoint yet')
     if name == 'latest':
       return steps[-1]
     if name == 'best':

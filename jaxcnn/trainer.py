@@ -214,8 +214,8 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
     why = ("each would normalise its device's examples alone" if devices > 1 else
            'shard_map needs statistics synchronised over its devices, even over one')
     raise ConfigError(
-        f'model {name!r} has BatchNorm layers without axis_name ({", ".join(local[:3])}'
-        f'{", ..." if len(local) > 3 else ""}): under {strategy.name} on {devices} '
+        f'model {name!r} has BatchNorm layers without axis_name '
+        f'({tree_paths.listed(local, 3)}): under {strategy.name} on {devices} '
         f'device{"s" if devices > 1 else ""} {why}. Accept axis_name in the '
         "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
 
@@ -230,10 +230,9 @@ def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   frozen = optim.frozen_parameters(params, config.frozen)
   trained = sorted(set(sizes) - set(frozen))
-  listed = lambda names: ', '.join(names[:4]) + (', ...' if len(names) > 4 else '')
   if not frozen:
     raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches none of the parameters "
-                      f'of model {config.model!r}: {listed(sorted(sizes))}')
+                      f'of model {config.model!r}: {tree_paths.listed(sorted(sizes))}')
   if not trained:
     raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches every parameter of model "
                       f'{config.model!r}: nothing would train')
@@ -256,7 +255,7 @@ def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
         'statistics')
     print(f'frozen: {len(frozen)} of {len(sizes)} parameter arrays '
           f'({sum(sizes[name] for name in frozen):,} of {sum(sizes.values()):,} parameters)'
-          f'{norms}; training {listed(trained)}', flush=True)
+          f'{norms}; training {tree_paths.listed(trained)}', flush=True)
 
 
 def _path_name(path) -> str:
@@ -674,6 +673,7 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
   except UserError:  # No record to compare with (written by hand, or lost).
     return ''
   recorded, changes = config_lib.flatten(recorded_config.to_dict()), []
+  shown = lambda value: f"'{value}'" if isinstance(value, str) else value  # So that '' shows.
   for key, now in config_lib.flatten(config.to_dict()).items():
     before = recorded.get(key)
     group = key.split('.')[0]
@@ -684,7 +684,6 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict,
             f'the run in {workdir} was trained with seed {before}, and its data order, '
             f'augmentation and dropout derive from it; resume with --config.seed={before}, or '
             'start a new --workdir for another seed')
-      shown = lambda value: f"'{value}'" if isinstance(value, str) else value  # '' visible.
       changes.append(f'{key} {shown(before)} -> {shown(now)}')
   # The model's arguments are compared whole: an argument set on one side only is a change too,
   # where a key of jaxcnn's own that the record lacks is only newer than the run.

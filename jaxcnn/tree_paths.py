@@ -22,3 +22,8 @@ def path_names(path: Sequence) -> tuple[str, ...]:
 def dotted(path: Sequence) -> str:
   """A JAX key path as one dotted name: `stages.0.layers.0.kernel`."""
   return '.'.join(path_names(path))
+
+
+def listed(names: Sequence[str], limit: int = 4) -> str:
+  """The first `limit` of `names` for a one-line message, with ', ...' where there are more."""
+  return ', '.join(names[:limit]) + (', ...' if len(names) > limit else '')

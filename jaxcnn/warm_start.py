@@ -21,7 +21,7 @@ import os
 
 import ml_collections
 
-from jaxcnn import checkpoint, files
+from jaxcnn import checkpoint, files, tree_paths
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.train_state import TrainState, initial_train_state
@@ -29,7 +29,6 @@ from jaxcnn.train_state import TrainState, initial_train_state
 RECORD_FILE = 'init_from.json'  # In the new run's workdir: the checkpoint it started from.
 # The names of a checkpoint's model arrays, by init_from.weights.
 _SAVED_WEIGHTS = {'trained': ('params', 'model_state'), 'ema': ('ema_params', 'ema_model_state')}
-_LISTED = 4  # Arrays named in a message before '...'.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +100,7 @@ def start_from(source: Source, state: TrainState, tx, strategy) -> tuple[TrainSt
         raise ConfigError(
             f"config key 'init_from.workdir' ({source.workdir!r}) holds a run of model "
             f'{source.run_config.model!r}, none of whose arrays has the name and shape '
-            f'of one of this model\'s ({_listed(sorted(_short(p) for p in ours))})')
+            f'of one of this model\'s ({tree_paths.listed(sorted(_short(p) for p in ours))})')
       arrays = checkpointer.read_arrays(source.step, {saved_path(p): saved[saved_path(p)]
                                                       for p in fitting})
     except checkpoint.CheckpointError as e:  # A damaged checkpoint: the user's to know of.
@@ -127,9 +126,9 @@ def describe(source: Source, record: dict) -> str:
           f'{", moving average" if source.weights == "ema" else ""}): {len(taken)} of '
           f'{len(taken) + len(fresh)} arrays')
   if fresh:
-    line += f'; random start for {_listed(fresh)}'
+    line += f'; random start for {tree_paths.listed(fresh)}'
   if unused:
-    line += f'; not used: {len(unused)} of that model\'s ({_listed(unused)})'
+    line += f'; not used: {len(unused)} of that model\'s ({tree_paths.listed(unused)})'
   if len(taken) < len(fresh):
     line = (f'warning: {line}; fewer than half of the arrays fit: is that the run you meant '
             'to start from?')
@@ -162,7 +161,3 @@ def _short(path: str) -> str:
   """An array's path as a user names it: `conv1.kernel`, without the state's groups."""
   parts = path.split('.')
   return '.'.join(parts[2:] if parts[0] == 'state' else parts[1:])
-
-
-def _listed(names: list[str]) -> str:
-  return ', '.join(names[:_LISTED]) + (', ...' if len(names) > _LISTED else '')
