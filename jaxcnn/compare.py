@@ -10,8 +10,9 @@ a run still training can be compared too: its row says how far it has come. A ro
 the data it was trained and evaluated on (the dataset, `synthetic ...` for stand-in data, and the
 evaluation split: figures on other data do not compare), its parameter count (built under
 `nnx.eval_shape`: nothing is materialised), the steps trained, the last evaluation's accuracy and
-loss (with the top-5 accuracy of datasets of more than 10 classes, and the accuracy of the
-weights' moving average in runs with `ema_decay`), the best
+loss (with the top-5 accuracy of datasets of more than 10 classes, the accuracy with test-time
+augmentation in runs with `eval_tta`, and that of the weights' moving average in runs with
+`ema_decay`), the best
 accuracy and the step it came at, the training and compile seconds, and the median
 of the logged examples/s. Below the table are the config keys whose values differ between the runs,
 so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
@@ -94,6 +95,8 @@ def describe_run(run_dir: str) -> dict:
       'loss': evaluations[-1][f'{split}/loss'] if evaluations else None,
       # Counted for datasets of more than 10 classes.
       'top5_accuracy': evaluations[-1].get(f'{split}/top5_accuracy') if evaluations else None,
+      # Averaged over test-time views (eval_tta), evaluated beside the plain accuracy.
+      'tta_accuracy': evaluations[-1].get(f'{split}/tta_accuracy') if evaluations else None,
       # The moving average of the weights (ema_decay > 0), evaluated beside them.
       'ema_accuracy': evaluations[-1].get(f'{split}/ema_accuracy') if evaluations else None,
       'best_accuracy': best[f'{split}/accuracy'] if best else None,
@@ -123,8 +126,8 @@ def differing_keys(rows: Sequence[dict]) -> list[str]:
 
 
 # The figures of a row that `group_seeds` averages over the seeds.
-AVERAGED = ('accuracy', 'loss', 'top5_accuracy', 'ema_accuracy', 'best_accuracy', 'train_seconds',
-            'compile_seconds', 'examples_per_sec')
+AVERAGED = ('accuracy', 'loss', 'top5_accuracy', 'tta_accuracy', 'ema_accuracy', 'best_accuracy',
+            'train_seconds', 'compile_seconds', 'examples_per_sec')
 
 
 def group_seeds(rows: Sequence[dict]) -> list[dict]:
@@ -206,8 +209,9 @@ def format_table(rows: Sequence[dict]) -> str:
     accuracy = number(row['accuracy'], '.2f', row, 'accuracy', 100, '%')
     if row['top5_accuracy'] is not None:
       accuracy += f' (top-5 {number(row["top5_accuracy"], ".2f", row, "top5_accuracy", 100, "%")})'
-    if row['ema_accuracy'] is not None:
-      accuracy += f' (EMA {number(row["ema_accuracy"], ".2f", row, "ema_accuracy", 100, "%")})'
+    for key, shown in (('tta_accuracy', 'TTA'), ('ema_accuracy', 'EMA')):
+      if row[key] is not None:
+        accuracy += f' ({shown} {number(row[key], ".2f", row, key, 100, "%")})'
     data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.
     lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
                  f'{steps} | {accuracy} | {number(row["loss"], ".4f", row, "loss")} | {best} | '
@@ -215,6 +219,8 @@ def format_table(rows: Sequence[dict]) -> str:
                  f'{number(row["compile_seconds"], ".1f", row, "compile_seconds")} | '
                  f'{number(row["examples_per_sec"], ",.0f", row, "examples_per_sec")} |')
   lines.append('\nAccuracy and loss: the last evaluation, on the split named under data'
+               + ('; TTA: that of the logits averaged over test-time views (eval_tta)'
+                  if any(row['tta_accuracy'] is not None for row in rows) else '')
                + ('; EMA: that of the moving average of the weights'
                   if any(row['ema_accuracy'] is not None for row in rows) else '')
                + ('. Each row: the mean over its seeds ± the standard deviation.' if grouped

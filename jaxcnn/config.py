@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxcnn import models, optim, parallel
+from jaxcnn.data.augment import TEST_TIME_AUGMENTATIONS
 from jaxcnn.errors import ConfigError
 
 PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
@@ -94,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Evaluation, logging and execution.
   config.eval_batch_size = 1000
+  # Test-time augmentation: 'flip' or 'flip_translate' (airbench's) also evaluate the averaged
+  # logits of mirrored (and shifted) views, as <eval_split>/tta_accuracy; 'none': off.
+  config.eval_tta = 'none'
   config.log_every_steps = 100
   config.eval_every_steps = -1  # -1: at the end of every epoch.
   config.steps_per_call = -1  # Train steps per compiled call; -1: chosen for the backend.
@@ -308,9 +312,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('keep_best', 'profile_steps', 'profile_start_step'):
     _require(config, key, _is_int(config[key]) and config[key] >= 0, 'an integer >= 0')
   _choice(config, 'best_mode', ('auto', 'max', 'min'))
+  _choice(config, 'eval_tta', TEST_TIME_AUGMENTATIONS)
   # Checkpoints are ranked by the evaluation metrics saved with them.
-  best_metrics = [f'{config.eval_split}/{name}' for name in
-                  ('accuracy', 'loss', *(('ema_accuracy', 'ema_loss') if config.ema_decay else ()))]
+  best_metrics = [f'{config.eval_split}/{weights}{views}{name}'
+                  for weights in ('', *(('ema_',) if config.ema_decay else ()))
+                  for views in ('', *(('tta_',) if config.eval_tta != 'none' else ()))
+                  for name in ('accuracy', 'loss')]
+  metric_name = str(config.best_metric).rpartition('/')[2]
+  for kind, key, setting in (('ema_', 'ema_decay', 'a decay in (0, 1)'),
+                             ('tta_', 'eval_tta', "'flip' or 'flip_translate'")):
+    if config.best_metric not in best_metrics and kind in metric_name:
+      # A metric that this run would not evaluate; named, with the key that would.
+      raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is evaluated only "
+                        f'with {key} set to {setting}; this run evaluates '
+                        f'{", ".join(best_metrics)}')
   _choice(config, 'best_metric', best_metrics)
   direction = metric_direction(config.best_metric)
   if config.best_mode not in ('auto', direction):

@@ -2,11 +2,14 @@
 
   python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split test]
                            [--data_dir DIR] [--manual_dir DIR] [--per_class]
+                           [--tta none|flip|flip_translate]
 
 Rebuilds the run from its `config.json` and `dataset.json`, restores the chosen checkpoint and
 prints the metrics over every example of the split. `--per_class` adds a line for each class: the
 accuracy on its examples and the classes they were most often taken for, from the confusion
-matrix that the same evaluation counts.
+matrix that the same evaluation counts. `--tta` evaluates with another test-time augmentation
+than the run's `eval_tta`: `--tta flip` tells what averaging in mirror images would give a run
+trained without it.
 """
 
 from absl import flags
@@ -14,6 +17,7 @@ from absl import flags
 from jaxcnn import cli, feeds
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.data import pipeline
+from jaxcnn.data.augment import TEST_TIME_AUGMENTATIONS
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
 from jaxcnn.trainer import evaluate
@@ -35,6 +39,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('per_class', False,
                     'Also print, for each class, the accuracy on its examples and the classes '
                     'they were most often taken for.')
+  flags.DEFINE_enum('tta', None, TEST_TIME_AUGMENTATIONS,
+                    "Test-time augmentation to evaluate with too (default: the run's eval_tta).")
 
 
 def main(argv):
@@ -66,7 +72,7 @@ def main(argv):
   data = pipeline.load_data(config, train=False, flag_prefix='--')
   workdir_lib.check_same_classes(FLAGS.workdir, data.class_names)
   run = restore_run(FLAGS.workdir, FLAGS.checkpoint, placement=data.placement,
-                    confusion_matrix=FLAGS.per_class)
+                    confusion_matrix=FLAGS.per_class, eval_tta=FLAGS.tta)
   feed = feeds.make_eval_feed(run.config, run.experiment, data)
   feed.compile(run.state, run.experiment.zero_eval_sums())
   metrics = evaluate(run.experiment, run.state, feed, split)

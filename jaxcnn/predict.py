@@ -1,13 +1,14 @@
 """Predicts the classes of image files with a trained run.
 
   python -m jaxcnn.predict --workdir DIR [--checkpoint best|latest|STEP] [--top_k 5]
-                          [--weights trained|ema] IMAGE...
+                          [--weights trained|ema] [--tta none|flip|flip_translate] IMAGE...
 
 Each image is decoded, converted to the run's channels, resized and centre-cropped to its image
 size and normalised with its training statistics, as evaluation does; the top classes and their
 probabilities are printed one image per line. An unreadable image is named in a one-line error on
 stderr and the others are still predicted (the exit status is then 2). `--weights=ema` predicts
-with the moving average of the weights of a run trained with `ema_decay`.
+with the moving average of the weights of a run trained with `ema_decay`. The probabilities are
+those of the logits averaged over the test-time views of the run's `eval_tta`, or of `--tta`.
 """
 
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 
 from jaxcnn import cli
 from jaxcnn.config import WEIGHTS
+from jaxcnn.data.augment import TEST_TIME_AUGMENTATIONS
 from jaxcnn.data.image_ops import resize_and_center_crop, to_uint8
 from jaxcnn.errors import UserError
 from jaxcnn.restore import restore_run
@@ -37,6 +39,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('weights', 'trained', WEIGHTS,
                     "The trained weights, or their moving average ('ema', for a run trained "
                     'with ema_decay).')
+  flags.DEFINE_enum('tta', None, TEST_TIME_AUGMENTATIONS,
+                    "Test-time augmentation whose views' logits are averaged (default: the run's "
+                    'eval_tta).')
 
 
 def load_image(path: str, image_shape) -> np.ndarray:
@@ -57,7 +62,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise UserError('name at least one image file: python -m jaxcnn.predict --workdir DIR IMAGE...')
-  run = restore_run(FLAGS.workdir, FLAGS.checkpoint)
+  run = restore_run(FLAGS.workdir, FLAGS.checkpoint, eval_tta=FLAGS.tta)
   if FLAGS.weights == 'ema' and run.state.ema_params is None:
     raise UserError(f'the run in {FLAGS.workdir} keeps no moving average of its weights (it was '
                     'trained with ema_decay 0); predict with --weights=trained')
@@ -72,7 +77,8 @@ def main(argv):
       print(f'error: cannot read image {path!r}: {" ".join(str(e).split())}', file=sys.stderr,
             flush=True)
   if images:
-    predict = jax.jit(make_predict_step(run.experiment.model_def, run.experiment.preprocess))
+    predict = jax.jit(make_predict_step(run.experiment.model_def, run.experiment.preprocess,
+                                        run.config.eval_tta))
     state = run.experiment.strategy.fetch(run.state)
     if FLAGS.weights == 'ema':
       state = state.averaged()

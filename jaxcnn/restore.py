@@ -27,11 +27,12 @@ class RestoredRun:
 
 
 def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'device',
-                confusion_matrix: bool = False) -> RestoredRun:
+                confusion_matrix: bool = False, eval_tta: str | None = None) -> RestoredRun:
   """Rebuilds the run in `workdir` and restores its `checkpoint` ('latest', 'best' or a step).
 
   `placement` says where the data to evaluate will live ('device' or 'stream');
-  `confusion_matrix` has its evaluation count the confusion matrix too.
+  `confusion_matrix` has its evaluation count the confusion matrix too; `eval_tta`, where not
+  None, is the test-time augmentation to evaluate with instead of the run's own.
   """
   config = workdir_lib.read_config(workdir)
   record = workdir_lib.read_dataset(workdir)
@@ -39,6 +40,8 @@ def restore_run(workdir: str, checkpoint: str = 'latest', placement: str = 'devi
   num_devices = -1 if config.eval_batch_size % jax.device_count() == 0 else 1
   with config.unlocked():
     config.parallel, config.num_devices = 'jit', num_devices
+    if eval_tta is not None:
+      config.eval_tta = eval_tta
   strategy = parallel.make_strategy('jit', num_devices)
   experiment, state = build_experiment(
       config, image_shape=record.image_shape, num_classes=record.num_classes,

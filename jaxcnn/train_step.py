@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from jaxcnn import optim, rng
-from jaxcnn.data.augment import Preprocessor, mix_batch
+from jaxcnn.data.augment import Preprocessor, mix_batch, tta_views
 from jaxcnn.train_state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
@@ -58,13 +58,17 @@ def init_train_sums() -> dict[str, np.ndarray]:
 TOP5_ABOVE_CLASSES = 10
 
 
-def init_eval_sums(num_classes: int, confusion_matrix: bool = False) -> dict[str, np.ndarray]:
+def init_eval_sums(num_classes: int, confusion_matrix: bool = False,
+                   test_time_augmentation: bool = False) -> dict[str, np.ndarray]:
   """Accumulators of an evaluation: summed loss, correct predictions (and correct top-5
-  predictions, above `TOP5_ABOVE_CLASSES` classes) and examples; with `confusion_matrix`, the
-  count of every (label, predicted class) pair."""
-  sums = {'loss': np.float32(0), 'correct': np.int32(0), 'count': np.int32(0)}
-  if num_classes > TOP5_ABOVE_CLASSES:
-    sums['correct_top5'] = np.int32(0)
+  predictions, above `TOP5_ABOVE_CLASSES` classes) and examples; with `test_time_augmentation`,
+  the same sums for the averaged predictions of the test-time views (`tta_loss`, `tta_correct`,
+  ...); with `confusion_matrix`, the count of every (label, predicted class) pair."""
+  sums = {'count': np.int32(0)}
+  for kind in ('', 'tta_') if test_time_augmentation else ('',):
+    sums.update({f'{kind}loss': np.float32(0), f'{kind}correct': np.int32(0)})
+    if num_classes > TOP5_ABOVE_CLASSES:
+      sums[f'{kind}correct_top5'] = np.int32(0)
   if confusion_matrix:
     sums['confusion'] = np.zeros((num_classes, num_classes), np.int32)
   return sums
@@ -237,32 +241,35 @@ def _per_device(tree, axis_name: str):
 
 
 def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes: int,
-                   axis_name: str | None = None,
-                   confusion_matrix: bool = False) -> Callable[..., Metrics]:
+                   axis_name: str | None = None, confusion_matrix: bool = False,
+                   test_time_augmentation: str = 'none') -> Callable[..., Metrics]:
   """Builds `eval_step(state, batch, mask) -> sums` over the real (mask=True) examples.
 
   It returns sums, not means (`loss`, `correct`, `count`, and `correct_top5` and `confusion`
   where `init_eval_sums` has them), so that batches, devices and the padded last batch add up to
-  exact metrics over the whole split.
+  exact metrics over the whole split. With `test_time_augmentation` ('flip', 'flip_translate':
+  see `tta_views`) the model also sees the test-time views of each image, and the `tta_`
+  sums count the predictions of their averaged logits; the plain sums and the confusion matrix
+  stay those of the images alone, which come free as the first view.
   """
 
   def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
     model = model_def.merge(state.params, state.model_state)
     model.eval()
-    logits = model(preprocess(batch['image'], None, train=False))
-    loss = cross_entropy(logits, batch['label'], num_classes)
-    predicted = jnp.argmax(logits, -1)
-    correct = predicted == batch['label']
-    sums = {'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
-            'correct': jnp.sum(correct & mask, dtype=jnp.int32),
-            'count': jnp.sum(mask, dtype=jnp.int32)}
-    if num_classes > TOP5_ABOVE_CLASSES:
-      _, top5 = jax.lax.top_k(logits, 5)
-      in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
-      sums['correct_top5'] = jnp.sum(in_top5 & mask, dtype=jnp.int32)
+    views = tta_views(preprocess(batch['image'], None, train=False),
+                            test_time_augmentation)
+    labels = batch['label']
+    logits = model(views[0][0]).astype(jnp.float32)
+    sums = {'count': jnp.sum(mask, dtype=jnp.int32),
+            **_prediction_sums(logits, labels, mask, num_classes)}
+    if len(views) > 1:
+      averaged = views[0][1] * logits
+      for images, weight in views[1:]:
+        averaged += weight * model(images).astype(jnp.float32)
+      sums.update(_prediction_sums(averaged, labels, mask, num_classes, prefix='tta_'))
     if confusion_matrix:  # Rows: the labels; columns: the predicted classes.
       sums['confusion'] = jnp.zeros((num_classes, num_classes), jnp.int32).at[
-          batch['label'], predicted].add(mask.astype(jnp.int32))
+          labels, jnp.argmax(logits, -1)].add(mask.astype(jnp.int32))
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums
@@ -270,13 +277,31 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
   return eval_step
 
 
-def make_predict_step(model_def: ModelDef, preprocess: Preprocessor) -> Callable[..., jax.Array]:
-  """Builds `predict_step(state, images_uint8) -> class probabilities` (float32)."""
+def _prediction_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int,
+                     prefix: str = '') -> Metrics:
+  """Summed loss and correct (and, above `TOP5_ABOVE_CLASSES` classes, correct top-5) predictions
+  of `logits` over the real examples, named with `prefix`."""
+  loss = cross_entropy(logits, labels, num_classes)
+  sums = {f'{prefix}loss': jnp.sum(jnp.where(mask, loss, 0.0)),
+          f'{prefix}correct': jnp.sum((jnp.argmax(logits, -1) == labels) & mask, dtype=jnp.int32)}
+  if num_classes > TOP5_ABOVE_CLASSES:
+    _, top5 = jax.lax.top_k(logits, 5)
+    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+    sums[f'{prefix}correct_top5'] = jnp.sum(in_top5 & mask, dtype=jnp.int32)
+  return sums
+
+
+def make_predict_step(model_def: ModelDef, preprocess: Preprocessor,
+                      test_time_augmentation: str = 'none') -> Callable[..., jax.Array]:
+  """Builds `predict_step(state, images_uint8) -> class probabilities` (float32): the softmax of
+  the logits, averaged over the test-time views of `test_time_augmentation` where it is not
+  'none'."""
 
   def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
     model = model_def.merge(state.params, state.model_state)
     model.eval()
-    logits = model(preprocess(images, None, train=False))
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    views = tta_views(preprocess(images, None, train=False), test_time_augmentation)
+    logits = sum(weight * model(view).astype(jnp.float32) for view, weight in views)
+    return jax.nn.softmax(logits, axis=-1)
 
   return predict_step

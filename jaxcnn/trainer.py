@@ -102,7 +102,9 @@ class Experiment:
 
   def zero_eval_sums(self):
     """Device-side accumulators of an evaluation's sums."""
-    return self.strategy.replicate(init_eval_sums(self.num_classes, self.confusion_matrix))
+    return self.strategy.replicate(init_eval_sums(
+        self.num_classes, self.confusion_matrix,
+        test_time_augmentation=self.config.eval_tta != 'none'))
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Strategy, *,
@@ -170,6 +172,12 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   if training and jax.process_index() == 0:
     for message in optim.unread_settings(config, config_lib.default_config()):
       print(f'warning: {message}', file=sys.stderr, flush=True)
+  if config.eval_tta != 'none' and not config.augment.flip and jax.process_index() == 0:
+    # Mirror images of digits or text are other glyphs, which a model that never saw them
+    # classifies worse: averaging them in can only lower its accuracy.
+    print(f'warning: eval_tta={config.eval_tta!r} averages in mirror images, which this model '
+          'was not trained on (augment.flip is off): its TTA accuracy may well be below its '
+          'accuracy', file=sys.stderr, flush=True)
   if config.frozen:
     _freeze(config, model, announce=training and jax.process_index() == 0)
   tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
@@ -187,7 +195,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                         cutmix_alpha=config.augment.cutmix_alpha, frozen=config.frozen)
   train_step = make_train_step(model_def, tx, preprocess, options, axis_name=strategy.axis_name)
   eval_step = make_eval_step(model_def, preprocess, num_classes=num_classes,
-                             axis_name=strategy.axis_name, confusion_matrix=confusion_matrix)
+                             axis_name=strategy.axis_name, confusion_matrix=confusion_matrix,
+                             test_time_augmentation=config.eval_tta)
   if on_device:
     train_fn = strategy.train_fn(train_step, config.batch_size)
     eval_fn = strategy.eval_fn(eval_step, config.eval_batch_size)
@@ -265,7 +274,9 @@ def _path_name(path) -> str:
 def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:
   """Metrics over every example of the feed's split: `<prefix>/loss`, `<prefix>/accuracy`
   (`<prefix>/top5_accuracy` too, for datasets of more than 10 classes), and the count. With
-  a moving average of the weights, `<prefix>/ema_loss` and `<prefix>/ema_accuracy` too. Where the
+  a moving average of the weights, `<prefix>/ema_loss` and `<prefix>/ema_accuracy` too; with
+  test-time augmentation (`eval_tta`), `<prefix>/tta_loss` and `<prefix>/tta_accuracy` (and
+  `ema_tta_...`) of the logits averaged over each image's views. Where the
   experiment counts a confusion matrix, `<prefix>/confusion_matrix` (of the trained weights) is
   that matrix, an array: rows the labels, columns the predicted classes.
 
@@ -281,10 +292,14 @@ def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, floa
 def _evaluate_weights(experiment, state, feed, prefix, name_prefix):
   sums = experiment.strategy.fetch(feed.run(state, experiment.zero_eval_sums()))
   count = int(sums['count'])
-  metrics = {f'{prefix}/{name_prefix}loss': float(sums['loss']) / count,
-             f'{prefix}/{name_prefix}accuracy': float(sums['correct']) / count}
-  if 'correct_top5' in sums:
-    metrics[f'{prefix}/{name_prefix}top5_accuracy'] = float(sums['correct_top5']) / count
+  metrics = {}
+  for views in ('', 'tta_'):  # The images alone, and averaged over their test-time views.
+    if f'{views}correct' in sums:
+      name = f'{prefix}/{name_prefix}{views}'
+      metrics[f'{name}loss'] = float(sums[f'{views}loss']) / count
+      metrics[f'{name}accuracy'] = float(sums[f'{views}correct']) / count
+      if f'{views}correct_top5' in sums:
+        metrics[f'{name}top5_accuracy'] = float(sums[f'{views}correct_top5']) / count
   if not name_prefix:
     metrics[f'{prefix}/num_examples'] = count
     if 'confusion' in sums:
@@ -351,15 +366,18 @@ class _StopRequests:
 
 def describe_evaluation(metrics: dict, split: str, loss: bool = True) -> str:
   """`<split> accuracy 98.91%, loss 0.0345` for the terminal, with the top-5 accuracy after the
-  accuracy where it is counted (`, top-5 93.20%`), and the moving average's accuracy at the end
-  (`, EMA accuracy 99.02%`) where the run keeps one (ema_decay > 0)."""
+  accuracy where it is counted (`, top-5 93.20%`), and at the end the accuracy with test-time
+  augmentation (`, TTA accuracy 94.10%`, with eval_tta) and the moving average's (`, EMA accuracy
+  99.02%`, with ema_decay)."""
   text = f'{split} accuracy {100 * metrics[split + "/accuracy"]:.2f}%'
   if split + '/top5_accuracy' in metrics:
     text += f', top-5 {100 * metrics[split + "/top5_accuracy"]:.2f}%'
   if loss:
     text += f', loss {metrics[split + "/loss"]:.4f}'
-  if split + '/ema_accuracy' in metrics:
-    text += f', EMA accuracy {100 * metrics[split + "/ema_accuracy"]:.2f}%'
+  for name, shown in (('tta_accuracy', 'TTA'), ('ema_accuracy', 'EMA'),
+                      ('ema_tta_accuracy', 'EMA TTA')):
+    if f'{split}/{name}' in metrics:
+      text += f', {shown} accuracy {100 * metrics[f"{split}/{name}"]:.2f}%'
   return text
 
 

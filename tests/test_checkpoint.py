@@ -489,7 +489,7 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
   env = environment(tmp_path)
   evaluation = subprocess.run(
       [sys.executable, 'tests/fake_tfds_run.py', '-m', 'jaxcnn.evaluate', f'--workdir={workdir}',
-       '--per_class'],
+       '--per_class', '--tta=flip'],
       cwd=REPO_ROOT, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
       capture_output=True, text=True, timeout=300, check=False)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
@@ -497,6 +497,9 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
   accuracy = result['test/accuracy']
   assert f'test/accuracy {accuracy:.4f} ({round(accuracy * 200)}/200)' in evaluation.stdout
   assert f'test/loss {result["test/loss"]:.4f}' in evaluation.stdout
+  # Test-time augmentation that the run did not train with: counted beside, and warned of.
+  assert re.search(r'^  test/tta_accuracy 0\.\d{4} \(\d+/200\)$', evaluation.stdout, re.M)
+  assert "eval_tta='flip' averages in mirror images" in evaluation.stderr
   # The confusion matrix of the same evaluation, summed over 8 devices: a line per class whose
   # right and total examples add up to the accuracy's.
   per_class = evaluation.stdout.split('per class: ')[1].splitlines()[1:]
@@ -533,8 +536,8 @@ def test_predict_with_the_moving_average_of_the_weights(fake_tfds, tmp_path):
   paths, _ = _write_digit_images(str(tmp_path), 2)
   command = [sys.executable, '-m', 'jaxcnn.predict', f'--workdir={workdir}', '--top_k=1', *paths]
   printed = {}
-  for weights in ('trained', 'ema'):
-    result = subprocess.run([*command, f'--weights={weights}'], cwd=REPO_ROOT,
+  for weights in ('trained', 'ema', 'ema --tta=flip_translate'):
+    result = subprocess.run([*command, *f'--weights={weights}'.split()], cwd=REPO_ROOT,
                             env=environment(tmp_path), capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -543,11 +546,12 @@ def test_predict_with_the_moving_average_of_the_weights(fake_tfds, tmp_path):
   run = restore_run(str(workdir))
   state = run.experiment.strategy.fetch(run.state).averaged()
   images = np.stack([load_image(path, run.dataset.image_shape) for path in paths])
-  probabilities = np.asarray(jax.jit(make_predict_step(
-      run.experiment.model_def, run.experiment.preprocess))(state, images))
-  for line, probs in zip(printed['ema'], probabilities):
-    assert line.endswith(f'({probs.max():.4f})'), line
-  assert printed['ema'] != printed['trained']
+  for tta, shown in (('none', 'ema'), ('flip_translate', 'ema --tta=flip_translate')):
+    probabilities = np.asarray(jax.jit(make_predict_step(
+        run.experiment.model_def, run.experiment.preprocess, tta))(state, images))
+    for line, probs in zip(printed[shown], probabilities):
+      assert line.endswith(f'({probs.max():.4f})'), line
+  assert printed['trained'] != printed['ema'] != printed['ema --tta=flip_translate']
   plain = tmp_path / 'plain'
   trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(plain))
   result = subprocess.run([*command, f'--workdir={plain}', '--weights=ema'], cwd=REPO_ROOT,

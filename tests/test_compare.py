@@ -191,6 +191,17 @@ def test_a_run_with_a_moving_average_shows_its_accuracy_beside_the_weights(tmp_p
   assert 'EMA: that of the moving average of the weights.' in result.stdout
 
 
+def test_a_run_with_test_time_augmentation_shows_that_accuracy_beside_the_plain_one(tmp_path):
+  views = {**evaluation(50, 0.98), 'test/tta_accuracy': 0.9871, 'test/tta_loss': 0.03}
+  rows = [compare.describe_run(write_run(tmp_path / name, [record]))
+          for name, record in (('tta', views), ('plain', evaluation(50, 0.97)))]
+  assert [row['tta_accuracy'] for row in rows] == [0.9871, None]
+  table = compare.format_table(rows)
+  assert '| 98.00% (TTA 98.71%) | 0.0200 |' in table.splitlines()[2]
+  assert '| 97.00% | 0.0300 |' in table.splitlines()[3]
+  assert 'TTA: that of the logits averaged over test-time views (eval_tta)' in table
+
+
 def test_the_top5_accuracy_is_shown_where_a_run_counted_it(tmp_path):
   run = write_run(tmp_path / 'run', [{**evaluation(50, 0.7612), 'test/top5_accuracy': 0.9287}])
   row = compare.describe_run(run)

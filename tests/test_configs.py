@@ -162,6 +162,20 @@ def test_the_best_checkpoint_is_the_lowest_loss_or_the_highest_accuracy(metric, 
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize('metric, needs', [
+    ('test/tta_accuracy', "eval_tta set to 'flip' or 'flip_translate'"),
+    ('test/ema_tta_loss', 'ema_decay set to a decay in (0, 1)')])
+def test_a_best_metric_the_run_would_not_evaluate_names_the_key_that_would(metric, needs):
+  config = config_lib.default_config()
+  config.best_metric = metric
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config key 'best_metric' ('{metric}') is evaluated only with {needs}; this run "
+      'evaluates test/accuracy, test/loss')):
+    config_lib.validate(config)
+  config.eval_tta, config.ema_decay = 'flip_translate', 0.9
+  config_lib.validate(config)
+
+
 @pytest.mark.parametrize('seed', [-1, 2 ** 31])
 def test_a_seed_the_steps_cannot_take_is_refused(seed):
   """The compiled steps take the seed as an int32 argument."""

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxcnn import models, optim, parallel, xla_options
-from jaxcnn.data.augment import Preprocessor, mix_batch
+from jaxcnn.data.augment import Preprocessor, mix_batch, tta_views
 from jaxcnn.train_state import create_train_state
 from jaxcnn.train_step import (NO_STEP, StepOptions, ema_decay_at, make_eval_step,
                                make_predict_step, make_train_step)
@@ -179,6 +179,57 @@ def test_top5_and_the_confusion_matrix_count_the_masked_examples_only():
                            optax.sgd(0.1))
   assert 'correct_top5' not in jax.jit(make_eval_step(ten[0], PREPROCESS, num_classes=10))(
       ten[1], batch(8), jnp.ones(8, bool))
+
+
+def test_test_time_views_are_the_images_mirrored_and_shifted_by_a_pixel():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 2)), jnp.float32)
+  mirrored = images[:, :, ::-1]
+  for kind, count in (('none', 1), ('flip', 2), ('flip_translate', 6)):
+    views = tta_views(images, kind)
+    assert len(views) == count and sum(weight for _, weight in views) == 1.0
+    assert views[0][0] is images and all(view.shape == images.shape for view, _ in views)
+  (_, half), (flipped, _) = tta_views(images, 'flip')
+  np.testing.assert_array_equal(flipped, mirrored)
+  assert half == 0.5
+  views = tta_views(images, 'flip_translate')
+  assert [weight for _, weight in views] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+  down_right, down_right_mirrored, up_left, up_left_mirrored = (view for view, _ in views[2:])
+  np.testing.assert_array_equal(down_right[:, 1:, 1:], images[:, :-1, :-1])
+  np.testing.assert_array_equal(down_right[:, 0, 1:], images[:, 1, :-1])  # Reflected at the edge.
+  np.testing.assert_array_equal(up_left[:, :-1, :-1], images[:, 1:, 1:])
+  np.testing.assert_array_equal(down_right_mirrored, down_right[:, :, ::-1])
+  np.testing.assert_array_equal(up_left_mirrored, up_left[:, :, ::-1])
+  with pytest.raises(ValueError, match="got 'mirror'"):
+    tta_views(images, 'mirror')
+
+
+def test_test_time_augmentation_counts_the_averaged_logits_of_the_views_beside_the_plain_ones():
+  model_def, state, train = setup()
+  for _ in range(3):  # Trained a little: an untrained model's mirror views would hardly differ.
+    state, _ = train(state, batch(64))
+  data = batch(32, seed=1)
+  mask = jnp.arange(32) < 27
+  plain = jax.jit(make_eval_step(model_def, PREPROCESS, num_classes=10))(state, data, mask)
+  for kind in ('flip', 'flip_translate'):
+    sums = jax.jit(make_eval_step(model_def, PREPROCESS, num_classes=10,
+                                  test_time_augmentation=kind))(state, data, mask)
+    for name in plain:  # The images alone, as without test-time augmentation.
+      np.testing.assert_allclose(sums[name], plain[name], rtol=1e-6)
+    # By hand, from the predict step's softmax of the same averaged logits.
+    probabilities = np.asarray(jax.jit(make_predict_step(model_def, PREPROCESS, kind))(
+        state, data['image']))[:27]
+    labels = np.asarray(data['label'])[:27]
+    assert int(sums['tta_correct']) == int(np.sum(probabilities.argmax(-1) == labels))
+    np.testing.assert_allclose(float(sums['tta_loss']),
+                               -np.sum(np.log(probabilities[np.arange(27), labels])), rtol=1e-4)
+    assert abs(float(sums['tta_loss']) - float(plain['loss'])) > 1e-3  # The views differ.
+  # Images that are their own mirror image: 'flip' averages two equal logits.
+  symmetric = {**data, 'image': jnp.concatenate([data['image'][:, :, :14],
+                                                 data['image'][:, :, 13::-1]], axis=2)}
+  sums = jax.jit(make_eval_step(model_def, PREPROCESS, num_classes=10,
+                                test_time_augmentation='flip'))(state, symmetric, mask)
+  assert int(sums['tta_correct']) == int(sums['correct'])
+  np.testing.assert_allclose(float(sums['tta_loss']), float(sums['loss']), rtol=1e-5)
 
 
 # Unrolled is the CPU's default; the loop (accelerators' default) is checked here on the CPU.

@@ -345,6 +345,34 @@ def test_the_terminal_names_the_moving_averages_accuracy_only_where_there_is_one
   metrics.update({'test/ema_accuracy': 0.9902, 'test/ema_loss': 0.03})
   assert trainer.describe_evaluation(metrics, 'test', loss=False) == (
       'test accuracy 98.91%, EMA accuracy 99.02%')
+  metrics.update({'test/tta_accuracy': 0.9911, 'test/ema_tta_accuracy': 0.9923})
+  assert trainer.describe_evaluation(metrics, 'test', loss=False) == (
+      'test accuracy 98.91%, TTA accuracy 99.11%, EMA accuracy 99.02%, EMA TTA accuracy 99.23%')
+
+
+def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks_checkpoints(
+    fake_tfds, tmp_path, capsys):
+  config = tiny_config(num_train_steps=16, eval_every_steps=8, eval_tta='flip',
+                       best_metric='test/tta_loss', keep_checkpoints=1, keep_best=1)
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  captured = capsys.readouterr()
+  # The fake digits are not trained with flips: the run says what to expect of their mirrors.
+  assert "warning: eval_tta='flip' averages in mirror images" in captured.err
+  evaluations = [r for r in read_metrics(str(tmp_path / 'run')) if 'test/accuracy' in r]
+  assert [r['step'] for r in evaluations] == [8, 16]
+  for record in evaluations:
+    assert {'test/tta_accuracy', 'test/tta_loss'} <= set(record)
+    assert record['test/tta_loss'] != record['test/loss']
+  plain = trainer.train_and_evaluate(tiny_config(num_train_steps=16, eval_every_steps=8),
+                                     str(tmp_path / 'plain'))
+  # Test-time augmentation adds metrics; it changes neither training nor the plain ones.
+  learned = [name for name in plain if name.startswith(('test/', 'train/loss', 'train/acc'))]
+  assert len(learned) == 5 and all(result[name] == plain[name] for name in learned)
+  assert f'TTA accuracy {100 * result["test/tta_accuracy"]:.2f}% after 16 steps' in captured.out
+  best = min(evaluations, key=lambda r: r['test/tta_loss'])['step']
+  kept = sorted(int(name) for name in os.listdir(tmp_path / 'run' / 'checkpoints')
+                if name.isdigit())
+  assert kept == sorted({best, 16})
 
 
 def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, capsys):

@@ -119,6 +119,35 @@ class Preprocessor:
     return ((images.astype(jnp.float32) - mean) * inv_std).astype(self.dtype)
 
 
+# Test-time augmentation: 'none', the mirror image beside each image ('flip'), or airbench's
+# mirror images of it and of two one-pixel translations ('flip_translate').
+TEST_TIME_AUGMENTATIONS = ('none', 'flip', 'flip_translate')
+
+
+def tta_views(images: jax.Array, kind: str) -> list[tuple[jax.Array, float]]:
+  """The views of a normalised NHWC batch whose logits test-time augmentation averages, each with
+  its weight (the weights sum to 1); the first view is always `images` themselves.
+
+  'none': the images alone. 'flip': the images and their mirror images, half each.
+  'flip_translate' (airbench94's TTA): those two at a quarter each, and at an eighth each the
+  images shifted by one pixel down and right and by one up and left, their edges reflected,
+  and the mirror images of both.
+  """
+  if kind not in TEST_TIME_AUGMENTATIONS:
+    raise ValueError(f'test-time augmentation must be one of {TEST_TIME_AUGMENTATIONS}, got '
+                     f'{kind!r}')
+  if kind == 'none':
+    return [(images, 1.0)]
+  mirrored = lambda x: x[:, :, ::-1, :]
+  if kind == 'flip':
+    return [(images, 0.5), (mirrored(images), 0.5)]
+  _, height, width, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  shifted = [padded[:, :height, :width], padded[:, 2:, 2:]]
+  return ([(images, 0.25), (mirrored(images), 0.25)]
+          + [(view, 0.125) for x in shifted for view in (x, mirrored(x))])
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and standard deviation of uint8 NHWC images, in pixel units."""
   pixels = images.reshape(-1, images.shape[-1])
