@@ -256,8 +256,7 @@ def make_eval_step(model_def: ModelDef, preprocess: Preprocessor, *, num_classes
   def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> Metrics:
     model = model_def.merge(state.params, state.model_state)
     model.eval()
-    views = tta_views(preprocess(batch['image'], None, train=False),
-                            test_time_augmentation)
+    views = tta_views(preprocess(batch['image'], None, train=False), test_time_augmentation)
     labels = batch['label']
     logits = model(views[0][0]).astype(jnp.float32)
     sums = {'count': jnp.sum(mask, dtype=jnp.int32),
