@@ -8,15 +8,15 @@
 Everything is read from the runs' own files (`config.json`, `dataset.json`, `metrics.jsonl`), so
 a run still training can be compared too: its row says how far it has come. A row gives the model,
 the data it was trained and evaluated on (the dataset, `synthetic ...` for stand-in data, and the
-evaluation split: figures on other data do not compare), its parameter count (built under
-`nnx.eval_shape`: nothing is materialised), the steps trained, the last evaluation's accuracy and
-loss (with the top-5 accuracy of datasets of more than 10 classes, the accuracy with test-time
-augmentation in runs with `eval_tta`, and that of the weights' moving average in runs with
-`ema_decay`), the best
-accuracy and the step it came at, the training and compile seconds, and the median
-of the logged examples/s. Below the table are the config keys whose values differ between the runs,
-so that what was varied is plain. A run whose `metrics.jsonl` is damaged is reported on stderr and
-left out; the others are still compared.
+evaluation split: figures on other data do not compare), its parameter count and the
+multiply-adds of its forward pass per image (`jaxcnn.models.cost`; the model is built under
+`nnx.eval_shape` and traced: nothing is materialised), the steps trained, the last evaluation's
+accuracy and loss (with the top-5 accuracy of datasets of more than 10 classes, the accuracy with
+test-time augmentation in runs with `eval_tta`, and that of the weights' moving average in runs
+with `ema_decay`), the best accuracy and the step it came at, the training and compile seconds,
+and the median of the logged examples/s. Below the table are the config keys whose values differ
+between the runs, so that what was varied is plain. A run whose `metrics.jsonl` is damaged is
+reported on stderr and left out; the others are still compared.
 
 With `--group_seeds`, the runs whose configs differ only in `seed` are one row, which names their
 seeds and gives the mean of each figure over them with the standard deviation beside it: how
@@ -37,6 +37,7 @@ from jaxcnn import config as config_lib
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import CHECKPOINT_DIR
 from jaxcnn.errors import UserError
+from jaxcnn.models import cost
 
 _SORT_KEYS = ('accuracy', 'loss', 'time', 'name')
 _SORT = flags.DEFINE_enum('sort', 'accuracy', _SORT_KEYS,
@@ -49,17 +50,18 @@ _GROUP_SEEDS = flags.DEFINE_bool(
 _DEFAULT_ROOT = 'runs'
 
 
-def count_parameters(model: str, image_shape: Sequence[int], num_classes: int,
-                     model_kwargs: Mapping[str, object] | None = None) -> int | None:
-  """The parameters of `model` (built with `model_kwargs`) for these inputs, or None where it
-  cannot be built here (a user's model whose module is not importable from this folder)."""
+def model_size(model: str, image_shape: Sequence[int], num_classes: int,
+               model_kwargs: Mapping[str, object] | None = None) -> tuple[int | None, int | None]:
+  """The parameters of `model` (built with `model_kwargs`) for these inputs and the multiply-adds
+  of its forward pass per image (`models.cost`); (None, None) where it cannot be built here (a
+  user's model whose module is not importable from this folder)."""
   try:
     abstract = nnx.eval_shape(lambda: models.create_model(
         model, num_classes=num_classes, input_shape=tuple(image_shape),
         model_kwargs=model_kwargs, warn=False))
   except UserError:
-    return None
-  return models.count_params(abstract)
+    return None, None
+  return models.count_params(abstract), cost.multiply_adds(abstract, image_shape)
 
 
 def describe_run(run_dir: str) -> dict:
@@ -83,10 +85,11 @@ def describe_run(run_dir: str) -> dict:
   speeds = [r['train/examples_per_sec'] for r in records if 'train/examples_per_sec' in r]
   # The timing record ends a finished run; a finished run resumed for more steps writes on.
   finished = bool(records) and 'time/train_seconds' in records[-1]
+  parameters, multiply_adds = model_size(config.model, record.image_shape, record.num_classes,
+                                         config_lib.model_kwargs(config))
   return {
       'run': run_dir, 'model': config.model, 'dataset': record.name,
-      'parameters': count_parameters(config.model, record.image_shape, record.num_classes,
-                                     config_lib.model_kwargs(config)),
+      'parameters': parameters, 'multiply_adds': multiply_adds,
       # A run stopped by a signal saves its last step, which it may not have logged.
       'step': max(max((r['step'] for r in records), default=0), latest_checkpoint_step(run_dir)),
       'finished': finished,
@@ -195,9 +198,9 @@ def format_table(rows: Sequence[dict]) -> str:
     return f'{text} ± {format(scale * spread, spec)}{unit}' if spread is not None else text + unit
 
   best_header = 'best accuracy' if grouped else 'best accuracy (step)'  # Steps differ by seed.
-  lines = [f'| run | model | data | parameters | steps | accuracy | loss | {best_header} | '
-           'train s | compile s | examples/s |',
-           '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = [f'| run | model | data | parameters | multiply-adds | steps | accuracy | loss | '
+           f'{best_header} | train s | compile s | examples/s |',
+           '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   names = short_names([row['run'] for row in rows])
   for name, row in zip(names, rows):
     if 'seeds' in row:
@@ -213,12 +216,16 @@ def format_table(rows: Sequence[dict]) -> str:
       if row[key] is not None:
         accuracy += f' ({shown} {number(row[key], ".2f", row, key, 100, "%")})'
     data = f'{row["dataset"]}, {row["eval_split"]}'  # Trained on, evaluated on.
+    multiply_adds = ('-' if row['multiply_adds'] is None
+                     else cost.format_count(row['multiply_adds']))
     lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
-                 f'{steps} | {accuracy} | {number(row["loss"], ".4f", row, "loss")} | {best} | '
+                 f'{multiply_adds} | {steps} | {accuracy} | '
+                 f'{number(row["loss"], ".4f", row, "loss")} | {best} | '
                  f'{number(row["train_seconds"], ".1f", row, "train_seconds")} | '
                  f'{number(row["compile_seconds"], ".1f", row, "compile_seconds")} | '
                  f'{number(row["examples_per_sec"], ",.0f", row, "examples_per_sec")} |')
-  lines.append('\nAccuracy and loss: the last evaluation, on the split named under data'
+  lines.append('\nMultiply-adds: of the forward pass, per image. Accuracy and loss: the last '
+               'evaluation, on the split named under data'
                + ('; TTA: that of the logits averaged over test-time views (eval_tta)'
                   if any(row['tta_accuracy'] is not None for row in rows) else '')
                + ('; EMA: that of the moving average of the weights'

@@ -13,9 +13,10 @@ classes otherwise. With --config the model and the dataset's image shape (at the
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
 override them (MODEL and a --config.model override may not name different models), and the
 config's `model_kwargs` (--config.model_kwargs="{'widths': (32, 64)}") build its model. The last
-line is the total, `total: 25,557,032 parameters`; the parameters that the config's `frozen`
-pattern matches are marked `frozen`, and counted in that line, so that a pattern can be checked
-before a run.
+two lines are the totals, `total: 25,557,032 parameters` and the arithmetic of one image's
+forward pass, `forward pass: 4.11G multiply-adds per image (4,111,514,624)` (see
+`jaxcnn.models.cost`); the parameters that the config's `frozen` pattern matches are marked
+`frozen`, and counted in the first of them, so that a pattern can be checked before a run.
 """
 
 import math
@@ -29,6 +30,7 @@ from jaxcnn import cli, models, optim
 from jaxcnn import config as config_lib
 from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
+from jaxcnn.models import cost
 
 _INPUT_SHAPE = flags.DEFINE_string('input_shape', None, 'Image shape H,W,C, e.g. 32,32,3.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Number of classes.')
@@ -116,14 +118,16 @@ def summarize(model: str, input_shape: Sequence[int], num_classes: int,
               model_kwargs: Mapping[str, object] | None = None, frozen: str = '') -> str:
   """The parameter table of `model` (built with `model_kwargs`) for `input_shape` images and
   `num_classes` classes, with the parameters that the regular expression `frozen` (the config
-  key's) matches marked."""
+  key's) matches marked, then the multiply-adds of one image's forward pass."""
   abstract = nnx.eval_shape(lambda: models.create_model(
       model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs))
   header = (f'{model}{models.describe_kwargs(model_kwargs or {})}: input '
             f'{",".join(map(str, input_shape))}, {num_classes} classes')
   marked = (set(optim.frozen_parameters(nnx.state(abstract, nnx.Param), frozen)) if frozen
             else None)
-  return header + '\n' + format_table(parameter_rows(abstract), marked)
+  arithmetic = cost.multiply_adds(abstract, input_shape)
+  return (f'{header}\n{format_table(parameter_rows(abstract), marked)}\nforward pass: '
+          f'{cost.format_count(arithmetic)} multiply-adds per image ({arithmetic:,})')
 
 
 def main(argv: Sequence[str]) -> None:

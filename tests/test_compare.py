@@ -28,8 +28,9 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   assert sorted(rows) == [str(runs / 'lr0.0001'), str(runs / 'lr0.003')]
   for lr, result in results.items():
     row = rows[str(runs / f'lr{lr}')]
-    assert (row['model'], row['parameters'], row['step'], row['finished']) == (
-        'lenet5', 61_706, 24, True)  # LeNet-5 on 28x28x1: the README's count.
+    # LeNet-5 on 28x28x1: the README's count, and test_models.py's multiply-adds.
+    assert (row['model'], row['parameters'], row['multiply_adds'], row['step'],
+            row['finished']) == ('lenet5', 61_706, 416_520, 24, True)
     assert row['accuracy'] == pytest.approx(result['test/accuracy'])
     assert row['loss'] == pytest.approx(result['test/loss'])
     assert row['train_seconds'] == pytest.approx(result['time/train_seconds'])
@@ -60,8 +61,9 @@ def test_two_runs_side_by_side_with_what_differs(fake_tfds, tmp_path):
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   data = f'{rows[str(runs / "lr0.003")]["dataset"]}, test'
-  assert lines[2].startswith(f'| lr0.0001 | lenet5 | {data} | 61,706 | 24 | ')
-  assert lines[3].startswith(f'| lr0.003 | lenet5 | {data} | 61,706 | 24 (running or stopped) | ')
+  assert lines[2].startswith(f'| lr0.0001 | lenet5 | {data} | 61,706 | 417K | 24 | ')
+  assert lines[3].startswith(
+      f'| lr0.003 | lenet5 | {data} | 61,706 | 417K | 24 (running or stopped) | ')
   assert '  learning_rate: lr0.0001=0.0001, lr0.003=0.003' in lines
 
   with open(stopped, 'a', encoding='utf-8') as f:  # A last line cut short by a kill, say.
@@ -99,9 +101,9 @@ def test_each_row_says_what_data_it_was_trained_and_evaluated_on(tmp_path):
   result = run_compare(cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[0].startswith('| run | model | data | parameters |')
-  assert lines[2].startswith('| smoke | lenet5 | synthetic mnist, test | 61,706 | 50 ')
-  assert lines[3].startswith('| real | lenet5 | mnist/3.0.1, train[90%:] | 61,706 | 50 ')
+  assert lines[0].startswith('| run | model | data | parameters | multiply-adds |')
+  assert lines[2].startswith('| smoke | lenet5 | synthetic mnist, test | 61,706 | 417K | 50 ')
+  assert lines[3].startswith('| real | lenet5 | mnist/3.0.1, train[90%:] | 61,706 | 417K | 50 ')
 
 
 def test_runs_of_one_model_with_other_model_kwargs_count_their_own_parameters(tmp_path):
@@ -112,6 +114,7 @@ def test_runs_of_one_model_with_other_model_kwargs_count_their_own_parameters(tm
   # bn_cnn's README count, and by hand: convolutions 1*8*9 and 8*16*9, BatchNorm scales and
   # biases 2*(8+16), fc1 (7*7*16 + 1)*32, fc2 (32 + 1)*10.
   assert [row['parameters'] for row in rows] == [72 + 1152 + 48 + 25_120 + 330, 98_554]
+  assert [row['multiply_adds'] for row in rows] == [307_648, 1_994_240]  # As test_summary's.
   lines = compare.format_table(rows).splitlines()
   assert '  model_kwargs.hidden: narrow=32, default=unset' in lines
   assert '  model_kwargs.widths: narrow=[8, 16], default=unset' in lines
@@ -131,12 +134,13 @@ def test_runs_that_differ_only_in_seed_are_one_row_of_means_and_spreads(tmp_path
   assert (rows[1]['accuracy'], rows[1]['accuracy_std']) == (0.5, 0.0)
   assert 'seed' not in rows[0]['config']
   lines = compare.format_table(rows).splitlines()
-  assert lines[0].startswith('| run | model | data | parameters | steps | accuracy | loss | best '
-                             'accuracy | train s |')
-  assert lines[2] == ('| a0 (seeds 0, 1, 2) | lenet5 | mnist/3.0.1, test | 61,706 | 50 (running '
-                      'or stopped) | 98.00 ± 1.00% | 0.0200 ± 0.0100 | 98.00 ± 1.00% | - | - | - |')
-  assert lines[3].startswith('| b0 (seed 0) | lenet5 | mnist/3.0.1, test | 61,706 | 50 (running '
-                             'or stopped) | 50.00 ± 0.00% |')
+  assert lines[0].startswith('| run | model | data | parameters | multiply-adds | steps | accuracy '
+                             '| loss | best accuracy | train s |')
+  assert lines[2] == ('| a0 (seeds 0, 1, 2) | lenet5 | mnist/3.0.1, test | 61,706 | 417K | 50 '
+                      '(running or stopped) | 98.00 ± 1.00% | 0.0200 ± 0.0100 | 98.00 ± 1.00% '
+                      '| - | - | - |')
+  assert lines[3].startswith('| b0 (seed 0) | lenet5 | mnist/3.0.1, test | 61,706 | 417K | 50 '
+                             '(running or stopped) | 50.00 ± 0.00% |')
   assert 'Each row: the mean over its seeds ± the standard deviation.' in lines[5]
   assert '  learning_rate: a0=0.001, b0=0.1' in lines  # Not seed, which the rows average over.
 

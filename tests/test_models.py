@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxcnn import models
 from jaxcnn.errors import ConfigError
-from jaxcnn.models import cpu_conv
+from jaxcnn.models import cost, cpu_conv
 from jaxcnn.models.layers import Conv, max_pool, strided_max_pool
 
 
@@ -164,3 +164,37 @@ def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel, ke
   np.testing.assert_allclose(grad_x, ref_x, atol=1e-4)
   np.testing.assert_allclose(grad_module.kernel[...], ref_module.kernel[...], rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(grad_module.bias[...], ref_module.bias[...], rtol=1e-4, atol=1e-3)
+
+
+# Worked out by hand, as the parameter counts above: each layer's output elements times the
+# products summed into each.
+@pytest.mark.parametrize('name, input_shape, expected', [
+    # 28*28*6 * 5*5*1 + 10*10*16 * 5*5*6 + 400*120 + 120*84 + 84*10; on the CPU the first layer
+    # runs as shift-and-add, which must not hide its products.
+    ('lenet5', (28, 28, 1), 416_520),
+    # 26*26*32 * 3*3*1 + 13*13*32*64 + 64*10
+    ('keras_cnn', (28, 28, 1), 541_440),
+])
+def test_multiply_adds_per_image(name, input_shape, expected):
+  model = models.create_model(name, num_classes=10, input_shape=input_shape)
+  assert cost.multiply_adds(model, input_shape) == expected
+
+
+def test_multiply_adds_of_the_imagenet_resnets_are_torchvisions_published_figures():
+  """torchvision's model table gives their 'GFLOPS' (multiply-adds) at 224x224 to 2 decimals."""
+  # ResNet-34, -101 and -152 match too (3.66, 7.80, 11.51); traced here they would take 30 s.
+  for name, published in (('resnet18', 1.81e9), ('resnet50', 4.09e9)):
+    model = nnx.eval_shape(lambda name=name: models.create_model(
+        name, num_classes=1000, input_shape=(224, 224, 3)))
+    model.train()
+    assert cost.multiply_adds(model, (224, 224, 3)) == pytest.approx(published, abs=0.005e9)
+    # Counted in evaluation mode on a copy: the model itself is left training.
+    assert all(not m.use_running_average for _, m in nnx.iter_graph(model)
+               if isinstance(m, nnx.BatchNorm))
+
+
+@pytest.mark.parametrize('count, shown', [(512, '512'), (1_200, '1.2K'), (40_812_544, '40.8M'),
+                                          (4_111_514_624, '4.11G'), (999_700, '1M'),
+                                          (999_400, '999K')])
+def test_counts_are_shown_to_three_digits_with_a_prefix(count, shown):
+  assert cost.format_count(count) == shown

@@ -31,6 +31,8 @@ For 16 channels (a CIFAR ResNet-20 stage) its patch matrix is many times the lay
 and it does not pay either.
 """
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax
@@ -43,8 +45,26 @@ SHIFT_AND_ADD_MAX_INPUT_CHANNELS = 3
 COL2IM_MAX_INPUT_CHANNELS = 8
 
 
+_XLA_CONVOLUTIONS_ONLY = contextvars.ContextVar('xla_convolutions_only', default=False)
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """Within it, every layer traces XLA's own convolution, on the CPU too: for counting a model's
+  convolutions (`cost.multiply_adds`), whose arithmetic these kernels spread over elementwise
+  operations."""
+  token = _XLA_CONVOLUTIONS_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _XLA_CONVOLUTIONS_ONLY.reset(token)
+
+
 def kernel_for(in_features: int) -> ConvKernel | None:
-  """The faster CPU kernel for a layer with `in_features` input channels, or None for XLA's."""
+  """The faster CPU kernel for a layer with `in_features` input channels, or None for XLA's
+  (always within `xla_convolutions`)."""
+  if _XLA_CONVOLUTIONS_ONLY.get():
+    return None
   if in_features <= SHIFT_AND_ADD_MAX_INPUT_CHANNELS:
     return shift_and_add_conv
   if in_features <= COL2IM_MAX_INPUT_CHANNELS:
