@@ -317,7 +317,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   best_metrics = [f'{config.eval_split}/{weights}{views}{name}'
                   for weights in ('', *(('ema_',) if config.ema_decay else ()))
                   for views in ('', *(('tta_',) if config.eval_tta != 'none' else ()))
-                  for name in ('accuracy', 'loss')]
+                  # top5_accuracy: for datasets of more than 10 classes (build_experiment checks).
+                  for name in ('accuracy', 'loss', 'top5_accuracy')]
   metric_name = str(config.best_metric).rpartition('/')[2]
   for kind, key, setting in (('ema_', 'ema_decay', 'a decay in (0, 1)'),
                              ('tta_', 'eval_tta', "'flip' or 'flip_translate'")):

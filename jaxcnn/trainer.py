@@ -33,8 +33,8 @@ from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, Us
 from jaxcnn.metrics import MetricWriter
 from jaxcnn.progress import Progress, Stopwatch, format_duration
 from jaxcnn.train_state import ModelDef, TrainState, create_train_state
-from jaxcnn.train_step import (NO_STEP, StepOptions, init_eval_sums, init_train_sums,
-                               make_eval_step, make_train_step)
+from jaxcnn.train_step import (NO_STEP, TOP5_ABOVE_CLASSES, StepOptions, init_eval_sums,
+                               init_train_sums, make_eval_step, make_train_step)
 
 
 # The phases a run times; each is reported as `time/<phase>_seconds` in metrics.jsonl.
@@ -141,6 +141,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   predicted class) pair too, which `evaluate` returns.
   """
   check_batch_sizes(config, strategy, training=training)
+  if config.best_metric.endswith('top5_accuracy') and num_classes <= TOP5_ABOVE_CLASSES:
+    raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is counted only for "
+                      f'datasets of more than {TOP5_ABOVE_CLASSES} classes, and this one has '
+                      f'{num_classes}; use {config.best_metric.replace("top5_", "")!r}')
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "

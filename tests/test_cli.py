@@ -34,7 +34,8 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',
-     "config key 'best_metric' must be one of test/accuracy, test/loss, got 'test/acc'"),
+     "config key 'best_metric' must be one of test/accuracy, test/loss, test/top5_accuracy, got "
+     "'test/acc'"),
     ('--config.lr_decay_epochs=abc', "config key 'lr_decay_epochs' must be increasing positive"),
     ('--config.profile_steps=-5', "config key 'profile_steps' must be an integer >= 0, got -5"),
     ('--config.synthetic.image_shape=16,16',

@@ -146,6 +146,7 @@ def test_best_metric_follows_eval_split_until_it_is_set():
 
 
 @pytest.mark.parametrize('metric, mode', [('test/loss', 'min'), ('test/accuracy', 'max'),
+                                          ('test/top5_accuracy', 'max'),
                                           ('test/ema_loss', 'min')])
 def test_the_best_checkpoint_is_the_lowest_loss_or_the_highest_accuracy(metric, mode):
   config = config_lib.default_config()
@@ -170,7 +171,7 @@ def test_a_best_metric_the_run_would_not_evaluate_names_the_key_that_would(metri
   config.best_metric = metric
   with pytest.raises(ConfigError, match=re.escape(
       f"config key 'best_metric' ('{metric}') is evaluated only with {needs}; this run "
-      'evaluates test/accuracy, test/loss')):
+      'evaluates test/accuracy, test/loss, test/top5_accuracy')):
     config_lib.validate(config)
   config.eval_tta, config.ema_decay = 'flip_translate', 0.9
   config_lib.validate(config)

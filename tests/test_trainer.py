@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
-from jaxcnn import profiling, trainer
+from jaxcnn import checkpoint, profiling, trainer
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.metrics import read_metrics
@@ -376,12 +376,27 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
 
 
 def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, capsys):
-  config = tiny_config(dataset='synthetic', num_train_steps=4, eval_every_steps=4)
-  config.synthetic.image_shape, config.synthetic.num_classes = (28, 28, 1), 20
+  # Checkpoints ranked by it: only with more than 10 classes, where it is counted.
+  config = tiny_config(dataset='synthetic', num_train_steps=4, eval_every_steps=4,
+                       best_metric='test/top5_accuracy')
+  config.synthetic.image_shape, config.synthetic.num_classes = (28, 28, 1), 10
+  with pytest.raises(ConfigError, match=re.escape(
+      "config key 'best_metric' ('test/top5_accuracy') is counted only for datasets of more "
+      "than 10 classes, and this one has 10; use 'test/accuracy'")):
+    trainer.train_and_evaluate(config, str(tmp_path / 'ten'))
+  assert not os.listdir(tmp_path / 'ten')  # Refused before the run wrote anything.
+  config.synthetic.num_classes = 20
   config.synthetic.num_train, config.synthetic.num_eval = 128, 100
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result['test/accuracy'] < result['test/top5_accuracy'] <= 1
   assert read_metrics(str(tmp_path))[-2]['test/top5_accuracy'] == result['test/top5_accuracy']
+  checkpointer = checkpoint.make_checkpointer(config, str(tmp_path), reading_only=True)
+  try:  # The checkpoint was saved with the metric that ranks it.
+    assert checkpointer.read_meta(4)['metrics']['test/top5_accuracy'] == result[
+        'test/top5_accuracy']
+    assert checkpointer.best_step() == 4
+  finally:
+    checkpointer.close()
   top5 = f'top-5 {100 * result["test/top5_accuracy"]:.2f}%'
   evaluation = capsys.readouterr().out.strip().splitlines()[-2]
   assert evaluation.startswith('step 4: test accuracy') and f'%, {top5}, loss ' in evaluation
