@@ -26,7 +26,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxcnn import cli, models, optim
+from jaxcnn import cli, models, optim, tree_paths
 from jaxcnn import config as config_lib
 from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
@@ -67,7 +67,7 @@ def parameter_rows(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int]]:
   rows = []
   for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     shape = tuple(param.get_value().shape)
-    rows.append(('.'.join(str(part) for part in path), shape, math.prod(shape)))
+    rows.append((tree_paths.dotted(path), shape, math.prod(shape)))
   return rows
 
 

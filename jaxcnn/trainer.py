@@ -220,7 +220,7 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
   Such layers normalise each device's examples alone, and only device 0's running statistics
   would be saved: a different model from the one trained on one device, or with `jit`.
   """
-  local = [_path_name(path) for path, module in nnx.iter_graph(model)
+  local = [tree_paths.dotted(path) for path, module in nnx.iter_graph(model)
            if isinstance(module, nnx.BatchNorm) and module.axis_name is None]
   if local:
     devices = strategy.num_devices
@@ -253,10 +253,10 @@ def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
   frozen_norms = 0
   for path, module in nnx.iter_graph(model):
     if isinstance(module, nnx.BatchNorm):
-      own = [_path_name((*path, *key)) for key, _ in
+      own = [tree_paths.dotted((*path, *key)) for key, _ in
              nnx.to_flat_state(nnx.state(module, nnx.Param))]
       # A BatchNorm without scale and bias is named by its statistics.
-      own = own or [_path_name((*path, 'mean'))]
+      own = own or [tree_paths.dotted((*path, 'mean'))]
       if all(freezes(param) for param in own):
         # Set before the model is split: the train step's graph holds it, and evaluation's
         # model.eval() sets it for every layer anyway.
@@ -269,10 +269,6 @@ def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
     print(f'frozen: {len(frozen)} of {len(sizes)} parameter arrays '
           f'({sum(sizes[name] for name in frozen):,} of {sum(sizes.values()):,} parameters)'
           f'{norms}; training {tree_paths.listed(trained)}', flush=True)
-
-
-def _path_name(path) -> str:
-  return '.'.join(str(part) for part in path)
 
 
 def evaluate(experiment: Experiment, state, feed, prefix: str) -> dict[str, float]:

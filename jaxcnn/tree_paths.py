@@ -20,7 +20,8 @@ def path_names(path: Sequence) -> tuple[str, ...]:
 
 
 def dotted(path: Sequence) -> str:
-  """A JAX key path as one dotted name: `stages.0.layers.0.kernel`."""
+  """A JAX key path, or an NNX path of names and indices, as one dotted name:
+  `stages.0.layers.0.kernel`."""
   return '.'.join(path_names(path))
 
 
