@@ -4,6 +4,7 @@
   python -m jaxcnn.compare runs/mnist-lenet5-* RUN  # these runs
   python -m jaxcnn.compare --sort loss --json       # by final eval loss; JSON instead of a table
   python -m jaxcnn.compare --group_seeds            # one row per config: mean ± std over seeds
+  python -m jaxcnn.compare --target 99 --sort target  # fastest to 99% test accuracy first
 
 Everything is read from the runs' own files (`config.json`, `dataset.json`, `metrics.jsonl`), so
 a run still training can be compared too: its row says how far it has come. A row gives the model,
@@ -18,9 +19,14 @@ and the median of the logged examples/s. Below the table are the config keys who
 between the runs, so that what was varied is plain. A run whose `metrics.jsonl` is damaged is
 reported on stderr and left out; the others are still compared.
 
+`--target 99` adds each run's time to 99% (any accuracy, in percent) as the benchmarks measure
+it: the training seconds, compile and evaluation excluded, at its first evaluation that reached
+it, and that evaluation's step (so it is as fine as the run's `eval_every_steps`).
+
 With `--group_seeds`, the runs whose configs differ only in `seed` are one row, which names their
 seeds and gives the mean of each figure over them with the standard deviation beside it: how
-configs are compared when one seed's figure is within the noise of another's.
+configs are compared when one seed's figure is within the noise of another's. A group's time to
+`--target` is the mean over the seeds that reached it, with how many did where not all did.
 """
 
 import json
@@ -39,10 +45,15 @@ from jaxcnn.checkpoint import CHECKPOINT_DIR
 from jaxcnn.errors import UserError
 from jaxcnn.models import cost
 
-_SORT_KEYS = ('accuracy', 'loss', 'time', 'name')
+_SORT_KEYS = ('accuracy', 'loss', 'time', 'target', 'name')
 _SORT = flags.DEFINE_enum('sort', 'accuracy', _SORT_KEYS,
                           'Order of the rows: best final accuracy first, lowest final loss '
-                          'first, least training time first, or by run folder.')
+                          'first, least training time first, least training time to --target '
+                          'first, or by run folder.')
+_TARGET = flags.DEFINE_float(
+    'target', None, "Also give each run's time to this test accuracy, in percent (99 for 99%): "
+    'the training seconds, compile and evaluation excluded, and the step of its first '
+    'evaluation at or above it.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the rows as JSON instead of a Markdown table.')
 _GROUP_SEEDS = flags.DEFINE_bool(
     'group_seeds', False, 'One row for the runs whose configs differ only in seed: each figure '
@@ -64,8 +75,10 @@ def model_size(model: str, image_shape: Sequence[int], num_classes: int,
   return models.count_params(abstract), cost.multiply_adds(abstract, image_shape)
 
 
-def describe_run(run_dir: str) -> dict:
-  """A run's row: what it trained and what it reached, from its own files."""
+def describe_run(run_dir: str, target: float | None = None) -> dict:
+  """A run's row: what it trained and what it reached, from its own files. With `target` (an
+  accuracy, 0.99), also when it got there: `target_seconds` and `target_step`, those of its
+  first evaluation at or above it (None where none is)."""
   config = workdir_lib.read_config(run_dir)
   record = workdir_lib.read_dataset(run_dir)
   try:
@@ -78,6 +91,10 @@ def describe_run(run_dir: str) -> dict:
   # max((metric, step))): for a run ranked by accuracy with a checkpoint at every evaluation, the
   # step named here is the checkpoint that flag loads.
   best = max(evaluations, key=lambda r: (r[f'{split}/accuracy'], r['step']), default=None)
+  # Time to accuracy as the benchmarks measure it: training seconds, compile and evaluation
+  # excluded, at the first evaluation that reached it (so at the evaluations' granularity).
+  reached = next((r for r in evaluations if target is not None
+                  and r[f'{split}/accuracy'] >= target), None)
 
   def last(key):
     return next((r[key] for r in reversed(records) if key in r), None)
@@ -104,6 +121,9 @@ def describe_run(run_dir: str) -> dict:
       'ema_accuracy': evaluations[-1].get(f'{split}/ema_accuracy') if evaluations else None,
       'best_accuracy': best[f'{split}/accuracy'] if best else None,
       'best_step': best['step'] if best else None,
+      'target': target,
+      'target_seconds': reached.get('train/seconds') if reached else None,
+      'target_step': reached['step'] if reached else None,
       'train_seconds': last('time/train_seconds') if finished else last('train/seconds'),
       'compile_seconds': last('time/compile_seconds'),
       'examples_per_sec': statistics.median(speeds) if speeds else None,
@@ -130,7 +150,7 @@ def differing_keys(rows: Sequence[dict]) -> list[str]:
 
 # The figures of a row that `group_seeds` averages over the seeds.
 AVERAGED = ('accuracy', 'loss', 'top5_accuracy', 'tta_accuracy', 'ema_accuracy', 'best_accuracy',
-            'train_seconds', 'compile_seconds', 'examples_per_sec')
+            'target_seconds', 'train_seconds', 'compile_seconds', 'examples_per_sec')
 
 
 def group_seeds(rows: Sequence[dict]) -> list[dict]:
@@ -138,9 +158,10 @@ def group_seeds(rows: Sequence[dict]) -> list[dict]:
 
   A group's row is its first run's (by seed) with: `runs` and `seeds`, its runs and their seeds;
   each figure of `AVERAGED` the mean over the runs that have it and `<figure>_std` its sample
-  standard deviation (0 for one run, None for none); `step` the fewest steps of its runs,
-  `finished` whether all finished; no `best_step` (the runs' best steps differ); and a config
-  without `seed`.
+  standard deviation (0 for one run, None for none; `target_seconds` over the runs that reached
+  the target, and `target_reached` says how many did); `step` the fewest steps of its runs,
+  `finished` whether all finished; no `best_step` nor `target_step` (the runs' steps differ);
+  and a config without `seed`.
   """
   groups: dict[str, list[dict]] = {}
   for row in rows:
@@ -155,6 +176,8 @@ def group_seeds(rows: Sequence[dict]) -> list[dict]:
            'seeds': [m['config'].get('seed', 0) for m in members],
            'step': min(m['step'] for m in members),
            'finished': all(m['finished'] for m in members), 'best_step': None,
+           'target_step': None,
+           'target_reached': sum(m['target_seconds'] is not None for m in members),
            'config': {k: v for k, v in members[0]['config'].items() if k != 'seed'}}
     for figure in AVERAGED:
       values = [m[figure] for m in members if m[figure] is not None]
@@ -170,7 +193,7 @@ def sort_rows(rows: list[dict], by: str) -> list[dict]:
   if by == 'name':
     return sorted(rows, key=lambda row: row['run'])
   field, sign = {'accuracy': ('accuracy', -1), 'loss': ('loss', 1),
-                 'time': ('train_seconds', 1)}[by]
+                 'time': ('train_seconds', 1), 'target': ('target_seconds', 1)}[by]
   return sorted(rows, key=lambda row: (row[field] is None, sign * (row[field] or 0), row['run']))
 
 
@@ -198,9 +221,24 @@ def format_table(rows: Sequence[dict]) -> str:
     return f'{text} ± {format(scale * spread, spec)}{unit}' if spread is not None else text + unit
 
   best_header = 'best accuracy' if grouped else 'best accuracy (step)'  # Steps differ by seed.
+  target = next((row['target'] for row in rows if row['target'] is not None), None)
+  target_header = (f' to {100 * target:g}%: train s{"" if grouped else " (step)"} |'
+                   if target is not None else '')
+
+  def time_to_target(row) -> str:
+    if row['target_seconds'] is None:
+      return ' not reached |'
+    text = number(row['target_seconds'], '.1f', row, 'target_seconds')
+    if not grouped:
+      text += f' ({row["target_step"]:,})'
+    elif row['target_reached'] < len(row['seeds']):
+      text += f' ({row["target_reached"]}/{len(row["seeds"])} seeds)'
+    return f' {text} |'
+
   lines = [f'| run | model | data | parameters | multiply-adds | steps | accuracy | loss | '
-           f'{best_header} | train s | compile s | examples/s |',
-           '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+           f'{best_header} |{target_header} train s | compile s | examples/s |',
+           '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |'
+           + (' ---: |' if target is not None else '') + ' ---: | ---: | ---: |']
   names = short_names([row['run'] for row in rows])
   for name, row in zip(names, rows):
     if 'seeds' in row:
@@ -220,7 +258,8 @@ def format_table(rows: Sequence[dict]) -> str:
                      else cost.format_count(row['multiply_adds']))
     lines.append(f'| {name} | {row["model"]} | {data} | {number(row["parameters"], ",")} | '
                  f'{multiply_adds} | {steps} | {accuracy} | '
-                 f'{number(row["loss"], ".4f", row, "loss")} | {best} | '
+                 f'{number(row["loss"], ".4f", row, "loss")} | {best} |'
+                 f'{time_to_target(row) if target is not None else ""} '
                  f'{number(row["train_seconds"], ".1f", row, "train_seconds")} | '
                  f'{number(row["compile_seconds"], ".1f", row, "compile_seconds")} | '
                  f'{number(row["examples_per_sec"], ",.0f", row, "examples_per_sec")} |')
@@ -230,6 +269,9 @@ def format_table(rows: Sequence[dict]) -> str:
                   if any(row['tta_accuracy'] is not None for row in rows) else '')
                + ('; EMA: that of the moving average of the weights'
                   if any(row['ema_accuracy'] is not None for row in rows) else '')
+               + (f'. To {100 * target:g}%: the training seconds (compile and evaluation '
+                  'excluded) at the first evaluation that reached it'
+                  + ('' if grouped else ', and its step') if target is not None else '')
                + ('. Each row: the mean over its seeds ± the standard deviation.' if grouped
                   else '.'))
   differing = differing_keys(rows) if len(rows) > 1 else []
@@ -251,10 +293,15 @@ def main(argv: Sequence[str]) -> None:
   if not run_dirs:
     raise UserError(f'no runs to compare: {_DEFAULT_ROOT}/ holds no run folders here; name the '
                     'run folders, e.g. python -m jaxcnn.compare RUN1 RUN2')
+  target = _TARGET.value
+  if target is not None and not 0 < target <= 100:
+    raise UserError(f'--target must be an accuracy in percent, in (0, 100], got {target:g}')
+  if _SORT.value == 'target' and target is None:
+    raise UserError('--sort target orders the runs by their time to --target: give --target too')
   rows, damaged = [], []
   for run_dir in run_dirs:
     try:
-      rows.append(describe_run(run_dir))
+      rows.append(describe_run(run_dir, None if target is None else target / 100))
     except metrics.DamagedMetrics as e:
       damaged.append(str(e))
   if not rows:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -179,6 +180,48 @@ def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):
     f.write('[120, 0.9]\n{"step": 130}\n')  # JSON, but not a record of a step.
   with pytest.raises(UserError, match='good/metrics.jsonl is damaged: line 14 is not a record'):
     compare.describe_run(good)
+
+
+def test_time_to_a_target_accuracy_is_that_of_the_first_evaluation_that_reached_it(tmp_path):
+  runs = tmp_path / 'runs'
+
+  def timed(step, accuracy, seconds):
+    return {**evaluation(step, accuracy), 'train/seconds': seconds}
+
+  # Seeds 0 and 1 get to 99.5% (seed 1 faster), seed 2 does not; another config, faster still.
+  write_run(runs / 'a0', [timed(100, 0.990, 5.0), timed(200, 0.995, 9.0), timed(300, 0.994, 13.0)])
+  write_run(runs / 'a1', [timed(100, 0.996, 4.0), timed(200, 0.993, 8.0)], seed=1)
+  write_run(runs / 'a2', [timed(100, 0.991, 6.0), timed(200, 0.994, 12.0)], seed=2)
+  write_run(runs / 'b', [timed(50, 0.9951, 2.5)], learning_rate=0.01)
+  rows = {os.path.basename(row['run']): row for row in
+          (compare.describe_run(str(run), target=0.995) for run in sorted(runs.iterdir()))}
+  assert [(rows[name]['target_seconds'], rows[name]['target_step'])
+          for name in ('a0', 'a1', 'a2', 'b')] == [(9.0, 200), (4.0, 100), (None, None), (2.5, 50)]
+  assert compare.describe_run(str(runs / 'a0'))['target_seconds'] is None  # No target asked.
+
+  result = run_compare('--target', '99.5', '--sort', 'target', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert '| best accuracy (step) | to 99.5%: train s (step) | train s |' in lines[0]
+  assert [line.split(' | ')[0] for line in lines[2:6]] == ['| b', '| a1', '| a0', '| a2']
+  assert '| 99.51% (50) | 2.5 (50) |' in lines[2] and '| not reached |' in lines[5]
+  assert 'To 99.5%: the training seconds (compile and evaluation excluded) at the first ' \
+         'evaluation that reached it, and its step.' in result.stdout
+
+  grouped = run_compare('--target', '99.5', '--group_seeds', '--sort', 'target', cwd=tmp_path)
+  assert grouped.returncode == 0, grouped.stderr
+  lines = grouped.stdout.splitlines()
+  assert lines[2].startswith('| b (seed 0) |') and '| 2.5 ± 0.0 |' in lines[2]
+  # The mean of the two seeds that got there, and how many of the three did.
+  assert lines[3].startswith('| a0 (seeds 0, 1, 2) |')
+  assert f'| 6.5 ± {statistics.stdev([9.0, 4.0]):.1f} (2/3 seeds) |' in lines[3]
+
+  for args, message in ((('--target', '0'), 'error: --target must be an accuracy in percent, in '
+                          '(0, 100], got 0\n'),
+                        (('--sort', 'target'), 'error: --sort target orders the runs by their '
+                         'time to --target: give --target too\n')):
+    result = run_compare(*args, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (2, message)
 
 
 def test_a_run_with_a_moving_average_shows_its_accuracy_beside_the_weights(tmp_path):
