@@ -17,6 +17,7 @@ import numpy as np
 from jaxcnn import config as config_lib, parallel, xla_options
 from jaxcnn.data import device_data, pipeline
 from jaxcnn.errors import UserError
+from jaxcnn.models import cost
 from jaxcnn.trainer import build_experiment, default_steps_per_call
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +130,9 @@ def _measure(config, strategy, steps: int, repeats: int, image_shape, num_classe
     state, sums = run_steps(state, sums)
     seconds.append(time.perf_counter() - start)
   steps_per_sec = [steps / s for s in seconds]
+  host_state = strategy.fetch(state)
+  multiply_adds = cost.multiply_adds(
+      experiment.model_def.merge(host_state.params, host_state.model_state), image_shape)
   return {
       'model': config.model, 'dataset': config.dataset, 'image_shape': list(image_shape),
       'batch_size': config.batch_size, 'dtype': config.dtype, 'parallel': strategy.name,
@@ -139,4 +143,9 @@ def _measure(config, strategy, steps: int, repeats: int, image_shape, num_classe
       'examples_per_sec': statistics.median(steps_per_sec) * config.batch_size,
       'examples_per_sec_min': min(steps_per_sec) * config.batch_size,
       'examples_per_sec_max': max(steps_per_sec) * config.batch_size,
+      # The model's arithmetic rate: a training step as three forward passes (less with frozen
+      # layers), 2 FLOP per multiply-add, as the suite's ResNet-50 MFU counts it.
+      'multiply_adds_per_example': multiply_adds,
+      'model_tflops_per_sec': (6 * multiply_adds * statistics.median(steps_per_sec)
+                               * config.batch_size / 1e12),
   }

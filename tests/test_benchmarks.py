@@ -39,6 +39,9 @@ def test_throughput_prints_compile_time_and_rates_as_json():
   for figure in ('steps_per_sec', 'examples_per_sec'):  # Median, min and max of the repeats.
     assert 0 < measured[f'{figure}_min'] <= measured[figure] <= measured[f'{figure}_max']
   assert measured['examples_per_sec'] == pytest.approx(32 * measured['steps_per_sec'])
+  assert measured['multiply_adds_per_example'] == 416_520  # test_models.py's LeNet-5 count.
+  assert measured['model_tflops_per_sec'] == pytest.approx(
+      6 * 416_520 * measured['examples_per_sec'] / 1e12)
 
 
 def run_refused(*command, env=None):
