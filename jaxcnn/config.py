@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.pad_mode = 'constant'  # That padding: 'constant' (zeros) or 'reflect'.
   config.augment.flip = False  # Random horizontal flips.
   config.augment.inception_crop = False  # Random-resized (Inception) crops, ImageNet style.
+  config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
   config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
 
@@ -379,6 +380,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.pad_mode', config.augment.pad_mode in PAD_MODES,
            f'one of {", ".join(PAD_MODES)}')
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
+  _require(config, 'augment.cutout', _is_int(config.augment.cutout) and config.augment.cutout >= 0,
+           'an integer >= 0 (pixels)')
 
 
 def check_frozen(config: ml_collections.ConfigDict) -> None:

@@ -145,6 +145,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
     raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is counted only for "
                       f'datasets of more than {TOP5_ABOVE_CLASSES} classes, and this one has '
                       f'{num_classes}; use {config.best_metric.replace("top5_", "")!r}')
+  if config.augment.cutout > min(image_shape[:2]):
+    raise ConfigError(f"config key 'augment.cutout' ({config.augment.cutout}) is larger than the "
+                      f'{image_shape[0]}x{image_shape[1]} images it would cut from; use at most '
+                      f'{min(image_shape[:2])} (the Cutout paper cut 16 from 32x32 CIFAR-10 '
+                      'and 8 from CIFAR-100)')
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "
@@ -192,6 +197,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             pad_mode=config.augment.pad_mode,
                             flip=config.augment.flip and on_device,
                             inception_crop=config.augment.inception_crop and on_device,
+                            # On the device for streamed data too: a mask, cheap anywhere.
+                            cutout=config.augment.cutout,
                             dtype=config.dtype)
   options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,

@@ -365,11 +365,39 @@ def test_random_resized_crop_zooms_into_a_box_of_the_image():
   assert sum(not np.allclose(o, i) for o, i in zip(np.asarray(out), np.asarray(images))) >= 12
 
 
+def test_cutout_zeroes_a_square_clipped_at_the_edges_around_every_pixel_alike():
+  images = jnp.ones((2000, 9, 7, 2))
+  cut = np.asarray(augment.cutout(images, augment.example_keys(jax.random.key(0), 2000), 4))
+  zero = cut[..., 0] == 0
+  np.testing.assert_array_equal(zero, cut[..., 1] == 0)  # Every channel of a cut pixel.
+  for image in zero:  # One square (rectangle where clipped) of at most 4 x 4 pixels.
+    rows, cols = np.nonzero(image.any(1))[0], np.nonzero(image.any(0))[0]
+    assert image.sum() == len(rows) * len(cols) and 2 <= len(rows) <= 4 and 2 <= len(cols) <= 4
+    assert image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+  # The centre is uniform over the 63 pixels: a pixel away from the edges is in the squares of
+  # 4x4 of them, a corner in those of 3x3 (centres up to 2 rows and columns in), within noise.
+  assert abs(zero[:, 2:7, 2:5].mean() - 16 / 63) < 0.03
+  assert abs(zero[:, 0, 0].mean() - 9 / 63) < 0.03
+  # Normalised images: a cut pixel is the training mean. Evaluation leaves every pixel.
+  preprocess = augment.Preprocessor(mean=(100.0,), std=(10.0,), cutout=4)
+  pixels = jnp.full((8, 9, 7, 1), 120, jnp.uint8)
+  trained = np.asarray(preprocess(pixels, jax.random.key(1), train=True))
+  assert set(np.unique(trained)) == {0.0, 2.0}
+  assert (np.asarray(preprocess(pixels, None, train=False)) == 2.0).all()
+  # Cutout draws its own keys: turning it on leaves the crops and flips as they were.
+  crops = dict(mean=(100.0,), std=(10.0,), crop_padding=2, flip=True)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 9, 7, 1)), jnp.uint8)
+  with_cutout = augment.Preprocessor(**crops, cutout=3)(images, jax.random.key(2), train=True)
+  without = augment.Preprocessor(**crops)(images, jax.random.key(2), train=True)
+  kept = np.asarray(with_cutout) != 0
+  np.testing.assert_array_equal(np.asarray(with_cutout)[kept], np.asarray(without)[kept])
+
+
 def test_augmentation_of_a_slice_equals_the_slice_of_the_augmented_batch():
   """Per-example keys: a device augmenting its shard draws what one device draws for the batch."""
   images = jnp.asarray(np.random.default_rng(4).integers(0, 255, (16, 8, 8, 3)), jnp.uint8)
   preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True,
-                                    inception_crop=True)
+                                    inception_crop=True, cutout=3)
   key = jax.random.key(9)
   whole = preprocess(images, key, train=True)
   for shard in range(4):

@@ -375,6 +375,19 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
   assert kept == sorted({best, 16})
 
 
+def test_cutout_larger_than_the_images_is_refused_before_the_run_writes(tmp_path):
+  config = tiny_config(dataset='synthetic', num_train_steps=4)
+  config.synthetic.image_shape = (28, 20, 1)
+  config.augment.cutout = 21
+  with pytest.raises(ConfigError, match=re.escape(
+      "config key 'augment.cutout' (21) is larger than the 28x20 images it would cut from; use "
+      'at most 20 (the Cutout paper cut 16 from 32x32 CIFAR-10 and 8 from CIFAR-100)')):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+  config.augment.cutout = 20
+  assert trainer.train_and_evaluate(config, str(tmp_path))['step'] == 4
+
+
 def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, capsys):
   # Checkpoints ranked by it: only with more than 10 classes, where it is counted.
   config = tiny_config(dataset='synthetic', num_train_steps=4, eval_every_steps=4,

@@ -76,6 +76,25 @@ def random_resized_crop(images: jax.Array, keys: jax.Array, scale=(0.08, 1.0),
   return jax.vmap(crop)(images, keys)
 
 
+def cutout(images: jax.Array, keys: jax.Array, size: int) -> jax.Array:
+  """Cutout (DeVries & Taylor 2017): zeroes a `size` x `size` square of each normalised image
+  (zero is the training images' mean), centred at a uniformly random pixel and, as in the paper,
+  clipped at the image's edges. `keys` holds one key per image."""
+  _, height, width, _ = images.shape
+  centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, jnp.array([height, width])))(keys)
+  top, left = (centres - size // 2).T
+  rows = jnp.arange(height)[None, :, None]
+  cols = jnp.arange(width)[None, None, :]
+  cut = ((rows >= top[:, None, None]) & (rows < top[:, None, None] + size)
+         & (cols >= left[:, None, None]) & (cols < left[:, None, None] + size))
+  return jnp.where(cut[..., None], jnp.zeros((), images.dtype), images)
+
+
+# Cutout draws from its own stream of the step's augmentation key, so that turning it on leaves
+# the crops and flips that a config draws as they were.
+_CUTOUT_STREAM = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
   """Turns a uint8 batch into the model's input: augments (in training) and normalises.
@@ -87,6 +106,8 @@ class Preprocessor:
     pad_mode: that padding, 'constant' (zeros) or 'reflect'.
     flip: random horizontal flips (off for digits, whose mirror images are other glyphs).
     inception_crop: random-resized crops (before the padded crop and the flip, if those are on).
+    cutout: side of the square that Cutout erases from each normalised training image, after
+      the other augmentations; 0 disables it.
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
   """
   mean: tuple[float, ...]
@@ -95,6 +116,7 @@ class Preprocessor:
   pad_mode: str = 'constant'
   flip: bool = False
   inception_crop: bool = False
+  cutout: int = 0
   dtype: str = 'float32'
 
   def __call__(self, images: jax.Array, key: jax.Array | None, train: bool,
@@ -109,7 +131,11 @@ class Preprocessor:
       images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
       if self.flip:
         images = random_flip_left_right(images, keys[:, 1])
-    return self.normalize(images)
+    images = self.normalize(images)
+    if train and self.cutout:
+      images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),
+                                           images.shape[0], first_example), self.cutout)
+    return images
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """Maps pixels (uint8, or floats in [0, 255]) to zero-mean, unit-variance channels in the
