@@ -1,5 +1,7 @@
 """The model zoo: output shapes, parameter counts, and the fast max-pool."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +200,46 @@ def test_multiply_adds_of_the_imagenet_resnets_are_torchvisions_published_figure
                                           (999_400, '999K')])
 def test_counts_are_shown_to_three_digits_with_a_prefix(count, shown):
   assert cost.format_count(count) == shown
+
+
+def test_stochastic_depth_drops_whole_residual_branches_in_training_only():
+  from jaxcnn.models import resnet  # pylint: disable=g-import-not-at-top
+
+  def block(rate):  # The same parameters: the drop-path layer draws none.
+    return resnet.BasicBlock(8, 8, dtype=jnp.float32, zero_init_residual=False,
+                             drop_path_rate=rate, rngs=nnx.Rngs(0))
+
+  plain, dropping = block(0.0), block(0.5)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 6, 6, 8)), jnp.float32)
+  branch = plain.bn2(plain.conv2(nnx.relu(plain.bn1(plain.conv1(x)))))
+  out = np.asarray(dropping(x))
+  # Each example skips the branch (half of them), or keeps it scaled by 1 / (1 - 0.5).
+  skipped = [np.allclose(o, nnx.relu(xi), atol=1e-5) for o, xi in zip(out, x)]
+  kept = [np.allclose(o, nnx.relu(2 * b + xi), atol=1e-4) for o, b, xi in zip(out, branch, x)]
+  assert all(s != k for s, k in zip(skipped, kept)) and 16 < sum(skipped) < 48
+  assert not np.allclose(dropping(x), out)  # Another draw at the next call.
+  plain, dropping = block(0.0), block(0.5)  # Untouched BatchNorm statistics, the same in both.
+  plain.eval()
+  dropping.eval()
+  np.testing.assert_allclose(dropping(x), plain(x), atol=1e-6)  # Every block, unscaled.
+
+
+def test_stochastic_depth_rises_linearly_over_the_blocks_and_adds_no_arrays():
+  plain = models.create_model('cifar_resnet20', num_classes=10, input_shape=(32, 32, 3))
+  dropping = models.create_model('cifar_resnet20', num_classes=10, input_shape=(32, 32, 3),
+                                 model_kwargs={'drop_path_rate': 0.2})
+  rates = [0.0 if b.drop_path is None else b.drop_path.rate
+           for stage in dropping.stages for b in stage.layers]
+  np.testing.assert_allclose(rates, np.linspace(0, 0.2, 9))
+  # Checkpoints of either load into the other: the same parameters and statistics.
+  for kind in (nnx.Param, nnx.BatchStat):
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()),
+                                     nnx.state(plain, kind), nnx.state(dropping, kind)))
+  wide = nnx.eval_shape(lambda: models.create_model(
+      'wrn16_8', num_classes=10, input_shape=(32, 32, 3), model_kwargs={'drop_path_rate': 0.3}))
+  assert [0.0 if b.drop_path is None else b.drop_path.rate
+          for group in wide.groups for b in group.layers] == pytest.approx([0, .06, .12, .18, .24, .3])
+  with pytest.raises(models.ImagesTooSmall, match=re.escape(
+      'ValueError: drop_path_rate must be in [0, 1), got 1.0')):
+    models.create_model('resnet18', num_classes=10, input_shape=(32, 32, 3),
+                        model_kwargs={'drop_path_rate': 1.0})

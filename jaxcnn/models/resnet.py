@@ -20,6 +20,13 @@ no parameters. For 32x32x3 input and 10 classes they have 269,722 (0.27M), 464,1
 Every block can start as an identity: with `zero_init_residual=True` (the default) the last
 BatchNorm scale of each residual branch starts at zero (Goyal et al. 2017), which makes large-batch
 training start more stably; torchvision offers the same option.
+
+`drop_path_rate` turns on stochastic depth (Huang et al. 2016), as timm's `drop_path_rate`: in
+training each example skips a block's residual branch with a probability that rises linearly from
+0 at the first block to `drop_path_rate` at the last, and a branch it keeps is scaled by
+1 / (1 - that probability), so that evaluation runs every block unscaled. It draws from the
+`dropout` stream, which the train step reseeds at every step. At 0, the default, the model has no
+such layer and its arrays are those of the plain network.
 """
 
 import functools
@@ -61,6 +68,20 @@ def batch_norm(features: int, *, dtype, axis_name: str | None, rngs: nnx.Rngs,
                        axis_name=axis_name, scale_init=scale_init, rngs=rngs)
 
 
+def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+  """Stochastic depth for one residual branch: dropout of whole examples (broadcast over height,
+  width and channels) with probability `rate`; None where `rate` is 0."""
+  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+  """Each block's probability of skipping its branch: linear from 0 at the first block to
+  `drop_path_rate` at the last (Huang et al.'s linear decay rule)."""
+  if not 0 <= drop_path_rate < 1:
+    raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+  return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
 def global_average_pool(x: jax.Array) -> jax.Array:
   """Averages NHWC feature maps over height and width."""
   return jnp.mean(x, axis=(1, 2))
@@ -77,7 +98,7 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, stride: int = 1, dtype,
                axis_name: str | None = None, zero_init_residual: bool = True,
-               shortcut: str = 'B', rngs: nnx.Rngs):
+               shortcut: str = 'B', drop_path_rate: float = 0.0, rngs: nnx.Rngs):
     norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
     self.conv1 = conv(in_features, features, 3, stride, dtype=dtype, rngs=rngs)
     self.bn1 = norm(features)
@@ -85,10 +106,13 @@ class BasicBlock(nnx.Module):
     self.bn2 = norm(features, zero_scale=zero_init_residual)
     self.shortcut = _make_shortcut(in_features, features, stride, shortcut, dtype=dtype,
                                    axis_name=axis_name, rngs=rngs)
+    self.drop_path = drop_path(drop_path_rate, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = self.bn2(self.conv2(y))
+    if self.drop_path is not None:
+      y = self.drop_path(y)
     return nnx.relu(y + self.shortcut(x))
 
 
@@ -99,7 +123,7 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, stride: int = 1, dtype,
                axis_name: str | None = None, zero_init_residual: bool = True,
-               shortcut: str = 'B', rngs: nnx.Rngs):
+               shortcut: str = 'B', drop_path_rate: float = 0.0, rngs: nnx.Rngs):
     norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
     out_features = features * self.expansion
     self.conv1 = conv(in_features, features, 1, dtype=dtype, rngs=rngs)
@@ -110,11 +134,14 @@ class Bottleneck(nnx.Module):
     self.bn3 = norm(out_features, zero_scale=zero_init_residual)
     self.shortcut = _make_shortcut(in_features, out_features, stride, shortcut, dtype=dtype,
                                    axis_name=axis_name, rngs=rngs)
+    self.drop_path = drop_path(drop_path_rate, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = nnx.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
+    if self.drop_path is not None:
+      y = self.drop_path(y)
     return nnx.relu(y + self.shortcut(x))
 
 
@@ -150,16 +177,20 @@ def _make_shortcut(in_features: int, out_features: int, stride: int, kind: str, 
 
 
 def _make_stages(block_cls, in_features: int, widths: Sequence[int], stage_sizes: Sequence[int],
-                 strides: Sequence[int], **block_kwargs) -> tuple[nnx.List, int]:
-  """Stages of residual blocks; the first block of each stage carries its stride.
+                 strides: Sequence[int], drop_path_rate: float = 0.0,
+                 **block_kwargs) -> tuple[nnx.List, int]:
+  """Stages of residual blocks; the first block of each stage carries its stride, and each
+  block its share of `drop_path_rate` (`drop_path_rates`).
 
   Returns the stages and the number of channels they output.
   """
+  rates = iter(drop_path_rates(drop_path_rate, sum(stage_sizes)))
   stages = []
   for width, num_blocks, stride in zip(widths, stage_sizes, strides):
     blocks = []
     for i in range(num_blocks):
-      blocks.append(block_cls(in_features, width, stride=stride if i == 0 else 1, **block_kwargs))
+      blocks.append(block_cls(in_features, width, stride=stride if i == 0 else 1,
+                              drop_path_rate=next(rates), **block_kwargs))
       in_features = width * block_cls.expansion
     stages.append(nnx.Sequential(*blocks))
   return nnx.List(stages), in_features
@@ -176,13 +207,15 @@ class ResNet(nnx.Module):
 
   def __init__(self, *, block_cls: type[BasicBlock] | type[Bottleneck], stage_sizes: Sequence[int],
                num_classes: int, input_shape: Sequence[int], dtype=jnp.float32, rngs: nnx.Rngs,
-               axis_name: str | None = None, zero_init_residual: bool = True):
+               axis_name: str | None = None, zero_init_residual: bool = True,
+               drop_path_rate: float = 0.0):
     channels = input_shape[-1]
     self.stem_conv = conv(channels, 64, 7, 2, dtype=dtype, rngs=rngs)
     self.stem_bn = batch_norm(64, dtype=dtype, axis_name=axis_name, rngs=rngs)
     self.stages, features = _make_stages(
         block_cls, 64, (64, 128, 256, 512), stage_sizes, (1, 2, 2, 2), dtype=dtype,
-        axis_name=axis_name, zero_init_residual=zero_init_residual, rngs=rngs)
+        axis_name=axis_name, zero_init_residual=zero_init_residual,
+        drop_path_rate=drop_path_rate, rngs=rngs)
     self.fc = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -204,13 +237,15 @@ class CifarResNet(nnx.Module):
 
   def __init__(self, *, blocks_per_stage: int, num_classes: int, input_shape: Sequence[int],
                dtype=jnp.float32, rngs: nnx.Rngs, axis_name: str | None = None,
-               shortcut: str = 'A', zero_init_residual: bool = True):
+               shortcut: str = 'A', zero_init_residual: bool = True,
+               drop_path_rate: float = 0.0):
     channels = input_shape[-1]
     self.stem_conv = conv(channels, 16, 3, dtype=dtype, rngs=rngs)
     self.stem_bn = batch_norm(16, dtype=dtype, axis_name=axis_name, rngs=rngs)
     self.stages, features = _make_stages(
         BasicBlock, 16, (16, 32, 64), (blocks_per_stage,) * 3, (1, 2, 2), dtype=dtype,
-        axis_name=axis_name, zero_init_residual=zero_init_residual, shortcut=shortcut, rngs=rngs)
+        axis_name=axis_name, zero_init_residual=zero_init_residual, shortcut=shortcut,
+        drop_path_rate=drop_path_rate, rngs=rngs)
     self.fc = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
