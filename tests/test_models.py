@@ -237,8 +237,9 @@ def test_stochastic_depth_rises_linearly_over_the_blocks_and_adds_no_arrays():
                                      nnx.state(plain, kind), nnx.state(dropping, kind)))
   wide = nnx.eval_shape(lambda: models.create_model(
       'wrn16_8', num_classes=10, input_shape=(32, 32, 3), model_kwargs={'drop_path_rate': 0.3}))
-  assert [0.0 if b.drop_path is None else b.drop_path.rate
-          for group in wide.groups for b in group.layers] == pytest.approx([0, .06, .12, .18, .24, .3])
+  wide_rates = [0.0 if b.drop_path is None else b.drop_path.rate
+                for group in wide.groups for b in group.layers]
+  assert wide_rates == pytest.approx([0, .06, .12, .18, .24, .3])
   with pytest.raises(models.ImagesTooSmall, match=re.escape(
       'ValueError: drop_path_rate must be in [0, 1), got 1.0')):
     models.create_model('resnet18', num_classes=10, input_shape=(32, 32, 3),
