@@ -130,9 +130,10 @@ def _measure(config, strategy, steps: int, repeats: int, image_shape, num_classe
     state, sums = run_steps(state, sums)
     seconds.append(time.perf_counter() - start)
   steps_per_sec = [steps / s for s in seconds]
-  host_state = strategy.fetch(state)
+  # Traced, not run: the state's global arrays will do, without a copy to the host.
+  global_state = strategy.unreplicate(state)
   multiply_adds = cost.multiply_adds(
-      experiment.model_def.merge(host_state.params, host_state.model_state), image_shape)
+      experiment.model_def.merge(global_state.params, global_state.model_state), image_shape)
   return {
       'model': config.model, 'dataset': config.dataset, 'image_shape': list(image_shape),
       'batch_size': config.batch_size, 'dtype': config.dtype, 'parallel': strategy.name,

@@ -322,7 +322,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   for name in ('accuracy', 'loss', 'top5_accuracy')]
   metric_name = str(config.best_metric).rpartition('/')[2]
   for kind, key, setting in (('ema_', 'ema_decay', 'a decay in (0, 1)'),
-                             ('tta_', 'eval_tta', "'flip' or 'flip_translate'")):
+                             ('tta_', 'eval_tta',
+                              ' or '.join(map(repr, TEST_TIME_AUGMENTATIONS[1:])))):
     if config.best_metric not in best_metrics and kind in metric_name:
       # A metric that this run would not evaluate; named, with the key that would.
       raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is evaluated only "
