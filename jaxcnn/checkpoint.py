@@ -212,6 +212,23 @@ def holds_checkpoints(workdir: str) -> bool:
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
+class _ManagerOutsideThePreemptionSyncPoint(ocp.CheckpointManager):
+  """Orbax's checkpoint manager, kept from checking JAX's preemption sync point.
+
+  The sync point keeps one counter per process, the id of its last check, and on a preemption
+  notice stops every process at the check one past the furthest counter. Orbax's manager checks it
+  too, with the checkpoint's step, in `save` and from the thread that finishes an asynchronous
+  save: that sets the counter to an id of its own at a moment of its own, behind the training
+  loop's, and a process whose loop is already past the check agreed on never stops while the
+  others wait for it at their last save. The training loop alone checks it
+  (`trainer._StopRequests`) and saves the step it stopped at.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step  # Only Orbax's logging and save policy ask, and every save here is asked for.
+    return False
+
+
 class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
@@ -236,7 +253,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not reading_only,
         create=not reading_only)
     # Handlers named up front, so that a new process can read metadata before any restore.
-    self._manager = ocp.CheckpointManager(
+    self._manager = _ManagerOutsideThePreemptionSyncPoint(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})

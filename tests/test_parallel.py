@@ -297,6 +297,25 @@ def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, stop_sig
   assert saved[-1] == steps.pop()
 
 
+def test_only_the_training_loop_checks_the_preemption_sync_point(tmp_path, monkeypatch):
+  """JAX's sync point keeps one counter per process: the id of its last check. Orbax's manager
+  would check it too, with checkpoint steps and from the thread that finishes an asynchronous
+  save, putting the counter back behind the loop's at a moment of its own; a process already past
+  the check then agreed on would never stop, and the others would wait for it at the save."""
+  from jax.experimental import multihost_utils
+  from jaxcnn.checkpoint import Checkpointer
+  checked = []
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point',
+                      lambda step_id: checked.append(step_id) or False)
+  checkpointer = Checkpointer(str(tmp_path), keep_last=2, keep_best=0, best_metric='test/loss')
+  for step in (20, 40):
+    checkpointer.save(step, {'w': np.full((2,), step, np.float32)}, meta={})
+  checkpointer.wait()
+  assert checkpointer.steps() == [20, 40]
+  checkpointer.close()
+  assert checked == []
+
+
 def test_process_0_loads_the_dataset_before_the_others_and_its_error_reaches_them(
     monkeypatch):
   from jax.experimental import multihost_utils
