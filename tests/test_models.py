@@ -1,6 +1,5 @@
 """The model zoo: output shapes, parameter counts, and the fast max-pool."""
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +239,9 @@ def test_stochastic_depth_rises_linearly_over_the_blocks_and_adds_no_arrays():
   wide_rates = [0.0 if b.drop_path is None else b.drop_path.rate
                 for group in wide.groups for b in group.layers]
   assert wide_rates == pytest.approx([0, .06, .12, .18, .24, .3])
-  with pytest.raises(models.ImagesTooSmall, match=re.escape(
-      'ValueError: drop_path_rate must be in [0, 1), got 1.0')):
-    models.create_model('resnet18', num_classes=10, input_shape=(32, 32, 3),
-                        model_kwargs={'drop_path_rate': 1.0})
+  for bad in (1.0, -0.1, '0.1'):
+    with pytest.raises(ConfigError) as error:
+      models.create_model('resnet18', num_classes=10, input_shape=(32, 32, 3),
+                          model_kwargs={'drop_path_rate': bad})
+    assert str(error.value) == (f"config key 'model_kwargs' sets drop_path_rate={bad!r}; it must "
+                                'be a probability at least 0 and below 1, such as 0.1')

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn.errors import ConfigError
 from jaxcnn.models.layers import strided_max_pool
 
 # torchvision's `kaiming_normal_(mode='fan_out', nonlinearity='relu')`: an untruncated normal with
@@ -77,8 +78,10 @@ def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
   """Each block's probability of skipping its branch: linear from 0 at the first block to
   `drop_path_rate` at the last (Huang et al.'s linear decay rule)."""
-  if not 0 <= drop_path_rate < 1:
-    raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+  number = isinstance(drop_path_rate, (int, float)) and not isinstance(drop_path_rate, bool)
+  if not (number and 0 <= drop_path_rate < 1):
+    raise ConfigError(f"config key 'model_kwargs' sets drop_path_rate={drop_path_rate!r}; it "
+                      'must be a probability at least 0 and below 1, such as 0.1')
   return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
 
 
