@@ -150,6 +150,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                       f'{image_shape[0]}x{image_shape[1]} images it would cut from; use at most '
                       f'{min(image_shape[:2])} (the Cutout paper cut 16 from 32x32 CIFAR-10 '
                       'and 8 from CIFAR-100)')
+  if config.augment.crop_padding >= min(image_shape[:2]):  # Some crops would be padding alone.
+    raise ConfigError(f"config key 'augment.crop_padding' ({config.augment.crop_padding}) is not "
+                      f'less than the side of the {image_shape[0]}x{image_shape[1]} images, so '
+                      f'some crops would hold none of the image; use less than '
+                      f'{min(image_shape[:2])} (4 is the usual for 32x32 CIFAR-10)')
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "

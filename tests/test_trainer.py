@@ -375,7 +375,7 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
   assert kept == sorted({best, 16})
 
 
-def test_cutout_larger_than_the_images_is_refused_before_the_run_writes(tmp_path):
+def test_a_cutout_or_crop_padding_beyond_the_images_is_refused_before_the_run_writes(tmp_path):
   config = tiny_config(dataset='synthetic', num_train_steps=4)
   config.synthetic.image_shape = (28, 20, 1)
   config.augment.cutout = 21
@@ -383,8 +383,15 @@ def test_cutout_larger_than_the_images_is_refused_before_the_run_writes(tmp_path
       "config key 'augment.cutout' (21) is larger than the 28x20 images it would cut from; use "
       'at most 20 (the Cutout paper cut 16 from 32x32 CIFAR-10 and 8 from CIFAR-100)')):
     trainer.train_and_evaluate(config, str(tmp_path))
-  assert not os.listdir(tmp_path)
   config.augment.cutout = 20
+  config.augment.crop_padding = 20
+  with pytest.raises(ConfigError, match=re.escape(
+      "config key 'augment.crop_padding' (20) is not less than the side of the 28x20 images, so "
+      'some crops would hold none of the image; use less than 20 (4 is the usual for 32x32 '
+      'CIFAR-10)')):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+  config.augment.crop_padding = 19
   assert trainer.train_and_evaluate(config, str(tmp_path))['step'] == 4
 
 
