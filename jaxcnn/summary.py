@@ -26,7 +26,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxcnn import cli, models, optim, tree_paths
+from jaxcnn import cli, models, optim
 from jaxcnn import config as config_lib
 from jaxcnn.data import pipeline
 from jaxcnn.errors import ConfigError
@@ -64,11 +64,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def parameter_rows(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int]]:
   """(path, shape, count) of every `nnx.Param` of `model`, sorted by path as NNX orders state."""
-  rows = []
-  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    shape = tuple(param.get_value().shape)
-    rows.append((tree_paths.dotted(path), shape, math.prod(shape)))
-  return rows
+  return [(path, shape, math.prod(shape))
+          for path, shape in models.parameter_shapes(model).items()]
 
 
 def format_table(rows: Sequence[tuple[str, tuple[int, ...], int]],

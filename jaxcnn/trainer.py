@@ -250,10 +250,8 @@ def _freeze(config: ml_collections.ConfigDict, model, announce: bool) -> None:
   or every one, and has the BatchNorm layers it freezes whole normalise with their running
   statistics in training too, leaving them as they are (torchvision's FrozenBatchNorm2d). With
   `announce`, says what it freezes."""
-  params = nnx.state(model, nnx.Param)
-  sizes = {tree_paths.dotted(path): leaf.size
-           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  frozen = optim.frozen_parameters(params, config.frozen)
+  sizes = {path: math.prod(shape) for path, shape in models.parameter_shapes(model).items()}
+  frozen = optim.frozen_parameters(nnx.state(model, nnx.Param), config.frozen)
   trained = sorted(set(sizes) - set(frozen))
   if not frozen:
     raise ConfigError(f"config key 'frozen' ({config.frozen!r}) matches none of the parameters "

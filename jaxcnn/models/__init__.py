@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError
 from jaxcnn.models import airbench, resnet, vgg, wide_resnet
 from jaxcnn.models.small_cnns import BNCNN, KerasCNN, LeNet5, SimpleCNN
@@ -358,6 +359,13 @@ def _accepts(constructor: Callable[..., object], keyword: str) -> bool:
   """Whether `constructor` (a class, function or partial of either) takes `keyword`."""
   return any(p.name == keyword and p.kind is not inspect.Parameter.POSITIONAL_ONLY
              or p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(constructor))
+
+
+def parameter_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """The shape of every `nnx.Param` of `model` (abstract or not) by dotted path
+  (`stages.0.conv1.kernel`), in the order NNX keeps its state."""
+  return {tree_paths.dotted(path): tuple(param.get_value().shape)
+          for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def count_params(module_or_state) -> int:
