@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxcnn import models, optim, parallel
+from jaxcnn.data import randaugment
 from jaxcnn.data.augment import TEST_TIME_AUGMENTATIONS
 from jaxcnn.errors import ConfigError
 
@@ -52,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.pad_mode = 'constant'  # That padding: 'constant' (zeros) or 'reflect'.
   config.augment.flip = False  # Random horizontal flips.
   config.augment.inception_crop = False  # Random-resized (Inception) crops, ImageNet style.
+  # RandAugment: this many operations drawn for each image from its fourteen, at the magnitude
+  # (0 to 10; the paper's ImageNet ResNet-50 used 2 at 9); 0 operations: off.
+  config.augment.randaugment_ops = 0
+  config.augment.randaugment_magnitude = 9.0
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
   config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
@@ -383,6 +388,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.flip', isinstance(config.augment.flip, bool), 'true or false')
   _require(config, 'augment.cutout', _is_int(config.augment.cutout) and config.augment.cutout >= 0,
            'an integer >= 0 (pixels)')
+  _require(config, 'augment.randaugment_ops',
+           _is_int(config.augment.randaugment_ops) and config.augment.randaugment_ops >= 0,
+           'an integer >= 0 (operations per image)')
+  magnitude = config.augment.randaugment_magnitude
+  _require(config, 'augment.randaugment_magnitude',
+           _is_number(magnitude) and 0 <= magnitude <= randaugment.MAX_MAGNITUDE,
+           f'a number from 0 to {randaugment.MAX_MAGNITUDE:g}')
 
 
 def check_frozen(config: ml_collections.ConfigDict) -> None:

@@ -150,6 +150,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                       f'{image_shape[0]}x{image_shape[1]} images it would cut from; use at most '
                       f'{min(image_shape[:2])} (the Cutout paper cut 16 from 32x32 CIFAR-10 '
                       'and 8 from CIFAR-100)')
+  if config.augment.randaugment_ops and image_shape[-1] not in (1, 3):
+    raise ConfigError(f"config key 'augment.randaugment_ops' ({config.augment.randaugment_ops}) "
+                      f'is for images of 1 or 3 channels, and these have {image_shape[-1]}: its '
+                      'colour operations are defined on grey and RGB images; set it to 0')
   if config.augment.crop_padding >= min(image_shape[:2]):  # Some crops would be padding alone.
     raise ConfigError(f"config key 'augment.crop_padding' ({config.augment.crop_padding}) is not "
                       f'less than the side of the {image_shape[0]}x{image_shape[1]} images, so '
@@ -202,7 +206,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             pad_mode=config.augment.pad_mode,
                             flip=config.augment.flip and on_device,
                             inception_crop=config.augment.inception_crop and on_device,
-                            # On the device for streamed data too: a mask, cheap anywhere.
+                            # On the device for streamed data too: after the host's crops
+                            # and flips, a few elementwise passes and a gather per image.
+                            randaugment_ops=config.augment.randaugment_ops,
+                            randaugment_magnitude=config.augment.randaugment_magnitude,
+                            # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
                             dtype=config.dtype)
   options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,

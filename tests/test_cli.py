@@ -33,6 +33,8 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.dtype=float16', "config key 'dtype' must be one of float32, bfloat16, got 'float16'"),
     ('--config.augment.cutout=-1',
      "config key 'augment.cutout' must be an integer >= 0 (pixels), got -1"),
+    ('--config.augment.randaugment_magnitude=30',
+     "config key 'augment.randaugment_magnitude' must be a number from 0 to 10, got 30.0"),
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',

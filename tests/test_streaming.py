@@ -50,7 +50,8 @@ def test_streamed_and_device_resident_evaluation_agree(fake_tfds, tmp_path):
 
 def test_resumed_stream_continues_with_the_same_batches(fake_tfds, tmp_path):
   config = stream_config(model='keras_cnn', lr_schedule='constant', num_train_steps=48,
-                         log_every_steps=4, eval_every_steps=12, **{'augment.crop_padding': 2})
+                         log_every_steps=4, eval_every_steps=12,
+                         **{'augment.crop_padding': 2, 'augment.randaugment_ops': 2})
   trainer.train_and_evaluate(config, str(tmp_path / 'whole'))
   config.num_train_steps = 20
   trainer.train_and_evaluate(config, str(tmp_path / 'halves'))

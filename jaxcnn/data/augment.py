@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn.data import randaugment
+
 
 def example_keys(key: jax.Array, num_examples: int, first_example: int | jax.Array = 0) -> jax.Array:
   """One key per example, `fold_in(key, global index)`.
@@ -90,9 +92,10 @@ def cutout(images: jax.Array, keys: jax.Array, size: int) -> jax.Array:
   return jnp.where(cut[..., None], jnp.zeros((), images.dtype), images)
 
 
-# Cutout draws from its own stream of the step's augmentation key, so that turning it on leaves
-# the crops and flips that a config draws as they were.
+# Cutout and RandAugment draw from streams of their own of the step's augmentation key, so that
+# turning either on leaves the crops and flips that a config draws as they were.
 _CUTOUT_STREAM = 3
+_RANDAUGMENT_STREAM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,9 @@ class Preprocessor:
     pad_mode: that padding, 'constant' (zeros) or 'reflect'.
     flip: random horizontal flips (off for digits, whose mirror images are other glyphs).
     inception_crop: random-resized crops (before the padded crop and the flip, if those are on).
+    randaugment_ops: RandAugment's operations per training image (`jaxcnn.data.randaugment`),
+      after the crops and the flip; 0 disables it.
+    randaugment_magnitude: their magnitude, 0 to 10.
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
@@ -116,6 +122,8 @@ class Preprocessor:
   pad_mode: str = 'constant'
   flip: bool = False
   inception_crop: bool = False
+  randaugment_ops: int = 0
+  randaugment_magnitude: float = 9.0
   cutout: int = 0
   dtype: str = 'float32'
 
@@ -131,6 +139,11 @@ class Preprocessor:
       images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
       if self.flip:
         images = random_flip_left_right(images, keys[:, 1])
+    if train and self.randaugment_ops:
+      images = randaugment.rand_augment(
+          images, example_keys(jax.random.fold_in(key, _RANDAUGMENT_STREAM), images.shape[0],
+                               first_example),
+          self.randaugment_ops, self.randaugment_magnitude, fill=self.mean)
     images = self.normalize(images)
     if train and self.cutout:
       images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),

@@ -1,0 +1,220 @@
+"""RandAugment (Cubuk et al. 2020) on the device, under `jit`.
+
+Each training image goes through `num_ops` operations, each drawn uniformly (with replacement)
+from the paper's fourteen, all at one magnitude: identity, auto-contrast, equalize, rotate,
+solarize, color, posterize, contrast, brightness, sharpness, shear and translation along x and y.
+ImageNet's ResNet-50 recipe in the paper is 2 operations at magnitude 9.
+
+Magnitudes run from 0 to 10, the scale of the paper's code and of timm, and every operation
+grows stronger with it, as timm's 'increasing' variants (`rand-m9-n2-inc1`) do. At level
+l = magnitude / 10:
+
+  rotate             by 30·l degrees about the centre;
+  shear x, y         by 0.3·l (the shift of a row or column per pixel from the top or left);
+  translate x, y     by 0.45·l of the image's side (timm's `translate_pct`);
+  color, contrast,   PIL's ImageEnhance with factor 1 ± 0.9·l (0.1 or 1.9 at magnitude 10),
+  brightness,          which blends away from a grey image, the mean grey, black and a
+  sharpness            smoothed image respectively;
+  solarize           inverts the pixels at or above 256·(1 - l);
+  posterize          keeps the 8 - int(4·l) highest bits;
+
+the direction of each geometric operation and the sign of each factor's change drawn at random,
+each with probability 1/2. Auto-contrast and equalize have no magnitude. Every operation is
+PIL's (`ImageOps`, `ImageEnhance`, `Image.transform` with bilinear sampling) to within one grey
+level, computed on float pixels in [0, 255] without rounding to uint8 between operations.
+Pixels that a geometric operation brings in from outside the image are the training images'
+mean, as timm fills them: after normalisation they are 0, as Cutout's square is.
+
+Under `vmap` a drawn operation is a select over all of them, so each layer computes the nine
+pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+MAX_MAGNITUDE = 10.0
+# PIL's luma weights (ITU-R 601-2), with which ImageEnhance and ImageOps take an image's grey.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------- Pixel operations
+# Each takes one float32 HWC image in [0, 255] and returns one.
+
+def grey(image: jax.Array) -> jax.Array:
+  """The image's luma as one channel (HW1); a one-channel image is its own."""
+  if image.shape[-1] == 1:
+    return image
+  return (image @ jnp.asarray(_LUMA, image.dtype))[..., None]
+
+
+def blend(degenerate: jax.Array, image: jax.Array, factor) -> jax.Array:
+  """PIL's ImageEnhance: `degenerate` at factor 0, the image at 1, extrapolated beyond."""
+  return jnp.clip(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def auto_contrast(image: jax.Array) -> jax.Array:
+  """Stretches each channel to span 0 to 255 (ImageOps.autocontrast); flat channels stay."""
+  low = image.min(axis=(0, 1))
+  high = image.max(axis=(0, 1))
+  spread = high - low
+  stretched = (image - low) * (255.0 / jnp.where(spread > 0, spread, 1.0))
+  return jnp.where(spread > 0, stretched, image)
+
+
+def equalize(image: jax.Array) -> jax.Array:
+  """Equalizes each channel's histogram of (rounded) levels as ImageOps.equalize does."""
+
+  def channel(values):  # HW float -> HW float.
+    levels = jnp.clip(jnp.round(values), 0, 255).astype(jnp.int32)
+    histogram = jnp.zeros(256, jnp.int32).at[levels.ravel()].add(1)
+    highest_count = histogram[levels.max()]  # PIL leaves the last used level out of the step.
+    step = (values.size - highest_count) // 255
+    below = jnp.cumsum(histogram) - histogram
+    lut = jnp.minimum((step // 2 + below) // jnp.maximum(step, 1), 255)
+    return jnp.where(step > 0, lut[levels].astype(values.dtype), values)
+
+  return jax.vmap(channel, in_axes=-1, out_axes=-1)(image)
+
+
+def solarize(image: jax.Array, threshold) -> jax.Array:
+  """Inverts the pixels at or above `threshold` (ImageOps.solarize)."""
+  return jnp.where(image >= threshold, 255.0 - image, image)
+
+
+def posterize(image: jax.Array, bits) -> jax.Array:
+  """Keeps the `bits` highest bits of each level (ImageOps.posterize)."""
+  quantum = 2.0 ** (8 - bits)
+  return jnp.floor(image / quantum) * quantum
+
+
+def color(image: jax.Array, factor) -> jax.Array:
+  """ImageEnhance.Color: blends with the image's grey."""
+  return blend(grey(image), image, factor)
+
+
+def contrast(image: jax.Array, factor) -> jax.Array:
+  """ImageEnhance.Contrast: blends with the mean grey level."""
+  return blend(grey(image).mean(), image, factor)
+
+
+def brightness(image: jax.Array, factor) -> jax.Array:
+  """ImageEnhance.Brightness: blends with black."""
+  return blend(jnp.zeros((), image.dtype), image, factor)
+
+
+def sharpness(image: jax.Array, factor) -> jax.Array:
+  """ImageEnhance.Sharpness: blends with the image smoothed by PIL's 3x3 SMOOTH kernel (centre
+  weight 5, the others 1, over 13), whose border pixels are the image's own."""
+  height, width, _ = image.shape
+  padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode='edge')
+  neighbours = sum(padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+  smoothed = (neighbours + 4.0 * image) / 13.0
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+  interior = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
+  return blend(jnp.where(interior, smoothed, image), image, factor)
+
+
+# ---------------------------------------------------------------- Geometric operations
+
+def warp(image: jax.Array, matrix: jax.Array, fill: jax.Array) -> jax.Array:
+  """Samples `image` at `matrix` @ (row, column, 1) for each output pixel (the inverse map, as
+  PIL's Image.transform takes it), bilinearly as PIL does: a source point within half a pixel
+  beyond the edge pixels' centres takes the edge's values, one further out `fill` (per channel)."""
+  height, width, _ = image.shape
+  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                            jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  source = matrix @ jnp.stack([rows.ravel(), cols.ravel(), jnp.ones(height * width)])
+  inside = ((source[0] >= -0.5) & (source[0] < height - 0.5)
+            & (source[1] >= -0.5) & (source[1] < width - 0.5)).reshape(height, width, 1)
+  sample = lambda values: jax.scipy.ndimage.map_coordinates(
+      values, list(source), order=1, mode='nearest').reshape(height, width)
+  sampled = jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
+  return jnp.where(inside, sampled, fill)
+
+
+def geometric_matrices(level, sign, height: int, width: int) -> jax.Array:
+  """The inverse maps (2x3, over (row, column, 1)) of rotate, shear x, shear y, translate x and
+  translate y at `level` in [0, 1], in the direction of `sign` (+1 or -1).
+
+  They are those of PIL for the same arguments, pixel centres included: sign +1 is
+  `Image.rotate(30 * level)` (counter-clockwise) and `Image.transform` with AFFINE data
+  (1, s, 0, 0, 1, 0), (1, 0, 0, s, 1, 0), (1, 0, t, 0, 1, 0) and (1, 0, 0, 0, 1, t) for
+  s = 0.3 * level and t = 0.45 * level times the width or height.
+  """
+  angle = sign * level * math.radians(30.0)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
+  # Rotation about the centre: source = R (output - centre) + centre.
+  rotate = jnp.array([[cos, sin, centre_row - cos * centre_row - sin * centre_col],
+                      [-sin, cos, centre_col + sin * centre_row - cos * centre_col]])
+  shear = sign * level * 0.3
+  one, zero = jnp.ones(()), jnp.zeros(())
+  # Column += shear * row, measured from the top edge (PIL's pixel centres are at + 0.5).
+  shear_x = jnp.array([[one, zero, zero], [shear, one, shear / 2]])
+  shear_y = jnp.array([[one, shear, shear / 2], [zero, one, zero]])
+  shift = sign * level * 0.45
+  translate_x = jnp.array([[one, zero, zero], [zero, one, shift * width]])
+  translate_y = jnp.array([[one, zero, shift * height], [zero, one, zero]])
+  return jnp.stack([rotate, shear_x, shear_y, translate_x, translate_y])
+
+
+# ---------------------------------------------------------------- The policy
+
+PIXEL_OPERATIONS = ('identity', 'auto_contrast', 'equalize', 'solarize', 'color', 'posterize',
+                    'contrast', 'brightness', 'sharpness')
+GEOMETRIC_OPERATIONS = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+OPERATIONS = PIXEL_OPERATIONS + GEOMETRIC_OPERATIONS
+
+
+def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array) -> jax.Array:
+  """`OPERATIONS[index]` of one float32 HWC image at `level` = magnitude / 10, its direction or
+  enhancement factor signed by `sign` (+1 or -1); `fill` is the per-channel value that geometric
+  operations bring in."""
+  factor = 1.0 + sign * level * 0.9
+  pixel_branches = [
+      lambda x: x,
+      auto_contrast,
+      equalize,
+      lambda x: solarize(x, 256.0 * (1.0 - level)),
+      lambda x: color(x, factor),
+      lambda x: posterize(x, 8 - jnp.floor(4.0 * level)),
+      lambda x: contrast(x, factor),
+      lambda x: brightness(x, factor),
+      lambda x: sharpness(x, factor),
+  ]
+  num_pixel = len(PIXEL_OPERATIONS)
+  pixel = jax.lax.switch(jnp.minimum(index, num_pixel - 1), pixel_branches, image)
+  height, width, _ = image.shape
+  matrix = geometric_matrices(level, sign, height, width)[jnp.maximum(index - num_pixel, 0)]
+  geometric = warp(image, matrix, fill)
+  return jnp.where(index >= num_pixel, geometric, pixel)
+
+
+def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: float,
+                 fill: Sequence[float]) -> jax.Array:
+  """RandAugment of an NHWC batch (uint8, or floats in [0, 255]): `num_ops` operations drawn
+  for each image from its key in `keys`, at `magnitude` (0 to 10). Geometric operations fill
+  with `fill`, one value per channel in [0, 255] (the training images' mean). Returns float32
+  pixels in [0, 255]."""
+  if not 0 <= magnitude <= MAX_MAGNITUDE:
+    raise ValueError(f'RandAugment magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude}')
+  channels = images.shape[-1]
+  if channels not in (1, 3):
+    raise ValueError(f'RandAugment takes images of 1 or 3 channels, not {channels}')
+  fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
+  level = magnitude / MAX_MAGNITUDE
+
+  def augment(image, key):
+    for layer_key in jax.random.split(key, num_ops):
+      choice_key, sign_key = jax.random.split(layer_key)
+      index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+      sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+      image = apply_operation(image, index, level, sign, fill)
+    return image
+
+  return jax.vmap(augment)(images.astype(jnp.float32), keys)

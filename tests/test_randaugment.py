@@ -1,0 +1,162 @@
+"""RandAugment: every operation against PIL's, the policy's draws, and a run that uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+from jaxcnn import trainer
+from jaxcnn.data import augment, randaugment
+from jaxcnn.errors import ConfigError
+
+from conftest import tiny_config
+
+FILL = (10, 20, 30)
+
+
+def structured_image(channels: int = 3, height: int = 24, width: int = 20) -> np.ndarray:
+  """Gradients, rings and noise: every level of every channel in use, edges everywhere."""
+  rows, cols = np.mgrid[0:height, 0:width]
+  planes = [(cols * 11 + rows * 3) % 256, (rows * 9 + 40) % 256,
+            ((cols - 10) ** 2 + (rows - 12) ** 2) % 256][:channels]
+  noise = np.random.default_rng(0).integers(-20, 20, (height, width, channels))
+  return np.clip(np.stack(planes, -1) + noise, 0, 255).astype(np.uint8)
+
+
+def as_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def from_pil(image: Image.Image, channels: int) -> np.ndarray:
+  return np.asarray(image, np.float64).reshape(image.size[1], image.size[0], channels)
+
+
+def assert_within_one_level(ours, reference):
+  """PIL rounds to whole levels after every operation; these stay in floats."""
+  difference = np.abs(np.round(np.asarray(ours)) - reference)
+  assert difference.max() <= 1, (difference.max(), np.argwhere(difference > 1)[:5])
+
+
+PIXEL_CASES = [
+    ('auto_contrast', lambda x: randaugment.auto_contrast(x), ImageOps.autocontrast),
+    ('equalize', lambda x: randaugment.equalize(x), ImageOps.equalize),
+    ('solarize', lambda x: randaugment.solarize(x, 128), lambda p: ImageOps.solarize(p, 128)),
+    ('posterize', lambda x: randaugment.posterize(x, 3), lambda p: ImageOps.posterize(p, 3)),
+] + [(f'{name} {factor}', lambda x, f=fn, k=factor: f(x, k),
+      lambda p, e=enhancer, k=factor: e(p).enhance(k))
+     for name, fn, enhancer in (('color', randaugment.color, ImageEnhance.Color),
+                                ('contrast', randaugment.contrast, ImageEnhance.Contrast),
+                                ('brightness', randaugment.brightness, ImageEnhance.Brightness),
+                                ('sharpness', randaugment.sharpness, ImageEnhance.Sharpness))
+     for factor in (0.1, 0.6, 1.9)]
+
+
+@pytest.mark.parametrize('channels', [3, 1])
+@pytest.mark.parametrize('name, ours, pils', PIXEL_CASES, ids=[case[0] for case in PIXEL_CASES])
+def test_each_pixel_operation_is_pils_to_within_one_grey_level(name, ours, pils, channels):
+  del name
+  image = structured_image(channels)
+  assert_within_one_level(ours(jnp.asarray(image, jnp.float32)),
+                          from_pil(pils(as_pil(image)), channels))
+
+
+@pytest.mark.parametrize('sign', [1, -1])
+@pytest.mark.parametrize('level', [0.5, 1.0])
+def test_each_geometric_operation_is_pils_to_within_one_grey_level(level, sign):
+  """Fill beyond the edges included: PIL's bilinear sampling and the same inverse maps."""
+  image = structured_image()
+  height, width, _ = image.shape
+  shear, shift = 0.3 * level * sign, 0.45 * level * sign
+  pil = as_pil(image)
+  affine = lambda data: pil.transform(pil.size, Image.AFFINE, data, resample=Image.BILINEAR,
+                                      fillcolor=FILL)
+  references = {
+      'rotate': pil.rotate(30 * level * sign, resample=Image.BILINEAR, fillcolor=FILL),
+      'shear_x': affine((1, shear, 0, 0, 1, 0)), 'shear_y': affine((1, 0, 0, shear, 1, 0)),
+      'translate_x': affine((1, 0, shift * width, 0, 1, 0)),
+      'translate_y': affine((1, 0, 0, 0, 1, shift * height)),
+  }
+  matrices = randaugment.geometric_matrices(level, sign, height, width)
+  for name, matrix in zip(randaugment.GEOMETRIC_OPERATIONS, matrices):
+    warped = randaugment.warp(jnp.asarray(image, jnp.float32), matrix, jnp.asarray(FILL, float))
+    assert_within_one_level(warped, from_pil(references[name], 3))
+    assert (np.asarray(warped) == FILL).all(-1).any(), name  # Some of the fill came in.
+
+
+# Compiled once: run eagerly, every call would compile (and keep) programs of its own.
+_apply_operation = jax.jit(randaugment.apply_operation)
+
+
+def apply(image, name, level, sign=1.0):
+  index = randaugment.OPERATIONS.index(name)
+  return np.asarray(_apply_operation(jnp.asarray(image, jnp.float32), index, level, sign,
+                                     jnp.asarray(FILL, jnp.float32)))
+
+
+def test_every_operation_with_a_magnitude_grows_from_none_at_0():
+  image = structured_image()
+  for name in randaugment.OPERATIONS:
+    changes = [np.abs(apply(image, name, level) - image).mean() for level in (0.0, 0.5, 1.0)]
+    if name in ('identity', 'auto_contrast', 'equalize'):  # No magnitude.
+      assert changes[0] == changes[1] == changes[2], name
+    else:
+      assert changes[0] == 0 < changes[1] < changes[2], (name, changes)
+  assert (apply(image, 'identity', 1.0) == image).all()
+
+
+def test_each_image_goes_through_operations_drawn_uniformly_from_its_own_key():
+  """With one operation per image at magnitude 10, every output is one of the fourteen
+  operations (either sign) of its input, each of them is drawn, and the same key draws it again."""
+  count = 280
+  images = np.stack([np.roll(structured_image(3, 8, 8), i, axis=1) for i in range(count)])
+  keys = augment.example_keys(jax.random.key(3), count)
+  augmented = np.asarray(randaugment.rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL))
+  drawn = []
+  for image, output in zip(images, augmented):
+    matches = {name for name in randaugment.OPERATIONS for sign in (1.0, -1.0)
+               if np.allclose(apply(image, name, 1.0, sign), output, atol=1e-4)}
+    assert matches, 'an output that no operation gives'
+    drawn.append(matches)
+  for name in randaugment.OPERATIONS:
+    assert sum(name in matches for matches in drawn) >= 5, name  # 20 expected of each.
+  again = randaugment.rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL)
+  np.testing.assert_array_equal(again, augmented)
+  # Two operations per image are a second draw after the first: most images differ.
+  twice = np.asarray(randaugment.rand_augment(jnp.asarray(images), keys, 2, 10.0, FILL))
+  assert (np.abs(twice - augmented).max(axis=(1, 2, 3)) > 0).mean() > 0.8
+
+
+def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_its_own():
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (6, 10, 9, 3)), jnp.uint8)
+  crops = dict(mean=(120.0, 110.0, 100.0), std=(50.0,) * 3, crop_padding=2, flip=True)
+  key = jax.random.key(7)
+  with_randaugment = augment.Preprocessor(**crops, randaugment_ops=2, randaugment_magnitude=6.0)
+  cropped = augment.Preprocessor(**{**crops, 'std': (1.0,) * 3})  # Crops and flips, in pixels.
+  pixels = cropped(images, key, train=True) + jnp.asarray(crops['mean'])
+  expected = randaugment.rand_augment(
+      pixels, augment.example_keys(jax.random.fold_in(key, 4), 6), 2, 6.0, crops['mean'])
+  np.testing.assert_allclose(with_randaugment(images, key, train=True),
+                             with_randaugment.normalize(expected), atol=1e-5)
+  # Evaluation is untouched.
+  np.testing.assert_array_equal(with_randaugment(images, None, train=False),
+                                with_randaugment.normalize(images))
+
+
+def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes(fake_tfds,
+                                                                                  tmp_path):
+  config = tiny_config(model='bn_cnn', num_train_steps=40, eval_every_steps=40,
+                       **{'augment.randaugment_ops': 2, 'augment.randaugment_magnitude': 5.0})
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['test/accuracy'] > 0.5  # Ten classes: chance is 0.1.
+  four_channels = tiny_config(dataset='synthetic', num_train_steps=4,
+                              **{'augment.randaugment_ops': 1})
+  four_channels.synthetic.image_shape = (8, 8, 4)
+  with pytest.raises(ConfigError, match="'augment.randaugment_ops' \\(1\\) is for images of 1 or "
+                                        '3 channels, and these have 4'):
+    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
+  assert not (tmp_path / 'four').exists() or not list((tmp_path / 'four').iterdir())
+  config.augment.randaugment_magnitude = 11.0
+  with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude' must be a "
+                                        'number from 0 to 10, got 11.0'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'eleven'))
