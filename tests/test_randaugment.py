@@ -111,19 +111,24 @@ def test_each_image_goes_through_operations_drawn_uniformly_from_its_own_key():
   count = 280
   images = np.stack([np.roll(structured_image(3, 8, 8), i, axis=1) for i in range(count)])
   keys = augment.example_keys(jax.random.key(3), count)
-  augmented = np.asarray(randaugment.rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL))
-  drawn = []
-  for image, output in zip(images, augmented):
-    matches = {name for name in randaugment.OPERATIONS for sign in (1.0, -1.0)
-               if np.allclose(apply(image, name, 1.0, sign), output, atol=1e-4)}
-    assert matches, 'an output that no operation gives'
-    drawn.append(matches)
+  rand_augment = jax.jit(randaugment.rand_augment, static_argnums=(2, 3, 4))
+  augmented = np.asarray(rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL))
+  # Every (operation, sign) of every image, in one compiled call: [image, operation, sign].
+  every = jax.jit(jax.vmap(jax.vmap(jax.vmap(
+      randaugment.apply_operation, (None, None, None, 0, None)), (None, 0, None, None, None)),
+      (0, None, None, None, None)))(jnp.asarray(images, jnp.float32),
+                                    jnp.arange(len(randaugment.OPERATIONS)), 1.0,
+                                    jnp.array([1.0, -1.0]), jnp.asarray(FILL, jnp.float32))
+  close = np.isclose(np.asarray(every), augmented[:, None, None], atol=1e-4).all(axis=(3, 4, 5))
+  assert close.any(axis=(1, 2)).all(), 'an output that no operation gives'
+  drawn = [{name for name, match in zip(randaugment.OPERATIONS, image_close.any(-1)) if match}
+           for image_close in close]
   for name in randaugment.OPERATIONS:
     assert sum(name in matches for matches in drawn) >= 5, name  # 20 expected of each.
-  again = randaugment.rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL)
+  again = rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL)
   np.testing.assert_array_equal(again, augmented)
   # Two operations per image are a second draw after the first: most images differ.
-  twice = np.asarray(randaugment.rand_augment(jnp.asarray(images), keys, 2, 10.0, FILL))
+  twice = np.asarray(rand_augment(jnp.asarray(images), keys, 2, 10.0, FILL))
   assert (np.abs(twice - augmented).max(axis=(1, 2, 3)) > 0).mean() > 0.8
 
 
@@ -133,11 +138,15 @@ def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_
   key = jax.random.key(7)
   with_randaugment = augment.Preprocessor(**crops, randaugment_ops=2, randaugment_magnitude=6.0)
   cropped = augment.Preprocessor(**{**crops, 'std': (1.0,) * 3})  # Crops and flips, in pixels.
-  pixels = cropped(images, key, train=True) + jnp.asarray(crops['mean'])
-  expected = randaugment.rand_augment(
-      pixels, augment.example_keys(jax.random.fold_in(key, 4), 6), 2, 6.0, crops['mean'])
-  np.testing.assert_allclose(with_randaugment(images, key, train=True),
-                             with_randaugment.normalize(expected), atol=1e-5)
+
+  @jax.jit  # One program each: run eagerly, every operation of the policy compiles on its own.
+  def both(images, key):
+    pixels = cropped(images, key, train=True) + jnp.asarray(crops['mean'])
+    expected = randaugment.rand_augment(
+        pixels, augment.example_keys(jax.random.fold_in(key, 4), 6), 2, 6.0, crops['mean'])
+    return with_randaugment(images, key, train=True), with_randaugment.normalize(expected)
+
+  np.testing.assert_allclose(*both(images, key), atol=1e-5)
   # Evaluation is untouched.
   np.testing.assert_array_equal(with_randaugment(images, None, train=False),
                                 with_randaugment.normalize(images))
