@@ -126,25 +126,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict, strategy: parallel.Stra
 L2_WARNING_THRESHOLD = 0.01
 
 
-def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
-                     num_train_examples: int, mean, std, strategy: parallel.Strategy,
-                     placement: str = 'device', init_images=None, training: bool = True,
-                     confusion_matrix: bool = False) -> tuple[Experiment, TrainState]:
-  """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
-
-  The initial state is already placed on the devices in `strategy`'s layout. For streamed data
-  (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
-  `init_images` (uint8 training images) initialise models that learn their first layer from the
-  data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
-  trained run's state) leaves out the checks of the training batch against the devices, which may
-  not be those it was trained on. `confusion_matrix` has the evaluation count every (label,
-  predicted class) pair too, which `evaluate` returns.
-  """
-  check_batch_sizes(config, strategy, training=training)
-  if config.best_metric.endswith('top5_accuracy') and num_classes <= TOP5_ABOVE_CLASSES:
-    raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is counted only for "
-                      f'datasets of more than {TOP5_ABOVE_CLASSES} classes, and this one has '
-                      f'{num_classes}; use {config.best_metric.replace("top5_", "")!r}')
+def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
+  """Refuses, in one line, training augmentation that these images cannot take."""
   if config.augment.cutout > min(image_shape[:2]):
     raise ConfigError(f"config key 'augment.cutout' ({config.augment.cutout}) is larger than the "
                       f'{image_shape[0]}x{image_shape[1]} images it would cut from; use at most '
@@ -159,6 +142,29 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                       f'less than the side of the {image_shape[0]}x{image_shape[1]} images, so '
                       f'some crops would hold none of the image; use less than '
                       f'{min(image_shape[:2])} (4 is the usual for 32x32 CIFAR-10)')
+
+
+def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
+                     num_train_examples: int, mean, std, strategy: parallel.Strategy,
+                     placement: str = 'device', init_images=None, training: bool = True,
+                     confusion_matrix: bool = False) -> tuple[Experiment, TrainState]:
+  """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
+
+  The initial state is already placed on the devices in `strategy`'s layout. For streamed data
+  (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
+  `init_images` (uint8 training images) initialise models that learn their first layer from the
+  data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
+  trained run's state) leaves out the checks of the training batch against the devices, which may
+  not be those it was trained on, and of the training augmentation against the images. `confusion_matrix` has the evaluation count every (label,
+  predicted class) pair too, which `evaluate` returns.
+  """
+  check_batch_sizes(config, strategy, training=training)
+  if config.best_metric.endswith('top5_accuracy') and num_classes <= TOP5_ABOVE_CLASSES:
+    raise ConfigError(f"config key 'best_metric' ({config.best_metric!r}) is counted only for "
+                      f'datasets of more than {TOP5_ABOVE_CLASSES} classes, and this one has '
+                      f'{num_classes}; use {config.best_metric.replace("top5_", "")!r}')
+  if training:  # Evaluating a run leaves its training augmentation, of an older jaxcnn too, out.
+    _check_augmentation(config, image_shape)
   steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is larger than the "

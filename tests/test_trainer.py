@@ -15,6 +15,7 @@ from jaxcnn import checkpoint, profiling, trainer
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.metrics import read_metrics
+from jaxcnn.restore import restore_run
 
 from conftest import tiny_config
 
@@ -393,6 +394,13 @@ def test_a_cutout_or_crop_padding_beyond_the_images_is_refused_before_the_run_wr
   assert not os.listdir(tmp_path)
   config.augment.crop_padding = 19
   assert trainer.train_and_evaluate(config, str(tmp_path))['step'] == 4
+  # Evaluating leaves training augmentation out, also one that an older jaxcnn let a run train
+  # with: that run is still evaluated.
+  record = tmp_path / workdir_lib.CONFIG_FILE
+  recorded = json.loads(record.read_text())
+  recorded['augment']['crop_padding'] = 30
+  record.write_text(json.dumps(recorded))
+  assert restore_run(str(tmp_path), 'latest').step == 4
 
 
 def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, capsys):

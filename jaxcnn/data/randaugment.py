@@ -209,12 +209,14 @@ def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: fl
   fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
   level = magnitude / MAX_MAGNITUDE
 
+  def layer(image, key):
+    choice_key, sign_key = jax.random.split(key)
+    index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+    sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+    return apply_operation(image, index, level, sign, fill), None
+
   def augment(image, key):
-    for layer_key in jax.random.split(key, num_ops):
-      choice_key, sign_key = jax.random.split(layer_key)
-      index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
-      sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
-      image = apply_operation(image, index, level, sign, fill)
-    return image
+    # A scan, not a Python loop: the program is one layer's, however many operations are drawn.
+    return jax.lax.scan(layer, image, jax.random.split(key, num_ops))[0]
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
