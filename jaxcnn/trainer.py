@@ -27,7 +27,7 @@ from jaxcnn import caches, checkpoint, feeds, models, optim, parallel, profiling
 from jaxcnn import tree_paths, xla_options
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.checkpoint import StateMismatch, make_checkpointer
-from jaxcnn.data import pipeline
+from jaxcnn.data import pipeline, randaugment
 from jaxcnn.data.augment import Preprocessor
 from jaxcnn.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError
 from jaxcnn.metrics import MetricWriter
@@ -128,20 +128,20 @@ L2_WARNING_THRESHOLD = 0.01
 
 def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
   """Refuses, in one line, training augmentation that these images cannot take."""
-  if config.augment.cutout > min(image_shape[:2]):
+  side = min(image_shape[:2])
+  size = f'{image_shape[0]}x{image_shape[1]}'
+  if config.augment.cutout > side:
     raise ConfigError(f"config key 'augment.cutout' ({config.augment.cutout}) is larger than the "
-                      f'{image_shape[0]}x{image_shape[1]} images it would cut from; use at most '
-                      f'{min(image_shape[:2])} (the Cutout paper cut 16 from 32x32 CIFAR-10 '
-                      'and 8 from CIFAR-100)')
-  if config.augment.randaugment_ops and image_shape[-1] not in (1, 3):
+                      f'{size} images it would cut from; use at most {side} (the Cutout paper '
+                      'cut 16 from 32x32 CIFAR-10 and 8 from CIFAR-100)')
+  if config.augment.randaugment_ops and image_shape[-1] not in randaugment.CHANNELS:
     raise ConfigError(f"config key 'augment.randaugment_ops' ({config.augment.randaugment_ops}) "
                       f'is for images of 1 or 3 channels, and these have {image_shape[-1]}: its '
                       'colour operations are defined on grey and RGB images; set it to 0')
-  if config.augment.crop_padding >= min(image_shape[:2]):  # Some crops would be padding alone.
+  if config.augment.crop_padding >= side:  # Some crops would be padding alone.
     raise ConfigError(f"config key 'augment.crop_padding' ({config.augment.crop_padding}) is not "
-                      f'less than the side of the {image_shape[0]}x{image_shape[1]} images, so '
-                      f'some crops would hold none of the image; use less than '
-                      f'{min(image_shape[:2])} (4 is the usual for 32x32 CIFAR-10)')
+                      f'less than the side of the {size} images, so some crops would hold none '
+                      f'of the image; use less than {side} (4 is the usual for 32x32 CIFAR-10)')
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
@@ -155,8 +155,9 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   `init_images` (uint8 training images) initialise models that learn their first layer from the
   data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
   trained run's state) leaves out the checks of the training batch against the devices, which may
-  not be those it was trained on, and of the training augmentation against the images. `confusion_matrix` has the evaluation count every (label,
-  predicted class) pair too, which `evaluate` returns.
+  not be those it was trained on, and of the training augmentation against the images.
+  `confusion_matrix` has the evaluation count every (label, predicted class) pair too, which
+  `evaluate` returns.
   """
   check_batch_sizes(config, strategy, training=training)
   if config.best_metric.endswith('top5_accuracy') and num_classes <= TOP5_ABOVE_CLASSES:

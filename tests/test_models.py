@@ -1,6 +1,5 @@
 """The model zoo: output shapes, parameter counts, and the fast max-pool."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

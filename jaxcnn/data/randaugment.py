@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_MAGNITUDE = 10.0
+CHANNELS = (1, 3)  # Grey and RGB images: those its colour operations are defined on.
 # PIL's luma weights (ITU-R 601-2), with which ImageEnhance and ImageOps take an image's grey.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -204,7 +205,7 @@ def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: fl
   if not 0 <= magnitude <= MAX_MAGNITUDE:
     raise ValueError(f'RandAugment magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude}')
   channels = images.shape[-1]
-  if channels not in (1, 3):
+  if channels not in CHANNELS:
     raise ValueError(f'RandAugment takes images of 1 or 3 channels, not {channels}')
   fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
   level = magnitude / MAX_MAGNITUDE
