@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   # (0 to 10; the paper's ImageNet ResNet-50 used 2 at 9); 0 operations: off.
   config.augment.randaugment_ops = 0
   config.augment.randaugment_magnitude = 9.0
+  config.augment.randaugment_magnitude_std = 0.0  # timm's mstd; inf: uniform from 0.
+  config.augment.randaugment_probability = 1.0  # Per drawn operation; timm's is 0.5.
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
   config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
@@ -395,6 +397,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config, 'augment.randaugment_magnitude',
            _is_number(magnitude) and 0 <= magnitude <= randaugment.MAX_MAGNITUDE,
            f'a number from 0 to {randaugment.MAX_MAGNITUDE:g}')
+  magnitude_std = config.augment.randaugment_magnitude_std
+  _require(config, 'augment.randaugment_magnitude_std',
+           (_is_number(magnitude_std) or magnitude_std == math.inf) and magnitude_std >= 0,
+           'a number >= 0 (inf draws the magnitude uniformly from 0)')
+  probability = config.augment.randaugment_probability
+  _require(config, 'augment.randaugment_probability',
+           _is_number(probability) and 0 <= probability <= 1, 'a number from 0 to 1')
 
 
 def check_frozen(config: ml_collections.ConfigDict) -> None:

@@ -217,6 +217,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             # and flips, a few elementwise passes and a gather per image.
                             randaugment_ops=config.augment.randaugment_ops,
                             randaugment_magnitude=config.augment.randaugment_magnitude,
+                            randaugment_magnitude_std=config.augment.randaugment_magnitude_std,
+                            randaugment_probability=config.augment.randaugment_probability,
                             # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
                             dtype=config.dtype)

@@ -35,6 +35,8 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'augment.cutout' must be an integer >= 0 (pixels), got -1"),
     ('--config.augment.randaugment_magnitude=30',
      "config key 'augment.randaugment_magnitude' must be a number from 0 to 10, got 30.0"),
+    ('--config.augment.randaugment_probability=1.5',
+     "config key 'augment.randaugment_probability' must be a number from 0 to 1, got 1.5"),
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',

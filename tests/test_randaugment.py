@@ -1,5 +1,7 @@
 """RandAugment: every operation against PIL's, the policy's draws, and a run that uses it."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from jaxcnn import trainer
+from jaxcnn.config import config_from_json
 from jaxcnn.data import augment, randaugment
 from jaxcnn.errors import ConfigError
 
@@ -132,6 +135,55 @@ def test_each_image_goes_through_operations_drawn_uniformly_from_its_own_key():
   assert (np.abs(twice - augmented).max(axis=(1, 2, 3)) > 0).mean() > 0.8
 
 
+def test_layers_draw_timms_magnitude_noise_and_probability():
+  """20,000 draws of a layer: uniform operations and signs, the magnitude as given or with
+  Gaussian (mstd) or uniform (mstd = inf) noise clipped to [0, 10], applied with the probability."""
+  keys = jax.random.split(jax.random.key(0), 20_000)
+  draw = jax.jit(jax.vmap(randaugment.draw_layer, (0, None, None, None)), static_argnums=(1, 2, 3))
+
+  index, magnitude, sign, applied = map(np.asarray, draw(keys, 9.0, 0.0, 1.0))
+  counts = np.bincount(index, minlength=len(randaugment.OPERATIONS))
+  assert len(counts) == len(randaugment.OPERATIONS)
+  assert np.abs(counts / len(keys) * len(counts) - 1).max() < 0.15, counts  # ~1,430 each.
+  assert set(np.unique(sign)) == {-1.0, 1.0} and abs(sign.mean()) < 0.03
+  assert (magnitude == 9.0).all() and applied.all()
+
+  _, magnitude, _, applied = map(np.asarray, draw(keys, 9.0, 0.5, 0.5))
+  assert abs(applied.mean() - 0.5) < 0.02
+  assert abs(magnitude.mean() - 9.0) < 0.02 and abs(magnitude.std() - 0.5) < 0.02
+  # Clipped at 10: P(N(9, 0.5) > 10) = 2.3%.
+  assert magnitude.max() == 10.0 and 0.015 < (magnitude == 10.0).mean() < 0.03
+
+  _, magnitude, _, _ = map(np.asarray, draw(keys, 9.0, np.inf, 1.0))  # Uniform on [0, 9].
+  assert 0.0 <= magnitude.min() < 0.01 and 8.99 < magnitude.max() <= 9.0
+  assert abs(magnitude.mean() - 4.5) < 0.06 and abs(magnitude.std() - 9 / 12 ** 0.5) < 0.04
+
+  _, magnitude, _, _ = map(np.asarray, draw(keys, 0.3, 1.0, 1.0))  # Clipped at 0: 38%.
+  assert magnitude.min() == 0.0 and abs((magnitude == 0.0).mean() - 0.382) < 0.02
+
+
+def test_each_drawn_operation_is_applied_with_the_probability_at_its_drawn_magnitude():
+  count = 400
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (count, 8, 8, 3)), jnp.uint8)
+  keys = augment.example_keys(jax.random.key(5), count)
+  rand_augment = jax.jit(randaugment.rand_augment, static_argnums=(2, 3, 4, 5, 6))
+  changed = lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(axis=(1, 2, 3)) > 0
+
+  always = rand_augment(images, keys, 1, 10.0, FILL, 0.0, 1.0)
+  np.testing.assert_array_equal(rand_augment(images, keys, 1, 10.0, FILL, 0.0, 0.0), images)
+  # At 1/2 the same keys draw the same operations: each image is its input or as at 1.
+  half = rand_augment(images, keys, 1, 10.0, FILL, 0.0, 0.5)
+  skipped, as_always = ~changed(half, images), ~changed(half, always)
+  assert (skipped | as_always).all()
+  assert abs(skipped.mean() - 0.5) < 0.1  # Binomial: 0.025 of spread; identity adds 0.04.
+
+  # Magnitude 0 changes only through the three operations without one; noise reaches the rest.
+  at_zero = rand_augment(images, keys, 1, 0.0, FILL, 0.0, 1.0)
+  np.testing.assert_array_equal(rand_augment(images, keys, 1, 0.0, FILL, np.inf, 1.0), at_zero)
+  noisy = changed(rand_augment(images, keys, 1, 0.0, FILL, 3.0, 1.0), at_zero)
+  assert 0.25 < noisy.mean() < 0.55, noisy.mean()  # 11 of 14 operations, half of them above 0.
+
+
 def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_its_own():
   images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (6, 10, 9, 3)), jnp.uint8)
   crops = dict(mean=(120.0, 110.0, 100.0), std=(50.0,) * 3, crop_padding=2, flip=True)
@@ -155,9 +207,14 @@ def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_
 def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes(fake_tfds,
                                                                                   tmp_path):
   config = tiny_config(model='bn_cnn', num_train_steps=40, eval_every_steps=40,
-                       **{'augment.randaugment_ops': 2, 'augment.randaugment_magnitude': 5.0})
+                       **{'augment.randaugment_ops': 2, 'augment.randaugment_magnitude': 5.0,
+                          'augment.randaugment_magnitude_std': math.inf,
+                          'augment.randaugment_probability': 0.5})
   result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['test/accuracy'] > 0.5  # Ten classes: chance is 0.1.
+  # The run's config.json gives the uniform magnitude (inf) back.
+  recorded = config_from_json(str(tmp_path / 'run' / 'config.json'))
+  assert recorded.augment.randaugment_magnitude_std == math.inf
   four_channels = tiny_config(dataset='synthetic', num_train_steps=4,
                               **{'augment.randaugment_ops': 1})
   four_channels.synthetic.image_shape = (8, 8, 4)
@@ -169,3 +226,9 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
   with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude' must be a "
                                         'number from 0 to 10, got 11.0'):
     trainer.train_and_evaluate(config, str(tmp_path / 'eleven'))
+  config.augment.randaugment_magnitude = 9.0
+  config.augment.randaugment_magnitude_std = -0.5
+  with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude_std' must be "
+                                        'a number >= 0 \\(inf draws the magnitude uniformly '
+                                        'from 0\\), got -0.5'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'negative'))

@@ -112,6 +112,9 @@ class Preprocessor:
     randaugment_ops: RandAugment's operations per training image (`jaxcnn.data.randaugment`),
       after the crops and the flip; 0 disables it.
     randaugment_magnitude: their magnitude, 0 to 10.
+    randaugment_magnitude_std: the deviation of the noise on each operation's magnitude (timm's
+      `mstd`; inf draws it uniformly from 0 to the magnitude); 0 disables it.
+    randaugment_probability: the probability of applying each drawn operation (timm: 0.5).
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
@@ -124,6 +127,8 @@ class Preprocessor:
   inception_crop: bool = False
   randaugment_ops: int = 0
   randaugment_magnitude: float = 9.0
+  randaugment_magnitude_std: float = 0.0
+  randaugment_probability: float = 1.0
   cutout: int = 0
   dtype: str = 'float32'
 
@@ -143,7 +148,9 @@ class Preprocessor:
       images = randaugment.rand_augment(
           images, example_keys(jax.random.fold_in(key, _RANDAUGMENT_STREAM), images.shape[0],
                                first_example),
-          self.randaugment_ops, self.randaugment_magnitude, fill=self.mean)
+          self.randaugment_ops, self.randaugment_magnitude, fill=self.mean,
+          magnitude_std=self.randaugment_magnitude_std,
+          probability=self.randaugment_probability)
     images = self.normalize(images)
     if train and self.cutout:
       images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),

@@ -25,6 +25,10 @@ level, computed on float pixels in [0, 255] without rounding to uint8 between op
 Pixels that a geometric operation brings in from outside the image are the training images'
 mean, as timm fills them: after normalisation they are 0, as Cutout's square is.
 
+timm's two refinements are options (`draw_layer`): noise on the magnitude of each drawn
+operation (`mstd`), and applying each drawn operation only with some probability (timm's
+default is 1/2, so that an image goes through fewer than `num_ops` operations on average).
+
 Under `vmap` a drawn operation is a select over all of them, so each layer computes the nine
 pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
 """
@@ -196,25 +200,52 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array) -> ja
   return jnp.where(index >= num_pixel, geometric, pixel)
 
 
+def draw_layer(key: jax.Array, magnitude: float, magnitude_std: float = 0.0,
+               probability: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One layer's draw for one image from its `key`: the operation's index in `OPERATIONS`
+  (uniform), its magnitude, its sign (+1 or -1, even odds) and whether it is applied.
+
+  As timm's `rand-mM-mstdS` and per-operation probability (`p`) do: with `magnitude_std` S > 0
+  the magnitude is drawn from a normal around `magnitude` with that deviation, with S = inf
+  uniformly from 0 to `magnitude`, and clipped to [0, 10]; the operation is applied with
+  `probability` (timm: 0.5; the paper: 1).
+  """
+  choice_key, sign_key, magnitude_key, apply_key = jax.random.split(key, 4)
+  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+  sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+  if magnitude_std == math.inf:
+    drawn = jax.random.uniform(magnitude_key, (), maxval=magnitude)
+  elif magnitude_std > 0:
+    drawn = magnitude + magnitude_std * jax.random.normal(magnitude_key, ())
+  else:
+    drawn = jnp.asarray(magnitude, jnp.float32)
+  applied = jax.random.bernoulli(apply_key, probability) if probability < 1 else jnp.bool_(True)
+  return index, jnp.clip(drawn, 0.0, MAX_MAGNITUDE), sign, applied
+
+
 def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: float,
-                 fill: Sequence[float]) -> jax.Array:
-  """RandAugment of an NHWC batch (uint8, or floats in [0, 255]): `num_ops` operations drawn
-  for each image from its key in `keys`, at `magnitude` (0 to 10). Geometric operations fill
-  with `fill`, one value per channel in [0, 255] (the training images' mean). Returns float32
+                 fill: Sequence[float], magnitude_std: float = 0.0,
+                 probability: float = 1.0) -> jax.Array:
+  """RandAugment of an NHWC batch (uint8, or floats in [0, 255]): `num_ops` layers drawn for
+  each image from its key in `keys` by `draw_layer`, at `magnitude` (0 to 10) with
+  `magnitude_std` of noise, each applied with `probability`. Geometric operations fill with
+  `fill`, one value per channel in [0, 255] (the training images' mean). Returns float32
   pixels in [0, 255]."""
   if not 0 <= magnitude <= MAX_MAGNITUDE:
     raise ValueError(f'RandAugment magnitude must be in [0, {MAX_MAGNITUDE:g}], got {magnitude}')
+  if not magnitude_std >= 0:
+    raise ValueError(f'RandAugment magnitude_std must be >= 0 (inf: uniform), got {magnitude_std}')
+  if not 0 <= probability <= 1:
+    raise ValueError(f'RandAugment probability must be in [0, 1], got {probability}')
   channels = images.shape[-1]
   if channels not in CHANNELS:
     raise ValueError(f'RandAugment takes images of 1 or 3 channels, not {channels}')
   fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
-  level = magnitude / MAX_MAGNITUDE
 
   def layer(image, key):
-    choice_key, sign_key = jax.random.split(key)
-    index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
-    sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
-    return apply_operation(image, index, level, sign, fill), None
+    index, drawn_magnitude, sign, applied = draw_layer(key, magnitude, magnitude_std, probability)
+    augmented = apply_operation(image, index, drawn_magnitude / MAX_MAGNITUDE, sign, fill)
+    return jnp.where(applied, augmented, image), None
 
   def augment(image, key):
     # A scan, not a Python loop: the program is one layer's, however many operations are drawn.
