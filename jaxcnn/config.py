@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from jaxcnn import models, optim, parallel
 from jaxcnn.data import randaugment
-from jaxcnn.data.augment import TEST_TIME_AUGMENTATIONS
+from jaxcnn.data.augment import RANDOM_ERASING_MODES, TEST_TIME_AUGMENTATIONS
 from jaxcnn.errors import ConfigError
 
 PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
@@ -60,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.randaugment_magnitude_std = 0.0  # timm's mstd; inf: uniform from 0.
   config.augment.randaugment_probability = 1.0  # Per drawn operation; timm's is 0.5.
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
+  # Random Erasing: the probability of erasing a random box of each image (timm's reprob; 0.25
+  # in DeiT's recipe); 0: off. What fills the box: 'pixel', 'rand' or 'const' (timm's remode).
+  config.augment.random_erasing = 0.0
+  config.augment.random_erasing_mode = 'pixel'
   config.augment.mixup_alpha = 0.0  # Mixup with Beta(alpha, alpha) weights; 0: off.
   config.augment.cutmix_alpha = 0.0  # CutMix likewise; with both, one of them per batch.
 
@@ -404,6 +408,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   probability = config.augment.randaugment_probability
   _require(config, 'augment.randaugment_probability',
            _is_number(probability) and 0 <= probability <= 1, 'a number from 0 to 1')
+  _require(config, 'augment.random_erasing',
+           _is_number(config.augment.random_erasing) and 0 <= config.augment.random_erasing <= 1,
+           'a number from 0 to 1 (the probability of erasing a box of each image)')
+  _require(config, 'augment.random_erasing_mode',
+           config.augment.random_erasing_mode in RANDOM_ERASING_MODES,
+           f'one of {", ".join(RANDOM_ERASING_MODES)}')
 
 
 def check_frozen(config: ml_collections.ConfigDict) -> None:

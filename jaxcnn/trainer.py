@@ -221,6 +221,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             randaugment_probability=config.augment.randaugment_probability,
                             # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
+                            random_erasing=config.augment.random_erasing,
+                            random_erasing_mode=config.augment.random_erasing_mode,
                             dtype=config.dtype)
   options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,

@@ -37,6 +37,8 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'augment.randaugment_magnitude' must be a number from 0 to 10, got 30.0"),
     ('--config.augment.randaugment_probability=1.5',
      "config key 'augment.randaugment_probability' must be a number from 0 to 1, got 1.5"),
+    ('--config.augment.random_erasing_mode=noise',
+     "config key 'augment.random_erasing_mode' must be one of pixel, rand, const, got 'noise'"),
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',

@@ -393,15 +393,94 @@ def test_cutout_zeroes_a_square_clipped_at_the_edges_around_every_pixel_alike():
   np.testing.assert_array_equal(np.asarray(with_cutout)[kept], np.asarray(without)[kept])
 
 
+def erased_boxes(erased: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+  """(top, left, height, width) of each image's one erased rectangle (None: nothing erased),
+  asserting that what is erased is one rectangle across every channel."""
+  boxes = []
+  for image in erased:
+    assert (image == image[..., :1]).all()
+    pixels = image[..., 0]
+    if not pixels.any():
+      boxes.append(None)
+      continue
+    rows, cols = np.nonzero(pixels.any(1))[0], np.nonzero(pixels.any(0))[0]
+    assert pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert pixels.sum() == len(rows) * len(cols)
+    boxes.append((rows[0], cols[0], len(rows), len(cols)))
+  return boxes
+
+
+def test_random_erasing_erases_one_box_of_timms_sizes_with_the_probability():
+  count, height, width = 3000, 20, 24
+  images = jnp.full((count, height, width, 2), 7.0)
+  keys = augment.example_keys(jax.random.key(0), count)
+  erase = jax.jit(augment.random_erasing, static_argnums=(2, 3))
+  out = np.asarray(erase(images, keys, 0.5, 'pixel'))
+  boxes = erased_boxes(out != 7.0)
+  erased = [box for box in boxes if box is not None]
+  assert abs(len(erased) / count - 0.5) < 0.03
+  tops, lefts, heights, widths = np.array(erased).T
+  fractions = heights * widths / (height * width)
+  # Areas of 2% to a third of the image (rounding the sides moves them a little), aspect
+  # ratios of 0.3 to 3.3 either way, and the box anywhere it fits.
+  assert fractions.min() >= 0.01 and fractions.max() <= 0.4
+  assert abs(fractions.mean() - (0.02 + 1 / 3) / 2) < 0.02
+  aspects = heights / widths
+  assert aspects.min() > 0.2 and aspects.max() < 5 and (aspects < 0.6).any() and (aspects > 1.7).any()
+  assert (tops + heights <= height).all() and (lefts + widths <= width).all()
+  assert tops.min() == 0 and lefts.min() == 0 and (tops + heights).max() == height
+  # 'pixel' fills each pixel and channel with a standard normal.
+  noise = out[out != 7.0]
+  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+  # The same keys draw the same boxes in every mode; 'rand' fills a channel with one value,
+  # 'const' with zeros (the mean); 0 erases nothing and 1 every image.
+  for mode in ('rand', 'const'):
+    filled = np.asarray(erase(images, keys, 0.5, mode))
+    assert erased_boxes(filled != 7.0) == boxes
+  rand = np.asarray(erase(images, keys, 0.5, 'rand'))[:50]
+  for image, box in zip(rand, boxes[:50]):
+    if box is not None:
+      top, left, box_height, box_width = box
+      inside = image[top:top + box_height, left:left + box_width]
+      assert (inside == inside[0, 0]).all() and inside[0, 0, 0] != inside[0, 0, 1]
+  assert (np.asarray(erase(images, keys, 0.5, 'const'))[out != 7.0] == 0).all()
+  np.testing.assert_array_equal(erase(images, keys, 0.0, 'pixel'), images)
+  assert None not in erased_boxes(np.asarray(erase(images, keys, 1.0, 'pixel')) != 7.0)
+  with pytest.raises(ValueError, match="random erasing mode must be one of .*, got 'noise'"):
+    augment.random_erasing(images, keys, 0.5, 'noise')
+
+
+def test_random_erasing_comes_last_in_training_from_a_stream_of_its_own():
+  crops = dict(mean=(100.0,), std=(10.0,), crop_padding=2, flip=True, cutout=3)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 9, 7, 1)), jnp.uint8)
+  key = jax.random.key(2)
+  with_erasing = augment.Preprocessor(**crops, random_erasing=1.0, random_erasing_mode='const')
+
+  @jax.jit
+  def both(images, key):
+    expected = augment.random_erasing(
+        augment.Preprocessor(**crops)(images, key, train=True),
+        augment.example_keys(jax.random.fold_in(key, 5), 8), 1.0, 'const')
+    return with_erasing(images, key, train=True), expected
+
+  np.testing.assert_array_equal(*both(images, key))
+  np.testing.assert_array_equal(with_erasing(images, None, train=False),
+                                with_erasing.normalize(images))
+
+
 def test_augmentation_of_a_slice_equals_the_slice_of_the_augmented_batch():
   """Per-example keys: a device augmenting its shard draws what one device draws for the batch."""
   images = jnp.asarray(np.random.default_rng(4).integers(0, 255, (16, 8, 8, 3)), jnp.uint8)
   preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True,
-                                    inception_crop=True, randaugment_ops=2, cutout=3)
+                                    inception_crop=True, randaugment_ops=2, cutout=3,
+                                    random_erasing=0.5)
   key = jax.random.key(9)
-  whole = preprocess(images, key, train=True)
+  # Compiled (once for the batch, once for a shard): eagerly, each operation compiles on its own.
+  augmented = jax.jit(lambda images, first: preprocess(images, key, train=True,
+                                                        first_example=first))
+  whole = augmented(images, 0)
   for shard in range(4):
-    part = preprocess(images[4 * shard:4 * shard + 4], key, train=True, first_example=4 * shard)
+    part = augmented(images[4 * shard:4 * shard + 4], 4 * shard)
     np.testing.assert_array_equal(part, whole[4 * shard:4 * shard + 4])
 
 

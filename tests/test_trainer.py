@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
-from jaxcnn import checkpoint, profiling, trainer
+from jaxcnn import checkpoint, parallel, profiling, trainer
+from jaxcnn.data.augment import Preprocessor
 from jaxcnn import workdir as workdir_lib
 from jaxcnn.errors import ConfigError, UserError
 from jaxcnn.metrics import read_metrics
@@ -374,6 +375,19 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
   kept = sorted(int(name) for name in os.listdir(tmp_path / 'run' / 'checkpoints')
                 if name.isdigit())
   assert kept == sorted({best, 16})
+
+
+def test_every_augmentation_key_reaches_the_devices_preprocessor():
+  augmentation = dict(crop_padding=3, pad_mode='reflect', flip=True, inception_crop=True,
+                      randaugment_ops=2, randaugment_magnitude=7.0,
+                      randaugment_magnitude_std=0.5, randaugment_probability=0.5, cutout=5,
+                      random_erasing=0.25, random_erasing_mode='rand')
+  config = tiny_config(dtype='bfloat16', **{f'augment.{k}': v for k, v in augmentation.items()})
+  experiment, _ = trainer.build_experiment(
+      config, image_shape=(28, 28, 1), num_classes=10, num_train_examples=64, mean=(33.0,),
+      std=(78.0,), strategy=parallel.make_strategy('jit', 1))
+  assert experiment.preprocess == Preprocessor(mean=(33.0,), std=(78.0,), dtype='bfloat16',
+                                               **augmentation)
 
 
 def test_a_cutout_or_crop_padding_beyond_the_images_is_refused_before_the_run_writes(tmp_path):

@@ -92,10 +92,59 @@ def cutout(images: jax.Array, keys: jax.Array, size: int) -> jax.Array:
   return jnp.where(cut[..., None], jnp.zeros((), images.dtype), images)
 
 
-# Cutout and RandAugment draw from streams of their own of the step's augmentation key, so that
-# turning either on leaves the crops and flips that a config draws as they were.
+RANDOM_ERASING_MODES = ('pixel', 'rand', 'const')
+
+
+def random_erasing(images: jax.Array, keys: jax.Array, probability: float, mode: str = 'pixel',
+                   area: tuple[float, float] = (0.02, 1 / 3),
+                   ratio: tuple[float, float] = (0.3, 1 / 0.3), attempts: int = 10) -> jax.Array:
+  """Random Erasing (Zhong et al. 2020) of normalised images, as timm's RandomErasing does it.
+
+  With `probability`, a box of each image is erased: its area a uniform fraction `area` of the
+  image's, its aspect ratio (height over width) log-uniform in `ratio`, its place uniform among
+  those where it fits. Of `attempts` boxes drawn the first that fits is erased; when none fits
+  (in images of a few pixels), the image stays whole. The box is filled with normal noise for
+  each pixel and channel (`mode` 'pixel', timm's training default), one normal value per channel
+  ('rand'), or zeros, the training images' mean ('const'). `keys` holds one key per image.
+  """
+  if mode not in RANDOM_ERASING_MODES:
+    raise ValueError(f'random erasing mode must be one of {RANDOM_ERASING_MODES}, got {mode!r}')
+  _, height, width, channels = images.shape
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+
+  def erase(image, key):
+    apply_key, area_key, ratio_key, top_key, left_key, fill_key = jax.random.split(key, 6)
+    box_area = jax.random.uniform(area_key, (attempts,), minval=area[0],
+                                  maxval=area[1]) * height * width
+    aspect = jnp.exp(jax.random.uniform(ratio_key, (attempts,), minval=np.log(ratio[0]),
+                                        maxval=np.log(ratio[1])))
+    box_heights = jnp.round(jnp.sqrt(box_area * aspect)).astype(jnp.int32)
+    box_widths = jnp.round(jnp.sqrt(box_area / aspect)).astype(jnp.int32)
+    fits = (box_heights < height) & (box_widths < width)  # timm's test, strict as there.
+    first = jnp.argmax(fits)
+    box_height, box_width = box_heights[first], box_widths[first]
+    top = jax.random.randint(top_key, (), 0, height - box_height + 1)
+    left = jax.random.randint(left_key, (), 0, width - box_width + 1)
+    inside = ((rows >= top) & (rows < top + box_height) & (cols >= left)
+              & (cols < left + box_width))
+    erased = inside & fits[first] & jax.random.bernoulli(apply_key, probability)
+    if mode == 'pixel':
+      fill = jax.random.normal(fill_key, image.shape, image.dtype)
+    elif mode == 'rand':
+      fill = jax.random.normal(fill_key, (channels,), image.dtype)
+    else:
+      fill = jnp.zeros((), image.dtype)
+    return jnp.where(erased, fill, image)
+
+  return jax.vmap(erase)(images, keys)
+
+
+# Cutout, RandAugment and Random Erasing draw from streams of their own of the step's
+# augmentation key, so that turning one on leaves what the others draw as it was.
 _CUTOUT_STREAM = 3
 _RANDAUGMENT_STREAM = 4
+_RANDOM_ERASING_STREAM = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +166,9 @@ class Preprocessor:
     randaugment_probability: the probability of applying each drawn operation (timm: 0.5).
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
+    random_erasing: the probability with which Random Erasing (`random_erasing`) erases a box
+      of each normalised training image, last; 0 disables it.
+    random_erasing_mode: what fills that box: 'pixel', 'rand' or 'const'.
     dtype: the compute dtype of the model ('float32' or 'bfloat16').
   """
   mean: tuple[float, ...]
@@ -130,6 +182,8 @@ class Preprocessor:
   randaugment_magnitude_std: float = 0.0
   randaugment_probability: float = 1.0
   cutout: int = 0
+  random_erasing: float = 0.0
+  random_erasing_mode: str = 'pixel'
   dtype: str = 'float32'
 
   def __call__(self, images: jax.Array, key: jax.Array | None, train: bool,
@@ -155,6 +209,10 @@ class Preprocessor:
     if train and self.cutout:
       images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),
                                            images.shape[0], first_example), self.cutout)
+    if train and self.random_erasing:
+      images = random_erasing(
+          images, example_keys(jax.random.fold_in(key, _RANDOM_ERASING_STREAM), images.shape[0],
+                               first_example), self.random_erasing, self.random_erasing_mode)
     return images
 
   def normalize(self, images: jax.Array) -> jax.Array:
