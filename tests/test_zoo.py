@@ -17,7 +17,8 @@ from jaxcnn.models import airbench, resnet, vgg, wide_resnet
 
 from conftest import tiny_config
 
-ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'cifar_resnet20',
+ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
+       'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2', 'cifar_resnet20',
        'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
        'airbench')
 IMAGENET = ((224, 224, 3), 1000)
@@ -41,6 +42,11 @@ PUBLISHED_COUNTS = [
     ('resnet50', IMAGENET, 25_557_032),
     ('resnet101', IMAGENET, 44_549_160),
     ('resnet152', IMAGENET, 60_192_808),
+    ('resnext50_32x4d', IMAGENET, 25_028_904),
+    ('resnext101_32x8d', IMAGENET, 88_791_336),
+    ('resnext101_64x4d', IMAGENET, 83_455_272),
+    ('wide_resnet50_2', IMAGENET, 68_883_240),
+    ('wide_resnet101_2', IMAGENET, 126_886_696),
     # He et al. 2016, table 6, with option A shortcuts: 0.27M, 0.46M, 0.85M.
     ('cifar_resnet20', CIFAR, 269_722),
     ('cifar_resnet32', CIFAR, 464_154),
@@ -73,7 +79,8 @@ def test_projection_shortcuts_add_two_projections():
 
 
 @pytest.mark.parametrize('name, input_shape', [
-    ('resnet18', (64, 64, 3)), ('resnet50', (64, 64, 3)), ('cifar_resnet20', (32, 32, 3)),
+    ('resnet18', (64, 64, 3)), ('resnet50', (64, 64, 3)), ('resnext50_32x4d', (64, 64, 3)),
+    ('wide_resnet50_2', (48, 40, 3)), ('cifar_resnet20', (32, 32, 3)),
     ('cifar_resnet32', (32, 32, 3)), ('cifar_resnet56', (20, 20, 3)), ('wrn16_8', (16, 16, 3)),
     ('wrn28_10', (32, 32, 3)), ('vgg11_bn', (32, 32, 3)), ('vgg16_bn', (27, 27, 3)),
     ('airbench', (28, 28, 1)),
@@ -181,6 +188,40 @@ def test_resnet_initialisation_follows_torchvision():
   assert block.conv1.strides == (1, 1) and block.conv2.strides == (2, 2)
   assert block.shortcut.layers[0].strides == (2, 2)
   assert block(jnp.ones((1, 8, 8, 64))).shape == (1, 4, 4, 64)
+
+
+def test_resnext_groups_and_wide_resnets_widen_the_bottlenecks_as_torchvision_does():
+  first, last = {}, {}
+  for name in ('resnet50', 'resnext50_32x4d', 'resnext101_32x8d', 'wide_resnet50_2'):
+    model = abstract_model(name, *IMAGENET)
+    first[name] = model.stages[0].layers[0].conv2.kernel.shape
+    last[name] = [layer.kernel.shape for layer in (model.stages[3].layers[-1].conv1,
+                                                    model.stages[3].layers[-1].conv3)]
+  # The 3x3 kernels (H, W, input channels per group, output channels) of the first block.
+  assert first == {'resnet50': (3, 3, 64, 64), 'resnext50_32x4d': (3, 3, 4, 128),
+                   'resnext101_32x8d': (3, 3, 8, 256), 'wide_resnet50_2': (3, 3, 128, 128)}
+  # The last block: 2048-512-2048 in ResNet-50, 2048-1024-2048 in Wide ResNet-50-2.
+  assert last['resnet50'] == [(1, 1, 2048, 512), (1, 1, 512, 2048)]
+  assert last['wide_resnet50_2'] == [(1, 1, 2048, 1024), (1, 1, 1024, 2048)]
+
+
+def test_a_grouped_convolution_keeps_each_group_to_its_own_channels():
+  grouped = resnet.conv(8, 12, 3, groups=4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 5, 5, 8))
+  changed_input = x.at[..., 2:4].add(1.0)  # The second group's two input channels.
+  outputs = jax.jit(lambda x: grouped(x))
+  changed = np.abs(np.asarray(outputs(changed_input) - outputs(x))).max(axis=(0, 1, 2)) > 0
+  np.testing.assert_array_equal(changed, np.arange(12) // 3 == 1)  # Its three outputs alone.
+
+
+def test_basic_blocks_and_bad_groups_are_one_line_errors():
+  with pytest.raises(ConfigError, match="sets groups=32 and width_per_group=4; networks of basic "
+                                        r'blocks \(resnet18, resnet34\) take only groups=1'):
+    models.create_model('resnet18', num_classes=10, input_shape=(32, 32, 3),
+                        model_kwargs={'groups': 32, 'width_per_group': 4})
+  with pytest.raises(ConfigError, match='sets width_per_group=0; it must be a positive integer'):
+    models.create_model('resnet50', num_classes=10, input_shape=(32, 32, 3),
+                        model_kwargs={'width_per_group': 0})
 
 
 def test_zero_initialised_residual_block_starts_as_identity():

@@ -10,6 +10,9 @@ The zoo, by family (parameter counts in each module's docstring):
   small_cnns.py   lenet5, keras_cnn, simple_cnn, bn_cnn         MNIST-size CNNs
   resnet.py       resnet18, resnet34, resnet50, resnet101,      ResNet v1.5 for ImageNet
                   resnet152
+                  resnext50_32x4d, resnext101_32x8d,            ResNeXt, torchvision's
+                  resnext101_64x4d
+                  wide_resnet50_2, wide_resnet101_2             torchvision's wide ResNets
                   cifar_resnet20, cifar_resnet32, cifar_resnet56  He et al.'s CIFAR ResNets
   wide_resnet.py  wrn16_8, wrn28_10                             wide ResNets
   vgg.py          vgg11_bn, vgg16_bn                            VGG-BN, CIFAR variant
@@ -52,6 +55,11 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'resnet50': resnet.resnet50,
     'resnet101': resnet.resnet101,
     'resnet152': resnet.resnet152,
+    'resnext50_32x4d': resnet.resnext50_32x4d,
+    'resnext101_32x8d': resnet.resnext101_32x8d,
+    'resnext101_64x4d': resnet.resnext101_64x4d,
+    'wide_resnet50_2': resnet.wide_resnet50_2,
+    'wide_resnet101_2': resnet.wide_resnet101_2,
     'cifar_resnet20': resnet.cifar_resnet20,
     'cifar_resnet32': resnet.cifar_resnet32,
     'cifar_resnet56': resnet.cifar_resnet56,

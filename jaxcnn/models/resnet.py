@@ -9,6 +9,16 @@ parameter counts equal torchvision's exactly:
   resnet18  11,689,512    resnet34  21,797,672    resnet50  25,557,032
   resnet101 44,549,160    resnet152 60,192,808
 
+torchvision's two widenings of the bottleneck are here too, with its names and its counts.
+ResNeXt (Xie et al. 2017) splits the 3x3 convolution of every bottleneck into `groups` groups
+of `width_per_group` channels each (`resnext50_32x4d`: 32 groups of 4 channels in the first
+stage, doubling per stage); Wide ResNet-50-2 and -101-2 (Zagoruyko & Komodakis 2016, as
+torchvision builds them) double the bottleneck's inner channels (2048-1024-2048 in the last
+block, against ResNet-50's 2048-512-2048):
+
+  resnext50_32x4d   25,028,904    resnext101_32x8d  88,791,336    resnext101_64x4d 83,455,272
+  wide_resnet50_2   68,883,240    wide_resnet101_2 126,886,696
+
 CIFAR ResNets (`cifar_resnet20/32/56`) follow He et al. 2016, section 4.2: a 3x3 convolution with
 16 channels, three stages of n basic blocks with 16, 32 and 64 channels (n = 3, 5, 9), global
 average pooling and a linear classifier. Like the paper they use option A shortcuts: where the
@@ -49,16 +59,17 @@ BN_EPSILON = 1e-5
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, dtype,
-         rngs: nnx.Rngs) -> nnx.Conv:
-  """A bias-free convolution padded like PyTorch's `padding=kernel_size // 2`.
+         rngs: nnx.Rngs, groups: int = 1) -> nnx.Conv:
+  """A bias-free convolution padded like PyTorch's `padding=kernel_size // 2`, its channels in
+  `groups` groups (each output group sees only its own input group).
 
   Explicit symmetric padding, not 'SAME': for stride 2 on even sizes 'SAME' pads only at the end,
   which would shift every downsampled feature map by a pixel against the torchvision layout.
   """
   pad = kernel_size // 2
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_kernel_init,
-                  dtype=dtype, rngs=rngs)
+                  padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
+                  kernel_init=conv_kernel_init, dtype=dtype, rngs=rngs)
 
 
 def batch_norm(features: int, *, dtype, axis_name: str | None, rngs: nnx.Rngs,
@@ -120,20 +131,28 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-  """1x1 reduce, 3x3 (strided, as in v1.5), 1x1 expand by 4, with a residual connection."""
+  """1x1 reduce, 3x3 (strided, as in v1.5), 1x1 expand to 4 x `features`, with a residual
+  connection.
+
+  The inner width is torchvision's: `features` at the defaults, and in general
+  int(features * width_per_group / 64) * groups, the 3x3 convolution in `groups` groups
+  (ResNeXt; wide ResNets set width_per_group=128).
+  """
 
   expansion = 4
 
   def __init__(self, in_features: int, features: int, *, stride: int = 1, dtype,
                axis_name: str | None = None, zero_init_residual: bool = True,
-               shortcut: str = 'B', drop_path_rate: float = 0.0, rngs: nnx.Rngs):
+               shortcut: str = 'B', drop_path_rate: float = 0.0, groups: int = 1,
+               width_per_group: int = 64, rngs: nnx.Rngs):
     norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
     out_features = features * self.expansion
-    self.conv1 = conv(in_features, features, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = norm(features)
-    self.conv2 = conv(features, features, 3, stride, dtype=dtype, rngs=rngs)
-    self.bn2 = norm(features)
-    self.conv3 = conv(features, out_features, 1, dtype=dtype, rngs=rngs)
+    width = int(features * width_per_group / 64) * groups
+    self.conv1 = conv(in_features, width, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = norm(width)
+    self.conv2 = conv(width, width, 3, stride, groups=groups, dtype=dtype, rngs=rngs)
+    self.bn2 = norm(width)
+    self.conv3 = conv(width, out_features, 1, dtype=dtype, rngs=rngs)
     self.bn3 = norm(out_features, zero_scale=zero_init_residual)
     self.shortcut = _make_shortcut(in_features, out_features, stride, shortcut, dtype=dtype,
                                    axis_name=axis_name, rngs=rngs)
@@ -205,20 +224,34 @@ class ResNet(nnx.Module):
   Stem: 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool; then four stages of `stage_sizes`
   blocks with 64, 128, 256 and 512 base channels (strides 1, 2, 2, 2), global average pooling and
   a linear classifier. Any input of at least 1x1 works; the classifier's size does not depend on
-  it. The classifier keeps Flax's default initialisation (LeCun normal, zero bias).
+  it. The classifier keeps Flax's default initialisation (LeCun normal, zero bias). `groups` and
+  `width_per_group` widen or group the bottlenecks' 3x3 convolutions (`Bottleneck`), as
+  torchvision's arguments of those names do; basic blocks take only their defaults, as there.
   """
 
   def __init__(self, *, block_cls: type[BasicBlock] | type[Bottleneck], stage_sizes: Sequence[int],
                num_classes: int, input_shape: Sequence[int], dtype=jnp.float32, rngs: nnx.Rngs,
                axis_name: str | None = None, zero_init_residual: bool = True,
-               drop_path_rate: float = 0.0):
+               drop_path_rate: float = 0.0, groups: int = 1, width_per_group: int = 64):
     channels = input_shape[-1]
+    block_kwargs = {}
+    if (groups, width_per_group) != (1, 64):
+      if block_cls is not Bottleneck:
+        raise ConfigError(f"config key 'model_kwargs' sets groups={groups!r} and "
+                          f'width_per_group={width_per_group!r}; networks of basic blocks '
+                          '(resnet18, resnet34) take only groups=1 and width_per_group=64, as '
+                          "torchvision's do")
+      for name, value in (('groups', groups), ('width_per_group', width_per_group)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+          raise ConfigError(f"config key 'model_kwargs' sets {name}={value!r}; it must be a "
+                            'positive integer (resnext50_32x4d: groups=32, width_per_group=4)')
+      block_kwargs = dict(groups=groups, width_per_group=width_per_group)
     self.stem_conv = conv(channels, 64, 7, 2, dtype=dtype, rngs=rngs)
     self.stem_bn = batch_norm(64, dtype=dtype, axis_name=axis_name, rngs=rngs)
     self.stages, features = _make_stages(
         block_cls, 64, (64, 128, 256, 512), stage_sizes, (1, 2, 2, 2), dtype=dtype,
         axis_name=axis_name, zero_init_residual=zero_init_residual,
-        drop_path_rate=drop_path_rate, rngs=rngs)
+        drop_path_rate=drop_path_rate, rngs=rngs, **block_kwargs)
     self.fc = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -263,6 +296,11 @@ resnet34 = functools.partial(ResNet, block_cls=BasicBlock, stage_sizes=(3, 4, 6,
 resnet50 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3))
 resnet101 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 4, 23, 3))
 resnet152 = functools.partial(ResNet, block_cls=Bottleneck, stage_sizes=(3, 8, 36, 3))
+resnext50_32x4d = functools.partial(resnet50, groups=32, width_per_group=4)
+resnext101_32x8d = functools.partial(resnet101, groups=32, width_per_group=8)
+resnext101_64x4d = functools.partial(resnet101, groups=64, width_per_group=4)
+wide_resnet50_2 = functools.partial(resnet50, width_per_group=128)
+wide_resnet101_2 = functools.partial(resnet101, width_per_group=128)
 
 cifar_resnet20 = functools.partial(CifarResNet, blocks_per_stage=3)
 cifar_resnet32 = functools.partial(CifarResNet, blocks_per_stage=5)
