@@ -15,6 +15,8 @@ The zoo, by family (parameter counts in each module's docstring):
                   wide_resnet50_2, wide_resnet101_2             torchvision's wide ResNets
                   cifar_resnet20, cifar_resnet32, cifar_resnet56  He et al.'s CIFAR ResNets
   wide_resnet.py  wrn16_8, wrn28_10                             wide ResNets
+  convnext.py     convnext_tiny, convnext_small, convnext_base,  ConvNeXt, torchvision's
+                  convnext_large
   vgg.py          vgg11_bn, vgg16_bn                            VGG-BN, CIFAR variant
   airbench.py     airbench                                      airbench94-style fast CIFAR net
 
@@ -41,7 +43,7 @@ from flax import nnx
 
 from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError
-from jaxcnn.models import airbench, resnet, vgg, wide_resnet
+from jaxcnn.models import airbench, convnext, resnet, vgg, wide_resnet
 from jaxcnn.models.small_cnns import BNCNN, KerasCNN, LeNet5, SimpleCNN
 
 # By family; `model_names()` lists them sorted.
@@ -65,6 +67,10 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'cifar_resnet56': resnet.cifar_resnet56,
     'wrn16_8': wide_resnet.wrn16_8,
     'wrn28_10': wide_resnet.wrn28_10,
+    'convnext_tiny': convnext.convnext_tiny,
+    'convnext_small': convnext.convnext_small,
+    'convnext_base': convnext.convnext_base,
+    'convnext_large': convnext.convnext_large,
     'vgg11_bn': vgg.vgg11_bn,
     'vgg16_bn': vgg.vgg16_bn,
     'airbench': airbench.AirBench,
