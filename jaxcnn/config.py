@@ -59,6 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.randaugment_magnitude = 9.0
   config.augment.randaugment_magnitude_std = 0.0  # timm's mstd; inf: uniform from 0.
   config.augment.randaugment_probability = 1.0  # Per drawn operation; timm's is 0.5.
+  # TrivialAugmentWide (torchvision's): one operation per image at a random level; no settings.
+  config.augment.trivialaugment = False
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   # Random Erasing: the probability of erasing a random box of each image (timm's reprob; 0.25
   # in DeiT's recipe); 0: off. What fills the box: 'pixel', 'rand' or 'const' (timm's remode).
@@ -408,6 +410,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   probability = config.augment.randaugment_probability
   _require(config, 'augment.randaugment_probability',
            _is_number(probability) and 0 <= probability <= 1, 'a number from 0 to 1')
+  _require(config, 'augment.trivialaugment', isinstance(config.augment.trivialaugment, bool),
+           'true or false')
+  if config.augment.trivialaugment and config.augment.randaugment_ops:
+    raise ConfigError(f"config keys 'augment.trivialaugment' and 'augment.randaugment_ops' "
+                      f'({config.augment.randaugment_ops}) both ask for an automatic '
+                      'augmentation; choose one (randaugment_ops=0 or trivialaugment=false)')
   _require(config, 'augment.random_erasing',
            _is_number(config.augment.random_erasing) and 0 <= config.augment.random_erasing <= 1,
            'a number from 0 to 1 (the probability of erasing a box of each image)')

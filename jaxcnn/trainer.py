@@ -134,10 +134,12 @@ def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
     raise ConfigError(f"config key 'augment.cutout' ({config.augment.cutout}) is larger than the "
                       f'{size} images it would cut from; use at most {side} (the Cutout paper '
                       'cut 16 from 32x32 CIFAR-10 and 8 from CIFAR-100)')
-  if config.augment.randaugment_ops and image_shape[-1] not in randaugment.CHANNELS:
-    raise ConfigError(f"config key 'augment.randaugment_ops' ({config.augment.randaugment_ops}) "
-                      f'is for images of 1 or 3 channels, and these have {image_shape[-1]}: its '
-                      'colour operations are defined on grey and RGB images; set it to 0')
+  if image_shape[-1] not in randaugment.CHANNELS:
+    for key, off in (('randaugment_ops', 0), ('trivialaugment', False)):
+      if config.augment[key] != off:
+        raise ConfigError(f"config key 'augment.{key}' ({config.augment[key]}) is for images of 1 "
+                          f'or 3 channels, and these have {image_shape[-1]}: its colour '
+                          f'operations are defined on grey and RGB images; set it to {off}')
   if config.augment.crop_padding >= side:  # Some crops would be padding alone.
     raise ConfigError(f"config key 'augment.crop_padding' ({config.augment.crop_padding}) is not "
                       f'less than the side of the {size} images, so some crops would hold none '
@@ -219,6 +221,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             randaugment_magnitude=config.augment.randaugment_magnitude,
                             randaugment_magnitude_std=config.augment.randaugment_magnitude_std,
                             randaugment_probability=config.augment.randaugment_probability,
+                            trivialaugment=config.augment.trivialaugment,
                             # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
                             random_erasing=config.augment.random_erasing,

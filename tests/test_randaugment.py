@@ -64,23 +64,31 @@ def test_each_pixel_operation_is_pils_to_within_one_grey_level(name, ours, pils,
                           from_pil(pils(as_pil(image)), channels))
 
 
+RANGES = {'randaugment': randaugment.RANDAUGMENT,
+          'trivialaugment_wide': randaugment.TRIVIALAUGMENT_WIDE}
+
+
 @pytest.mark.parametrize('sign', [1, -1])
-@pytest.mark.parametrize('level', [0.5, 1.0])
-def test_each_geometric_operation_is_pils_to_within_one_grey_level(level, sign):
-  """Fill beyond the edges included: PIL's bilinear sampling and the same inverse maps."""
+@pytest.mark.parametrize('level', [0.25, 1.0])
+@pytest.mark.parametrize('ranges', RANGES.values(), ids=RANGES.keys())
+def test_each_geometric_operation_is_pils_to_within_one_grey_level(ranges, level, sign):
+  """Fill beyond the edges included: PIL's bilinear sampling and the same inverse maps, over
+  RandAugment's ranges (30 degrees, shear 0.3, 45% of the side) and TrivialAugmentWide's (135
+  degrees, 0.99, 32 pixels)."""
   image = structured_image()
   height, width, _ = image.shape
-  shear, shift = 0.3 * level * sign, 0.45 * level * sign
+  shear = ranges.shear * level * sign
+  shift = lambda side: (ranges.translate_fraction * side + ranges.translate_pixels) * level * sign
   pil = as_pil(image)
   affine = lambda data: pil.transform(pil.size, Image.AFFINE, data, resample=Image.BILINEAR,
                                       fillcolor=FILL)
   references = {
-      'rotate': pil.rotate(30 * level * sign, resample=Image.BILINEAR, fillcolor=FILL),
+      'rotate': pil.rotate(ranges.rotate * level * sign, resample=Image.BILINEAR, fillcolor=FILL),
       'shear_x': affine((1, shear, 0, 0, 1, 0)), 'shear_y': affine((1, 0, 0, shear, 1, 0)),
-      'translate_x': affine((1, 0, shift * width, 0, 1, 0)),
-      'translate_y': affine((1, 0, 0, 0, 1, shift * height)),
+      'translate_x': affine((1, 0, shift(width), 0, 1, 0)),
+      'translate_y': affine((1, 0, 0, 0, 1, shift(height))),
   }
-  matrices = randaugment.geometric_matrices(level, sign, height, width)
+  matrices = randaugment.geometric_matrices(level, sign, height, width, ranges)
   for name, matrix in zip(randaugment.GEOMETRIC_OPERATIONS, matrices):
     warped = randaugment.warp(jnp.asarray(image, jnp.float32), matrix, jnp.asarray(FILL, float))
     assert_within_one_level(warped, from_pil(references[name], 3))
@@ -91,10 +99,54 @@ def test_each_geometric_operation_is_pils_to_within_one_grey_level(level, sign):
 _apply_operation = jax.jit(randaugment.apply_operation)
 
 
-def apply(image, name, level, sign=1.0):
+_apply_wide_operation = jax.jit(lambda *args: randaugment.apply_operation(
+    *args, ranges=randaugment.TRIVIALAUGMENT_WIDE))
+
+
+def apply(image, name, level, sign=1.0, wide=False):
   index = randaugment.OPERATIONS.index(name)
-  return np.asarray(_apply_operation(jnp.asarray(image, jnp.float32), index, level, sign,
-                                     jnp.asarray(FILL, jnp.float32)))
+  apply_operation = _apply_wide_operation if wide else _apply_operation
+  return np.asarray(apply_operation(jnp.asarray(image, jnp.float32), index, level, sign,
+                                    jnp.asarray(FILL, jnp.float32)))
+
+
+def test_trivialaugment_wides_pixel_operations_are_torchvisions_levels_of_pils():
+  """torchvision's TrivialAugmentWide at bin m of 31: enhancement factors 1 +- 0.99 m/30,
+  posterize to 8 - round(m/5) bits, solarize from 255 (1 - m/30)."""
+  image = structured_image()
+  pil = as_pil(image)
+  cases = [('contrast', 1.0, -1.0, ImageEnhance.Contrast(pil).enhance(0.01)),
+           ('brightness', 0.5, 1.0, ImageEnhance.Brightness(pil).enhance(1.495)),
+           ('posterize', 13 / 30, 1.0, ImageOps.posterize(pil, 5)),  # round(2.6) = 3 bits off.
+           ('posterize', 1.0, 1.0, ImageOps.posterize(pil, 2)),
+           ('solarize', 0.0, 1.0, ImageOps.solarize(pil, 255)),
+           ('solarize', 0.5, 1.0, ImageOps.solarize(pil, 127.5))]
+  for name, level, sign, reference in cases:
+    assert_within_one_level(apply(image, name, level, sign, wide=True), from_pil(reference, 3))
+
+
+def test_trivialaugment_draws_one_operation_at_one_of_31_levels_for_each_image():
+  keys = jax.random.split(jax.random.key(0), 20_000)
+  index, level, sign = map(np.asarray, jax.jit(jax.vmap(randaugment.draw_trivial))(keys))
+  for values, count in ((index, len(randaugment.OPERATIONS)), (np.round(level * 30), 31)):
+    counts = np.bincount(values.astype(int), minlength=count)
+    assert len(counts) == count and np.abs(counts / len(keys) * count - 1).max() < 0.15, counts
+  assert level.min() == 0.0 and level.max() == 1.0 and abs(sign.mean()) < 0.03
+  # The batch: each image through the operation that its own key draws, over the wide ranges.
+  images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (64, 9, 8, 3)), jnp.uint8)
+  keys = augment.example_keys(jax.random.key(4), 64)
+
+  @jax.jit
+  def both(images, keys):
+    drawn = jax.vmap(randaugment.draw_trivial)(keys)
+    expected = jax.vmap(lambda image, index, level, sign: randaugment.apply_operation(
+        image, index, level, sign, jnp.asarray(FILL, jnp.float32),
+        randaugment.TRIVIALAUGMENT_WIDE))(images.astype(jnp.float32), *drawn)
+    return randaugment.trivial_augment(images, keys, FILL), expected
+
+  augmented, expected = both(images, keys)
+  np.testing.assert_array_equal(augmented, expected)
+  assert (np.abs(np.asarray(augmented) - np.asarray(images)).max(axis=(1, 2, 3)) > 0).mean() > 0.7
 
 
 def test_every_operation_with_a_magnitude_grows_from_none_at_0():
@@ -221,6 +273,11 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
   with pytest.raises(ConfigError, match="'augment.randaugment_ops' \\(1\\) is for images of 1 or "
                                         '3 channels, and these have 4'):
     trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
+  four_channels.augment.randaugment_ops = 0
+  four_channels.augment.trivialaugment = True
+  with pytest.raises(ConfigError, match="'augment.trivialaugment' \\(True\\) is for images of 1 "
+                                        'or 3 channels, and these have 4.*set it to False'):
+    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
   assert not (tmp_path / 'four').exists() or not list((tmp_path / 'four').iterdir())
   config.augment.randaugment_magnitude = 11.0
   with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude' must be a "
@@ -232,3 +289,9 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
                                         'a number >= 0 \\(inf draws the magnitude uniformly '
                                         'from 0\\), got -0.5'):
     trainer.train_and_evaluate(config, str(tmp_path / 'negative'))
+  config.augment.randaugment_magnitude_std = 0.0
+  config.augment.trivialaugment = True
+  with pytest.raises(ConfigError, match="config keys 'augment.trivialaugment' and "
+                                        "'augment.randaugment_ops' \\(2\\) both ask for an "
+                                        'automatic augmentation; choose one'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'both'))

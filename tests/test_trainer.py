@@ -377,11 +377,13 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
   assert kept == sorted({best, 16})
 
 
-def test_every_augmentation_key_reaches_the_devices_preprocessor():
-  augmentation = dict(crop_padding=3, pad_mode='reflect', flip=True, inception_crop=True,
-                      randaugment_ops=2, randaugment_magnitude=7.0,
-                      randaugment_magnitude_std=0.5, randaugment_probability=0.5, cutout=5,
-                      random_erasing=0.25, random_erasing_mode='rand')
+@pytest.mark.parametrize('augmentation', [
+    dict(crop_padding=3, pad_mode='reflect', flip=True, inception_crop=True, randaugment_ops=2,
+         randaugment_magnitude=7.0, randaugment_magnitude_std=0.5, randaugment_probability=0.5,
+         cutout=5, random_erasing=0.25, random_erasing_mode='rand'),
+    dict(trivialaugment=True, random_erasing=0.1),
+], ids=['randaugment', 'trivialaugment'])
+def test_every_augmentation_key_reaches_the_devices_preprocessor(augmentation):
   config = tiny_config(dtype='bfloat16', **{f'augment.{k}': v for k, v in augmentation.items()})
   experiment, _ = trainer.build_experiment(
       config, image_shape=(28, 28, 1), num_classes=10, num_train_examples=64, mean=(33.0,),

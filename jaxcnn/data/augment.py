@@ -140,11 +140,12 @@ def random_erasing(images: jax.Array, keys: jax.Array, probability: float, mode:
   return jax.vmap(erase)(images, keys)
 
 
-# Cutout, RandAugment and Random Erasing draw from streams of their own of the step's
-# augmentation key, so that turning one on leaves what the others draw as it was.
+# Cutout, RandAugment, Random Erasing and TrivialAugment draw from streams of their own of the
+# step's augmentation key, so that turning one on leaves what the others draw as it was.
 _CUTOUT_STREAM = 3
 _RANDAUGMENT_STREAM = 4
 _RANDOM_ERASING_STREAM = 5
+_TRIVIALAUGMENT_STREAM = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Preprocessor:
     randaugment_magnitude_std: the deviation of the noise on each operation's magnitude (timm's
       `mstd`; inf draws it uniformly from 0 to the magnitude); 0 disables it.
     randaugment_probability: the probability of applying each drawn operation (timm: 0.5).
+    trivialaugment: TrivialAugmentWide (`randaugment.trivial_augment`) in RandAugment's place.
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
     random_erasing: the probability with which Random Erasing (`random_erasing`) erases a box
@@ -181,6 +183,7 @@ class Preprocessor:
   randaugment_magnitude: float = 9.0
   randaugment_magnitude_std: float = 0.0
   randaugment_probability: float = 1.0
+  trivialaugment: bool = False
   cutout: int = 0
   random_erasing: float = 0.0
   random_erasing_mode: str = 'pixel'
@@ -205,6 +208,10 @@ class Preprocessor:
           self.randaugment_ops, self.randaugment_magnitude, fill=self.mean,
           magnitude_std=self.randaugment_magnitude_std,
           probability=self.randaugment_probability)
+    if train and self.trivialaugment:
+      images = randaugment.trivial_augment(
+          images, example_keys(jax.random.fold_in(key, _TRIVIALAUGMENT_STREAM), images.shape[0],
+                               first_example), fill=self.mean)
     images = self.normalize(images)
     if train and self.cutout:
       images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),

@@ -1,4 +1,5 @@
-"""RandAugment (Cubuk et al. 2020) on the device, under `jit`.
+"""RandAugment (Cubuk et al. 2020) and TrivialAugment (Muller & Hutter 2021) on the device, under
+`jit`.
 
 Each training image goes through `num_ops` operations, each drawn uniformly (with replacement)
 from the paper's fourteen, all at one magnitude: identity, auto-contrast, equalize, rotate,
@@ -29,10 +30,19 @@ timm's two refinements are options (`draw_layer`): noise on the magnitude of eac
 operation (`mstd`), and applying each drawn operation only with some probability (timm's
 default is 1/2, so that an image goes through fewer than `num_ops` operations on average).
 
+TrivialAugment (`trivial_augment`) draws one of the same fourteen operations for each image, at
+a level drawn uniformly from 31 (0, 1/30, ..., 1), over the wider ranges of torchvision's
+TrivialAugmentWide (`TRIVIALAUGMENT_WIDE`): rotations up to 135 degrees, shears up to 0.99,
+translations up to 32 pixels, enhancement factors from 0.01 to 1.99, posterizing to 2 bits and
+solarizing from 255 down. It has no setting to tune. Its geometric operations sample bilinearly
+and fill with the mean, as RandAugment's here and timm's do (torchvision's defaults are the
+nearest pixel and black).
+
 Under `vmap` a drawn operation is a select over all of them, so each layer computes the nine
 pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -40,9 +50,42 @@ import jax
 import jax.numpy as jnp
 
 MAX_MAGNITUDE = 10.0
+TRIVIALAUGMENT_LEVELS = 31  # torchvision's num_magnitude_bins.
 CHANNELS = (1, 3)  # Grey and RGB images: those its colour operations are defined on.
 # PIL's luma weights (ITU-R 601-2), with which ImageEnhance and ImageOps take an image's grey.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+  """What each operation with a magnitude does at level l in [0, 1].
+
+  Attributes:
+    rotate: degrees of rotation at level 1.
+    shear: shift of a row or column per pixel at level 1.
+    translate_fraction: translation at level 1, as a fraction of the side...
+    translate_pixels: ...plus this many pixels.
+    enhance: change of the enhancement factor at level 1 (factor 1 +- enhance).
+    posterize_bits: bits that posterize drops at level 1...
+    posterize_round: ...at level l, round(bits * l) of them; else int(bits * l).
+    solarize_top: the threshold at level 0, down to 0 at level 1.
+  """
+  rotate: float
+  shear: float
+  translate_fraction: float
+  translate_pixels: float
+  enhance: float
+  posterize_bits: int
+  posterize_round: bool
+  solarize_top: float
+
+
+# timm's RandAugment ('inc1' variants) and torchvision's TrivialAugmentWide.
+RANDAUGMENT = Ranges(rotate=30.0, shear=0.3, translate_fraction=0.45, translate_pixels=0.0,
+                     enhance=0.9, posterize_bits=4, posterize_round=False, solarize_top=256.0)
+TRIVIALAUGMENT_WIDE = Ranges(rotate=135.0, shear=0.99, translate_fraction=0.0,
+                             translate_pixels=32.0, enhance=0.99, posterize_bits=6,
+                             posterize_round=True, solarize_top=255.0)
 
 
 # ---------------------------------------------------------------- Pixel operations
@@ -142,29 +185,30 @@ def warp(image: jax.Array, matrix: jax.Array, fill: jax.Array) -> jax.Array:
   return jnp.where(inside, sampled, fill)
 
 
-def geometric_matrices(level, sign, height: int, width: int) -> jax.Array:
+def geometric_matrices(level, sign, height: int, width: int,
+                       ranges: Ranges = RANDAUGMENT) -> jax.Array:
   """The inverse maps (2x3, over (row, column, 1)) of rotate, shear x, shear y, translate x and
-  translate y at `level` in [0, 1], in the direction of `sign` (+1 or -1).
+  translate y at `level` in [0, 1] of `ranges`, in the direction of `sign` (+1 or -1).
 
   They are those of PIL for the same arguments, pixel centres included: sign +1 is
-  `Image.rotate(30 * level)` (counter-clockwise) and `Image.transform` with AFFINE data
-  (1, s, 0, 0, 1, 0), (1, 0, 0, s, 1, 0), (1, 0, t, 0, 1, 0) and (1, 0, 0, 0, 1, t) for
-  s = 0.3 * level and t = 0.45 * level times the width or height.
+  `Image.rotate(ranges.rotate * level)` (counter-clockwise) and `Image.transform` with AFFINE
+  data (1, s, 0, 0, 1, 0), (1, 0, 0, s, 1, 0), (1, 0, t, 0, 1, 0) and (1, 0, 0, 0, 1, t) for
+  s = ranges.shear * level and t the translation at `level` along the width or height.
   """
-  angle = sign * level * math.radians(30.0)
+  angle = sign * level * math.radians(ranges.rotate)
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
   # Rotation about the centre: source = R (output - centre) + centre.
   rotate = jnp.array([[cos, sin, centre_row - cos * centre_row - sin * centre_col],
                       [-sin, cos, centre_col + sin * centre_row - cos * centre_col]])
-  shear = sign * level * 0.3
+  shear = sign * level * ranges.shear
   one, zero = jnp.ones(()), jnp.zeros(())
   # Column += shear * row, measured from the top edge (PIL's pixel centres are at + 0.5).
   shear_x = jnp.array([[one, zero, zero], [shear, one, shear / 2]])
   shear_y = jnp.array([[one, shear, shear / 2], [zero, one, zero]])
-  shift = sign * level * 0.45
-  translate_x = jnp.array([[one, zero, zero], [zero, one, shift * width]])
-  translate_y = jnp.array([[one, zero, shift * height], [zero, one, zero]])
+  shift = lambda side: sign * level * (ranges.translate_fraction * side + ranges.translate_pixels)
+  translate_x = jnp.array([[one, zero, zero], [zero, one, shift(width)]])
+  translate_y = jnp.array([[one, zero, shift(height)], [zero, one, zero]])
   return jnp.stack([rotate, shear_x, shear_y, translate_x, translate_y])
 
 
@@ -176,18 +220,20 @@ GEOMETRIC_OPERATIONS = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translat
 OPERATIONS = PIXEL_OPERATIONS + GEOMETRIC_OPERATIONS
 
 
-def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array) -> jax.Array:
-  """`OPERATIONS[index]` of one float32 HWC image at `level` = magnitude / 10, its direction or
-  enhancement factor signed by `sign` (+1 or -1); `fill` is the per-channel value that geometric
-  operations bring in."""
-  factor = 1.0 + sign * level * 0.9
+def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
+                    ranges: Ranges = RANDAUGMENT) -> jax.Array:
+  """`OPERATIONS[index]` of one float32 HWC image at `level` in [0, 1] of `ranges` (RandAugment's
+  magnitude / 10), its direction or enhancement factor signed by `sign` (+1 or -1); `fill` is the
+  per-channel value that geometric operations bring in."""
+  factor = 1.0 + sign * level * ranges.enhance
+  dropped_bits = (jnp.round if ranges.posterize_round else jnp.floor)(ranges.posterize_bits * level)
   pixel_branches = [
       lambda x: x,
       auto_contrast,
       equalize,
-      lambda x: solarize(x, 256.0 * (1.0 - level)),
+      lambda x: solarize(x, ranges.solarize_top * (1.0 - level)),
       lambda x: color(x, factor),
-      lambda x: posterize(x, 8 - jnp.floor(4.0 * level)),
+      lambda x: posterize(x, 8 - dropped_bits),
       lambda x: contrast(x, factor),
       lambda x: brightness(x, factor),
       lambda x: sharpness(x, factor),
@@ -195,7 +241,8 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array) -> ja
   num_pixel = len(PIXEL_OPERATIONS)
   pixel = jax.lax.switch(jnp.minimum(index, num_pixel - 1), pixel_branches, image)
   height, width, _ = image.shape
-  matrix = geometric_matrices(level, sign, height, width)[jnp.maximum(index - num_pixel, 0)]
+  matrix = geometric_matrices(level, sign, height, width,
+                              ranges)[jnp.maximum(index - num_pixel, 0)]
   geometric = warp(image, matrix, fill)
   return jnp.where(index >= num_pixel, geometric, pixel)
 
@@ -237,10 +284,7 @@ def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: fl
     raise ValueError(f'RandAugment magnitude_std must be >= 0 (inf: uniform), got {magnitude_std}')
   if not 0 <= probability <= 1:
     raise ValueError(f'RandAugment probability must be in [0, 1], got {probability}')
-  channels = images.shape[-1]
-  if channels not in CHANNELS:
-    raise ValueError(f'RandAugment takes images of 1 or 3 channels, not {channels}')
-  fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
+  fill = _fill_per_channel(images, fill)
 
   def layer(image, key):
     index, drawn_magnitude, sign, applied = draw_layer(key, magnitude, magnitude_std, probability)
@@ -250,5 +294,38 @@ def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: fl
   def augment(image, key):
     # A scan, not a Python loop: the program is one layer's, however many operations are drawn.
     return jax.lax.scan(layer, image, jax.random.split(key, num_ops))[0]
+
+  return jax.vmap(augment)(images.astype(jnp.float32), keys)
+
+
+def _fill_per_channel(images: jax.Array, fill: Sequence[float]) -> jax.Array:
+  """`fill` as one float32 value per channel of `images`, which must be grey or RGB."""
+  channels = images.shape[-1]
+  if channels not in CHANNELS:
+    raise ValueError(f'RandAugment and TrivialAugment take images of 1 or 3 channels, not '
+                     f'{channels}')
+  return jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
+
+
+def draw_trivial(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """TrivialAugment's draw for one image from its `key`: the operation's index in `OPERATIONS`
+  (uniform), its level (uniform over 0, 1/30, ..., 1) and its sign (+1 or -1, even odds)."""
+  choice_key, level_key, sign_key = jax.random.split(key, 3)
+  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+  level = jax.random.randint(level_key, (), 0, TRIVIALAUGMENT_LEVELS) / (TRIVIALAUGMENT_LEVELS - 1)
+  sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+  return index, level, sign
+
+
+def trivial_augment(images: jax.Array, keys: jax.Array, fill: Sequence[float]) -> jax.Array:
+  """TrivialAugmentWide of an NHWC batch (uint8, or floats in [0, 255]): one operation for each
+  image, drawn with its level from its key in `keys` by `draw_trivial`, over
+  `TRIVIALAUGMENT_WIDE`'s ranges. Geometric operations fill with `fill`, one value per channel
+  in [0, 255] (the training images' mean). Returns float32 pixels in [0, 255]."""
+  fill = _fill_per_channel(images, fill)
+
+  def augment(image, key):
+    index, level, sign = draw_trivial(key)
+    return apply_operation(image, index, level, sign, fill, TRIVIALAUGMENT_WIDE)
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
