@@ -20,7 +20,9 @@ from conftest import tiny_config
 ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
        'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2', 'cifar_resnet20',
        'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
-       'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'airbench')
+       'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'efficientnet_b0',
+       'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'efficientnet_b4',
+       'efficientnet_b5', 'efficientnet_b6', 'efficientnet_b7', 'airbench')
 IMAGENET = ((224, 224, 3), 1000)
 CIFAR = ((32, 32, 3), 10)
 
@@ -62,6 +64,10 @@ PUBLISHED_COUNTS = [
     ('convnext_small', IMAGENET, 50_223_688),
     ('convnext_base', IMAGENET, 88_591_464),
     ('convnext_large', IMAGENET, 197_767_336),
+    # torchvision's published counts; B2 to B7 match too (efficientnet.py's docstring), but
+    # their many small layers take 7 to 45 s each to build here, even abstractly.
+    ('efficientnet_b0', IMAGENET, 5_288_548),
+    ('efficientnet_b1', IMAGENET, 7_794_184),
     # Jordan 2024: 1.97M.
     ('airbench', CIFAR, 1_971_640),
 ]
@@ -689,5 +695,5 @@ def test_airbench_trains_without_whitening():
 def test_presets_are_partials_of_a_few_classes():
   classes = {models.MODELS[name].func for name in ZOO if name != 'airbench'}
   assert {c.__name__ for c in classes} == {'ResNet', 'CifarResNet', 'WideResNet', 'VGG',
-                                           'ConvNeXt'}
+                                           'ConvNeXt', 'EfficientNet'}
   assert all(isinstance(models.MODELS[name], functools.partial) for name in ZOO[:-1])

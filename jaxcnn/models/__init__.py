@@ -17,6 +17,7 @@ The zoo, by family (parameter counts in each module's docstring):
   wide_resnet.py  wrn16_8, wrn28_10                             wide ResNets
   convnext.py     convnext_tiny, convnext_small, convnext_base,  ConvNeXt, torchvision's
                   convnext_large
+  efficientnet.py efficientnet_b0 ... efficientnet_b7            EfficientNet, torchvision's
   vgg.py          vgg11_bn, vgg16_bn                            VGG-BN, CIFAR variant
   airbench.py     airbench                                      airbench94-style fast CIFAR net
 
@@ -43,7 +44,7 @@ from flax import nnx
 
 from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError
-from jaxcnn.models import airbench, convnext, resnet, vgg, wide_resnet
+from jaxcnn.models import airbench, convnext, efficientnet, resnet, vgg, wide_resnet
 from jaxcnn.models.small_cnns import BNCNN, KerasCNN, LeNet5, SimpleCNN
 
 # By family; `model_names()` lists them sorted.
@@ -71,6 +72,14 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'convnext_small': convnext.convnext_small,
     'convnext_base': convnext.convnext_base,
     'convnext_large': convnext.convnext_large,
+    'efficientnet_b0': efficientnet.efficientnet_b0,
+    'efficientnet_b1': efficientnet.efficientnet_b1,
+    'efficientnet_b2': efficientnet.efficientnet_b2,
+    'efficientnet_b3': efficientnet.efficientnet_b3,
+    'efficientnet_b4': efficientnet.efficientnet_b4,
+    'efficientnet_b5': efficientnet.efficientnet_b5,
+    'efficientnet_b6': efficientnet.efficientnet_b6,
+    'efficientnet_b7': efficientnet.efficientnet_b7,
     'vgg11_bn': vgg.vgg11_bn,
     'vgg16_bn': vgg.vgg16_bn,
     'airbench': airbench.AirBench,
