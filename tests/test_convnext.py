@@ -139,6 +139,13 @@ def test_each_block_starts_close_to_the_identity_and_images_do_not_meet_in_a_bat
 
 
 def test_stochastic_depth_drops_whole_branches_in_training_only():
+  # By default the variant's rate in torchvision's builders.
+  presets = {name: nnx.eval_shape(lambda name=name: models.MODELS[name](
+      num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0))).stages[-1].layers[-1]
+      for name in ('convnext_tiny', 'convnext_small')}
+  assert {name: last.drop_path.rate for name, last in presets.items()} == {
+      'convnext_tiny': 0.1, 'convnext_small': 0.4}
+  assert tiny_convnext().stages[-1].layers[-1].drop_path is None  # The class's default: 0.
   model = tiny_convnext(drop_path_rate=0.5)
   rates = [block.drop_path.rate if block.drop_path else 0.0
            for stage in model.stages for block in stage.layers]

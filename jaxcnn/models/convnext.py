@@ -15,9 +15,9 @@ Convolution and linear kernels start from a normal of standard deviation 0.02 (t
 `trunc_normal_(std=0.02)` truncates at +-2 in absolute terms, a hundred deviations out), biases
 from zero; LayerNorms use epsilon 1e-6.
 
-`drop_path_rate` turns on stochastic depth as in `resnet`: linear over the blocks, from 0 to that
-rate. torchvision's builders set 0.1 for tiny, 0.4 for small and 0.5 for base and large; here,
-as for every zoo network, the default is 0 (set it with `model_kwargs`). The layer scales are
+`drop_path_rate` sets stochastic depth as in `resnet`: linear over the blocks, from 0 to that
+rate. By default it is the variant's in torchvision's builders: 0.1 for tiny, 0.4 for small and
+0.5 for base and large (`model_kwargs` sets another, 0 turns it off). The layer scales are
 vectors, so weight decay leaves them alone, as it does biases and normalisation scales (timm's
 rule; torchvision's recipe decays them).
 
@@ -81,13 +81,15 @@ class ConvNeXt(nnx.Module):
 
   def __init__(self, *, depths: Sequence[int], dims: Sequence[int], num_classes: int,
                input_shape: Sequence[int], dtype=jnp.float32, rngs: nnx.Rngs,
-               drop_path_rate: float = 0.0):
+               default_drop_path_rate: float = 0.0, drop_path_rate: float | None = None):
     height, width, channels = input_shape
     if min(height, width) < DOWNSAMPLING:
       raise ValueError(f'ConvNeXt divides the image size by {DOWNSAMPLING}, so images need at '
                        f'least {DOWNSAMPLING}x{DOWNSAMPLING} pixels')
     self.stem_conv = patch_conv(channels, dims[0], 4, dtype=dtype, rngs=rngs)
     self.stem_norm = layer_norm(dims[0], dtype=dtype, rngs=rngs)
+    if drop_path_rate is None:
+      drop_path_rate = default_drop_path_rate
     rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
     downsamples, stages = [], []
     for index, (depth, dim) in enumerate(zip(depths, dims)):
@@ -112,7 +114,11 @@ class ConvNeXt(nnx.Module):
     return self.fc(self.head_norm(global_average_pool(x)))
 
 
-convnext_tiny = functools.partial(ConvNeXt, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
-convnext_small = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(96, 192, 384, 768))
-convnext_base = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))
-convnext_large = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536))
+convnext_tiny = functools.partial(ConvNeXt, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                                  default_drop_path_rate=0.1)
+convnext_small = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(96, 192, 384, 768),
+                                   default_drop_path_rate=0.4)
+convnext_base = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024),
+                                  default_drop_path_rate=0.5)
+convnext_large = functools.partial(ConvNeXt, depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536),
+                                   default_drop_path_rate=0.5)
