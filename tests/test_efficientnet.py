@@ -69,57 +69,76 @@ def torch_efficientnet(model: efficientnet.EfficientNet, width, depth, num_class
   return network.eval()
 
 
+def put(parameter: torch.Tensor, value, transpose=None) -> None:
+  """Sets a PyTorch tensor to an NNX variable's value, its axes in `transpose`'s order."""
+  value = np.array(value[...])  # A writable copy, as torch.from_numpy wants.
+  parameter.data = torch.from_numpy(np.ascontiguousarray(
+      value.transpose(transpose) if transpose else value))
+
+
+def copy_conv(ours: nnx.Conv, theirs: torch.nn.Conv2d) -> None:
+  put(theirs.weight, ours.kernel, (3, 2, 0, 1))  # HWIO to OIHW.
+  if ours.bias is not None:
+    put(theirs.bias, ours.bias)
+
+
+def copy_conv_bn(ours: efficientnet.ConvBN, theirs: torch.nn.Sequential) -> None:
+  """A convolution and its BatchNorm, running statistics included."""
+  copy_conv(ours.conv, theirs[0])
+  put(theirs[1].weight, ours.bn.scale)
+  put(theirs[1].bias, ours.bn.bias)
+  put(theirs[1].running_mean, ours.bn.mean)
+  put(theirs[1].running_var, ours.bn.var)
+
+
+def randomize(model: nnx.Module) -> None:
+  """Every vector random, so that each counts in a comparison: BatchNorm's scales and variances
+  in [0.5, 1], biases, offsets and means in [-0.5, 0.5] (so that activations see both signs).
+  The kernels keep their random initialisation, whose scale keeps activations in range: larger
+  ones would grow float32's rounding through the blocks."""
+  state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+  paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  keys = jax.random.split(jax.random.key(1), len(paths_and_leaves))
+  drawn = []
+  for key, (path, leaf) in zip(keys, paths_and_leaves):
+    if leaf.ndim != 1:
+      drawn.append(leaf)
+    elif any(getattr(entry, 'key', None) in ('scale', 'var') for entry in path):
+      drawn.append(jax.random.uniform(key, leaf.shape, minval=0.5, maxval=1.0))
+    else:
+      drawn.append(jax.random.uniform(key, leaf.shape, minval=-0.5, maxval=0.5))
+  nnx.update(model, jax.tree.unflatten(treedef, drawn))
+
+
 def copy_into_torch(model: efficientnet.EfficientNet, reference: torch.nn.Sequential) -> None:
   """Sets `reference`'s weights and BatchNorm statistics to `model`'s."""
-  def put(parameter, value, transpose=None):
-    value = np.array(value[...])
-    parameter.data = torch.from_numpy(np.ascontiguousarray(
-        value.transpose(transpose) if transpose else value))
-
-  def conv(ours, theirs):
-    put(theirs.weight, ours.kernel, (3, 2, 0, 1))
-    if ours.bias is not None:
-      put(theirs.bias, ours.bias)
-
-  def conv_bn(ours, theirs):
-    conv(ours.conv, theirs[0])
-    put(theirs[1].weight, ours.bn.scale)
-    put(theirs[1].bias, ours.bn.bias)
-    put(theirs[1].running_mean, ours.bn.mean)
-    put(theirs[1].running_var, ours.bn.var)
-
-  conv_bn(model.stem, reference[0])
+  copy_conv_bn(model.stem, reference[0])
   for ours, theirs in zip(model.blocks.layers, reference[1:]):
     if ours.expand is not None:
-      conv_bn(ours.expand, theirs.expand)
-    conv_bn(ours.depthwise, theirs.depthwise)
-    conv(ours.squeeze_excitation.reduce, theirs.reduce)
-    conv(ours.squeeze_excitation.expand, theirs.excite)
-    conv_bn(ours.project, theirs.project)
-  conv_bn(model.head, reference[-4])
+      copy_conv_bn(ours.expand, theirs.expand)
+    copy_conv_bn(ours.depthwise, theirs.depthwise)
+    copy_conv(ours.squeeze_excitation.reduce, theirs.reduce)
+    copy_conv(ours.squeeze_excitation.expand, theirs.excite)
+    copy_conv_bn(ours.project, theirs.project)
+  copy_conv_bn(model.head, reference[-4])
   put(reference[-1].weight, model.fc.kernel, (1, 0))
   put(reference[-1].bias, model.fc.bias)
 
 
 def test_it_computes_what_torchvisions_layout_computes():
-  model = tiny_efficientnet()
-  # Every weight and statistic random (variances positive), so that each layer counts.
-  state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [
-      0.5 + 0.5 * jax.random.uniform(key, leaf.shape) if leaf.ndim == 1 else
-      0.5 * jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]))
+  model = tiny_efficientnet(dropout_rate=0.0, drop_path_rate=0.0)
+  randomize(model)
   reference = torch_efficientnet(model, TINY['width'], TINY['depth'], 5)
   copy_into_torch(model, reference)
   assert sum(p.numel() for p in reference.parameters()) == models.count_params(model)
   assert len(model.blocks.layers) == 10  # 1, 1, 1, 2, 2, 2, 1 blocks: ceil(half of B0's).
-  images = np.random.default_rng(2).normal(size=(3, 40, 36, 3)).astype(np.float32)
-  model.eval()
+  # In training mode, on batch statistics (as test_mobilenet.py explains).
+  images = 3 * np.random.default_rng(2).normal(size=(4, 40, 36, 3)).astype(np.float32)
   ours = nnx.jit(lambda model, x: model(x))(model, jnp.asarray(images))
   with torch.no_grad():
-    theirs = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+    theirs = reference.train()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  assert np.abs(theirs - theirs.mean(0)).max() > 0.1  # Each image's own logits.
+  np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())
 
 
 @pytest.mark.parametrize('channels, expected', [(32.0, 32), (35.2, 32), (22.4, 24), (10.0, 16),

@@ -191,7 +191,7 @@ def test_multiply_adds_of_the_imagenet_networks_are_torchvisions_published_figur
   # abstractly, takes seconds: 80 s for all eighteen.
   for name, published in (('resnet18', 1.81e9), ('resnet50', 4.09e9),
                           ('resnext50_32x4d', 4.23e9), ('wide_resnet50_2', 11.40e9),
-                          ('convnext_tiny', 4.456e9)):
+                          ('convnext_tiny', 4.456e9), ('mobilenet_v2', 0.30e9)):
     model = nnx.eval_shape(lambda name=name: models.create_model(
         name, num_classes=1000, input_shape=(224, 224, 3)))
     model.train()

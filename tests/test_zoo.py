@@ -22,7 +22,7 @@ ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_
        'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
        'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'efficientnet_b0',
        'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'efficientnet_b4',
-       'efficientnet_b5', 'efficientnet_b6', 'efficientnet_b7', 'airbench')
+       'efficientnet_b5', 'efficientnet_b6', 'efficientnet_b7', 'mobilenet_v2', 'airbench')
 IMAGENET = ((224, 224, 3), 1000)
 CIFAR = ((32, 32, 3), 10)
 
@@ -68,6 +68,7 @@ PUBLISHED_COUNTS = [
     # their many small layers take 7 to 45 s each to build here, even abstractly.
     ('efficientnet_b0', IMAGENET, 5_288_548),
     ('efficientnet_b1', IMAGENET, 7_794_184),
+    ('mobilenet_v2', IMAGENET, 3_504_872),
     # Jordan 2024: 1.97M.
     ('airbench', CIFAR, 1_971_640),
 ]
@@ -695,5 +696,5 @@ def test_airbench_trains_without_whitening():
 def test_presets_are_partials_of_a_few_classes():
   classes = {models.MODELS[name].func for name in ZOO if name != 'airbench'}
   assert {c.__name__ for c in classes} == {'ResNet', 'CifarResNet', 'WideResNet', 'VGG',
-                                           'ConvNeXt', 'EfficientNet'}
+                                           'ConvNeXt', 'EfficientNet', 'MobileNetV2'}
   assert all(isinstance(models.MODELS[name], functools.partial) for name in ZOO[:-1])

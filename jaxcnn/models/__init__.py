@@ -18,6 +18,7 @@ The zoo, by family (parameter counts in each module's docstring):
   convnext.py     convnext_tiny, convnext_small, convnext_base,  ConvNeXt, torchvision's
                   convnext_large
   efficientnet.py efficientnet_b0 ... efficientnet_b7            EfficientNet, torchvision's
+  mobilenet.py    mobilenet_v2                                  MobileNetV2, torchvision's
   vgg.py          vgg11_bn, vgg16_bn                            VGG-BN, CIFAR variant
   airbench.py     airbench                                      airbench94-style fast CIFAR net
 
@@ -44,7 +45,7 @@ from flax import nnx
 
 from jaxcnn import tree_paths
 from jaxcnn.errors import ConfigError
-from jaxcnn.models import airbench, convnext, efficientnet, resnet, vgg, wide_resnet
+from jaxcnn.models import airbench, convnext, efficientnet, mobilenet, resnet, vgg, wide_resnet
 from jaxcnn.models.small_cnns import BNCNN, KerasCNN, LeNet5, SimpleCNN
 
 # By family; `model_names()` lists them sorted.
@@ -80,6 +81,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'efficientnet_b5': efficientnet.efficientnet_b5,
     'efficientnet_b6': efficientnet.efficientnet_b6,
     'efficientnet_b7': efficientnet.efficientnet_b7,
+    'mobilenet_v2': mobilenet.mobilenet_v2,
     'vgg11_bn': vgg.vgg11_bn,
     'vgg16_bn': vgg.vgg16_bn,
     'airbench': airbench.AirBench,

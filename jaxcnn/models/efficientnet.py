@@ -24,7 +24,7 @@ is the variant's (0.2 for B0 and B1 up to 0.5 for B6 and B7) unless `dropout_rat
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +61,12 @@ class SqueezeExcitation(nnx.Module):
 
 
 class ConvBN(nnx.Module):
-  """Convolution (bias-free, PyTorch's padding), BatchNorm and, unless `activation` is False, SiLU."""
+  """Convolution (bias-free, PyTorch's padding), BatchNorm and `activation` (None: none), as
+  torchvision's Conv2dNormActivation."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1, *,
-               groups: int = 1, activation: bool = True, norm, dtype, rngs: nnx.Rngs):
+               groups: int = 1, activation: Callable[[jax.Array], jax.Array] | None = nnx.silu,
+               norm, dtype, rngs: nnx.Rngs):
     self.conv = conv(in_features, out_features, kernel_size, stride, groups=groups, dtype=dtype,
                      rngs=rngs)
     self.bn = norm(out_features)
@@ -72,7 +74,7 @@ class ConvBN(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.bn(self.conv(x))
-    return nnx.silu(x) if self.activation else x
+    return self.activation(x) if self.activation is not None else x
 
 
 class MBConv(nnx.Module):
@@ -86,7 +88,7 @@ class MBConv(nnx.Module):
     self.depthwise = layer(expanded, expanded, kernel_size, stride, groups=expanded)
     self.squeeze_excitation = SqueezeExcitation(expanded, max(1, in_features // 4), dtype=dtype,
                                                 rngs=rngs)
-    self.project = layer(expanded, out_features, 1, activation=False)
+    self.project = layer(expanded, out_features, 1, activation=None)
     self.residual = stride == 1 and in_features == out_features
     self.drop_path = drop_path(drop_path_rate, rngs) if self.residual else None
 

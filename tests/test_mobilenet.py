@@ -1,0 +1,83 @@
+"""MobileNetV2: the same function as torchvision's layout written in PyTorch, and a run."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxcnn import models, trainer
+from jaxcnn.models import efficientnet, mobilenet
+
+from conftest import tiny_config
+from test_efficientnet import copy_conv_bn, put, randomize
+
+
+class TorchConvBN(torch.nn.Sequential):
+  """torchvision's Conv2dNormActivation with ReLU6 (or no activation)."""
+
+  def __init__(self, cin, cout, kernel, stride=1, groups=1, activation=True):
+    layers = [torch.nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups,
+                              bias=False), torch.nn.BatchNorm2d(cout)]
+    super().__init__(*layers, *([torch.nn.ReLU6()] if activation else []))
+
+
+class TorchInvertedResidual(torch.nn.Module):
+  def __init__(self, cin, cout, expansion, stride):
+    super().__init__()
+    hidden = int(round(cin * expansion))
+    self.expand = TorchConvBN(cin, hidden, 1) if expansion != 1 else None
+    self.depthwise = TorchConvBN(hidden, hidden, 3, stride, groups=hidden)
+    self.project = TorchConvBN(hidden, cout, 1, activation=False)
+    self.residual = stride == 1 and cin == cout
+
+  def forward(self, x):
+    y = self.project(self.depthwise(self.expand(x) if self.expand is not None else x))
+    return x + y if self.residual else y
+
+
+def torch_mobilenet_v2(width, num_classes):
+  """torchvision's MobileNetV2 layout at `width`, in evaluation mode."""
+  features = efficientnet.make_divisible(32 * width)
+  layers = [TorchConvBN(3, features, 3, 2)]
+  for expansion, channels, count, stride in mobilenet.STAGES:
+    channels = efficientnet.make_divisible(channels * width)
+    for index in range(count):
+      layers.append(TorchInvertedResidual(features, channels, expansion, stride if index == 0 else 1))
+      features = channels
+  last = efficientnet.make_divisible(1280 * max(1.0, width))
+  layers.append(TorchConvBN(features, last, 1))
+  return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                             torch.nn.Linear(last, num_classes)).eval()
+
+
+def test_it_computes_what_torchvisions_layout_computes():
+  model = mobilenet.MobileNetV2(num_classes=5, input_shape=(40, 36, 3), width=0.25,
+                                dropout_rate=0.0, rngs=nnx.Rngs(0))
+  randomize(model)
+  reference = torch_mobilenet_v2(0.25, 5)
+  copy_conv_bn(model.stem, reference[0])
+  for ours, theirs in zip(model.blocks.layers, reference[1:]):
+    if ours.expand is not None:
+      copy_conv_bn(ours.expand, theirs.expand)
+    copy_conv_bn(ours.depthwise, theirs.depthwise)
+    copy_conv_bn(ours.project, theirs.project)
+  copy_conv_bn(model.head, reference[-4])
+  put(reference[-1].weight, model.fc.kernel, (1, 0))
+  put(reference[-1].bias, model.fc.bias)
+  assert sum(p.numel() for p in reference.parameters()) == models.count_params(model)
+  # In training mode, on batch statistics: with running statistics the depthwise layers'
+  # initialisation (He, fan_out: a variance of 2 / (9 channels) for 9 products) shrinks the
+  # image away, and the logits would be the classifier's bias whatever the image.
+  images = 3 * np.random.default_rng(2).normal(size=(4, 40, 36, 3)).astype(np.float32)
+  ours = nnx.jit(lambda model, x: model(x))(model, jnp.asarray(images))
+  with torch.no_grad():
+    theirs = reference.train()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  assert np.abs(theirs - theirs.mean(0)).max() > 0.1  # Each image's own logits.
+  np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())
+
+
+def test_a_run_trains_it(fake_tfds, tmp_path):
+  config = tiny_config(model='mobilenet_v2', optimizer='adamw', learning_rate=3e-3,
+                       num_train_steps=96, eval_every_steps=96, model_kwargs={'width': 0.25})
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['test/accuracy'] > 0.5  # Ten classes: chance is 0.1.
