@@ -1,33 +1,30 @@
 """MobileNetV2: the same function as torchvision's layout written in PyTorch, and a run."""
 
-import jax.numpy as jnp
-import numpy as np
+import functools
+
 import torch
 from flax import nnx
 
-from jaxcnn import models, trainer
+from jaxcnn import trainer
 from jaxcnn.models import efficientnet, mobilenet
 
 from conftest import tiny_config
-from test_efficientnet import copy_conv_bn, put, randomize
+import test_efficientnet
+from test_efficientnet import assert_same_logits_in_training, copy_conv_bn, put, randomize
 
 
-class TorchConvBN(torch.nn.Sequential):
-  """torchvision's Conv2dNormActivation with ReLU6 (or no activation)."""
-
-  def __init__(self, cin, cout, kernel, stride=1, groups=1, activation=True):
-    layers = [torch.nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups,
-                              bias=False), torch.nn.BatchNorm2d(cout)]
-    super().__init__(*layers, *([torch.nn.ReLU6()] if activation else []))
+TorchConvBN = functools.partial(test_efficientnet.TorchConvBN, activation=torch.nn.ReLU6)
 
 
 class TorchInvertedResidual(torch.nn.Module):
+  """torchvision's InvertedResidual: expansion (unless by 1), depthwise, linear projection."""
+
   def __init__(self, cin, cout, expansion, stride):
     super().__init__()
     hidden = int(round(cin * expansion))
     self.expand = TorchConvBN(cin, hidden, 1) if expansion != 1 else None
     self.depthwise = TorchConvBN(hidden, hidden, 3, stride, groups=hidden)
-    self.project = TorchConvBN(hidden, cout, 1, activation=False)
+    self.project = TorchConvBN(hidden, cout, 1, activation=None)
     self.residual = stride == 1 and cin == cout
 
   def forward(self, x):
@@ -64,16 +61,7 @@ def test_it_computes_what_torchvisions_layout_computes():
   copy_conv_bn(model.head, reference[-4])
   put(reference[-1].weight, model.fc.kernel, (1, 0))
   put(reference[-1].bias, model.fc.bias)
-  assert sum(p.numel() for p in reference.parameters()) == models.count_params(model)
-  # In training mode, on batch statistics: with running statistics the depthwise layers'
-  # initialisation (He, fan_out: a variance of 2 / (9 channels) for 9 products) shrinks the
-  # image away, and the logits would be the classifier's bias whatever the image.
-  images = 3 * np.random.default_rng(2).normal(size=(4, 40, 36, 3)).astype(np.float32)
-  ours = nnx.jit(lambda model, x: model(x))(model, jnp.asarray(images))
-  with torch.no_grad():
-    theirs = reference.train()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  assert np.abs(theirs - theirs.mean(0)).max() > 0.1  # Each image's own logits.
-  np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())
+  assert_same_logits_in_training(model, reference)
 
 
 def test_a_run_trains_it(fake_tfds, tmp_path):
