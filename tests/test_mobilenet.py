@@ -1,14 +1,16 @@
-"""MobileNetV2: the same function as torchvision's layout written in PyTorch, and a run."""
+"""MobileNetV2: the same function as torchvision's layout written in PyTorch (its blocks' layers
+are EfficientNet's, whose run test_efficientnet.py trains), and its width checked."""
 
 import functools
 
+import pytest
 import torch
 from flax import nnx
 
-from jaxcnn import trainer
+from jaxcnn import models
+from jaxcnn.errors import ConfigError
 from jaxcnn.models import efficientnet, mobilenet
 
-from conftest import tiny_config
 import test_efficientnet
 from test_efficientnet import assert_same_logits_in_training, copy_conv_bn, put, randomize
 
@@ -64,8 +66,8 @@ def test_it_computes_what_torchvisions_layout_computes():
   assert_same_logits_in_training(model, reference)
 
 
-def test_a_run_trains_it(fake_tfds, tmp_path):
-  config = tiny_config(model='mobilenet_v2', optimizer='adamw', learning_rate=3e-3,
-                       num_train_steps=96, eval_every_steps=96, model_kwargs={'width': 0.25})
-  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert result['test/accuracy'] > 0.5  # Ten classes: chance is 0.1.
+@pytest.mark.parametrize('width', [0, -1.0, 'wide'])
+def test_a_width_that_is_not_a_positive_number_is_a_one_line_error(width):
+  with pytest.raises(ConfigError, match=f"sets width={width!r}; it must be a positive number"):
+    models.create_model('mobilenet_v2', num_classes=10, input_shape=(32, 32, 3),
+                        model_kwargs={'width': width})

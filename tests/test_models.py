@@ -182,16 +182,12 @@ def test_multiply_adds_per_image(name, input_shape, expected):
 
 def test_multiply_adds_of_the_imagenet_networks_are_torchvisions_published_figures():
   """torchvision's model table gives their 'GFLOPS' (multiply-adds) at 224x224 to 2 decimals
-  (ConvNeXt's to 3), EfficientNet's at each variant's own size (B1 at 240x240)."""
-  for name, published, side in (('efficientnet_b0', 0.39e9, 224), ('efficientnet_b1', 0.69e9, 240)):
-    model = nnx.eval_shape(lambda name=name: models.create_model(
-        name, num_classes=1000, input_shape=(side, side, 3)))
-    assert cost.multiply_adds(model, (side, side, 3)) == pytest.approx(published, abs=0.005e9)
-  # The deeper variants match too (their modules' docstrings); building each here, even
-  # abstractly, takes seconds: 80 s for all eighteen.
+  (ConvNeXt's to 3; EfficientNet's at each variant's own size, B0's 224x224)."""
+  # The other variants match too (their modules' docstrings); building each here, even
+  # abstractly, takes seconds: 80 s for all of them.
   for name, published in (('resnet18', 1.81e9), ('resnet50', 4.09e9),
-                          ('resnext50_32x4d', 4.23e9), ('wide_resnet50_2', 11.40e9),
-                          ('convnext_tiny', 4.456e9), ('mobilenet_v2', 0.30e9)):
+                          ('resnext50_32x4d', 4.23e9), ('convnext_tiny', 4.456e9),
+                          ('efficientnet_b0', 0.39e9), ('mobilenet_v2', 0.30e9)):
     model = nnx.eval_shape(lambda name=name: models.create_model(
         name, num_classes=1000, input_shape=(224, 224, 3)))
     model.train()

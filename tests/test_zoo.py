@@ -93,6 +93,7 @@ def test_projection_shortcuts_add_two_projections():
 @pytest.mark.parametrize('name, input_shape', [
     ('resnet18', (64, 64, 3)), ('resnet50', (64, 64, 3)), ('resnext50_32x4d', (64, 64, 3)),
     ('wide_resnet50_2', (48, 40, 3)), ('convnext_tiny', (32, 40, 3)),
+    ('mobilenet_v2', (28, 28, 1)), ('efficientnet_b0', (28, 28, 1)),
     ('cifar_resnet20', (32, 32, 3)),
     ('cifar_resnet32', (32, 32, 3)), ('cifar_resnet56', (20, 20, 3)), ('wrn16_8', (16, 16, 3)),
     ('wrn28_10', (32, 32, 3)), ('vgg11_bn', (32, 32, 3)), ('vgg16_bn', (27, 27, 3)),

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcnn.errors import ConfigError
 from jaxcnn.models.efficientnet import ConvBN, make_divisible
 from jaxcnn.models.resnet import BN_EPSILON, BN_MOMENTUM, global_average_pool
 
@@ -52,6 +53,10 @@ class MobileNetV2(nnx.Module):
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], dtype=jnp.float32,
                rngs: nnx.Rngs, axis_name: str | None = None, width: float = 1.0,
                dropout_rate: float = 0.2):
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+      # make_divisible would round any width, even a negative one, up to 8 channels.
+      raise ConfigError(f"config key 'model_kwargs' sets width={width!r}; it must be a positive "
+                        "number, torchvision's width_mult, such as 0.5 or 1.4")
     norm = functools.partial(nnx.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                              axis_name=axis_name, rngs=rngs)
     layer = functools.partial(ConvBN, activation=jax.nn.relu6, norm=norm, dtype=dtype, rngs=rngs)
