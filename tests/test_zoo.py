@@ -18,8 +18,8 @@ from jaxcnn.models import airbench, resnet, vgg, wide_resnet
 from conftest import tiny_config
 
 ZOO = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
-       'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2', 'cifar_resnet20',
-       'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
+       'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2',
+       'cifar_resnet20', 'cifar_resnet32', 'cifar_resnet56', 'wrn16_8', 'wrn28_10', 'vgg11_bn', 'vgg16_bn',
        'convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large', 'efficientnet_b0',
        'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'efficientnet_b4',
        'efficientnet_b5', 'efficientnet_b6', 'efficientnet_b7', 'mobilenet_v2', 'airbench')

@@ -201,25 +201,24 @@ class Preprocessor:
       images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
       if self.flip:
         images = random_flip_left_right(images, keys[:, 1])
+    # Each example's key in the stream of the step's key that one augmentation draws from.
+    stream_keys = lambda stream: example_keys(jax.random.fold_in(key, stream), images.shape[0],
+                                              first_example)
     if train and self.randaugment_ops:
       images = randaugment.rand_augment(
-          images, example_keys(jax.random.fold_in(key, _RANDAUGMENT_STREAM), images.shape[0],
-                               first_example),
-          self.randaugment_ops, self.randaugment_magnitude, fill=self.mean,
+          images, stream_keys(_RANDAUGMENT_STREAM), self.randaugment_ops,
+          self.randaugment_magnitude, fill=self.mean,
           magnitude_std=self.randaugment_magnitude_std,
           probability=self.randaugment_probability)
     if train and self.trivialaugment:
-      images = randaugment.trivial_augment(
-          images, example_keys(jax.random.fold_in(key, _TRIVIALAUGMENT_STREAM), images.shape[0],
-                               first_example), fill=self.mean)
+      images = randaugment.trivial_augment(images, stream_keys(_TRIVIALAUGMENT_STREAM),
+                                           fill=self.mean)
     images = self.normalize(images)
     if train and self.cutout:
-      images = cutout(images, example_keys(jax.random.fold_in(key, _CUTOUT_STREAM),
-                                           images.shape[0], first_example), self.cutout)
+      images = cutout(images, stream_keys(_CUTOUT_STREAM), self.cutout)
     if train and self.random_erasing:
-      images = random_erasing(
-          images, example_keys(jax.random.fold_in(key, _RANDOM_ERASING_STREAM), images.shape[0],
-                               first_example), self.random_erasing, self.random_erasing_mode)
+      images = random_erasing(images, stream_keys(_RANDOM_ERASING_STREAM), self.random_erasing,
+                              self.random_erasing_mode)
     return images
 
   def normalize(self, images: jax.Array) -> jax.Array:

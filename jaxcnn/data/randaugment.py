@@ -247,6 +247,12 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
   return jnp.where(index >= num_pixel, geometric, pixel)
 
 
+def _draw_operation(choice_key: jax.Array, sign_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An index in `OPERATIONS` (uniform) and a sign (+1 or -1, even odds)."""
+  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+  return index, jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+
+
 def draw_layer(key: jax.Array, magnitude: float, magnitude_std: float = 0.0,
                probability: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """One layer's draw for one image from its `key`: the operation's index in `OPERATIONS`
@@ -258,8 +264,7 @@ def draw_layer(key: jax.Array, magnitude: float, magnitude_std: float = 0.0,
   `probability` (timm: 0.5; the paper: 1).
   """
   choice_key, sign_key, magnitude_key, apply_key = jax.random.split(key, 4)
-  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
-  sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+  index, sign = _draw_operation(choice_key, sign_key)
   if magnitude_std == math.inf:
     drawn = jax.random.uniform(magnitude_key, (), maxval=magnitude)
   elif magnitude_std > 0:
@@ -311,9 +316,8 @@ def draw_trivial(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """TrivialAugment's draw for one image from its `key`: the operation's index in `OPERATIONS`
   (uniform), its level (uniform over 0, 1/30, ..., 1) and its sign (+1 or -1, even odds)."""
   choice_key, level_key, sign_key = jax.random.split(key, 3)
-  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
+  index, sign = _draw_operation(choice_key, sign_key)
   level = jax.random.randint(level_key, (), 0, TRIVIALAUGMENT_LEVELS) / (TRIVIALAUGMENT_LEVELS - 1)
-  sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
   return index, level, sign
 
 

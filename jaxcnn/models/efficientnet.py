@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn.models.resnet import (BN_EPSILON, BN_MOMENTUM, conv, drop_path, drop_path_rates,
-                                  global_average_pool)
+from jaxcnn.models.resnet import (BN_EPSILON, BN_MOMENTUM, batch_norm, conv, drop_path,
+                                  drop_path_rates, global_average_pool)
 
 # The B0 network, stage by stage: (expansion, kernel size, stride, output channels, blocks).
 B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
@@ -110,16 +110,15 @@ class EfficientNet(nnx.Module):
                axis_name: str | None = None, dropout_rate: float | None = None,
                drop_path_rate: float = 0.2, bn_epsilon: float = BN_EPSILON,
                bn_momentum: float = BN_MOMENTUM):
-    norm = functools.partial(nnx.BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
+    norm = functools.partial(batch_norm, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
                              axis_name=axis_name, rngs=rngs)
     stages = [(expansion, kernel_size, stride, make_divisible(channels * width),
                int(math.ceil(blocks * depth)))
               for expansion, kernel_size, stride, channels, blocks in B0_STAGES]
     num_blocks = sum(stage[-1] for stage in stages)
-    # torchvision's rate of block i is drop_path_rate * i / num_blocks, one step short of the
-    # rate at the last block, where resnet's rates reach it.
-    rates = iter(rate * (num_blocks - 1) / num_blocks
-                 for rate in drop_path_rates(drop_path_rate, num_blocks))
+    # torchvision's rate of block i is drop_path_rate * i / num_blocks: resnet's linear rates
+    # over one block more, whose rate, the full one, no block takes.
+    rates = iter(drop_path_rates(drop_path_rate, num_blocks + 1)[:num_blocks])
     features = make_divisible(B0_STEM_CHANNELS * width)
     self.stem = ConvBN(input_shape[-1], features, 3, 2, norm=norm, dtype=dtype, rngs=rngs)
     blocks = []

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxcnn.errors import ConfigError
 from jaxcnn.models.efficientnet import ConvBN, make_divisible
-from jaxcnn.models.resnet import BN_EPSILON, BN_MOMENTUM, global_average_pool
+from jaxcnn.models.resnet import batch_norm, global_average_pool
 
 # Stage by stage: (expansion, output channels, blocks, stride of the first block).
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -57,8 +57,7 @@ class MobileNetV2(nnx.Module):
       # make_divisible would round any width, even a negative one, up to 8 channels.
       raise ConfigError(f"config key 'model_kwargs' sets width={width!r}; it must be a positive "
                         "number, torchvision's width_mult, such as 0.5 or 1.4")
-    norm = functools.partial(nnx.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                             axis_name=axis_name, rngs=rngs)
+    norm = functools.partial(batch_norm, dtype=dtype, axis_name=axis_name, rngs=rngs)
     layer = functools.partial(ConvBN, activation=jax.nn.relu6, norm=norm, dtype=dtype, rngs=rngs)
     features = make_divisible(STEM_CHANNELS * width)
     self.stem = layer(input_shape[-1], features, 3, 2)

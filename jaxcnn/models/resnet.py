@@ -73,10 +73,12 @@ def conv(in_features: int, out_features: int, kernel_size: int, stride: int = 1,
 
 
 def batch_norm(features: int, *, dtype, axis_name: str | None, rngs: nnx.Rngs,
-               zero_scale: bool = False) -> nnx.BatchNorm:
-  """BatchNorm with PyTorch's momentum and epsilon; `zero_scale` starts its scale at zero."""
+               zero_scale: bool = False, momentum: float = BN_MOMENTUM,
+               epsilon: float = BN_EPSILON) -> nnx.BatchNorm:
+  """BatchNorm, by default with PyTorch's momentum and epsilon; `zero_scale` starts its scale at
+  zero."""
   scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-  return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+  return nnx.BatchNorm(features, momentum=momentum, epsilon=epsilon, dtype=dtype,
                        axis_name=axis_name, scale_init=scale_init, rngs=rngs)
 
 
