@@ -24,6 +24,11 @@ from jaxcnn.errors import ConfigError
 
 PAD_MODES = ('constant', 'reflect')  # jnp.pad's and np.pad's names.
 WEIGHTS = ('trained', 'ema')  # A run's trained weights, or their moving average.
+AUTOAUGMENT_CHOICES = ('none', *randaugment.AUTOAUGMENT_POLICIES)
+# The automatic augmentations, of which a run takes one at most, each with the value that turns
+# it off.
+AUTOMATIC_AUGMENTATIONS = (('randaugment_ops', 0), ('trivialaugment', False),
+                           ('autoaugment', 'none'))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.randaugment_probability = 1.0  # Per drawn operation; timm's is 0.5.
   # TrivialAugmentWide (torchvision's): one operation per image at a random level; no settings.
   config.augment.trivialaugment = False
+  # AutoAugment: the paper's policy learned on 'imagenet', 'cifar10' or 'svhn' (digits); 'none'.
+  config.augment.autoaugment = 'none'
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   # Random Erasing: the probability of erasing a random box of each image (timm's reprob; 0.25
   # in DeiT's recipe); 0: off. What fills the box: 'pixel', 'rand' or 'const' (timm's remode).
@@ -412,10 +419,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
            _is_number(probability) and 0 <= probability <= 1, 'a number from 0 to 1')
   _require(config, 'augment.trivialaugment', isinstance(config.augment.trivialaugment, bool),
            'true or false')
-  if config.augment.trivialaugment and config.augment.randaugment_ops:
-    raise ConfigError(f"config keys 'augment.trivialaugment' and 'augment.randaugment_ops' "
-                      f'({config.augment.randaugment_ops}) both ask for an automatic '
-                      'augmentation; choose one (randaugment_ops=0 or trivialaugment=false)')
+  _require(config, 'augment.autoaugment', config.augment.autoaugment in AUTOAUGMENT_CHOICES,
+           f'one of {", ".join(AUTOAUGMENT_CHOICES)}')
+  chosen = [(key, off) for key, off in AUTOMATIC_AUGMENTATIONS if config.augment[key] != off]
+  if len(chosen) > 1:
+    (first, first_off), (second, second_off) = chosen[:2]
+    raise ConfigError(f"config keys 'augment.{first}' ({config.augment[first]}) and "
+                      f"'augment.{second}' ({config.augment[second]}) both ask for an automatic "
+                      f'augmentation; choose one ({first}={_off_text(first_off)} or '
+                      f'{second}={_off_text(second_off)})')
   _require(config, 'augment.random_erasing',
            _is_number(config.augment.random_erasing) and 0 <= config.augment.random_erasing <= 1,
            'a number from 0 to 1 (the probability of erasing a box of each image)')
@@ -467,6 +479,11 @@ def _require(config, key: str, ok, what: str) -> None:
 
 def _positive_int(config, key: str) -> None:
   _require(config, key, _is_int(config[key]) and config[key] > 0, 'a positive integer')
+
+
+def _off_text(value) -> str:
+  """A config value as a command line would set it: false, not Python's False."""
+  return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _choice(config, key: str, choices) -> None:

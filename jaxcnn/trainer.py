@@ -135,7 +135,7 @@ def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
                       f'{size} images it would cut from; use at most {side} (the Cutout paper '
                       'cut 16 from 32x32 CIFAR-10 and 8 from CIFAR-100)')
   if image_shape[-1] not in randaugment.CHANNELS:
-    for key, off in (('randaugment_ops', 0), ('trivialaugment', False)):
+    for key, off in config_lib.AUTOMATIC_AUGMENTATIONS:
       if config.augment[key] != off:
         raise ConfigError(f"config key 'augment.{key}' ({config.augment[key]}) is for images of 1 "
                           f'or 3 channels, and these have {image_shape[-1]}: its colour '
@@ -222,6 +222,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             randaugment_magnitude_std=config.augment.randaugment_magnitude_std,
                             randaugment_probability=config.augment.randaugment_probability,
                             trivialaugment=config.augment.trivialaugment,
+                            autoaugment=config.augment.autoaugment,
                             # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
                             random_erasing=config.augment.random_erasing,

@@ -39,6 +39,8 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'augment.randaugment_probability' must be a number from 0 to 1, got 1.5"),
     ('--config.augment.random_erasing_mode=noise',
      "config key 'augment.random_erasing_mode' must be one of pixel, rand, const, got 'noise'"),
+    ('--config.augment.autoaugment=mnist',
+     "config key 'augment.autoaugment' must be one of none, imagenet, cifar10, svhn, got 'mnist'"),
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',

@@ -1,4 +1,5 @@
-"""RandAugment: every operation against PIL's, the policy's draws, and a run that uses it."""
+"""RandAugment, TrivialAugment and AutoAugment: every operation against PIL's, the policies'
+draws, and a run that uses them."""
 
 import math
 
@@ -46,6 +47,7 @@ PIXEL_CASES = [
     ('equalize', lambda x: randaugment.equalize(x), ImageOps.equalize),
     ('solarize', lambda x: randaugment.solarize(x, 128), lambda p: ImageOps.solarize(p, 128)),
     ('posterize', lambda x: randaugment.posterize(x, 3), lambda p: ImageOps.posterize(p, 3)),
+    ('invert', lambda x: randaugment.invert(x), ImageOps.invert),
 ] + [(f'{name} {factor}', lambda x, f=fn, k=factor: f(x, k),
       lambda p, e=enhancer, k=factor: e(p).enhance(k))
      for name, fn, enhancer in (('color', randaugment.color, ImageEnhance.Color),
@@ -65,7 +67,8 @@ def test_each_pixel_operation_is_pils_to_within_one_grey_level(name, ours, pils,
 
 
 RANGES = {'randaugment': randaugment.RANDAUGMENT,
-          'trivialaugment_wide': randaugment.TRIVIALAUGMENT_WIDE}
+          'trivialaugment_wide': randaugment.TRIVIALAUGMENT_WIDE,
+          'autoaugment': randaugment.AUTOAUGMENT}
 
 
 @pytest.mark.parametrize('sign', [1, -1])
@@ -73,8 +76,8 @@ RANGES = {'randaugment': randaugment.RANDAUGMENT,
 @pytest.mark.parametrize('ranges', RANGES.values(), ids=RANGES.keys())
 def test_each_geometric_operation_is_pils_to_within_one_grey_level(ranges, level, sign):
   """Fill beyond the edges included: PIL's bilinear sampling and the same inverse maps, over
-  RandAugment's ranges (30 degrees, shear 0.3, 45% of the side) and TrivialAugmentWide's (135
-  degrees, 0.99, 32 pixels)."""
+  RandAugment's ranges (30 degrees, shear 0.3, 45% of the side), TrivialAugmentWide's (135
+  degrees, 0.99, 32 pixels) and AutoAugment's (30 degrees, 0.3, 150/331 of the side)."""
   image = structured_image()
   height, width, _ = image.shape
   shear = ranges.shear * level * sign
@@ -99,15 +102,25 @@ def test_each_geometric_operation_is_pils_to_within_one_grey_level(ranges, level
 _apply_operation = jax.jit(randaugment.apply_operation)
 
 
-_apply_wide_operation = jax.jit(lambda *args: randaugment.apply_operation(
-    *args, ranges=randaugment.TRIVIALAUGMENT_WIDE))
+_apply_operation_over = {
+    ranges: jax.jit(lambda *args, ranges=ranges: randaugment.apply_operation(*args, ranges=ranges))
+    for ranges in (randaugment.TRIVIALAUGMENT_WIDE, randaugment.AUTOAUGMENT)}
 
 
-def apply(image, name, level, sign=1.0, wide=False):
+def apply(image, name, level, sign=1.0, ranges=randaugment.RANDAUGMENT):
   index = randaugment.OPERATIONS.index(name)
-  apply_operation = _apply_wide_operation if wide else _apply_operation
+  apply_operation = _apply_operation_over.get(ranges, _apply_operation)
   return np.asarray(apply_operation(jnp.asarray(image, jnp.float32), index, level, sign,
                                     jnp.asarray(FILL, jnp.float32)))
+
+
+def assert_uniform_over_randaugments_operations(index):
+  """Drawn operation indices: each of RandAugment's fourteen about as often, invert never."""
+  counts = np.bincount(index, minlength=len(randaugment.OPERATIONS))
+  assert len(counts) == len(randaugment.OPERATIONS), counts
+  assert counts[randaugment.OPERATIONS.index('invert')] == 0, counts
+  drawn = np.delete(counts, randaugment.OPERATIONS.index('invert'))
+  assert np.abs(drawn / len(index) * len(drawn) - 1).max() < 0.15, counts
 
 
 def test_trivialaugment_wides_pixel_operations_are_torchvisions_levels_of_pils():
@@ -122,15 +135,16 @@ def test_trivialaugment_wides_pixel_operations_are_torchvisions_levels_of_pils()
            ('solarize', 0.0, 1.0, ImageOps.solarize(pil, 255)),
            ('solarize', 0.5, 1.0, ImageOps.solarize(pil, 127.5))]
   for name, level, sign, reference in cases:
-    assert_within_one_level(apply(image, name, level, sign, wide=True), from_pil(reference, 3))
+    assert_within_one_level(apply(image, name, level, sign, randaugment.TRIVIALAUGMENT_WIDE),
+                            from_pil(reference, 3))
 
 
 def test_trivialaugment_draws_one_operation_at_one_of_31_levels_for_each_image():
   keys = jax.random.split(jax.random.key(0), 20_000)
   index, level, sign = map(np.asarray, jax.jit(jax.vmap(randaugment.draw_trivial))(keys))
-  for values, count in ((index, len(randaugment.OPERATIONS)), (np.round(level * 30), 31)):
-    counts = np.bincount(values.astype(int), minlength=count)
-    assert len(counts) == count and np.abs(counts / len(keys) * count - 1).max() < 0.15, counts
+  assert_uniform_over_randaugments_operations(index)
+  counts = np.bincount(np.round(level * 30).astype(int), minlength=31)
+  assert len(counts) == 31 and np.abs(counts / len(keys) * 31 - 1).max() < 0.15, counts
   assert level.min() == 0.0 and level.max() == 1.0 and abs(sign.mean()) < 0.03
   # The batch: each image through the operation that its own key draws, over the wide ranges.
   images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (64, 9, 8, 3)), jnp.uint8)
@@ -153,7 +167,7 @@ def test_every_operation_with_a_magnitude_grows_from_none_at_0():
   image = structured_image()
   for name in randaugment.OPERATIONS:
     changes = [np.abs(apply(image, name, level) - image).mean() for level in (0.0, 0.5, 1.0)]
-    if name in ('identity', 'auto_contrast', 'equalize'):  # No magnitude.
+    if name in ('identity', 'auto_contrast', 'equalize', 'invert'):  # No magnitude.
       assert changes[0] == changes[1] == changes[2], name
     else:
       assert changes[0] == 0 < changes[1] < changes[2], (name, changes)
@@ -178,8 +192,10 @@ def test_each_image_goes_through_operations_drawn_uniformly_from_its_own_key():
   assert close.any(axis=(1, 2)).all(), 'an output that no operation gives'
   drawn = [{name for name, match in zip(randaugment.OPERATIONS, image_close.any(-1)) if match}
            for image_close in close]
-  for name in randaugment.OPERATIONS:
+  for name in randaugment.RANDAUGMENT_OPERATIONS:
     assert sum(name in matches for matches in drawn) >= 5, name  # 20 expected of each.
+  # Invert is not one of RandAugment's: only solarize at 10, which inverts every level, gives it.
+  assert all('solarize' in matches for matches in drawn if 'invert' in matches)
   again = rand_augment(jnp.asarray(images), keys, 1, 10.0, FILL)
   np.testing.assert_array_equal(again, augmented)
   # Two operations per image are a second draw after the first: most images differ.
@@ -194,9 +210,7 @@ def test_layers_draw_timms_magnitude_noise_and_probability():
   draw = jax.jit(jax.vmap(randaugment.draw_layer, (0, None, None, None)), static_argnums=(1, 2, 3))
 
   index, magnitude, sign, applied = map(np.asarray, draw(keys, 9.0, 0.0, 1.0))
-  counts = np.bincount(index, minlength=len(randaugment.OPERATIONS))
-  assert len(counts) == len(randaugment.OPERATIONS)
-  assert np.abs(counts / len(keys) * len(counts) - 1).max() < 0.15, counts  # ~1,430 each.
+  assert_uniform_over_randaugments_operations(index)  # ~1,430 each.
   assert set(np.unique(sign)) == {-1.0, 1.0} and abs(sign.mean()) < 0.03
   assert (magnitude == 9.0).all() and applied.all()
 
@@ -236,6 +250,89 @@ def test_each_drawn_operation_is_applied_with_the_probability_at_its_drawn_magni
   assert 0.25 < noisy.mean() < 0.55, noisy.mean()  # 11 of 14 operations, half of them above 0.
 
 
+WITHOUT_MAGNITUDE = ('auto_contrast', 'equalize', 'invert')
+
+
+@pytest.mark.parametrize('policy', list(randaugment.AUTOAUGMENT_POLICIES))
+def test_autoaugments_policies_are_25_pairs_of_operations_with_a_bin_where_they_have_a_magnitude(
+    policy):
+  sub_policies = randaugment.AUTOAUGMENT_POLICIES[policy]
+  assert len(sub_policies) == 25 and all(len(sub_policy) == 2 for sub_policy in sub_policies)
+  for name, probability, bin_ in (operation for pair in sub_policies for operation in pair):
+    assert name in randaugment.OPERATIONS and name != 'identity', name
+    assert 0 <= probability <= 1 and round(probability, 1) == probability, (name, probability)
+    if name in WITHOUT_MAGNITUDE:
+      assert bin_ is None, (name, bin_)
+    else:
+      assert bin_ in range(randaugment.AUTOAUGMENT_BINS), (name, bin_)
+  table = randaugment.policy_table(policy)
+  assert table.operations.shape == table.levels.shape == table.probabilities.shape == (25, 2)
+  first = sub_policies[0][0]
+  assert (randaugment.OPERATIONS[int(table.operations[0, 0])], float(table.probabilities[0, 0]),
+          float(table.levels[0, 0]) * 9) == pytest.approx((first[0], first[1], first[2] or 0))
+  with pytest.raises(ValueError, match="AutoAugment policy must be one of imagenet, cifar10, svhn, "
+                                       "got 'mnist'"):
+    randaugment.policy_table('mnist')
+
+
+def test_autoaugments_bins_are_torchvisions_magnitudes_of_pils_operations():
+  """torchvision's AutoAugment at bin b of 10: enhancement factors 1 +- 0.9 b/9, posterize to
+  8 - round(4 b/9) bits, solarize from 255 (1 - b/9), rotations of 30 b/9 degrees."""
+  image = structured_image()
+  pil = as_pil(image)
+  cases = [('contrast', 8, -1.0, ImageEnhance.Contrast(pil).enhance(0.2)),
+           ('color', 4, 1.0, ImageEnhance.Color(pil).enhance(1.4)),
+           ('posterize', 8, 1.0, ImageOps.posterize(pil, 4)),  # round(3.56) = 4 bits off.
+           ('posterize', 5, 1.0, ImageOps.posterize(pil, 6)),  # round(2.22) = 2.
+           ('solarize', 5, 1.0, ImageOps.solarize(pil, 255 * 4 / 9)),
+           ('rotate', 9, -1.0, pil.rotate(-30, resample=Image.BILINEAR, fillcolor=FILL)),
+           ('invert', None, 1.0, ImageOps.invert(pil))]
+  for name, bin_, sign, reference in cases:
+    level = (bin_ or 0) / (randaugment.AUTOAUGMENT_BINS - 1)
+    assert_within_one_level(apply(image, name, level, sign, randaugment.AUTOAUGMENT),
+                            from_pil(reference, 3))
+
+
+def test_autoaugment_draws_a_sub_policy_for_each_image_and_applies_each_operation_with_its_odds():
+  table = randaugment.policy_table('imagenet')
+  keys = jax.random.split(jax.random.key(0), 20_000)
+  sub_policy, signs, applied = map(np.asarray, jax.jit(jax.vmap(
+      lambda key: randaugment.draw_sub_policy(key, table)))(keys))
+  counts = np.bincount(sub_policy, minlength=25)
+  assert len(counts) == 25 and np.abs(counts / len(keys) * 25 - 1).max() < 0.15, counts
+  assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.mean()) < 0.03
+  # Each operation of each sub-policy (~800 draws) applied with its probability: 0 and 1 exactly.
+  probabilities = np.asarray(table.probabilities)
+  for chosen in range(25):
+    rate = applied[sub_policy == chosen].mean(axis=0)
+    np.testing.assert_allclose(rate, probabilities[chosen], atol=0.07)
+    assert ((rate == 0) == (probabilities[chosen] == 0)).all()
+    assert ((rate == 1) == (probabilities[chosen] == 1)).all()
+
+  # The batch: each image through its own sub-policy's operations, in order, where applied.
+  images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (64, 9, 8, 3)), jnp.uint8)
+  keys = augment.example_keys(jax.random.key(4), 64)
+  svhn = randaugment.policy_table('svhn')
+
+  @jax.jit
+  def both(images, keys):
+    def reference(image, key):
+      chosen, signs, applied = randaugment.draw_sub_policy(key, svhn)
+      for slot in range(2):
+        augmented = randaugment.apply_operation(
+            image, svhn.operations[chosen, slot], svhn.levels[chosen, slot], signs[slot],
+            jnp.asarray(FILL, jnp.float32), randaugment.AUTOAUGMENT)
+        image = jnp.where(applied[slot], augmented, image)
+      return image
+    expected = jax.vmap(reference)(images.astype(jnp.float32), keys)
+    return randaugment.auto_augment(images, keys, 'svhn', FILL), expected
+
+  augmented, expected = both(images, keys)
+  np.testing.assert_allclose(augmented, expected, atol=1e-4)
+  # SVHN's sub-policies apply one of their operations or both with probability 0.91 on average.
+  assert (np.abs(np.asarray(augmented) - np.asarray(images)).max(axis=(1, 2, 3)) > 0).mean() > 0.75
+
+
 def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_its_own():
   images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (6, 10, 9, 3)), jnp.uint8)
   crops = dict(mean=(120.0, 110.0, 100.0), std=(50.0,) * 3, crop_padding=2, flip=True)
@@ -254,6 +351,23 @@ def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_
   # Evaluation is untouched.
   np.testing.assert_array_equal(with_randaugment(images, None, train=False),
                                 with_randaugment.normalize(images))
+
+
+def test_the_preprocessor_applies_autoaugment_after_the_crops_from_a_stream_of_its_own():
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (6, 10, 9, 1)), jnp.uint8)
+  crops = dict(mean=(120.0,), std=(50.0,), crop_padding=2)
+  key = jax.random.key(7)
+  with_autoaugment = augment.Preprocessor(**crops, autoaugment='svhn')
+  cropped = augment.Preprocessor(**{**crops, 'std': (1.0,)})
+
+  @jax.jit
+  def both(images, key):
+    pixels = cropped(images, key, train=True) + jnp.asarray(crops['mean'])
+    expected = randaugment.auto_augment(
+        pixels, augment.example_keys(jax.random.fold_in(key, 7), 6), 'svhn', crops['mean'])
+    return with_autoaugment(images, key, train=True), with_autoaugment.normalize(expected)
+
+  np.testing.assert_allclose(*both(images, key), atol=1e-5)
 
 
 def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes(fake_tfds,
@@ -291,7 +405,25 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
     trainer.train_and_evaluate(config, str(tmp_path / 'negative'))
   config.augment.randaugment_magnitude_std = 0.0
   config.augment.trivialaugment = True
-  with pytest.raises(ConfigError, match="config keys 'augment.trivialaugment' and "
-                                        "'augment.randaugment_ops' \\(2\\) both ask for an "
-                                        'automatic augmentation; choose one'):
+  with pytest.raises(ConfigError, match="config keys 'augment.randaugment_ops' \\(2\\) and "
+                                        "'augment.trivialaugment' \\(True\\) both ask for an "
+                                        'automatic augmentation; choose one \\(randaugment_ops=0 '
+                                        'or trivialaugment=false\\)$'):
     trainer.train_and_evaluate(config, str(tmp_path / 'both'))
+  config.augment.trivialaugment = False
+  config.augment.autoaugment = 'svhn'
+  with pytest.raises(ConfigError, match="config keys 'augment.randaugment_ops' \\(2\\) and "
+                                        "'augment.autoaugment' \\(svhn\\) both ask for an "
+                                        'automatic augmentation; choose one \\(randaugment_ops=0 '
+                                        'or autoaugment=none\\)$'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'both'))
+  config.augment.randaugment_ops = 0
+  config.augment.autoaugment = 'mnist'
+  with pytest.raises(ConfigError, match="config key 'augment.autoaugment' must be one of none, "
+                                        "imagenet, cifar10, svhn, got 'mnist'$"):
+    trainer.train_and_evaluate(config, str(tmp_path / 'mnist'))
+  four_channels.augment.trivialaugment = False
+  four_channels.augment.autoaugment = 'imagenet'
+  with pytest.raises(ConfigError, match="'augment.autoaugment' \\(imagenet\\) is for images of 1 "
+                                        'or 3 channels, and these have 4.*set it to none'):
+    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))

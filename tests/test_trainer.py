@@ -382,7 +382,8 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
          randaugment_magnitude=7.0, randaugment_magnitude_std=0.5, randaugment_probability=0.5,
          cutout=5, random_erasing=0.25, random_erasing_mode='rand'),
     dict(trivialaugment=True, random_erasing=0.1),
-], ids=['randaugment', 'trivialaugment'])
+    dict(autoaugment='svhn', cutout=4),
+], ids=['randaugment', 'trivialaugment', 'autoaugment'])
 def test_every_augmentation_key_reaches_the_devices_preprocessor(augmentation):
   config = tiny_config(dtype='bfloat16', **{f'augment.{k}': v for k, v in augmentation.items()})
   experiment, _ = trainer.build_experiment(

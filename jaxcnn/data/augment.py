@@ -140,12 +140,13 @@ def random_erasing(images: jax.Array, keys: jax.Array, probability: float, mode:
   return jax.vmap(erase)(images, keys)
 
 
-# Cutout, RandAugment, Random Erasing and TrivialAugment draw from streams of their own of the
-# step's augmentation key, so that turning one on leaves what the others draw as it was.
+# Cutout, RandAugment, Random Erasing, TrivialAugment and AutoAugment draw from streams of their
+# own of the step's augmentation key, so that turning one on leaves what the others draw as it was.
 _CUTOUT_STREAM = 3
 _RANDAUGMENT_STREAM = 4
 _RANDOM_ERASING_STREAM = 5
 _TRIVIALAUGMENT_STREAM = 6
+_AUTOAUGMENT_STREAM = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,8 @@ class Preprocessor:
       `mstd`; inf draws it uniformly from 0 to the magnitude); 0 disables it.
     randaugment_probability: the probability of applying each drawn operation (timm: 0.5).
     trivialaugment: TrivialAugmentWide (`randaugment.trivial_augment`) in RandAugment's place.
+    autoaugment: the AutoAugment policy (`randaugment.auto_augment`) in RandAugment's place:
+      'imagenet', 'cifar10' or 'svhn'; 'none' disables it.
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
     random_erasing: the probability with which Random Erasing (`random_erasing`) erases a box
@@ -184,6 +187,7 @@ class Preprocessor:
   randaugment_magnitude_std: float = 0.0
   randaugment_probability: float = 1.0
   trivialaugment: bool = False
+  autoaugment: str = 'none'
   cutout: int = 0
   random_erasing: float = 0.0
   random_erasing_mode: str = 'pixel'
@@ -213,6 +217,9 @@ class Preprocessor:
     if train and self.trivialaugment:
       images = randaugment.trivial_augment(images, stream_keys(_TRIVIALAUGMENT_STREAM),
                                            fill=self.mean)
+    if train and self.autoaugment != 'none':
+      images = randaugment.auto_augment(images, stream_keys(_AUTOAUGMENT_STREAM), self.autoaugment,
+                                        fill=self.mean)
     images = self.normalize(images)
     if train and self.cutout:
       images = cutout(images, stream_keys(_CUTOUT_STREAM), self.cutout)

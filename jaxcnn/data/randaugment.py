@@ -1,5 +1,5 @@
-"""RandAugment (Cubuk et al. 2020) and TrivialAugment (Muller & Hutter 2021) on the device, under
-`jit`.
+"""RandAugment (Cubuk et al. 2020), TrivialAugment (Muller & Hutter 2021) and AutoAugment (Cubuk et
+al. 2019) on the device, under `jit`.
 
 Each training image goes through `num_ops` operations, each drawn uniformly (with replacement)
 from the paper's fourteen, all at one magnitude: identity, auto-contrast, equalize, rotate,
@@ -38,7 +38,17 @@ solarizing from 255 down. It has no setting to tune. Its geometric operations sa
 and fill with the mean, as RandAugment's here and timm's do (torchvision's defaults are the
 nearest pixel and black).
 
-Under `vmap` a drawn operation is a select over all of them, so each layer computes the nine
+AutoAugment (`auto_augment`) applies one of a policy's 25 sub-policies to each image, drawn
+uniformly: two operations, each applied with its own probability at its own magnitude bin (0 to 9)
+of torchvision's AutoAugment ranges (`AUTOAUGMENT`: rotations up to 30 degrees, shears up to 0.3,
+translations up to 150/331 of the side, enhancement factors 1 +- 0.9, posterizing to 4 bits,
+solarizing from 255 down), the direction or factor's sign drawn as above. The policies
+(`AUTOAUGMENT_POLICIES`) are the paper's, learned on ImageNet, CIFAR-10 and SVHN, with the bins
+torchvision gives them; they add a fifteenth operation, invert. Geometric operations sample
+bilinearly and fill with the mean here too (torchvision's defaults: the nearest pixel and black),
+and translate by fractions of a pixel where torchvision rounds toward zero.
+
+Under `vmap` a drawn operation is a select over all of them, so each layer computes the ten
 pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
 """
 
@@ -51,6 +61,7 @@ import jax.numpy as jnp
 
 MAX_MAGNITUDE = 10.0
 TRIVIALAUGMENT_LEVELS = 31  # torchvision's num_magnitude_bins.
+AUTOAUGMENT_BINS = 10  # The magnitude bins that AutoAugment's policies name.
 CHANNELS = (1, 3)  # Grey and RGB images: those its colour operations are defined on.
 # PIL's luma weights (ITU-R 601-2), with which ImageEnhance and ImageOps take an image's grey.
 _LUMA = (0.299, 0.587, 0.114)
@@ -86,6 +97,8 @@ RANDAUGMENT = Ranges(rotate=30.0, shear=0.3, translate_fraction=0.45, translate_
 TRIVIALAUGMENT_WIDE = Ranges(rotate=135.0, shear=0.99, translate_fraction=0.0,
                              translate_pixels=32.0, enhance=0.99, posterize_bits=6,
                              posterize_round=True, solarize_top=255.0)
+AUTOAUGMENT = Ranges(rotate=30.0, shear=0.3, translate_fraction=150 / 331, translate_pixels=0.0,
+                     enhance=0.9, posterize_bits=4, posterize_round=True, solarize_top=255.0)
 
 
 # ---------------------------------------------------------------- Pixel operations
@@ -125,6 +138,11 @@ def equalize(image: jax.Array) -> jax.Array:
     return jnp.where(step > 0, lut[levels].astype(values.dtype), values)
 
   return jax.vmap(channel, in_axes=-1, out_axes=-1)(image)
+
+
+def invert(image: jax.Array) -> jax.Array:
+  """Each level's complement, 255 - level (ImageOps.invert)."""
+  return 255.0 - image
 
 
 def solarize(image: jax.Array, threshold) -> jax.Array:
@@ -215,9 +233,12 @@ def geometric_matrices(level, sign, height: int, width: int,
 # ---------------------------------------------------------------- The policy
 
 PIXEL_OPERATIONS = ('identity', 'auto_contrast', 'equalize', 'solarize', 'color', 'posterize',
-                    'contrast', 'brightness', 'sharpness')
+                    'contrast', 'brightness', 'sharpness', 'invert')
 GEOMETRIC_OPERATIONS = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
-OPERATIONS = PIXEL_OPERATIONS + GEOMETRIC_OPERATIONS
+OPERATIONS = PIXEL_OPERATIONS + GEOMETRIC_OPERATIONS  # `apply_operation`'s indices.
+# The fourteen that RandAugment and TrivialAugment draw from: all but invert, which only
+# AutoAugment's policies use.
+RANDAUGMENT_OPERATIONS = tuple(name for name in OPERATIONS if name != 'invert')
 
 
 def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
@@ -237,6 +258,7 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
       lambda x: contrast(x, factor),
       lambda x: brightness(x, factor),
       lambda x: sharpness(x, factor),
+      invert,
   ]
   num_pixel = len(PIXEL_OPERATIONS)
   pixel = jax.lax.switch(jnp.minimum(index, num_pixel - 1), pixel_branches, image)
@@ -248,15 +270,22 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
 
 
 def _draw_operation(choice_key: jax.Array, sign_key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """An index in `OPERATIONS` (uniform) and a sign (+1 or -1, even odds)."""
-  index = jax.random.randint(choice_key, (), 0, len(OPERATIONS))
-  return index, jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+  """The index in `OPERATIONS` of one of `RANDAUGMENT_OPERATIONS` (uniform) and a sign (+1 or -1,
+  even odds)."""
+  indices = jnp.asarray([OPERATIONS.index(name) for name in RANDAUGMENT_OPERATIONS])
+  index = indices[jax.random.randint(choice_key, (), 0, len(indices))]
+  return index, _draw_sign(sign_key)
+
+
+def _draw_sign(key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
+  return jnp.where(jax.random.bernoulli(key, shape=shape), 1.0, -1.0)
 
 
 def draw_layer(key: jax.Array, magnitude: float, magnitude_std: float = 0.0,
                probability: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """One layer's draw for one image from its `key`: the operation's index in `OPERATIONS`
-  (uniform), its magnitude, its sign (+1 or -1, even odds) and whether it is applied.
+  (uniform over `RANDAUGMENT_OPERATIONS`), its magnitude, its sign (+1 or -1, even odds) and
+  whether it is applied.
 
   As timm's `rand-mM-mstdS` and per-operation probability (`p`) do: with `magnitude_std` S > 0
   the magnitude is drawn from a normal around `magnitude` with that deviation, with S = inf
@@ -307,14 +336,15 @@ def _fill_per_channel(images: jax.Array, fill: Sequence[float]) -> jax.Array:
   """`fill` as one float32 value per channel of `images`, which must be grey or RGB."""
   channels = images.shape[-1]
   if channels not in CHANNELS:
-    raise ValueError(f'RandAugment and TrivialAugment take images of 1 or 3 channels, not '
-                     f'{channels}')
+    raise ValueError(f'RandAugment, TrivialAugment and AutoAugment take images of 1 or 3 '
+                     f'channels, not {channels}')
   return jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
 
 
 def draw_trivial(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """TrivialAugment's draw for one image from its `key`: the operation's index in `OPERATIONS`
-  (uniform), its level (uniform over 0, 1/30, ..., 1) and its sign (+1 or -1, even odds)."""
+  (uniform over `RANDAUGMENT_OPERATIONS`), its level (uniform over 0, 1/30, ..., 1) and its sign
+  (+1 or -1, even odds)."""
   choice_key, level_key, sign_key = jax.random.split(key, 3)
   index, sign = _draw_operation(choice_key, sign_key)
   level = jax.random.randint(level_key, (), 0, TRIVIALAUGMENT_LEVELS) / (TRIVIALAUGMENT_LEVELS - 1)
@@ -331,5 +361,152 @@ def trivial_augment(images: jax.Array, keys: jax.Array, fill: Sequence[float]) -
   def augment(image, key):
     index, level, sign = draw_trivial(key)
     return apply_operation(image, index, level, sign, fill, TRIVIALAUGMENT_WIDE)
+
+  return jax.vmap(augment)(images.astype(jnp.float32), keys)
+
+
+# ---------------------------------------------------------------- AutoAugment
+
+# The policies of the AutoAugment paper (its appendix), each 25 sub-policies of two operations:
+# (operation, probability of applying it, magnitude bin of 0 to 9, or None for the operations
+# without a magnitude), in torchvision's order and bins.
+AUTOAUGMENT_POLICIES = {
+    'imagenet': (
+        (('posterize', 0.4, 8), ('rotate', 0.6, 9)),
+        (('solarize', 0.6, 5), ('auto_contrast', 0.6, None)),
+        (('equalize', 0.8, None), ('equalize', 0.6, None)),
+        (('posterize', 0.6, 7), ('posterize', 0.6, 6)),
+        (('equalize', 0.4, None), ('solarize', 0.2, 4)),
+        (('equalize', 0.4, None), ('rotate', 0.8, 8)),
+        (('solarize', 0.6, 3), ('equalize', 0.6, None)),
+        (('posterize', 0.8, 5), ('equalize', 1.0, None)),
+        (('rotate', 0.2, 3), ('solarize', 0.6, 8)),
+        (('equalize', 0.6, None), ('posterize', 0.4, 6)),
+        (('rotate', 0.8, 8), ('color', 0.4, 0)),
+        (('rotate', 0.4, 9), ('equalize', 0.6, None)),
+        (('equalize', 0.0, None), ('equalize', 0.8, None)),
+        (('invert', 0.6, None), ('equalize', 1.0, None)),
+        (('color', 0.6, 4), ('contrast', 1.0, 8)),
+        (('rotate', 0.8, 8), ('color', 1.0, 2)),
+        (('color', 0.8, 8), ('solarize', 0.8, 7)),
+        (('sharpness', 0.4, 7), ('invert', 0.6, None)),
+        (('shear_x', 0.6, 5), ('equalize', 1.0, None)),
+        (('color', 0.4, 0), ('equalize', 0.6, None)),
+        (('equalize', 0.4, None), ('solarize', 0.2, 4)),
+        (('solarize', 0.6, 5), ('auto_contrast', 0.6, None)),
+        (('invert', 0.6, None), ('equalize', 1.0, None)),
+        (('color', 0.6, 4), ('contrast', 1.0, 8)),
+        (('equalize', 0.8, None), ('equalize', 0.6, None)),
+    ),
+    'cifar10': (
+        (('invert', 0.1, None), ('contrast', 0.2, 6)),
+        (('rotate', 0.7, 2), ('translate_x', 0.3, 9)),
+        (('sharpness', 0.8, 1), ('sharpness', 0.9, 3)),
+        (('shear_y', 0.5, 8), ('translate_y', 0.7, 9)),
+        (('auto_contrast', 0.5, None), ('equalize', 0.9, None)),
+        (('shear_y', 0.2, 7), ('posterize', 0.3, 7)),
+        (('color', 0.4, 3), ('brightness', 0.6, 7)),
+        (('sharpness', 0.3, 9), ('brightness', 0.7, 9)),
+        (('equalize', 0.6, None), ('equalize', 0.5, None)),
+        (('contrast', 0.6, 7), ('sharpness', 0.6, 5)),
+        (('color', 0.7, 7), ('translate_x', 0.5, 8)),
+        (('equalize', 0.3, None), ('auto_contrast', 0.4, None)),
+        (('translate_y', 0.4, 3), ('sharpness', 0.2, 6)),
+        (('brightness', 0.9, 6), ('color', 0.2, 8)),
+        (('solarize', 0.5, 2), ('invert', 0.0, None)),
+        (('equalize', 0.2, None), ('auto_contrast', 0.6, None)),
+        (('equalize', 0.2, None), ('equalize', 0.6, None)),
+        (('color', 0.9, 9), ('equalize', 0.6, None)),
+        (('auto_contrast', 0.8, None), ('solarize', 0.2, 8)),
+        (('brightness', 0.1, 3), ('color', 0.7, 0)),
+        (('solarize', 0.4, 5), ('auto_contrast', 0.9, None)),
+        (('translate_y', 0.9, 9), ('translate_y', 0.7, 9)),
+        (('auto_contrast', 0.9, None), ('solarize', 0.8, 3)),
+        (('equalize', 0.8, None), ('invert', 0.1, None)),
+        (('translate_y', 0.7, 9), ('auto_contrast', 0.9, None)),
+    ),
+    'svhn': (
+        (('shear_x', 0.9, 4), ('invert', 0.2, None)),
+        (('shear_y', 0.9, 8), ('invert', 0.7, None)),
+        (('equalize', 0.6, None), ('solarize', 0.6, 6)),
+        (('invert', 0.9, None), ('equalize', 0.6, None)),
+        (('equalize', 0.6, None), ('rotate', 0.9, 3)),
+        (('shear_x', 0.9, 4), ('auto_contrast', 0.8, None)),
+        (('shear_y', 0.9, 8), ('invert', 0.4, None)),
+        (('shear_y', 0.9, 5), ('solarize', 0.2, 6)),
+        (('invert', 0.9, None), ('auto_contrast', 0.8, None)),
+        (('equalize', 0.6, None), ('rotate', 0.9, 3)),
+        (('shear_x', 0.9, 4), ('solarize', 0.3, 3)),
+        (('shear_y', 0.8, 8), ('invert', 0.7, None)),
+        (('equalize', 0.9, None), ('translate_y', 0.6, 6)),
+        (('invert', 0.9, None), ('equalize', 0.6, None)),
+        (('contrast', 0.3, 3), ('rotate', 0.8, 4)),
+        (('invert', 0.8, None), ('translate_y', 0.0, 2)),
+        (('shear_y', 0.7, 6), ('solarize', 0.4, 8)),
+        (('invert', 0.6, None), ('rotate', 0.8, 4)),
+        (('shear_y', 0.3, 7), ('translate_x', 0.9, 3)),
+        (('shear_x', 0.1, 6), ('invert', 0.6, None)),
+        (('solarize', 0.7, 2), ('translate_y', 0.6, 7)),
+        (('shear_y', 0.8, 4), ('invert', 0.8, None)),
+        (('shear_x', 0.7, 9), ('translate_y', 0.8, 3)),
+        (('shear_y', 0.8, 5), ('auto_contrast', 0.7, None)),
+        (('shear_x', 0.7, 2), ('invert', 0.1, None)),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyTable:
+  """A policy as arrays over [sub-policy, operation]: indices in `OPERATIONS`, levels in [0, 1]
+  of `AUTOAUGMENT` (bin / 9; 0 for operations without a magnitude) and probabilities."""
+  operations: jax.Array
+  levels: jax.Array
+  probabilities: jax.Array
+
+
+def policy_table(policy: str) -> PolicyTable:
+  """`AUTOAUGMENT_POLICIES[policy]` as arrays; an unknown name is a one-line ValueError."""
+  if policy not in AUTOAUGMENT_POLICIES:
+    raise ValueError(f'AutoAugment policy must be one of {", ".join(AUTOAUGMENT_POLICIES)}, '
+                     f'got {policy!r}')
+  sub_policies = AUTOAUGMENT_POLICIES[policy]
+  column = lambda value: jnp.asarray([[value(*operation) for operation in sub_policy]
+                                      for sub_policy in sub_policies])
+  return PolicyTable(
+      operations=column(lambda name, probability, bin_: OPERATIONS.index(name)),
+      levels=column(lambda name, probability, bin_: (bin_ or 0) / (AUTOAUGMENT_BINS - 1)),
+      probabilities=column(lambda name, probability, bin_: probability))
+
+
+def draw_sub_policy(key: jax.Array, table: PolicyTable) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """AutoAugment's draw for one image from its `key`: a sub-policy (uniform), and for each of its
+  operations a sign (+1 or -1, even odds) and whether it is applied (with its probability)."""
+  choice_key, sign_key, apply_key = jax.random.split(key, 3)
+  num_sub_policies, num_operations = table.operations.shape
+  sub_policy = jax.random.randint(choice_key, (), 0, num_sub_policies)
+  applied = jax.random.uniform(apply_key, (num_operations,)) < table.probabilities[sub_policy]
+  return sub_policy, _draw_sign(sign_key, (num_operations,)), applied
+
+
+def auto_augment(images: jax.Array, keys: jax.Array, policy: str,
+                 fill: Sequence[float]) -> jax.Array:
+  """AutoAugment of an NHWC batch (uint8, or floats in [0, 255]) with the named policy of
+  `AUTOAUGMENT_POLICIES`: one sub-policy for each image, drawn with its operations' signs and
+  applications from its key in `keys` by `draw_sub_policy`, over `AUTOAUGMENT`'s ranges.
+  Geometric operations fill with `fill`, one value per channel in [0, 255] (the training images'
+  mean). Returns float32 pixels in [0, 255]."""
+  table = policy_table(policy)
+  fill = _fill_per_channel(images, fill)
+
+  def operation(image, drawn):
+    index, level, sign, applied = drawn
+    augmented = apply_operation(image, index, level, sign, fill, AUTOAUGMENT)
+    return jnp.where(applied, augmented, image), None
+
+  def augment(image, key):
+    sub_policy, signs, applied = draw_sub_policy(key, table)
+    drawn = (table.operations[sub_policy], table.levels[sub_policy], signs, applied)
+    # A scan over the sub-policy's operations: one operation's program, not two.
+    return jax.lax.scan(operation, image, drawn)[0]
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
