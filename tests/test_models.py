@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxcnn import models
 from jaxcnn.errors import ConfigError
-from jaxcnn.models import cost, cpu_conv
+from jaxcnn.models import cost, cpu_conv, resnet
 from jaxcnn.models.layers import Conv, max_pool, strided_max_pool
 
 
@@ -164,6 +164,45 @@ def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel, ke
   np.testing.assert_allclose(grad_x, ref_x, atol=1e-4)
   np.testing.assert_allclose(grad_module.kernel[...], ref_module.kernel[...], rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(grad_module.bias[...], ref_module.bias[...], rtol=1e-4, atol=1e-3)
+
+
+def test_computed_once_is_the_identity_and_passes_the_gradient_through():
+  y = jax.random.normal(jax.random.key(0), (2, 3, 3, 5))
+  value, vjp = jax.vjp(jax.jit(cpu_conv.computed_once), y)
+  np.testing.assert_array_equal(value, y)
+  np.testing.assert_array_equal(vjp(2 * y)[0], 2 * y)
+  hlo = jax.jit(jax.grad(lambda y: jnp.sum(cpu_conv.computed_once(y) ** 2))).lower(y).as_text()
+  assert gathers(hlo) == 1 and 'scatter' not in hlo  # The forward gather only.
+
+
+def gathers(hlo: str) -> int:
+  """The gather operations in a lowered program's text."""
+  return hlo.count('"stablehlo.gather"(')
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_resnet_block_outputs_are_computed_once_on_the_cpu_in_float32_only(dtype, monkeypatch):
+  """One gather per residual block in float32 (nine in ResNet-20), none in bfloat16, and the
+  same values and gradients as without."""
+  model = models.create_model('cifar_resnet20', num_classes=10, input_shape=(8, 8, 3),
+                              dtype=dtype)
+  images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  loss = lambda model, images: jnp.sum(model(images).astype(jnp.float32) ** 2)
+  # A fresh function each time: jit would otherwise reuse the first trace.
+  gradients = lambda: jax.jit(jax.value_and_grad(lambda m, x: loss(m, x)))
+  hlo = gradients().lower(model, images).as_text()
+  assert gathers(hlo) == (9 if dtype == 'float32' else 0)
+  value, grads = gradients()(model, images)
+  monkeypatch.setattr(resnet, 'residual_output', lambda y: y)
+  plain_value, plain_grads = gradients()(model, images)
+  assert gathers(gradients().lower(model, images).as_text()) == 0
+  tolerance = 1e-5 if dtype == 'float32' else 1e-2
+  np.testing.assert_allclose(value, plain_value, rtol=tolerance)
+  grads, plain_grads = jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(plain_grads))
+  assert len(grads) == len(plain_grads) > 60  # Every convolution's, BatchNorm's and the head's.
+  for grad, plain in zip(grads, plain_grads):
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(plain, np.float32),
+                               rtol=tolerance, atol=tolerance)
 
 
 # Worked out by hand, as the parameter counts above: each layer's output elements times the

@@ -121,11 +121,12 @@ def test_each_epochs_permutation_compiles_once_per_run(strategy):
   assert sorted(orders[2]) == list(range(1000)) and not np.array_equal(orders[1], orders[2])
 
 
-@pytest.mark.parametrize('model', ['lenet5', 'bn_cnn'])
+@pytest.mark.parametrize('model', ['lenet5', 'bn_cnn', 'cifar_resnet20'])
 def test_jit_over_a_mesh_exchanges_only_reductions_between_devices(model):
   # Data parallelism needs one all-reduce of the gradients (and of BatchNorm's statistics); any
   # other collective moves activations between devices, as an identity gather over the batch in
-  # the CPU kernels once did (an all-gather of a whole layer).
+  # the CPU kernels once did (an all-gather of a whole layer; theirs and the ResNet blocks' gathers
+  # now run over channels).
   config = tiny_config(model=model, batch_size=32, num_devices=2)
   strategy = parallel.make_strategy('jit', 2)
   images = np.zeros((64, 28, 28, 1), np.uint8)
