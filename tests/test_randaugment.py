@@ -265,11 +265,14 @@ def test_autoaugments_policies_are_25_pairs_of_operations_with_a_bin_where_they_
       assert bin_ is None, (name, bin_)
     else:
       assert bin_ in range(randaugment.AUTOAUGMENT_BINS), (name, bin_)
+  # As arrays: each operation's index, level (bin / 9) and probability, in the same places.
   table = randaugment.policy_table(policy)
   assert table.operations.shape == table.levels.shape == table.probabilities.shape == (25, 2)
-  first = sub_policies[0][0]
-  assert (randaugment.OPERATIONS[int(table.operations[0, 0])], float(table.probabilities[0, 0]),
-          float(table.levels[0, 0]) * 9) == pytest.approx((first[0], first[1], first[2] or 0))
+  names = [[randaugment.OPERATIONS[int(index)] for index in row] for row in table.operations]
+  assert names == [[name for name, _, _ in sub_policy] for sub_policy in sub_policies]
+  np.testing.assert_allclose(table.probabilities, [[p for _, p, _ in s] for s in sub_policies])
+  np.testing.assert_allclose(table.levels * 9, [[b or 0 for _, _, b in s] for s in sub_policies],
+                             atol=1e-6)
   with pytest.raises(ValueError, match="AutoAugment policy must be one of imagenet, cifar10, svhn, "
                                        "got 'mnist'"):
     randaugment.policy_table('mnist')
