@@ -28,7 +28,7 @@ AUTOAUGMENT_CHOICES = ('none', *randaugment.AUTOAUGMENT_POLICIES)
 # The automatic augmentations, of which a run takes one at most, each with the value that turns
 # it off.
 AUTOMATIC_AUGMENTATIONS = (('randaugment_ops', 0), ('trivialaugment', False),
-                           ('autoaugment', 'none'))
+                           ('autoaugment', 'none'), ('augmix', False))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -68,6 +68,16 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.trivialaugment = False
   # AutoAugment: the paper's policy learned on 'imagenet', 'cifar10' or 'svhn' (digits); 'none'.
   config.augment.autoaugment = 'none'
+  # AugMix (torchvision's, without the paper's consistency loss): each image mixed with `width`
+  # chains of `depth` operations (-1: 1 to 3 at random), at levels from the `severity` lowest of
+  # 10 bins, with Beta(alpha, alpha) and Dirichlet(alpha) weights; `all_ops` adds the brightness,
+  # colour, contrast and sharpness operations to the paper's nine.
+  config.augment.augmix = False
+  config.augment.augmix_severity = 3
+  config.augment.augmix_width = 3
+  config.augment.augmix_depth = -1
+  config.augment.augmix_alpha = 1.0
+  config.augment.augmix_all_ops = False
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   # Random Erasing: the probability of erasing a random box of each image (timm's reprob; 0.25
   # in DeiT's recipe); 0: off. What fills the box: 'pixel', 'rand' or 'const' (timm's remode).
@@ -421,6 +431,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'true or false')
   _require(config, 'augment.autoaugment', config.augment.autoaugment in AUTOAUGMENT_CHOICES,
            f'one of {", ".join(AUTOAUGMENT_CHOICES)}')
+  _require(config, 'augment.augmix', isinstance(config.augment.augmix, bool), 'true or false')
+  severity, width, depth = (config.augment.augmix_severity, config.augment.augmix_width,
+                            config.augment.augmix_depth)
+  _require(config, 'augment.augmix_severity',
+           _is_int(severity) and 1 <= severity <= randaugment.AUGMIX_BINS,
+           f'an integer from 1 to {randaugment.AUGMIX_BINS}')
+  _require(config, 'augment.augmix_width', _is_int(width) and width >= 1,
+           'an integer >= 1 (chains)')
+  _require(config, 'augment.augmix_depth', _is_int(depth) and (depth == -1 or depth >= 1),
+           'an integer >= 1, or -1 for 1 to 3 operations at random')
+  _require(config, 'augment.augmix_alpha',
+           _is_number(config.augment.augmix_alpha) and config.augment.augmix_alpha > 0,
+           'a number > 0')
+  _require(config, 'augment.augmix_all_ops', isinstance(config.augment.augmix_all_ops, bool),
+           'true or false')
   chosen = [(key, off) for key, off in AUTOMATIC_AUGMENTATIONS if config.augment[key] != off]
   if len(chosen) > 1:
     (first, first_off), (second, second_off) = chosen[:2]

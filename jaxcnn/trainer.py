@@ -223,6 +223,12 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
                             randaugment_probability=config.augment.randaugment_probability,
                             trivialaugment=config.augment.trivialaugment,
                             autoaugment=config.augment.autoaugment,
+                            augmix=config.augment.augmix,
+                            augmix_severity=config.augment.augmix_severity,
+                            augmix_width=config.augment.augmix_width,
+                            augmix_depth=config.augment.augmix_depth,
+                            augmix_alpha=config.augment.augmix_alpha,
+                            augmix_all_ops=config.augment.augmix_all_ops,
                             # Likewise: a mask, cheap anywhere.
                             cutout=config.augment.cutout,
                             random_erasing=config.augment.random_erasing,

@@ -41,6 +41,8 @@ def run_train(*args, cwd=REPO_ROOT):
      "config key 'augment.random_erasing_mode' must be one of pixel, rand, const, got 'noise'"),
     ('--config.augment.autoaugment=mnist',
      "config key 'augment.autoaugment' must be one of none, imagenet, cifar10, svhn, got 'mnist'"),
+    ('--config.augment.augmix_severity=11',
+     "config key 'augment.augmix_severity' must be an integer from 1 to 10, got 11"),
     ('--config.augment.pad_mode=wrap',
      "config key 'augment.pad_mode' must be one of constant, reflect, got 'wrap'"),
     ('--config.best_metric=test/acc',

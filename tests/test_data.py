@@ -473,7 +473,8 @@ def test_augmentation_of_a_slice_equals_the_slice_of_the_augmented_batch():
   images = jnp.asarray(np.random.default_rng(4).integers(0, 255, (16, 8, 8, 3)), jnp.uint8)
   preprocess = augment.Preprocessor(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=2, flip=True,
                                     inception_crop=True, randaugment_ops=2, trivialaugment=True,
-                                    autoaugment='svhn', cutout=3, random_erasing=0.5)
+                                    autoaugment='svhn', augmix=True, cutout=3,
+                                    random_erasing=0.5)
   key = jax.random.key(9)
   # Compiled (once for the batch, once for a shard): eagerly, each operation compiles on its own.
   augmented = jax.jit(lambda images, first: preprocess(images, key, train=True,

@@ -1,6 +1,7 @@
 """RandAugment, TrivialAugment and AutoAugment: every operation against PIL's, the policies'
 draws, and a run that uses them."""
 
+import functools
 import math
 
 import jax
@@ -98,18 +99,16 @@ def test_each_geometric_operation_is_pils_to_within_one_grey_level(ranges, level
     assert (np.asarray(warped) == FILL).all(-1).any(), name  # Some of the fill came in.
 
 
-# Compiled once: run eagerly, every call would compile (and keep) programs of its own.
-_apply_operation = jax.jit(randaugment.apply_operation)
-
-
-_apply_operation_over = {
-    ranges: jax.jit(lambda *args, ranges=ranges: randaugment.apply_operation(*args, ranges=ranges))
-    for ranges in (randaugment.TRIVIALAUGMENT_WIDE, randaugment.AUTOAUGMENT)}
+@functools.cache
+def _apply_operation_over(ranges: randaugment.Ranges):
+  # Compiled once for each ranges: run eagerly, every call would compile (and keep) programs of
+  # its own.
+  return jax.jit(lambda *args: randaugment.apply_operation(*args, ranges=ranges))
 
 
 def apply(image, name, level, sign=1.0, ranges=randaugment.RANDAUGMENT):
   index = randaugment.OPERATIONS.index(name)
-  apply_operation = _apply_operation_over.get(ranges, _apply_operation)
+  apply_operation = _apply_operation_over(ranges)
   return np.asarray(apply_operation(jnp.asarray(image, jnp.float32), index, level, sign,
                                     jnp.asarray(FILL, jnp.float32)))
 
@@ -336,6 +335,87 @@ def test_autoaugment_draws_a_sub_policy_for_each_image_and_applies_each_operatio
   assert (np.abs(np.asarray(augmented) - np.asarray(images)).max(axis=(1, 2, 3)) > 0).mean() > 0.75
 
 
+def test_augmixs_levels_are_torchvisions_augmix_bins_of_pils_operations():
+  """torchvision's AugMix at bin b of 10: posterize to 4 - round(4 b/9) bits, translations of
+  b/9 of a third of the side."""
+  image = structured_image()
+  pil = as_pil(image)
+  affine = lambda data: pil.transform(pil.size, Image.AFFINE, data, resample=Image.BILINEAR,
+                                      fillcolor=FILL)
+  cases = [('posterize', 0, 1.0, ImageOps.posterize(pil, 4)),
+           ('posterize', 2, 1.0, ImageOps.posterize(pil, 3)),  # round(0.89) = 1 bit fewer.
+           ('posterize', 9, 1.0, None),  # No bit kept: black (PIL posterizes to 1 bit at least).
+           ('translate_x', 9, -1.0, affine((1, 0, -image.shape[1] / 3, 0, 1, 0))),
+           ('solarize', 2, 1.0, ImageOps.solarize(pil, 255 * 7 / 9))]
+  for name, bin_, sign, reference in cases:
+    level = bin_ / (randaugment.AUGMIX_BINS - 1)
+    expected = np.zeros(image.shape) if reference is None else from_pil(reference, 3)
+    assert_within_one_level(apply(image, name, level, sign, randaugment.AUGMIX), expected)
+
+
+def test_augmix_draws_torchvisions_chains_and_mixing_weights():
+  keys = jax.random.split(jax.random.key(0), 20_000)
+  draw = jax.jit(jax.vmap(randaugment.draw_augmix, (0, None, None, None, None, None)),
+                 static_argnums=(1, 2, 3, 4, 5))
+  drawn = draw(keys, 3, 3, -1, 1.0, False)
+  operations, levels, active = map(np.asarray, (drawn.operations, drawn.levels, drawn.active))
+  assert operations.shape == levels.shape == active.shape == (20_000, 3, 3)
+  names = [randaugment.OPERATIONS[i] for i in np.unique(operations)]
+  assert sorted(names) == sorted(randaugment.AUGMIX_OPERATIONS)  # The paper's nine, no others.
+  counts = np.bincount(operations.ravel())[np.unique(operations)]
+  assert np.abs(counts / operations.size * 9 - 1).max() < 0.05, counts
+  # Severity 3: bins 0, 1 and 2 of 10, equally often.
+  np.testing.assert_allclose(np.unique(levels), [0, 1 / 9, 2 / 9])
+  assert np.abs(np.bincount(np.round(levels.ravel() * 9).astype(int)) / levels.size * 3 - 1
+                ).max() < 0.05
+  # Depth -1: each chain's first 1, 2 or 3 operations, each depth as often.
+  depths = active.sum(axis=-1)
+  assert (active == (np.arange(3) < depths[..., None])).all()
+  assert np.abs(np.bincount(depths.ravel())[1:] / depths.size * 3 - 1).max() < 0.05
+  # Beta(1, 1) for the original, the rest Dirichlet-split between the chains: all sum to 1.
+  original, chains = np.asarray(drawn.original_weight), np.asarray(drawn.chain_weights)
+  np.testing.assert_allclose(original + chains.sum(-1), 1.0, rtol=1e-5)
+  assert abs(original.mean() - 0.5) < 0.01 and abs(original.std() - 12 ** -0.5) < 0.01
+  np.testing.assert_allclose(chains.mean(0), 1 / 6, atol=0.01)
+  signs = np.asarray(drawn.signs)
+  assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.mean()) < 0.02
+  # all_ops adds the four enhancements; a fixed depth applies every step of it.
+  drawn = draw(keys[:2000], 10, 2, 4, 1.0, True)
+  names = {randaugment.OPERATIONS[i] for i in np.unique(np.asarray(drawn.operations))}
+  assert names == set(randaugment.AUGMIX_ALL_OPERATIONS)
+  assert drawn.active.shape == (2000, 2, 4) and np.asarray(drawn.active).all()
+  assert np.asarray(drawn.levels).max() == 1.0  # Severity 10 reaches the top bin.
+
+
+def test_augmix_mixes_each_image_with_its_own_chains():
+  images = jnp.asarray(np.random.default_rng(5).integers(0, 256, (32, 9, 8, 3)), jnp.uint8)
+  keys = augment.example_keys(jax.random.key(6), 32)
+
+  @jax.jit
+  def both(images, keys):
+    def reference(image, key):
+      drawn = randaugment.draw_augmix(key, 4, 2, -1, 0.5, True)
+      mix = drawn.original_weight * image
+      for chain in range(2):
+        chained = image
+        for step in range(3):
+          augmented = randaugment.apply_operation(
+              chained, drawn.operations[chain, step], drawn.levels[chain, step],
+              drawn.signs[chain, step], jnp.asarray(FILL, jnp.float32), randaugment.AUGMIX)
+          chained = jnp.where(drawn.active[chain, step], augmented, chained)
+        mix = mix + drawn.chain_weights[chain] * chained
+      return jnp.clip(mix, 0, 255)
+    expected = jax.vmap(reference)(images.astype(jnp.float32), keys)
+    return randaugment.augmix(images, keys, FILL, 4, 2, -1, 0.5, True), expected
+
+  mixed, expected = both(images, keys)
+  np.testing.assert_allclose(mixed, expected, atol=1e-3)
+  mixed = np.asarray(mixed)
+  assert (np.abs(mixed - np.asarray(images)).max(axis=(1, 2, 3)) > 0).all()
+  with pytest.raises(ValueError, match='AugMix severity must be an integer from 1 to 10, got 0'):
+    randaugment.augmix(images, keys, FILL, severity=0)
+
+
 def test_the_preprocessor_applies_it_after_the_crops_and_flips_from_a_stream_of_its_own():
   images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (6, 10, 9, 3)), jnp.uint8)
   crops = dict(mean=(120.0, 110.0, 100.0), std=(50.0,) * 3, crop_padding=2, flip=True)
@@ -425,6 +505,19 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
   with pytest.raises(ConfigError, match="config key 'augment.autoaugment' must be one of none, "
                                         "imagenet, cifar10, svhn, got 'mnist'$"):
     trainer.train_and_evaluate(config, str(tmp_path / 'mnist'))
+  config.augment.autoaugment = 'none'
+  config.augment.augmix = True
+  config.augment.trivialaugment = True
+  with pytest.raises(ConfigError, match="config keys 'augment.trivialaugment' \\(True\\) and "
+                                        "'augment.augmix' \\(True\\) both ask for an automatic "
+                                        'augmentation; choose one \\(trivialaugment=false or '
+                                        'augmix=false\\)$'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'both'))
+  config.augment.trivialaugment = False
+  config.augment.augmix_depth = 0
+  with pytest.raises(ConfigError, match="config key 'augment.augmix_depth' must be an integer >= "
+                                        '1, or -1 for 1 to 3 operations at random, got 0$'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'depth'))
   four_channels.augment.trivialaugment = False
   four_channels.augment.autoaugment = 'imagenet'
   with pytest.raises(ConfigError, match="'augment.autoaugment' \\(imagenet\\) is for images of 1 "

@@ -383,7 +383,9 @@ def test_test_time_augmentation_is_evaluated_beside_the_plain_accuracy_and_ranks
          cutout=5, random_erasing=0.25, random_erasing_mode='rand'),
     dict(trivialaugment=True, random_erasing=0.1),
     dict(autoaugment='svhn', cutout=4),
-], ids=['randaugment', 'trivialaugment', 'autoaugment'])
+    dict(augmix=True, augmix_severity=5, augmix_width=2, augmix_depth=2, augmix_alpha=0.5,
+         augmix_all_ops=True),
+], ids=['randaugment', 'trivialaugment', 'autoaugment', 'augmix'])
 def test_every_augmentation_key_reaches_the_devices_preprocessor(augmentation):
   config = tiny_config(dtype='bfloat16', **{f'augment.{k}': v for k, v in augmentation.items()})
   experiment, _ = trainer.build_experiment(

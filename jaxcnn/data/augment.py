@@ -140,13 +140,15 @@ def random_erasing(images: jax.Array, keys: jax.Array, probability: float, mode:
   return jax.vmap(erase)(images, keys)
 
 
-# Cutout, RandAugment, Random Erasing, TrivialAugment and AutoAugment draw from streams of their
-# own of the step's augmentation key, so that turning one on leaves what the others draw as it was.
+# Cutout, RandAugment, Random Erasing, TrivialAugment, AutoAugment and AugMix draw from streams of
+# their own of the step's augmentation key, so that turning one on leaves what the others draw as
+# it was.
 _CUTOUT_STREAM = 3
 _RANDAUGMENT_STREAM = 4
 _RANDOM_ERASING_STREAM = 5
 _TRIVIALAUGMENT_STREAM = 6
 _AUTOAUGMENT_STREAM = 7
+_AUGMIX_STREAM = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,12 @@ class Preprocessor:
     trivialaugment: TrivialAugmentWide (`randaugment.trivial_augment`) in RandAugment's place.
     autoaugment: the AutoAugment policy (`randaugment.auto_augment`) in RandAugment's place:
       'imagenet', 'cifar10' or 'svhn'; 'none' disables it.
+    augmix: AugMix (`randaugment.augmix`) in RandAugment's place, with the next five settings:
+    augmix_severity: its operations' levels come from this many of the lowest of 10 bins;
+    augmix_width: the chains of operations mixed with each image;
+    augmix_depth: the operations in each chain (-1: 1 to 3 at random);
+    augmix_alpha: the concentration of the Beta and Dirichlet mixing weights;
+    augmix_all_ops: whether its chains draw the four enhancements too.
     cutout: side of the square that Cutout erases from each normalised training image, after
       the other augmentations; 0 disables it.
     random_erasing: the probability with which Random Erasing (`random_erasing`) erases a box
@@ -188,6 +196,12 @@ class Preprocessor:
   randaugment_probability: float = 1.0
   trivialaugment: bool = False
   autoaugment: str = 'none'
+  augmix: bool = False
+  augmix_severity: int = 3
+  augmix_width: int = 3
+  augmix_depth: int = -1
+  augmix_alpha: float = 1.0
+  augmix_all_ops: bool = False
   cutout: int = 0
   random_erasing: float = 0.0
   random_erasing_mode: str = 'pixel'
@@ -220,6 +234,11 @@ class Preprocessor:
     if train and self.autoaugment != 'none':
       images = randaugment.auto_augment(images, stream_keys(_AUTOAUGMENT_STREAM), self.autoaugment,
                                         fill=self.mean)
+    if train and self.augmix:
+      images = randaugment.augmix(images, stream_keys(_AUGMIX_STREAM), fill=self.mean,
+                                  severity=self.augmix_severity, width=self.augmix_width,
+                                  depth=self.augmix_depth, alpha=self.augmix_alpha,
+                                  all_ops=self.augmix_all_ops)
     images = self.normalize(images)
     if train and self.cutout:
       images = cutout(images, stream_keys(_CUTOUT_STREAM), self.cutout)

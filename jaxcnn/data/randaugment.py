@@ -1,5 +1,5 @@
-"""RandAugment (Cubuk et al. 2020), TrivialAugment (Muller & Hutter 2021) and AutoAugment (Cubuk et
-al. 2019) on the device, under `jit`.
+"""RandAugment (Cubuk et al. 2020), TrivialAugment (Muller & Hutter 2021), AutoAugment (Cubuk et
+al. 2019) and AugMix (Hendrycks et al. 2020) on the device, under `jit`.
 
 Each training image goes through `num_ops` operations, each drawn uniformly (with replacement)
 from the paper's fourteen, all at one magnitude: identity, auto-contrast, equalize, rotate,
@@ -48,6 +48,14 @@ torchvision gives them; they add a fifteenth operation, invert. Geometric operat
 bilinearly and fill with the mean here too (torchvision's defaults: the nearest pixel and black),
 and translate by fractions of a pixel where torchvision rounds toward zero.
 
+AugMix (`augmix`) mixes each image with `width` (3) chains of 1 to 3 operations drawn from the
+paper's nine (auto-contrast, equalize, posterize, solarize and the five geometric ones; with
+`all_ops` the four enhancements too) at a level drawn from the `severity` (3) lowest of 10 bins
+of torchvision's AugMix ranges (`AUGMIX`: as AutoAugment's, but translations up to a third of
+the side and posterizing to 4 bits at level 0 and to none at 1), with Beta and Dirichlet weights.
+The Jensen-Shannon consistency loss of the paper, which needs three views of each image in a
+batch, is not part of it, as it is not of torchvision's transform.
+
 Under `vmap` a drawn operation is a select over all of them, so each layer computes the ten
 pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
 """
@@ -55,6 +63,7 @@ pixel operations and one bilinear warp (the five geometric ones differ only in t
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +87,9 @@ class Ranges:
     translate_pixels: ...plus this many pixels.
     enhance: change of the enhancement factor at level 1 (factor 1 +- enhance).
     posterize_bits: bits that posterize drops at level 1...
-    posterize_round: ...at level l, round(bits * l) of them; else int(bits * l).
+    posterize_round: ...at level l, round(bits * l) of them; else int(bits * l)...
     solarize_top: the threshold at level 0, down to 0 at level 1.
+    posterize_kept: ...of the bits that it keeps at level 0.
   """
   rotate: float
   shear: float
@@ -89,6 +99,7 @@ class Ranges:
   posterize_bits: int
   posterize_round: bool
   solarize_top: float
+  posterize_kept: int = 8
 
 
 # timm's RandAugment ('inc1' variants) and torchvision's TrivialAugmentWide.
@@ -99,6 +110,10 @@ TRIVIALAUGMENT_WIDE = Ranges(rotate=135.0, shear=0.99, translate_fraction=0.0,
                              posterize_round=True, solarize_top=255.0)
 AUTOAUGMENT = Ranges(rotate=30.0, shear=0.3, translate_fraction=150 / 331, translate_pixels=0.0,
                      enhance=0.9, posterize_bits=4, posterize_round=True, solarize_top=255.0)
+# torchvision's AugMix: posterize keeps 4 bits at level 0 and none at level 1.
+AUGMIX = Ranges(rotate=30.0, shear=0.3, translate_fraction=1 / 3, translate_pixels=0.0,
+                enhance=0.9, posterize_bits=4, posterize_round=True, solarize_top=255.0,
+                posterize_kept=4)
 
 
 # ---------------------------------------------------------------- Pixel operations
@@ -239,6 +254,10 @@ OPERATIONS = PIXEL_OPERATIONS + GEOMETRIC_OPERATIONS  # `apply_operation`'s indi
 # The fourteen that RandAugment and TrivialAugment draw from: all but invert, which only
 # AutoAugment's policies use.
 RANDAUGMENT_OPERATIONS = tuple(name for name in OPERATIONS if name != 'invert')
+# AugMix's: the paper's nine, none of which ImageNet-C's corruptions repeat, and with `all_ops`
+# the four enhancements besides (torchvision's option).
+AUGMIX_OPERATIONS = ('auto_contrast', 'equalize', 'posterize', 'solarize', *GEOMETRIC_OPERATIONS)
+AUGMIX_ALL_OPERATIONS = AUGMIX_OPERATIONS + ('brightness', 'color', 'contrast', 'sharpness')
 
 
 def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
@@ -254,7 +273,7 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
       equalize,
       lambda x: solarize(x, ranges.solarize_top * (1.0 - level)),
       lambda x: color(x, factor),
-      lambda x: posterize(x, 8 - dropped_bits),
+      lambda x: posterize(x, ranges.posterize_kept - dropped_bits),
       lambda x: contrast(x, factor),
       lambda x: brightness(x, factor),
       lambda x: sharpness(x, factor),
@@ -508,5 +527,88 @@ def auto_augment(images: jax.Array, keys: jax.Array, policy: str,
     drawn = (table.operations[sub_policy], table.levels[sub_policy], signs, applied)
     # A scan over the sub-policy's operations: one operation's program, not two.
     return jax.lax.scan(operation, image, drawn)[0]
+
+  return jax.vmap(augment)(images.astype(jnp.float32), keys)
+
+
+# ---------------------------------------------------------------- AugMix
+
+AUGMIX_BINS = 10  # Its magnitude bins; `severity` draws from the lowest ones.
+AUGMIX_MAX_RANDOM_DEPTH = 3  # A chain of depth -1 holds 1 to 3 operations.
+
+
+class AugMixDraw(NamedTuple):
+  """AugMix's draw for one image: each chain's operations (indices in `OPERATIONS`), their levels
+  and signs and which of them are applied ([chain, step], `active` False past the chain's
+  depth), and the weights of the original image and of each chain (summing to 1)."""
+  operations: jax.Array
+  levels: jax.Array
+  signs: jax.Array
+  active: jax.Array
+  original_weight: jax.Array
+  chain_weights: jax.Array
+
+
+def draw_augmix(key: jax.Array, severity: int = 3, width: int = 3, depth: int = -1,
+                alpha: float = 1.0, all_ops: bool = False) -> AugMixDraw:
+  """AugMix's draw for one image from its `key`, as torchvision's `AugMix`: `width` chains of
+  `depth` operations (1 to 3, uniformly, for -1), each uniform over `AUGMIX_OPERATIONS` (or
+  `AUGMIX_ALL_OPERATIONS`) at a bin uniform over the `severity` lowest of 10, with a random sign;
+  the original's weight m ~ Beta(alpha, alpha) and the chains' (1 - m) Dirichlet(alpha, ...)."""
+  names = AUGMIX_ALL_OPERATIONS if all_ops else AUGMIX_OPERATIONS
+  steps = depth if depth > 0 else AUGMIX_MAX_RANDOM_DEPTH
+  (choice_key, bin_key, sign_key, depth_key, beta_key,
+   dirichlet_key) = jax.random.split(key, 6)
+  indices = jnp.asarray([OPERATIONS.index(name) for name in names])
+  operations = indices[jax.random.randint(choice_key, (width, steps), 0, len(names))]
+  levels = jax.random.randint(bin_key, (width, steps), 0, severity) / (AUGMIX_BINS - 1)
+  if depth > 0:
+    active = jnp.ones((width, steps), bool)
+  else:
+    depths = jax.random.randint(depth_key, (width, 1), 1, AUGMIX_MAX_RANDOM_DEPTH + 1)
+    active = jnp.arange(steps) < depths
+  original_weight = jax.random.beta(beta_key, alpha, alpha)
+  chain_weights = (1 - original_weight) * jax.random.dirichlet(dirichlet_key,
+                                                               jnp.full((width,), alpha))
+  return AugMixDraw(operations, levels, _draw_sign(sign_key, (width, steps)), active,
+                    original_weight, chain_weights)
+
+
+def augmix(images: jax.Array, keys: jax.Array, fill: Sequence[float], severity: int = 3,
+           width: int = 3, depth: int = -1, alpha: float = 1.0,
+           all_ops: bool = False) -> jax.Array:
+  """AugMix (Hendrycks et al. 2020) of an NHWC batch (uint8, or floats in [0, 255]), without its
+  Jensen-Shannon consistency loss, as torchvision's `AugMix`: each image is the mix, with weights
+  drawn by `draw_augmix` from its key in `keys`, of itself and of `width` chains of operations
+  over `AUGMIX`'s ranges (`severity` 1 to 10). Geometric operations fill with `fill`, one value
+  per channel in [0, 255] (the training images' mean). Returns float32 pixels in [0, 255]."""
+  if not 1 <= severity <= AUGMIX_BINS:
+    raise ValueError(f'AugMix severity must be an integer from 1 to {AUGMIX_BINS}, got {severity}')
+  if not width >= 1:
+    raise ValueError(f'AugMix width must be an integer >= 1, got {width}')
+  if not (depth == -1 or depth >= 1):
+    raise ValueError(f'AugMix depth must be -1 (1 to 3 at random) or an integer >= 1, got {depth}')
+  if not alpha > 0:
+    raise ValueError(f'AugMix alpha must be a number > 0, got {alpha}')
+  fill = _fill_per_channel(images, fill)
+
+  def augment(image, key):
+    drawn = draw_augmix(key, severity, width, depth, alpha, all_ops)
+
+    def step(chain_image, operation):
+      index, level, sign, active = operation
+      augmented = apply_operation(chain_image, index, level, sign, fill, AUGMIX)
+      return jnp.where(active, augmented, chain_image), None
+
+    def chain(mix, operations):
+      weight, *steps = operations
+      chained = jax.lax.scan(step, image, tuple(steps))[0]
+      return mix + weight * chained, None
+
+    # Scans over the chains and their steps: the program holds one operation's, not width x depth.
+    mix = jax.lax.scan(chain, drawn.original_weight * image,
+                       (drawn.chain_weights, drawn.operations, drawn.levels, drawn.signs,
+                        drawn.active))[0]
+    return jnp.clip(mix, 0.0, 255.0)  # A convex mix, but for rounding.
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
