@@ -3,6 +3,7 @@ draws, and a run that uses them."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -464,62 +465,43 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
   # The run's config.json gives the uniform magnitude (inf) back.
   recorded = config_from_json(str(tmp_path / 'run' / 'config.json'))
   assert recorded.augment.randaugment_magnitude_std == math.inf
-  four_channels = tiny_config(dataset='synthetic', num_train_steps=4,
-                              **{'augment.randaugment_ops': 1})
-  four_channels.synthetic.image_shape = (8, 8, 4)
-  with pytest.raises(ConfigError, match="'augment.randaugment_ops' \\(1\\) is for images of 1 or "
-                                        '3 channels, and these have 4'):
-    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
-  four_channels.augment.randaugment_ops = 0
-  four_channels.augment.trivialaugment = True
-  with pytest.raises(ConfigError, match="'augment.trivialaugment' \\(True\\) is for images of 1 "
-                                        'or 3 channels, and these have 4.*set it to False'):
-    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
+  # Each automatic augmentation on images of 4 channels: one line, before the run writes.
+  for key, value, off in (('randaugment_ops', 1, 0), ('trivialaugment', True, False),
+                          ('autoaugment', 'imagenet', 'none'), ('augmix', True, False)):
+    four_channels = tiny_config(dataset='synthetic', num_train_steps=4,
+                                **{f'augment.{key}': value})
+    four_channels.synthetic.image_shape = (8, 8, 4)
+    with pytest.raises(ConfigError, match=re.escape(
+        f"config key 'augment.{key}' ({value}) is for images of 1 or 3 channels, and these have "
+        f'4: its colour operations are defined on grey and RGB images; set it to {off}') + '$'):
+      trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
   assert not (tmp_path / 'four').exists() or not list((tmp_path / 'four').iterdir())
-  config.augment.randaugment_magnitude = 11.0
-  with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude' must be a "
-                                        'number from 0 to 10, got 11.0'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'eleven'))
-  config.augment.randaugment_magnitude = 9.0
-  config.augment.randaugment_magnitude_std = -0.5
-  with pytest.raises(ConfigError, match="config key 'augment.randaugment_magnitude_std' must be "
-                                        'a number >= 0 \\(inf draws the magnitude uniformly '
-                                        'from 0\\), got -0.5'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'negative'))
-  config.augment.randaugment_magnitude_std = 0.0
-  config.augment.trivialaugment = True
-  with pytest.raises(ConfigError, match="config keys 'augment.randaugment_ops' \\(2\\) and "
-                                        "'augment.trivialaugment' \\(True\\) both ask for an "
-                                        'automatic augmentation; choose one \\(randaugment_ops=0 '
-                                        'or trivialaugment=false\\)$'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'both'))
-  config.augment.trivialaugment = False
-  config.augment.autoaugment = 'svhn'
-  with pytest.raises(ConfigError, match="config keys 'augment.randaugment_ops' \\(2\\) and "
-                                        "'augment.autoaugment' \\(svhn\\) both ask for an "
-                                        'automatic augmentation; choose one \\(randaugment_ops=0 '
-                                        'or autoaugment=none\\)$'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'both'))
-  config.augment.randaugment_ops = 0
-  config.augment.autoaugment = 'mnist'
-  with pytest.raises(ConfigError, match="config key 'augment.autoaugment' must be one of none, "
-                                        "imagenet, cifar10, svhn, got 'mnist'$"):
-    trainer.train_and_evaluate(config, str(tmp_path / 'mnist'))
-  config.augment.autoaugment = 'none'
-  config.augment.augmix = True
-  config.augment.trivialaugment = True
-  with pytest.raises(ConfigError, match="config keys 'augment.trivialaugment' \\(True\\) and "
-                                        "'augment.augmix' \\(True\\) both ask for an automatic "
-                                        'augmentation; choose one \\(trivialaugment=false or '
-                                        'augmix=false\\)$'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'both'))
-  config.augment.trivialaugment = False
-  config.augment.augmix_depth = 0
-  with pytest.raises(ConfigError, match="config key 'augment.augmix_depth' must be an integer >= "
-                                        '1, or -1 for 1 to 3 operations at random, got 0$'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'depth'))
-  four_channels.augment.trivialaugment = False
-  four_channels.augment.autoaugment = 'imagenet'
-  with pytest.raises(ConfigError, match="'augment.autoaugment' \\(imagenet\\) is for images of 1 "
-                                        'or 3 channels, and these have 4.*set it to none'):
-    trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
+  # Each mistake in the run's config on its own, likewise.
+  mistakes = [
+      ({'randaugment_magnitude': 11.0},
+       "config key 'augment.randaugment_magnitude' must be a number from 0 to 10, got 11.0"),
+      ({'randaugment_magnitude_std': -0.5},
+       "config key 'augment.randaugment_magnitude_std' must be a number >= 0 (inf draws the "
+       'magnitude uniformly from 0), got -0.5'),
+      ({'trivialaugment': True},
+       "config keys 'augment.randaugment_ops' (2) and 'augment.trivialaugment' (True) both ask "
+       'for an automatic augmentation; choose one (randaugment_ops=0 or trivialaugment=false)'),
+      ({'autoaugment': 'svhn'},
+       "config keys 'augment.randaugment_ops' (2) and 'augment.autoaugment' (svhn) both ask for "
+       'an automatic augmentation; choose one (randaugment_ops=0 or autoaugment=none)'),
+      ({'randaugment_ops': 0, 'autoaugment': 'mnist'},
+       "config key 'augment.autoaugment' must be one of none, imagenet, cifar10, svhn, got "
+       "'mnist'"),
+      ({'randaugment_ops': 0, 'trivialaugment': True, 'augmix': True},
+       "config keys 'augment.trivialaugment' (True) and 'augment.augmix' (True) both ask for an "
+       'automatic augmentation; choose one (trivialaugment=false or augmix=false)'),
+      ({'randaugment_ops': 0, 'augmix': True, 'augmix_depth': 0},
+       "config key 'augment.augmix_depth' must be an integer >= 1, or -1 for 1 to 3 operations "
+       'at random, got 0'),
+  ]
+  for overrides, message in mistakes:
+    mistaken = config.copy_and_resolve_references()
+    mistaken.augment.update(overrides)
+    with pytest.raises(ConfigError, match=re.escape(message) + '$'):
+      trainer.train_and_evaluate(mistaken, str(tmp_path / 'mistaken'))
+  assert not (tmp_path / 'mistaken').exists()
