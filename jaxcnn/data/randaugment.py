@@ -355,8 +355,8 @@ def _fill_per_channel(images: jax.Array, fill: Sequence[float]) -> jax.Array:
   """`fill` as one float32 value per channel of `images`, which must be grey or RGB."""
   channels = images.shape[-1]
   if channels not in CHANNELS:
-    raise ValueError(f'RandAugment, TrivialAugment and AutoAugment take images of 1 or 3 '
-                     f'channels, not {channels}')
+    raise ValueError(f'RandAugment, TrivialAugment, AutoAugment and AugMix take images of 1 or '
+                     f'3 channels, not {channels}')
   return jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (channels,))
 
 
