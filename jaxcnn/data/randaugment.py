@@ -87,9 +87,10 @@ class Ranges:
     translate_pixels: ...plus this many pixels.
     enhance: change of the enhancement factor at level 1 (factor 1 +- enhance).
     posterize_bits: bits that posterize drops at level 1...
-    posterize_round: ...at level l, round(bits * l) of them; else int(bits * l)...
+    posterize_round: ...at level l, round(bits * l) of them; else int(bits * l).
     solarize_top: the threshold at level 0, down to 0 at level 1.
-    posterize_kept: ...of the bits that it keeps at level 0.
+    posterize_kept: the bits that posterize keeps at level 0, from which it drops those above
+      (8 but for AugMix's 4).
   """
   rotate: float
   shear: float
@@ -291,9 +292,14 @@ def apply_operation(image: jax.Array, index, level, sign, fill: jax.Array,
 def _draw_operation(choice_key: jax.Array, sign_key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The index in `OPERATIONS` of one of `RANDAUGMENT_OPERATIONS` (uniform) and a sign (+1 or -1,
   even odds)."""
-  indices = jnp.asarray([OPERATIONS.index(name) for name in RANDAUGMENT_OPERATIONS])
-  index = indices[jax.random.randint(choice_key, (), 0, len(indices))]
-  return index, _draw_sign(sign_key)
+  return _draw_operations(choice_key, RANDAUGMENT_OPERATIONS), _draw_sign(sign_key)
+
+
+def _draw_operations(key: jax.Array, names: Sequence[str],
+                     shape: tuple[int, ...] = ()) -> jax.Array:
+  """Indices in `OPERATIONS` of operations drawn uniformly (with replacement) from `names`."""
+  indices = jnp.asarray([OPERATIONS.index(name) for name in names])
+  return indices[jax.random.randint(key, shape, 0, len(names))]
 
 
 def _draw_sign(key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
@@ -555,12 +561,11 @@ def draw_augmix(key: jax.Array, severity: int = 3, width: int = 3, depth: int = 
   `depth` operations (1 to 3, uniformly, for -1), each uniform over `AUGMIX_OPERATIONS` (or
   `AUGMIX_ALL_OPERATIONS`) at a bin uniform over the `severity` lowest of 10, with a random sign;
   the original's weight m ~ Beta(alpha, alpha) and the chains' (1 - m) Dirichlet(alpha, ...)."""
-  names = AUGMIX_ALL_OPERATIONS if all_ops else AUGMIX_OPERATIONS
   steps = depth if depth > 0 else AUGMIX_MAX_RANDOM_DEPTH
-  (choice_key, bin_key, sign_key, depth_key, beta_key,
-   dirichlet_key) = jax.random.split(key, 6)
-  indices = jnp.asarray([OPERATIONS.index(name) for name in names])
-  operations = indices[jax.random.randint(choice_key, (width, steps), 0, len(names))]
+  choice_key, bin_key, sign_key, depth_key, beta_key, dirichlet_key = jax.random.split(key, 6)
+  operations = _draw_operations(choice_key,
+                                AUGMIX_ALL_OPERATIONS if all_ops else AUGMIX_OPERATIONS,
+                                (width, steps))
   levels = jax.random.randint(bin_key, (width, steps), 0, severity) / (AUGMIX_BINS - 1)
   if depth > 0:
     active = jnp.ones((width, steps), bool)
