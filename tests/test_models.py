@@ -166,6 +166,27 @@ def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel, ke
   np.testing.assert_allclose(grad_module.bias[...], ref_module.bias[...], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize('in_features, padding, kernel', [
+    (1, 'SAME', cpu_conv.shift_and_add_conv),
+    (3, 'VALID', cpu_conv.shift_and_add_conv),
+    (6, ((2, 1), (1, 0)), cpu_conv.col2im_gradient_conv)])
+def test_cpu_kernels_sum_bfloat16_products_in_float32(in_features, padding, kernel):
+  """In bfloat16 the CPU kernels give XLA's convolution to the bit, and an input gradient within
+  one bfloat16 rounding of XLA's: summed in bfloat16, they missed both by several roundings."""
+  make = lambda cls: cls(in_features, 6, (5, 5), padding=padding, dtype=jnp.bfloat16,
+                         rngs=nnx.Rngs(0))
+  conv, reference = make(Conv), make(nnx.Conv)
+  x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))
+  assert conv._cpu_kernel(x) is kernel
+  apply = jax.jit(lambda module, x: module(x))
+  np.testing.assert_array_equal(apply(conv, x), apply(reference, x))
+  loss = lambda module, x: jnp.sum(module(x).astype(jnp.float32) ** 2)
+  input_gradient = jax.jit(jax.grad(loss, argnums=1))
+  grad_x, ref_x = np.asarray(input_gradient(conv, x)), np.asarray(input_gradient(reference, x))
+  bfloat16_rounding = 2.0 ** -8 * np.abs(ref_x).max()
+  assert np.abs(grad_x - ref_x).max() <= bfloat16_rounding
+
+
 def test_computed_once_is_the_identity_and_passes_the_gradient_through():
   y = jax.random.normal(jax.random.key(0), (2, 3, 3, 5))
   value, vjp = jax.vjp(jax.jit(cpu_conv.computed_once), y)
