@@ -449,10 +449,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   chosen = [(key, off) for key, off in AUTOMATIC_AUGMENTATIONS if config.augment[key] != off]
   if len(chosen) > 1:
     (first, first_off), (second, second_off) = chosen[:2]
-    raise ConfigError(f"config keys 'augment.{first}' ({config.augment[first]}) and "
-                      f"'augment.{second}' ({config.augment[second]}) both ask for an automatic "
-                      f'augmentation; choose one ({first}={_off_text(first_off)} or '
-                      f'{second}={_off_text(second_off)})')
+    raise ConfigError(f"config keys 'augment.{first}' ({flag_text(config.augment[first])}) and "
+                      f"'augment.{second}' ({flag_text(config.augment[second])}) both ask for an "
+                      f'automatic augmentation; choose one ({first}={flag_text(first_off)} or '
+                      f'{second}={flag_text(second_off)})')
   _require(config, 'augment.random_erasing',
            _is_number(config.augment.random_erasing) and 0 <= config.augment.random_erasing <= 1,
            'a number from 0 to 1 (the probability of erasing a box of each image)')
@@ -506,8 +506,9 @@ def _positive_int(config, key: str) -> None:
   _require(config, key, _is_int(config[key]) and config[key] > 0, 'a positive integer')
 
 
-def _off_text(value) -> str:
-  """A config value as a command line would set it: false, not Python's False."""
+def flag_text(value) -> str:
+  """A config value as a command line sets it (`--config.augment.augmix=false`): false, not
+  Python's False."""
   return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -137,9 +137,11 @@ def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
   if image_shape[-1] not in randaugment.CHANNELS:
     for key, off in config_lib.AUTOMATIC_AUGMENTATIONS:
       if config.augment[key] != off:
-        raise ConfigError(f"config key 'augment.{key}' ({config.augment[key]}) is for images of 1 "
-                          f'or 3 channels, and these have {image_shape[-1]}: its colour '
-                          f'operations are defined on grey and RGB images; set it to {off}')
+        value = config_lib.flag_text(config.augment[key])
+        raise ConfigError(f"config key 'augment.{key}' ({value}) is for images of 1 or 3 "
+                          f'channels, and these have {image_shape[-1]}: its colour operations '
+                          f'are defined on grey and RGB images; set it to '
+                          f'{config_lib.flag_text(off)}')
   if config.augment.crop_padding >= side:  # Some crops would be padding alone.
     raise ConfigError(f"config key 'augment.crop_padding' ({config.augment.crop_padding}) is not "
                       f'less than the side of the {size} images, so some crops would hold none '

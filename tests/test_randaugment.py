@@ -466,13 +466,15 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
   recorded = config_from_json(str(tmp_path / 'run' / 'config.json'))
   assert recorded.augment.randaugment_magnitude_std == math.inf
   # Each automatic augmentation on images of 4 channels: one line, before the run writes.
-  for key, value, off in (('randaugment_ops', 1, 0), ('trivialaugment', True, False),
-                          ('autoaugment', 'imagenet', 'none'), ('augmix', True, False)):
+  for key, value, text, off in (('randaugment_ops', 1, 1, 0),
+                                ('trivialaugment', True, 'true', 'false'),
+                                ('autoaugment', 'imagenet', 'imagenet', 'none'),
+                                ('augmix', True, 'true', 'false')):
     four_channels = tiny_config(dataset='synthetic', num_train_steps=4,
                                 **{f'augment.{key}': value})
     four_channels.synthetic.image_shape = (8, 8, 4)
     with pytest.raises(ConfigError, match=re.escape(
-        f"config key 'augment.{key}' ({value}) is for images of 1 or 3 channels, and these have "
+        f"config key 'augment.{key}' ({text}) is for images of 1 or 3 channels, and these have "
         f'4: its colour operations are defined on grey and RGB images; set it to {off}') + '$'):
       trainer.train_and_evaluate(four_channels, str(tmp_path / 'four'))
   assert not (tmp_path / 'four').exists() or not list((tmp_path / 'four').iterdir())
@@ -484,7 +486,7 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
        "config key 'augment.randaugment_magnitude_std' must be a number >= 0 (inf draws the "
        'magnitude uniformly from 0), got -0.5'),
       ({'trivialaugment': True},
-       "config keys 'augment.randaugment_ops' (2) and 'augment.trivialaugment' (True) both ask "
+       "config keys 'augment.randaugment_ops' (2) and 'augment.trivialaugment' (true) both ask "
        'for an automatic augmentation; choose one (randaugment_ops=0 or trivialaugment=false)'),
       ({'autoaugment': 'svhn'},
        "config keys 'augment.randaugment_ops' (2) and 'augment.autoaugment' (svhn) both ask for "
@@ -493,7 +495,7 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
        "config key 'augment.autoaugment' must be one of none, imagenet, cifar10, svhn, got "
        "'mnist'"),
       ({'randaugment_ops': 0, 'trivialaugment': True, 'augmix': True},
-       "config keys 'augment.trivialaugment' (True) and 'augment.augmix' (True) both ask for an "
+       "config keys 'augment.trivialaugment' (true) and 'augment.augmix' (true) both ask for an "
        'automatic augmentation; choose one (trivialaugment=false or augmix=false)'),
       ({'randaugment_ops': 0, 'augmix': True, 'augmix_depth': 0},
        "config key 'augment.augmix_depth' must be an integer >= 1, or -1 for 1 to 3 operations "
