@@ -68,16 +68,18 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.trivialaugment = False
   # AutoAugment: the paper's policy learned on 'imagenet', 'cifar10' or 'svhn' (digits); 'none'.
   config.augment.autoaugment = 'none'
-  # AugMix (torchvision's, without the paper's consistency loss): each image mixed with `width`
-  # chains of `depth` operations (-1: 1 to 3 at random), at levels from the `severity` lowest of
-  # 10 bins, with Beta(alpha, alpha) and Dirichlet(alpha) weights; `all_ops` adds the brightness,
-  # colour, contrast and sharpness operations to the paper's nine.
+  # AugMix (torchvision's): each image mixed with `width` chains of `depth` operations (-1: 1 to
+  # 3 at random), at levels from the `severity` lowest of 10 bins, with Beta(alpha, alpha) and
+  # Dirichlet(alpha) weights; `all_ops` adds the brightness, colour, contrast and sharpness
+  # operations to the paper's nine. `jsd_weight` > 0 adds the paper's Jensen-Shannon consistency
+  # loss at that weight (12 in the paper), training on the image and two AugMix views of it.
   config.augment.augmix = False
   config.augment.augmix_severity = 3
   config.augment.augmix_width = 3
   config.augment.augmix_depth = -1
   config.augment.augmix_alpha = 1.0
   config.augment.augmix_all_ops = False
+  config.augment.augmix_jsd_weight = 0.0
   config.augment.cutout = 0  # Cutout: a square of this side erased from each image; 0: off.
   # Random Erasing: the probability of erasing a random box of each image (timm's reprob; 0.25
   # in DeiT's recipe); 0: off. What fills the box: 'pixel', 'rand' or 'const' (timm's remode).
@@ -453,6 +455,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"'augment.{second}' ({flag_text(config.augment[second])}) both ask for an "
                       f'automatic augmentation; choose one ({first}={flag_text(first_off)} or '
                       f'{second}={flag_text(second_off)})')
+  jsd_weight = config.augment.augmix_jsd_weight
+  _require(config, 'augment.augmix_jsd_weight', _is_number(jsd_weight) and jsd_weight >= 0,
+           'a number >= 0 (12 in the AugMix paper; 0: off)')
+  if jsd_weight and not config.augment.augmix:
+    raise ConfigError(f"config key 'augment.augmix_jsd_weight' ({jsd_weight}) weighs AugMix's "
+                      'consistency loss, and AugMix is off; set augment.augmix=true, or '
+                      'augmix_jsd_weight=0')
+  mixing = [key for key in ('mixup_alpha', 'cutmix_alpha') if config.augment[key]]
+  if jsd_weight and mixing:
+    raise ConfigError(f"config key 'augment.augmix_jsd_weight' ({jsd_weight}) compares three "
+                      f"views of each image, which 'augment.{mixing[0]}' "
+                      f'({config.augment[mixing[0]]}) would mix with other images; set '
+                      f'{" and ".join(f"{key}=0" for key in mixing)}, or augmix_jsd_weight=0')
   _require(config, 'augment.random_erasing',
            _is_number(config.augment.random_erasing) and 0 <= config.augment.random_erasing <= 1,
            'a number from 0 to 1 (the probability of erasing a box of each image)')

@@ -37,6 +37,10 @@ class StepOptions:
     cutmix_alpha: Beta(alpha, alpha) weight of CutMix (0: off).
     frozen: the regular expression of the parameters that never move ('': none), whose
       gradients are then neither computed nor counted in the gradient's norm.
+    augmix_jsd_weight: weight of AugMix's Jensen-Shannon consistency loss (`jensen_shannon`;
+      0: off). When on, each image is trained on as three views (`Preprocessor.augmix_views`),
+      the cross-entropy and the accuracy are the clean view's, and the preprocessor must have
+      AugMix on and the step no Mixup nor CutMix.
   """
   num_classes: int
   label_smoothing: float = 0.0
@@ -45,6 +49,7 @@ class StepOptions:
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   frozen: str = ''
+  augmix_jsd_weight: float = 0.0
 
 
 def init_train_sums() -> dict[str, np.ndarray]:
@@ -97,6 +102,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                                      one_hot_targets(labels, num_classes, label_smoothing))
 
 
+def jensen_shannon(logits: jax.Array) -> jax.Array:
+  """The Jensen-Shannon divergence among the predictions of several views of each example, as
+  AugMix's consistency loss (Hendrycks et al. 2020) computes it: `logits` is (batch, views,
+  classes); the mean over views of KL(p_view || M), M the views' mean prediction (clipped below
+  at 1e-7 as the paper's code clips it), averaged over the batch. 0 where every view predicts
+  the same; at most log(views)."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  p = jnp.exp(log_p)
+  log_mixture = jnp.log(jnp.clip(jnp.mean(p, axis=1, keepdims=True), 1e-7, 1.0))
+  return jnp.mean(jnp.sum(p * (log_p - log_mixture), axis=-1))
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """The average's decay at `step`: ramped up early (as TF's ExponentialMovingAverage with
   num_updates), so the first weights do not dominate it."""
@@ -120,6 +137,9 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   The micro-batches run one after another in a `lax.scan`, or unrolled where
   `unroll_micro_batches` (default: on the CPU backend only); both compute the same step.
   """
+  if options.augmix_jsd_weight and (options.mixup_alpha or options.cutmix_alpha):
+    raise ValueError('AugMix\'s consistency loss compares views of the same image; it does not '
+                     'take Mixup or CutMix (mixup_alpha and cutmix_alpha must be 0)')
   num_micro = options.grad_accum_steps
   if unroll_micro_batches is None:
     # XLA:CPU runs a rolled loop's body several times slower than the same code unrolled (as for
@@ -143,8 +163,17 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     def loss_fn(params):
       model = model_def.merge(params, model_state)
       model_def.reseed(model, model_key)
-      logits = model(inputs)
+      if options.augmix_jsd_weight:
+        # inputs: (batch, views, ...), run as one batch with each example's views adjacent, so
+        # that a batch sharded over devices stays sharded as it was.
+        view_logits = model(inputs.reshape(-1, *inputs.shape[2:])).reshape(
+            *inputs.shape[:2], -1)
+        logits = view_logits[:, 0]  # The clean view's.
+      else:
+        logits = model(inputs)
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+      if options.augmix_jsd_weight:
+        loss += options.augmix_jsd_weight * jensen_shannon(view_logits)
       return loss, (logits, model_def.split_state(model)[1])
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -170,7 +199,10 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     exception: each device draws its own masks.
     """
     augment_key, model_key, mix_key = jax.random.split(rng.step_key(seed, state.step), 3)
-    inputs = preprocess(batch['image'], augment_key, train=True, first_example=first_example)
+    if options.augmix_jsd_weight:
+      inputs = preprocess.augmix_views(batch['image'], augment_key, first_example=first_example)
+    else:
+      inputs = preprocess(batch['image'], augment_key, train=True, first_example=first_example)
     labels = batch['label']
     targets = one_hot_targets(labels, options.num_classes, options.label_smoothing)
     if num_micro == 1:

@@ -239,7 +239,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   options = StepOptions(num_classes=num_classes, label_smoothing=config.label_smoothing,
                         grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                         mixup_alpha=config.augment.mixup_alpha,
-                        cutmix_alpha=config.augment.cutmix_alpha, frozen=config.frozen)
+                        cutmix_alpha=config.augment.cutmix_alpha, frozen=config.frozen,
+                        augmix_jsd_weight=config.augment.augmix_jsd_weight)
   train_step = make_train_step(model_def, tx, preprocess, options, axis_name=strategy.axis_name)
   eval_step = make_eval_step(model_def, preprocess, num_classes=num_classes,
                              axis_name=strategy.axis_name, confusion_matrix=confusion_matrix,

@@ -56,6 +56,19 @@ def test_micro_batches_and_mixup_are_the_same_on_any_device_count(fake_tfds, tmp
     np.testing.assert_allclose(result[key], reference[key], rtol=RTOL, atol=1e-4, err_msg=key)
 
 
+def test_augmixs_three_views_are_the_same_on_any_device_count(fake_tfds, tmp_path):
+  """Each example's views are drawn from its index in the global batch and run beside each
+  other, so the views, and the BatchNorm statistics over them, of 2 devices are those of one:
+  under `jit`, where the views of a batch sharded over the devices are reshaped into one batch
+  (under shard_map and pmap each device reshapes its own)."""
+  options = {'grad_accum_steps': 2, 'augment.augmix': True, 'augment.augmix_jsd_weight': 12.0,
+             'num_train_steps': 8, 'eval_every_steps': 8}
+  reference = run(tmp_path, 'one', parallel='jit', num_devices=1, **options)
+  result = run(tmp_path, 'two', parallel='jit', num_devices=2, **options)
+  for key in ('train/loss', 'train/grad_norm', 'test/loss'):
+    np.testing.assert_allclose(result[key], reference[key], rtol=RTOL, atol=1e-4, err_msg=key)
+
+
 def test_the_tolerance_would_catch_a_different_run(fake_tfds, tmp_path):
   """A different data order moves the losses by far more than the tolerance above."""
   first = run(tmp_path, 'a', num_devices=2)

@@ -454,6 +454,39 @@ def test_the_preprocessor_applies_autoaugment_after_the_crops_from_a_stream_of_i
   np.testing.assert_allclose(*both(images, key), atol=1e-5)
 
 
+def test_augmix_views_are_the_image_and_two_augmix_views_of_the_same_crop_and_flip():
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 255, (6, 10, 9, 1)), jnp.uint8)
+  settings = dict(mean=(120.0,), std=(50.0,), crop_padding=2, flip=True)
+  key = jax.random.key(3)
+  with_augmix = augment.Preprocessor(**settings, augmix=True)
+  without = augment.Preprocessor(**settings)
+  cropped = augment.Preprocessor(**{**settings, 'std': (1.0,)})
+
+  @jax.jit
+  def views_and_expected(images, key):
+    pixels = cropped(images, key, train=True) + jnp.asarray(settings['mean'])
+    second = randaugment.augmix(pixels, augment.example_keys(jax.random.fold_in(key, 9), 6),
+                                settings['mean'])
+    return (with_augmix.augmix_views(images, key), without(images, key, train=True),
+            with_augmix(images, key, train=True), with_augmix.normalize(second))
+
+  views, clean, first, second = views_and_expected(images, key)
+  assert views.shape == (6, 3, 10, 9, 1)
+  np.testing.assert_array_equal(views[:, 0], clean)
+  np.testing.assert_array_equal(views[:, 1], first)
+  np.testing.assert_allclose(views[:, 2], second, atol=1e-5)
+  assert np.abs(np.asarray(views[:, 2] - views[:, 1])).max() > 0.5  # Two draws, not one.
+  with pytest.raises(ValueError, match='augmix_views needs AugMix on'):
+    without.augmix_views(images, key)
+
+
+def test_a_run_trains_with_augmixs_consistency_loss(fake_tfds, tmp_path):
+  config = tiny_config(model='bn_cnn', num_train_steps=40, eval_every_steps=40,
+                       **{'augment.augmix': True, 'augment.augmix_jsd_weight': 12.0})
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['test/accuracy'] > 0.5  # Ten classes: chance is 0.1.
+
+
 def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes(fake_tfds,
                                                                                   tmp_path):
   config = tiny_config(model='bn_cnn', num_train_steps=40, eval_every_steps=40,
@@ -500,6 +533,17 @@ def test_a_run_trains_with_it_and_its_settings_are_checked_before_the_run_writes
       ({'randaugment_ops': 0, 'augmix': True, 'augmix_depth': 0},
        "config key 'augment.augmix_depth' must be an integer >= 1, or -1 for 1 to 3 operations "
        'at random, got 0'),
+      ({'randaugment_ops': 0, 'augmix_jsd_weight': 12.0},
+       "config key 'augment.augmix_jsd_weight' (12.0) weighs AugMix's consistency loss, and "
+       'AugMix is off; set augment.augmix=true, or augmix_jsd_weight=0'),
+      ({'randaugment_ops': 0, 'augmix': True, 'augmix_jsd_weight': -1.0},
+       "config key 'augment.augmix_jsd_weight' must be a number >= 0 (12 in the AugMix paper; "
+       '0: off), got -1.0'),
+      ({'randaugment_ops': 0, 'augmix': True, 'augmix_jsd_weight': 12.0, 'mixup_alpha': 0.2,
+        'cutmix_alpha': 1.0},
+       "config key 'augment.augmix_jsd_weight' (12.0) compares three views of each image, which "
+       "'augment.mixup_alpha' (0.2) would mix with other images; set mixup_alpha=0 and "
+       'cutmix_alpha=0, or augmix_jsd_weight=0'),
   ]
   for overrides, message in mistakes:
     mistaken = config.copy_and_resolve_references()

@@ -9,11 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcnn import models, optim, parallel, xla_options
+from jaxcnn import models, optim, parallel, rng, xla_options
 from jaxcnn.data.augment import Preprocessor, mix_batch, tta_views
 from jaxcnn.train_state import create_train_state
-from jaxcnn.train_step import (NO_STEP, StepOptions, ema_decay_at, make_eval_step,
-                               make_predict_step, make_train_step)
+from jaxcnn.train_step import (NO_STEP, StepOptions, cross_entropy, ema_decay_at,
+                               jensen_shannon, make_eval_step, make_predict_step,
+                               make_train_step)
 
 from conftest import learnable_images, tiny_config
 
@@ -230,6 +231,42 @@ def test_test_time_augmentation_counts_the_averaged_logits_of_the_views_beside_t
                                 test_time_augmentation='flip'))(state, symmetric, mask)
   assert int(sums['tta_correct']) == int(sums['correct'])
   np.testing.assert_allclose(float(sums['tta_loss']), float(sums['loss']), rtol=1e-5)
+
+
+def test_jensen_shannon_is_the_mean_divergence_of_each_view_from_their_mixture():
+  logits = 3 * jax.random.normal(jax.random.key(0), (4, 3, 5))
+  p = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+  mixture = p.mean(axis=1, keepdims=True)
+  expected = np.mean(np.sum(p * np.log(p / mixture), axis=-1))  # Over views, then examples.
+  np.testing.assert_allclose(jensen_shannon(logits), expected, rtol=1e-5)
+  assert abs(float(jensen_shannon(jnp.broadcast_to(logits[:, :1], logits.shape)))) < 1e-6
+  # Each view sure of a different class: the most three views can disagree, log 3.
+  np.testing.assert_allclose(jensen_shannon(30 * jnp.eye(3)[None]), np.log(3), rtol=1e-4)
+
+
+def test_augmixs_consistency_loss_adds_the_views_divergence_to_the_clean_cross_entropy():
+  """With `augmix_jsd_weight`, the step's loss is the clean view's cross-entropy plus the weight
+  times the Jensen-Shannon divergence of the three views' predictions, and its accuracy is the
+  clean view's: computed here from the views and the weights the step started from (LeNet-5
+  has no BatchNorm or dropout)."""
+  preprocess = Preprocessor(mean=(100.0,), std=(80.0,), crop_padding=2, augmix=True)
+  data = batch(16)
+  model_def, state, step = setup(model_name='lenet5', preprocess=preprocess,
+                                 augmix_jsd_weight=12.0)
+  _, metrics = step(state, data)
+  model = model_def.merge(state.params, state.model_state)
+  augment_key = jax.random.split(rng.step_key(0, state.step), 3)[0]
+  views = preprocess.augmix_views(data['image'], augment_key)
+  logits = jax.jit(lambda model, x: model(x))(model, views.reshape(-1, 28, 28, 1))
+  logits = logits.reshape(16, 3, 10)
+  divergence = jensen_shannon(logits)
+  assert divergence > 1e-4  # The views differ, so the term is there to be counted.
+  expected = cross_entropy(logits[:, 0], data['label'], 10).mean() + 12.0 * divergence
+  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['accuracy'],
+                             np.mean(np.argmax(logits[:, 0], -1) == np.asarray(data['label'])))
+  with pytest.raises(ValueError, match='does not take Mixup or CutMix'):
+    setup(model_name='lenet5', preprocess=preprocess, augmix_jsd_weight=12.0, mixup_alpha=0.2)
 
 
 # Unrolled is the CPU's default; the loop (accelerators' default) is checked here on the CPU.

@@ -149,6 +149,7 @@ _RANDOM_ERASING_STREAM = 5
 _TRIVIALAUGMENT_STREAM = 6
 _AUTOAUGMENT_STREAM = 7
 _AUGMIX_STREAM = 8
+_AUGMIX_SECOND_VIEW_STREAM = 9  # The second AugMix view of `Preprocessor.augmix_views`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,38 +212,78 @@ class Preprocessor:
                first_example: int | jax.Array = 0) -> jax.Array:
     """Augments (if `train`) and normalises a batch whose first example has global index
     `first_example` in the step's batch."""
-    if train and (self.crop_padding or self.flip or self.inception_crop):
-      keys = jax.vmap(lambda k: jax.random.split(k, 3))(
-          example_keys(key, images.shape[0], first_example))
-      if self.inception_crop:
-        images = random_resized_crop(images, keys[:, 2])
-      images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
-      if self.flip:
-        images = random_flip_left_right(images, keys[:, 1])
-    # Each example's key in the stream of the step's key that one augmentation draws from.
-    stream_keys = lambda stream: example_keys(jax.random.fold_in(key, stream), images.shape[0],
-                                              first_example)
-    if train and self.randaugment_ops:
+    if not train:
+      return self.normalize(images)
+    stream_keys = self._stream_keys(key, images.shape[0], first_example)
+    images = self._crop_and_flip(images, key, first_example)
+    return self._augment_normalized(
+        self.normalize(self._automatic_augmentation(images, stream_keys, _AUGMIX_STREAM)),
+        stream_keys)
+
+  def augmix_views(self, images: jax.Array, key: jax.Array,
+                   first_example: int | jax.Array = 0) -> jax.Array:
+    """The three views of each training image that AugMix's Jensen-Shannon consistency loss
+    compares, as (batch, 3, height, width, channels): the image as `__call__` augments it but
+    without AugMix, then two AugMix views of that same crop and flip, the first as `__call__`
+    draws it and the second from a stream of its own. Cutout and Random Erasing, if on, erase
+    the same box of all three."""
+    if not self.augmix:
+      raise ValueError('augmix_views needs AugMix on (Preprocessor.augmix=True)')
+    stream_keys = self._stream_keys(key, images.shape[0], first_example)
+    images = self._crop_and_flip(images, key, first_example)
+    views = [images] + [self._automatic_augmentation(images, stream_keys, stream)
+                        for stream in (_AUGMIX_STREAM, _AUGMIX_SECOND_VIEW_STREAM)]
+    return jnp.stack([self._augment_normalized(self.normalize(view), stream_keys)
+                      for view in views], axis=1)
+
+  @staticmethod
+  def _stream_keys(key: jax.Array, num_examples: int, first_example: int | jax.Array):
+    """Each example's key in the stream of the step's key that one augmentation draws from."""
+    return lambda stream: example_keys(jax.random.fold_in(key, stream), num_examples,
+                                       first_example)
+
+  def _crop_and_flip(self, images: jax.Array, key: jax.Array,
+                     first_example: int | jax.Array) -> jax.Array:
+    if not (self.crop_padding or self.flip or self.inception_crop):
+      return images
+    # The crops and the flip draw from the step's key itself, the others from streams of it.
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(
+        example_keys(key, images.shape[0], first_example))
+    if self.inception_crop:
+      images = random_resized_crop(images, keys[:, 2])
+    images = random_crop_with_padding(images, keys[:, 0], self.crop_padding, self.pad_mode)
+    if self.flip:
+      images = random_flip_left_right(images, keys[:, 1])
+    return images
+
+  def _automatic_augmentation(self, images: jax.Array, stream_keys,
+                              augmix_stream: int) -> jax.Array:
+    """RandAugment, TrivialAugment, AutoAugment or AugMix (from `augmix_stream`), whichever is
+    on (the config allows one at most)."""
+    if self.randaugment_ops:
       images = randaugment.rand_augment(
           images, stream_keys(_RANDAUGMENT_STREAM), self.randaugment_ops,
           self.randaugment_magnitude, fill=self.mean,
           magnitude_std=self.randaugment_magnitude_std,
           probability=self.randaugment_probability)
-    if train and self.trivialaugment:
+    if self.trivialaugment:
       images = randaugment.trivial_augment(images, stream_keys(_TRIVIALAUGMENT_STREAM),
                                            fill=self.mean)
-    if train and self.autoaugment != 'none':
+    if self.autoaugment != 'none':
       images = randaugment.auto_augment(images, stream_keys(_AUTOAUGMENT_STREAM), self.autoaugment,
                                         fill=self.mean)
-    if train and self.augmix:
-      images = randaugment.augmix(images, stream_keys(_AUGMIX_STREAM), fill=self.mean,
+    if self.augmix:
+      images = randaugment.augmix(images, stream_keys(augmix_stream), fill=self.mean,
                                   severity=self.augmix_severity, width=self.augmix_width,
                                   depth=self.augmix_depth, alpha=self.augmix_alpha,
                                   all_ops=self.augmix_all_ops)
-    images = self.normalize(images)
-    if train and self.cutout:
+    return images
+
+  def _augment_normalized(self, images: jax.Array, stream_keys) -> jax.Array:
+    """Cutout and Random Erasing, which work on normalised images."""
+    if self.cutout:
       images = cutout(images, stream_keys(_CUTOUT_STREAM), self.cutout)
-    if train and self.random_erasing:
+    if self.random_erasing:
       images = random_erasing(images, stream_keys(_RANDOM_ERASING_STREAM), self.random_erasing,
                               self.random_erasing_mode)
     return images

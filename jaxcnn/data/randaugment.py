@@ -53,8 +53,9 @@ paper's nine (auto-contrast, equalize, posterize, solarize and the five geometri
 `all_ops` the four enhancements too) at a level drawn from the `severity` (3) lowest of 10 bins
 of torchvision's AugMix ranges (`AUGMIX`: as AutoAugment's, but translations up to a third of
 the side and posterizing to 4 bits at level 0 and to none at 1), with Beta and Dirichlet weights.
-The Jensen-Shannon consistency loss of the paper, which needs three views of each image in a
-batch, is not part of it, as it is not of torchvision's transform.
+The paper's Jensen-Shannon consistency loss, which compares three views of each image, is not
+part of the transform, as it is not of torchvision's: the train step adds it
+(`augment.augmix_jsd_weight`, `Preprocessor.augmix_views`, `train_step.jensen_shannon`).
 
 Under `vmap` a drawn operation is a select over all of them, so each layer computes the ten
 pixel operations and one bilinear warp (the five geometric ones differ only in their matrix).
@@ -582,8 +583,9 @@ def draw_augmix(key: jax.Array, severity: int = 3, width: int = 3, depth: int = 
 def augmix(images: jax.Array, keys: jax.Array, fill: Sequence[float], severity: int = 3,
            width: int = 3, depth: int = -1, alpha: float = 1.0,
            all_ops: bool = False) -> jax.Array:
-  """AugMix (Hendrycks et al. 2020) of an NHWC batch (uint8, or floats in [0, 255]), without its
-  Jensen-Shannon consistency loss, as torchvision's `AugMix`: each image is the mix, with weights
+  """AugMix (Hendrycks et al. 2020) of an NHWC batch (uint8, or floats in [0, 255]), as
+  torchvision's `AugMix` (the paper's Jensen-Shannon consistency loss is the train step's:
+  `Preprocessor.augmix_views`, `train_step.jensen_shannon`): each image is the mix, with weights
   drawn by `draw_augmix` from its key in `keys`, of itself and of `width` chains of operations
   over `AUGMIX`'s ranges (`severity` 1 to 10). Geometric operations fill with `fill`, one value
   per channel in [0, 255] (the training images' mean). Returns float32 pixels in [0, 255]."""
