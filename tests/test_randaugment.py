@@ -472,8 +472,9 @@ def test_augmix_views_are_the_image_and_two_augmix_views_of_the_same_crop_and_fl
 
   views, clean, first, second = views_and_expected(images, key)
   assert views.shape == (6, 3, 10, 9, 1)
-  np.testing.assert_array_equal(views[:, 0], clean)
-  np.testing.assert_array_equal(views[:, 1], first)
+  # Within float32 rounding: XLA may contract multiplies and adds differently in each program.
+  np.testing.assert_allclose(views[:, 0], clean, atol=1e-5)
+  np.testing.assert_allclose(views[:, 1], first, atol=1e-5)
   np.testing.assert_allclose(views[:, 2], second, atol=1e-5)
   assert np.abs(np.asarray(views[:, 2] - views[:, 1])).max() > 0.5  # Two draws, not one.
   with pytest.raises(ValueError, match='augmix_views needs AugMix on'):
