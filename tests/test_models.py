@@ -170,25 +170,32 @@ def test_conv_matches_flax_values_and_gradients(in_features, padding, kernel, ke
     (1, 'SAME', cpu_conv.shift_and_add_conv),
     (3, 'VALID', cpu_conv.shift_and_add_conv),
     (6, ((2, 1), (1, 0)), cpu_conv.col2im_gradient_conv)])
-def test_cpu_kernels_sum_bfloat16_products_in_float32(in_features, padding, kernel):
+def test_cpu_kernels_sum_bfloat16_in_float32(in_features, padding, kernel):
   """In bfloat16 the CPU kernels' outputs and input gradients are XLA's, each element within one
   bfloat16 unit in the last place (summed in a different order, two float32 sums may round to
   neighbours; on this machine the outputs were equal to the bit and the gradients within half a
-  unit). Summed in bfloat16, they missed XLA's by hundreds of units at the smaller elements."""
+  unit), and the bias gradient is the exact sum to within one unit. Summed in bfloat16, the
+  kernels missed XLA's by hundreds of units at the smaller elements, and XLA's own bfloat16 bias
+  gradient misses the exact sum by up to hundreds of units too."""
   make = lambda cls: cls(in_features, 6, (5, 5), padding=padding, dtype=jnp.bfloat16,
                          rngs=nnx.Rngs(0))
   conv, reference = make(Conv), make(nnx.Conv)
-  x = jax.random.normal(jax.random.key(1), (4, 12, 12, in_features))
+  x = jax.random.normal(jax.random.key(1), (16, 12, 12, in_features))
   assert conv._cpu_kernel(x) is kernel
   one_unit = 2.0 ** -7  # bfloat16's spacing relative to a value's power of two: 7 bits.
   as_float = lambda a: np.asarray(a, np.float32)
   apply = jax.jit(lambda module, x: module(x))
-  np.testing.assert_allclose(as_float(apply(conv, x)), as_float(apply(reference, x)),
-                             rtol=one_unit, atol=0)
+  outputs = apply(conv, x)
+  np.testing.assert_allclose(as_float(outputs), as_float(apply(reference, x)), rtol=one_unit,
+                             atol=0)
   loss = lambda module, x: jnp.sum(module(x).astype(jnp.float32) ** 2)
-  input_gradient = jax.jit(jax.grad(loss, argnums=1))
-  np.testing.assert_allclose(as_float(input_gradient(conv, x)),
-                             as_float(input_gradient(reference, x)), rtol=one_unit, atol=0)
+  gradients = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  (grad_module, grad_x), (_, ref_x) = gradients(conv, x), gradients(reference, x)
+  np.testing.assert_allclose(as_float(grad_x), as_float(ref_x), rtol=one_unit, atol=0)
+  # The loss's gradient with respect to each output is twice it, exactly, in bfloat16.
+  exact_bias_gradient = np.sum(2 * np.asarray(outputs, np.float64), axis=(0, 1, 2))
+  np.testing.assert_allclose(as_float(grad_module.bias[...]), exact_bias_gradient,
+                             rtol=one_unit, atol=0)
 
 
 def test_computed_once_is_the_identity_and_passes_the_gradient_through():

@@ -159,6 +159,31 @@ def _computed_once_backward(_, grad):
 computed_once.defvjp(_computed_once_forward, _computed_once_backward)
 
 
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """`y + bias` over `y`'s last axis, whose bias gradient is summed in float32 and rounded once.
+
+  Differentiated as a plain sum, a bfloat16 bias gradient is a bfloat16 reduction, which XLA:CPU
+  splits into windows of 32 examples (and YNNPACK, which takes float32 reductions, does not take):
+  for LeNet-5's first layer that was a 1.6 ms reduce-window in an 11.7 ms step. Summed in float32
+  it trains at 13,500 images/s in bfloat16 against 11,300 (2-core AMD EPYC machine, medians of 6
+  interleaved rounds of 100 steps at batch 128). In float32 it is the plain sum's gradient.
+  """
+  return y + bias
+
+
+def _add_bias_forward(y, bias):
+  return y + bias, None
+
+
+def _add_bias_backward(_, grad):
+  bias_grad = jnp.sum(_accumulator(grad), axis=tuple(range(grad.ndim - 1)))
+  return grad, bias_grad.astype(grad.dtype)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
 def _forward(conv):
   def forward(x, kernel, padding):
     return conv(x, kernel, padding), (x, kernel)

@@ -180,7 +180,7 @@ class Conv(nnx.Conv):
     dtype = self.dtype or inputs.dtype
     y = kernel_fn(inputs.astype(dtype), kernel.astype(dtype), padding)
     if self.bias is not None:
-      y = y + self.bias[...].astype(y.dtype)
+      y = cpu_conv.add_bias(y, self.bias[...].astype(y.dtype))
     return y
 
   def _cpu_kernel(self, inputs) -> Callable | None:
