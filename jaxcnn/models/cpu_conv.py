@@ -161,13 +161,15 @@ computed_once.defvjp(_computed_once_forward, _computed_once_backward)
 
 @jax.custom_vjp
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """`y + bias` over `y`'s last axis, whose bias gradient is summed in float32 and rounded once.
+  """`y + bias` (one dtype) over `y`'s last axis, its bias gradient summed in float32 and
+  rounded once.
 
-  Differentiated as a plain sum, a bfloat16 bias gradient is a bfloat16 reduction, which XLA:CPU
-  splits into windows of 32 examples (and YNNPACK, which takes float32 reductions, does not take):
-  for LeNet-5's first layer that was a 1.6 ms reduce-window in an 11.7 ms step. Summed in float32
-  it trains at 13,500 images/s in bfloat16 against 11,300 (2-core AMD EPYC machine, medians of 6
-  interleaved rounds of 100 steps at batch 128). In float32 it is the plain sum's gradient.
+  Differentiated as a plain sum, a bfloat16 bias gradient is a bfloat16 reduction. XLA:CPU
+  splits that into windows of 32 examples, where it hands a float32 one to YNNPACK: for LeNet-5's
+  first layer a 1.6 ms reduce-window in an 11.7 ms step, whose sums missed the exact ones by up
+  to hundreds of bfloat16 units. Summed in float32, LeNet-5 trains at 13,500 images/s in
+  bfloat16 against 11,300 (2-core AMD EPYC machine, medians of 6 interleaved rounds of 100 steps
+  at batch 128). In float32 it is the plain sum's gradient.
   """
   return y + bias
 
