@@ -346,16 +346,28 @@ def rand_augment(images: jax.Array, keys: jax.Array, num_ops: int, magnitude: fl
     raise ValueError(f'RandAugment probability must be in [0, 1], got {probability}')
   fill = _fill_per_channel(images, fill)
 
-  def layer(image, key):
-    index, drawn_magnitude, sign, applied = draw_layer(key, magnitude, magnitude_std, probability)
-    augmented = apply_operation(image, index, drawn_magnitude / MAX_MAGNITUDE, sign, fill)
-    return jnp.where(applied, augmented, image), None
+  draw_layers = jax.vmap(draw_layer, in_axes=(0, None, None, None))
 
   def augment(image, key):
-    # A scan, not a Python loop: the program is one layer's, however many operations are drawn.
-    return jax.lax.scan(layer, image, jax.random.split(key, num_ops))[0]
+    indices, magnitudes, signs, applied = draw_layers(jax.random.split(key, num_ops), magnitude,
+                                                      magnitude_std, probability)
+    return _apply_in_turn(image, indices, magnitudes / MAX_MAGNITUDE, signs, applied, fill,
+                          RANDAUGMENT)
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
+
+
+def _apply_in_turn(image: jax.Array, indices: jax.Array, levels: jax.Array, signs: jax.Array,
+                   applied: jax.Array, fill: jax.Array, ranges: Ranges) -> jax.Array:
+  """`image` through drawn operations one after another (arrays over the steps, as
+  `apply_operation` takes them), each only where `applied`. A scan, not a Python loop: the
+  program holds one operation's, however many there are."""
+  def step(image, drawn):
+    index, level, sign, apply = drawn
+    augmented = apply_operation(image, index, level, sign, fill, ranges)
+    return jnp.where(apply, augmented, image), None
+
+  return jax.lax.scan(step, image, (indices, levels, signs, applied))[0]
 
 
 def _fill_per_channel(images: jax.Array, fill: Sequence[float]) -> jax.Array:
@@ -524,16 +536,10 @@ def auto_augment(images: jax.Array, keys: jax.Array, policy: str,
   table = policy_table(policy)
   fill = _fill_per_channel(images, fill)
 
-  def operation(image, drawn):
-    index, level, sign, applied = drawn
-    augmented = apply_operation(image, index, level, sign, fill, AUTOAUGMENT)
-    return jnp.where(applied, augmented, image), None
-
   def augment(image, key):
     sub_policy, signs, applied = draw_sub_policy(key, table)
-    drawn = (table.operations[sub_policy], table.levels[sub_policy], signs, applied)
-    # A scan over the sub-policy's operations: one operation's program, not two.
-    return jax.lax.scan(operation, image, drawn)[0]
+    return _apply_in_turn(image, table.operations[sub_policy], table.levels[sub_policy], signs,
+                          applied, fill, AUTOAUGMENT)
 
   return jax.vmap(augment)(images.astype(jnp.float32), keys)
 
@@ -602,15 +608,9 @@ def augmix(images: jax.Array, keys: jax.Array, fill: Sequence[float], severity: 
   def augment(image, key):
     drawn = draw_augmix(key, severity, width, depth, alpha, all_ops)
 
-    def step(chain_image, operation):
-      index, level, sign, active = operation
-      augmented = apply_operation(chain_image, index, level, sign, fill, AUGMIX)
-      return jnp.where(active, augmented, chain_image), None
-
     def chain(mix, operations):
       weight, *steps = operations
-      chained = jax.lax.scan(step, image, tuple(steps))[0]
-      return mix + weight * chained, None
+      return mix + weight * _apply_in_turn(image, *steps, fill, AUGMIX), None
 
     # Scans over the chains and their steps: the program holds one operation's, not width x depth.
     mix = jax.lax.scan(chain, drawn.original_weight * image,
