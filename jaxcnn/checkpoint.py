@@ -15,11 +15,13 @@ Checkpoints are stored as nested dicts of plain arrays (`{'params': {'conv1': {'
 independent of the Python classes that hold them in memory.
 """
 
+import dataclasses
 import logging
+import math
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -229,6 +231,20 @@ class _ManagerOutsideThePreemptionSyncPoint(ocp.CheckpointManager):
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class _BestRanked:
+  """Orbax preservation policy: keeps the `n` checkpoints of highest `rank(step)`, of those
+  ranked (`Checkpointer._rank`)."""
+  rank: Callable[[int], tuple[float, int] | None]
+  n: int
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    ranks = [rank for rank in (self.rank(info.step) for info in checkpoints) if rank is not None]
+    kept = {step for _, step in sorted(ranks)[-self.n:]}
+    return [info.step in kept for info in checkpoints]
+
+
 class Checkpointer:
   """Saves and restores training checkpoints in `<workdir>/checkpoints/<step>/`.
 
@@ -242,12 +258,11 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.best_metric = best_metric
     self.best_mode = best_mode
+    # Each checkpoint's rank by best_metric, read from its own JSON record once (see _rank).
+    self._ranks: dict[int, tuple[float, int] | None] = {}
     policies = [checkpoint_managers.LatestN(n=keep_last)]
     if keep_best > 0:
-      # BestN sorts ascending (descending with reverse=True) and keeps the last n.
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
-          n=keep_best, keep_checkpoints_without_metrics=False))
+      policies.append(_BestRanked(rank=self._ranks.get, n=keep_best))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not reading_only,
@@ -269,18 +284,34 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    """The kept checkpoint with the best `best_metric`, or None if none has it."""
-    scored = []
-    for step in self.steps():
+    """The kept checkpoint with the best `best_metric` (of ties the latest), or None if none has
+    it."""
+    ranks = [rank for rank in map(self._rank, self.steps()) if rank is not None]
+    return max(ranks)[1] if ranks else None
+
+  def _rank(self, step: int) -> tuple[float, int] | None:
+    """How checkpoint `step` ranks for `keep_best` and `best_step`, the greater the better:
+    (its `best_metric`, negated where lower is better, and its step, so that of ties the latest
+    ranks first); None where it was saved without that metric (or with NaN) or cannot be read.
+
+    Read from the checkpoint's own JSON record, once: Orbax's manager keeps a checkpoint's
+    metrics for its best-N policy in memory only (it writes them to disk only with its own
+    `best_fn`, which would rank the checkpoints of an older run as having none), so a resumed
+    run would have deleted the best checkpoint of its earlier part as soon as that left the last
+    `keep_last`.
+    """
+    if step not in self._ranks:
       try:
-        metrics = self.read_meta(step).get('metrics', {})
+        value = self.read_meta(step).get('metrics', {}).get(self.best_metric)
       except Exception:  # pylint: disable=broad-except  (a damaged checkpoint ranks nowhere)
-        continue
-      if self.best_metric in metrics:
-        scored.append((metrics[self.best_metric], step))
-    if not scored:
+        value = None
+      self._ranks[step] = self._ranked(value, step)
+    return self._ranks[step]
+
+  def _ranked(self, value: float | None, step: int) -> tuple[float, int] | None:
+    if value is None or math.isnan(value):
       return None
-    return (max(scored) if self.best_mode == 'max' else min(scored))[1]
+    return (value if self.best_mode == 'max' else -value, step)
 
   def save(self, step: int, tree, meta: dict, metrics: Mapping[str, float] | None = None) -> None:
     """Starts writing checkpoint `step` of `tree` (replicated global arrays) and returns.
@@ -291,10 +322,14 @@ class Checkpointer:
     nested = to_nested_dict(tree)
     meta = {**meta, 'step': int(step), 'metrics': dict(metrics or {}),
             'checksums': checksums(nested)}
+    # Every checkpoint's rank known before Orbax's manager applies `keep_best` after this save,
+    # from a thread of its own that must not read checkpoints.
+    for earlier in self.steps():
+      self._rank(earlier)
+    self._ranks[int(step)] = self._ranked(meta['metrics'].get(self.best_metric), int(step))
     saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(nested),
-                                      meta=ocp.args.JsonSave(meta)),
-        metrics=dict(metrics) if metrics and self.best_metric in metrics else None)
+                                      meta=ocp.args.JsonSave(meta)))
     if not saved:  # Orbax skips, without an error, a step not newer than the latest on disk.
       raise RuntimeError(f'checkpoint {step} was not written: {self.directory} holds checkpoints '
                          f'up to step {self.latest_step()}')

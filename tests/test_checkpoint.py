@@ -382,6 +382,47 @@ def test_last_k_and_best_k_are_kept(tmp_path):
   checkpointer.close()
 
 
+def test_a_resumed_run_keeps_the_best_checkpoint_of_its_earlier_part(tmp_path):
+  """The ranks come from each checkpoint's own record, not from the memory of the manager that
+  saved it: a new checkpointer (a resumed run) kept only its own checkpoints' ranks before."""
+  def open_checkpointer():
+    return Checkpointer(str(tmp_path), keep_last=1, keep_best=1, best_metric='test/accuracy')
+
+  def save(checkpointer, step, accuracy):
+    checkpointer.save(step, {'w': jnp.full((2,), step, jnp.float32)}, meta={},
+                      metrics={'test/accuracy': accuracy})
+
+  checkpointer = open_checkpointer()
+  save(checkpointer, 1, 0.9)
+  save(checkpointer, 2, 0.5)
+  checkpointer.close()
+  checkpointer = open_checkpointer()
+  save(checkpointer, 3, 0.4)
+  save(checkpointer, 4, float('nan'))  # Ranks nowhere, as one saved without the metric.
+  checkpointer.wait()
+  assert checkpointer.steps() == [1, 4] and checkpointer.best_step() == 1
+  checkpointer.close()
+
+
+def test_of_tied_losses_the_latest_checkpoint_is_the_best_and_is_kept(tmp_path):
+  """`best_step` and `keep_best` agree: the best named while step 2 is still among the last two
+  must be the one that stays when it leaves them."""
+  checkpointer = Checkpointer(str(tmp_path), keep_last=2, keep_best=1, best_metric='test/loss',
+                              best_mode='min')
+
+  def save(step, loss):
+    checkpointer.save(step, {'w': jnp.full((2,), step, jnp.float32)}, meta={},
+                      metrics={'test/loss': loss})
+    checkpointer.wait()
+
+  for step, loss in {1: 0.3, 2: 0.2, 3: 0.2}.items():
+    save(step, loss)
+  assert checkpointer.steps() == [2, 3] and checkpointer.best_step() == 3
+  save(4, 0.5)
+  assert checkpointer.steps() == [3, 4] and checkpointer.best_step() == 3
+  checkpointer.close()
+
+
 def test_retention_in_a_run_follows_the_eval_metric(fake_tfds, tmp_path):
   # best_mode 'auto' (the default): the best by a loss is the lowest.
   config = tiny_config(num_train_steps=48, eval_every_steps=8, keep_checkpoints=1, keep_best=1,
