@@ -1,5 +1,6 @@
 """Optax optimizers and learning-rate schedules from the config."""
 
+import math
 import re
 
 import jax
@@ -43,6 +44,13 @@ def unread_settings(config, defaults) -> list[str]:
   return warnings
 
 
+def epochs_in_steps(epochs: float, steps_per_epoch: int, rounding=math.floor) -> int:
+  """`epochs` of `steps_per_epoch` steps as whole steps (`rounding`: `math.floor` or `math.ceil`),
+  from the product rounded to 6 decimals first: in floats 1.1 * 50 is 55.00000000000001, whose
+  ceiling is a step too many, and 0.57 * 100 is 56.99999999999999, whose floor a step too few."""
+  return int(rounding(round(epochs * steps_per_epoch, 6)))
+
+
 def requested_warmup_steps(config, steps_per_epoch: int) -> int:
   """The warm-up steps `warmup_epochs` asks for; a run shorter than that warms up throughout."""
   return int(round(config.warmup_epochs * steps_per_epoch))
@@ -68,8 +76,8 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Sched
     main = optax.linear_schedule(base, 0.0, max(total_steps - warmup, 1))
   elif name == 'step':
     # Decays after the last step never happen (and would overflow int32 step counts).
-    boundaries = {int(epoch * steps_per_epoch) - warmup: config.lr_decay_factor
-                  for epoch in config.lr_decay_epochs if epoch * steps_per_epoch < total_steps}
+    decays = (epochs_in_steps(epoch, steps_per_epoch) for epoch in config.lr_decay_epochs)
+    boundaries = {step - warmup: config.lr_decay_factor for step in decays if step < total_steps}
     main = optax.piecewise_constant_schedule(base, boundaries)
   elif name == 'onecycle':
     return optax.cosine_onecycle_schedule(total_steps, base)

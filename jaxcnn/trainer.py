@@ -48,7 +48,7 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
   """The number of optimizer steps of the run: `num_train_steps`, or `num_epochs` of steps."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+  return max(1, optim.epochs_in_steps(config.num_epochs, steps_per_epoch, math.ceil))
 
 
 def default_steps_per_call(backend: str) -> int:

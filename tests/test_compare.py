@@ -182,6 +182,15 @@ def test_a_damaged_metrics_file_leaves_out_only_its_run(tmp_path):
     compare.describe_run(good)
 
 
+def test_a_target_in_tenths_of_a_percent_is_reached_by_that_accuracy(tmp_path):
+  write_run(tmp_path / 'runs' / 'a', [{**evaluation(10, 0.942), 'train/seconds': 5.0},
+                                      {**evaluation(20, 0.95), 'train/seconds': 10.0}])
+  result = run_compare('--target', '94.2', '--json', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  [row] = json.loads(result.stdout)
+  assert (row['target_step'], row['target_seconds']) == (10, 5.0)  # 94.2 / 100 > 0.942 in floats.
+
+
 def test_time_to_a_target_accuracy_is_that_of_the_first_evaluation_that_reached_it(tmp_path):
   runs = tmp_path / 'runs'
 

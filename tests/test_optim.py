@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcnn import config as config_lib
-from jaxcnn import optim
+from jaxcnn import optim, trainer
 from jaxcnn.errors import ConfigError
 
 from conftest import tiny_config
@@ -48,6 +48,18 @@ def test_step_schedule_decays_at_the_given_epochs():
   schedule = optim.make_schedule(config, total_steps=600, steps_per_epoch=100)
   np.testing.assert_allclose(rates(schedule, [0, 199, 200, 399, 400, 599]),
                              [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-5)
+  # 0.57 * 100 is 56.99999999999999 in floats: the decay is at step 57 all the same.
+  config.lr_decay_epochs = (0.57,)
+  schedule = optim.make_schedule(config, total_steps=600, steps_per_epoch=100)
+  np.testing.assert_allclose(rates(schedule, [56, 57]), [1, 0.1], rtol=1e-5)
+
+
+def test_fractional_epochs_are_as_many_steps_as_they_are_exactly():
+  """1.1 * 50 is 55.00000000000001 in floats, and 4.9 * 100 490.00000000000006."""
+  for epochs, steps_per_epoch, steps in ((1.1, 50, 55), (4.9, 100, 490), (2.2, 195, 429),
+                                         (0.5, 3, 2), (0.01, 10, 1)):
+    config = tiny_config(num_epochs=epochs, num_train_steps=-1)
+    assert trainer.total_train_steps(config, steps_per_epoch) == steps
 
 
 def test_onecycle_warms_up_itself_and_refuses_a_warm_up():
