@@ -51,6 +51,9 @@ def new_workdir(dataset: str, model: str, root: str = 'runs') -> str:
     except FileExistsError:
       n += 1
       path = f'{base}-{n}'
+    except OSError as e:  # `root` is a file, or not writable.
+      raise UserError(f'cannot create a folder for the run in {root!r}: {e.strerror}; give one '
+                      'with --workdir') from None
 
 
 @contextlib.contextmanager

@@ -185,6 +185,10 @@ def test_new_workdir_is_unique_under_runs(tmp_path):
   assert first != second and os.path.dirname(first) == str(tmp_path)
   assert os.path.isdir(first) and os.path.isdir(second)  # Created, so that no other run takes it.
   assert os.path.basename(first).startswith('mnist-lenet5-')
+  (tmp_path / 'runs').write_text('')  # Where a run without --workdir would make its folder.
+  with pytest.raises(UserError, match=r"cannot create a folder for the run in '.*runs': Not a "
+                                      'directory; give one with --workdir'):
+    workdir_lib.new_workdir('mnist', 'lenet5', root=str(tmp_path / 'runs'))
 
 
 def test_a_workdir_that_cannot_be_a_folder_is_a_one_line_error(fake_tfds, tmp_path):
