@@ -144,6 +144,28 @@ def test_images_of_one_size_train_at_their_size_and_a_split_without_images_is_na
     pipeline.load_data(config)
 
 
+def test_device_resident_inception_crops_are_drawn_from_the_whole_shorter_side(tmp_path):
+  """Decoded as the evaluation's centre crop, every training crop missed an eighth of each side
+  of the image, which streamed training crops from whole."""
+  from jaxcnn.data import image_ops, pipeline
+  pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)
+  for split in ('train', 'test'):
+    (tmp_path / 'images' / split / 'cat').mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / 'images' / split / 'cat' / 'photo.png')
+  config = cli.load_config_file(f'{REPO_ROOT}/configs/imagefolder.py')
+  config.image_folder, config.data_dir = str(tmp_path / 'images'), str(tmp_path / 'tfds')
+  config.image_size, config.data_placement = 32, 'device'
+  evaluation_view = image_ops.resize_and_center_crop(pixels, 32, 32)  # The centre 0.875.
+  for inception_crop, training_view in (
+      (False, evaluation_view), (True, image_ops.resize_and_center_crop(pixels, 32, 32, 1.0))):
+    config.augment.inception_crop = inception_crop
+    data = pipeline.load_data(config)
+    assert data.placement == 'device'
+    np.testing.assert_array_equal(data.train.images[0], training_view)
+    np.testing.assert_array_equal(data.eval.images[0], evaluation_view)
+  assert not np.array_equal(training_view, evaluation_view)
+
+
 def test_a_missing_split_folder_is_named_before_the_folder_is_read(tmp_path, monkeypatch):
   from jaxcnn.data import pipeline
   make_folder(tmp_path / 'images', {'train': 4, 'val': 2})

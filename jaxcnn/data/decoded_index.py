@@ -17,7 +17,7 @@ import os
 
 from jaxcnn import caches, files
 
-_VERSION = 1
+_VERSION = 2  # 2: split keys name the crop fraction the split was decoded with.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +26,17 @@ class Entry:
   info: dict  # The fields of `tfds_data.DatasetInfo`.
   prepared_dir: str
   dataset_info_digest: str
-  split_files: dict[str, str]  # split_key(split, image_shape) -> .npz path
+  split_files: dict[str, str]  # split_key(split, image_shape, crop_fraction) -> .npz path
 
-  def split_file(self, split: str, image_shape) -> str | None:
-    """The cached `.npz` of `split` at `image_shape`, if it was recorded and still exists."""
-    path = self.split_files.get(split_key(split, image_shape))
+  def split_file(self, split: str, image_shape, crop_fraction: float) -> str | None:
+    """The cached `.npz` of `split` decoded at `image_shape` with `crop_fraction`
+    (`tfds_data.read_split`), if it was recorded and still exists."""
+    path = self.split_files.get(split_key(split, image_shape, crop_fraction))
     return path if path and os.path.isfile(path) else None
 
 
-def split_key(split: str, image_shape) -> str:
-  return f'{split}@{"x".join(str(int(d)) for d in image_shape)}'
+def split_key(split: str, image_shape, crop_fraction: float) -> str:
+  return f'{split}@{"x".join(str(int(d)) for d in image_shape)}/{float(crop_fraction):g}'
 
 
 def _index_path(name: str, data_dir: str | None, cache_dir: str) -> str:

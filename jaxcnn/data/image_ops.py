@@ -36,8 +36,12 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return pixels.reshape(height, width, channels)
 
 
+# The share of an image's shorter side that the evaluation transform keeps, as ImageNet's does.
+CENTRE_CROP_FRACTION = 0.875
+
+
 def resize_and_center_crop(image: np.ndarray, height: int, width: int,
-                           crop_fraction: float = 0.875) -> np.ndarray:
+                           crop_fraction: float = CENTRE_CROP_FRACTION) -> np.ndarray:
   """The standard evaluation transform: resize the shorter side to the larger target side /
   `crop_fraction` (0.875, as ImageNet evaluation does), and crop the centre.
 

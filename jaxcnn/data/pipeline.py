@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jaxcnn import files
 from jaxcnn.data import decoded_index, device_data, image_folder, synthetic, tfds_data
 from jaxcnn.data.augment import channel_stats
-from jaxcnn.data.image_ops import resize_and_center_crop
+from jaxcnn.data.image_ops import CENTRE_CROP_FRACTION, resize_and_center_crop
 from jaxcnn.errors import ConfigError, DataError, UserError
 
 SYNTHETIC = 'synthetic'
@@ -198,15 +198,17 @@ def _load(config, train: bool, flag_prefix: str, budget: float | None) -> Data:
   placement = _placement(config, info, shape, budget)
   common = _common(info, shape, placement)
   if placement == 'device':
-    data = _device_resident(config, common,
-                            lambda split: tfds_data.read_split(builder, split, shape), train)
+    data = _device_resident(config, common, lambda split, crop_fraction: tfds_data.read_split(
+        builder, split, shape, crop_fraction=crop_fraction), train)
     if config.dataset != IMAGE_FOLDER and info.split_sizes:
       # Only splits that read_split could cache (mocked datasets record no sizes, so none).
       decoded_index.record(
           config.dataset, config.data_dir, info=tfds_data.info_to_json(info),
           prepared_dir=os.fspath(builder.data_dir),
-          split_files={decoded_index.split_key(split, shape):
-                       tfds_data.split_cache_file(builder, split, shape) for split in splits})
+          split_files={decoded_index.split_key(split, shape, crop_fraction):
+                       tfds_data.split_cache_file(builder, split, shape,
+                                                  crop_fraction=crop_fraction)
+                       for split, crop_fraction in _decoded_splits(config, train)})
     return data
   evaluation = builder.as_data_source(split=config.eval_split)
   if not train:
@@ -241,15 +243,34 @@ def process_0_first(work: Callable[[], T]) -> T:
   return result if jax.process_index() == 0 else work()
 
 
+def _training_crop_fraction(config) -> float:
+  """The share of each image's shorter side that device-resident training data keeps where
+  images must be resized: the evaluation's centre, as streamed training takes it, unless the
+  images are Inception-cropped. Those crops are drawn from the whole shorter side, as streamed ones
+  are from the whole image; drawn from the evaluation's centre, they left an eighth of each side
+  out of every crop, and a crop of the whole area was the evaluation's view."""
+  return 1.0 if config.augment.inception_crop else CENTRE_CROP_FRACTION
+
+
+def _decoded_splits(config, train: bool) -> tuple[tuple[str, float], ...]:
+  """The (split, crop fraction) pairs of device-resident data: the evaluation split's, and with
+  `train` the training split's."""
+  evaluation = (config.eval_split, CENTRE_CROP_FRACTION)
+  if not train:
+    return (evaluation,)
+  return ((config.train_split, _training_crop_fraction(config)), evaluation)
+
+
 def _device_resident(config, common: dict, read_split, train: bool) -> Data:
-  """Data with both splits in memory, read by `read_split(split) -> (images, labels)`."""
-  eval_images, eval_labels = read_split(config.eval_split)
+  """Data with both splits in memory, read by `read_split(split, crop_fraction) -> (images,
+  labels)`."""
+  eval_images, eval_labels = read_split(config.eval_split, CENTRE_CROP_FRACTION)
   evaluation = device_data.pad_split(eval_images, eval_labels,
                                      pad_to_multiple_of=config.eval_batch_size)
   if not train:
     return Data(**common, num_train_examples=0, num_eval_examples=len(eval_labels), mean=None,
                 std=None, train=None, eval=evaluation)
-  train_images, train_labels = read_split(config.train_split)
+  train_images, train_labels = read_split(config.train_split, _training_crop_fraction(config))
   mean, std = channel_stats(train_images)
   return Data(**common, num_train_examples=len(train_labels),
               num_eval_examples=len(eval_labels), mean=mean, std=std,
@@ -267,14 +288,19 @@ def _read_recorded(config, train: bool, budget: float | None) -> Data | None:
   if not all(tfds_data.reads_known_splits(info, split) for split in splits):
     return None  # The TFDS path names the splits that exist.
   shape = _image_shape(config, info)
-  paths = {split: entry.split_file(split, shape) for split in splits}
+  paths = {(split, crop_fraction): entry.split_file(split, shape, crop_fraction)
+           for split, crop_fraction in _decoded_splits(config, train)}
   if _placement(config, info, shape, budget) != 'device' or None in paths.values():
     return None
-  arrays = {split: files.load_arrays(path) for split, path in paths.items()}
+  arrays = {decoded: files.load_arrays(path) for decoded, path in paths.items()}
   if None in arrays.values():  # Damaged, and removed: the TFDS path decodes it again.
     return None
-  return _device_resident(config, _common(info, shape, 'device'),
-                          lambda split: (arrays[split]['images'], arrays[split]['labels']), train)
+
+  def read_split(split, crop_fraction):
+    decoded = arrays[split, crop_fraction]
+    return decoded['images'], decoded['labels']
+
+  return _device_resident(config, _common(info, shape, 'device'), read_split, train)
 
 
 def _splits_read(config, train: bool) -> tuple[str, ...]:

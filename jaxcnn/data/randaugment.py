@@ -17,7 +17,8 @@ l = magnitude / 10:
   brightness,          which blends away from a grey image, the mean grey, black and a
   sharpness            smoothed image respectively;
   solarize           inverts the pixels at or above 256·(1 - l);
-  posterize          keeps the 8 - int(4·l) highest bits;
+  posterize          keeps the 8 - int(4·l) highest bits (torchvision's range, 8 to 4;
+                       timm's 'increasing' posterize keeps 4 - int(4·l), down to none);
 
 the direction of each geometric operation and the sign of each factor's change drawn at random,
 each with probability 1/2. Auto-contrast and equalize have no magnitude. Every operation is

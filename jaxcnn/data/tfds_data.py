@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxcnn import caches, files
-from jaxcnn.data.image_ops import resize_and_center_crop
+from jaxcnn.data.image_ops import CENTRE_CROP_FRACTION, resize_and_center_crop
 from jaxcnn.errors import ConfigError, DataError
 
 # How long each dataset host gets to answer before we call the machine offline. The whole check
@@ -320,16 +320,20 @@ def info_from_json(fields: dict) -> DatasetInfo:
                         'class_names': tuple(fields['class_names'])})
 
 
-def split_cache_file(builder, split: str, image_shape, cache_dir: str | None = None) -> str:
-  """The `.npz` in which `read_split` caches `split` decoded at `image_shape`."""
-  return _cache_path(builder, split, tuple(image_shape), cache_dir or caches.cache_dir())
+def split_cache_file(builder, split: str, image_shape, cache_dir: str | None = None,
+                     crop_fraction: float = CENTRE_CROP_FRACTION) -> str:
+  """The `.npz` in which `read_split` caches `split` decoded at `image_shape` with
+  `crop_fraction`."""
+  return _cache_path(builder, split, tuple(image_shape), cache_dir or caches.cache_dir(),
+                     crop_fraction)
 
 
-def read_split(builder, split: str, image_shape=None,
-               cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_split(builder, split: str, image_shape=None, cache_dir: str | None = None,
+               crop_fraction: float = CENTRE_CROP_FRACTION) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images uint8 [N, H, W, C], labels int32 [N]) of a prepared split, in file order.
 
-  With `image_shape`, images of another size are resized (shorter side) and centre-cropped to it.
+  With `image_shape`, images of another size are resized so that `crop_fraction` of their shorter
+  side fills it, and centre-cropped to it (`image_ops.resize_and_center_crop`).
   """
   info = dataset_info(builder)
   image_shape = tuple(image_shape or info.image_shape)
@@ -338,28 +342,29 @@ def read_split(builder, split: str, image_shape=None,
                       '--config.image_size to the size to train at')
   check_split(info, split)
   # Only splits whose size TFDS records can be fingerprinted, and so cached (mocked ones cannot).
-  cache_path = (split_cache_file(builder, split, image_shape, cache_dir) if info.split_sizes
-                else None)
+  cache_path = (split_cache_file(builder, split, image_shape, cache_dir, crop_fraction)
+                if info.split_sizes else None)
   arrays = files.load_arrays(cache_path) if cache_path and os.path.isfile(cache_path) else None
   if arrays is not None:
     return arrays['images'], arrays['labels']
-  images, labels = _decode_split(builder, split, info, image_shape)
+  images, labels = _decode_split(builder, split, info, image_shape, crop_fraction)
   if cache_path:
     _save_atomically(cache_path, images=images, labels=labels)
   return images, labels
 
 
-def _cache_path(builder, split: str, image_shape, cache_dir: str) -> str:
+def _cache_path(builder, split: str, image_shape, cache_dir: str, crop_fraction: float) -> str:
   # The key names the prepared files, so a re-prepared or relocated dataset is decoded afresh.
   info = builder.info
   key = repr((os.path.realpath(os.fspath(builder.data_dir)), split, tuple(image_shape),
-              int(info.splits[split].num_examples), int(info.splits[split].num_bytes)))
+              float(crop_fraction), int(info.splits[split].num_examples),
+              int(info.splits[split].num_bytes)))
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   return os.path.join(cache_dir, 'decoded', f'{info.full_name.replace("/", "-")}-{split}-{digest}.npz')
 
 
-def _decode_split(builder, split: str, info: DatasetInfo,
-                  image_shape) -> tuple[np.ndarray, np.ndarray]:
+def _decode_split(builder, split: str, info: DatasetInfo, image_shape,
+                  crop_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   source = builder.as_data_source(split=split)
   n = len(source)
   height, width, _ = image_shape
@@ -370,7 +375,8 @@ def _decode_split(builder, split: str, info: DatasetInfo,
   for begin in range(0, n, _DECODE_CHUNK):
     indices = list(range(begin, min(begin + _DECODE_CHUNK, n)))
     for i, example in zip(indices, source.__getitems__(indices)):
-      images[i] = resize_and_center_crop(np.asarray(example[info.image_key]), height, width)
+      images[i] = resize_and_center_crop(np.asarray(example[info.image_key]), height, width,
+                                         crop_fraction)
       labels[i] = example[info.label_key]
   print(f'decoded {info.name} {split} in {time.time() - start:.1f}s', flush=True)
   return images, labels
