@@ -171,6 +171,19 @@ def test_stochastic_depth_rises_over_the_residual_blocks_as_torchvisions():
   assert tiny_efficientnet(dropout_rate=0.1).dropout.rate == 0.1
 
 
+def test_squeeze_and_excitation_starts_he_normal_as_every_convolution():
+  """torchvision initialises every Conv2d He-normal (fan_out), the squeeze-and-excitation ones
+  too; Flax's default (LeCun, fan_in) gave their kernels 0.14 to 3.5 times that deviation."""
+  model = efficientnet.efficientnet_b0(num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+  standardised = [layer.kernel[...].ravel() / math.sqrt(2 / layer.out_features)
+                  for block in model.blocks.layers
+                  for layer in (block.squeeze_excitation.reduce, block.squeeze_excitation.expand)]
+  assert len(standardised) == 32
+  assert float(jnp.std(jnp.concatenate(standardised))) == pytest.approx(1.0, abs=0.05)
+  assert all(float(jnp.mean(layer.bias[...] == 0)) == 1 for block in model.blocks.layers
+             for layer in (block.squeeze_excitation.reduce, block.squeeze_excitation.expand))
+
+
 def test_a_run_trains_it(fake_tfds, tmp_path):
   """The class itself, shrunk through model_kwargs, on the fake digits. BatchNorm's running
   averages take half of each step's statistics: at the default momentum (0.9) they still trail

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcnn.models.resnet import (BN_EPSILON, BN_MOMENTUM, batch_norm, conv, drop_path,
-                                  drop_path_rates, global_average_pool)
+from jaxcnn.models.resnet import (BN_EPSILON, BN_MOMENTUM, batch_norm, conv, conv_kernel_init,
+                                  drop_path, drop_path_rates, global_average_pool)
 
 # The B0 network, stage by stage: (expansion, kernel size, stride, output channels, blocks).
 B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
@@ -51,7 +51,9 @@ class SqueezeExcitation(nnx.Module):
   convolutions to `squeeze` channels and back, SiLU between, a sigmoid gate."""
 
   def __init__(self, features: int, squeeze: int, *, dtype, rngs: nnx.Rngs):
-    one_by_one = functools.partial(nnx.Conv, kernel_size=(1, 1), dtype=dtype, rngs=rngs)
+    # He-normal (fan_out) as every other convolution here, as torchvision initialises these too.
+    one_by_one = functools.partial(nnx.Conv, kernel_size=(1, 1), kernel_init=conv_kernel_init,
+                                   dtype=dtype, rngs=rngs)
     self.reduce = one_by_one(features, squeeze)
     self.expand = one_by_one(squeeze, features)
 
