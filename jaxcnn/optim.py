@@ -76,8 +76,11 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Sched
     main = optax.linear_schedule(base, 0.0, max(total_steps - warmup, 1))
   elif name == 'step':
     # Decays after the last step never happen (and would overflow int32 step counts).
-    decays = (epochs_in_steps(epoch, steps_per_epoch) for epoch in config.lr_decay_epochs)
-    boundaries = {step - warmup: config.lr_decay_factor for step in decays if step < total_steps}
+    boundaries = {}  # Counted from the end of the warm-up, where `main` starts.
+    for epoch in config.lr_decay_epochs:
+      step = epochs_in_steps(epoch, steps_per_epoch)
+      if step < total_steps:  # Decays that fall on one step all apply there.
+        boundaries[step - warmup] = boundaries.get(step - warmup, 1.0) * config.lr_decay_factor
     main = optax.piecewise_constant_schedule(base, boundaries)
   elif name == 'onecycle':
     return optax.cosine_onecycle_schedule(total_steps, base)

@@ -52,6 +52,10 @@ def test_step_schedule_decays_at_the_given_epochs():
   config.lr_decay_epochs = (0.57,)
   schedule = optim.make_schedule(config, total_steps=600, steps_per_epoch=100)
   np.testing.assert_allclose(rates(schedule, [56, 57]), [1, 0.1], rtol=1e-5)
+  # Decays that fall on one step compound there.
+  config.lr_decay_epochs = (1.0, 1.2, 2)
+  schedule = optim.make_schedule(config, total_steps=30, steps_per_epoch=3)
+  np.testing.assert_allclose(rates(schedule, [2, 3, 5, 6]), [1, 0.01, 0.01, 0.001], rtol=1e-5)
 
 
 def test_fractional_epochs_are_as_many_steps_as_they_are_exactly():
