@@ -44,7 +44,7 @@ def emit_json(result: dict, output: str | None) -> None:
 
 # About the mean and standard deviation of uniform uint8 noise (127.5 and 73.9), so that synthetic
 # pixels are normalised to roughly zero mean and unit variance, as real ones are.
-_SYNTHETIC_MEAN, _SYNTHETIC_STD = 127.5, 73.6
+_SYNTHETIC_MEAN, _SYNTHETIC_STD = 127.5, 73.9
 
 
 def dataset_shape(config) -> tuple[tuple[int, ...], int]:

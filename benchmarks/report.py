@@ -48,7 +48,8 @@ CPU_THROUGHPUT = {f'{model}_bf16_img_per_s{suffix}': f'{model}_f32_img_per_s{suf
 
 def cell(summary: dict, key: str, fmt, on_cpu: bool) -> str:
   """One figure of a row: '-' where not measured; a time to accuracy that not every seed reached
-  names how many did; a CPU row's throughput is its float32 one."""
+  names how many did, and one over fewer seeds than were asked for how many did not run; a CPU
+  row's throughput is its float32 one."""
   if on_cpu and key in CPU_THROUGHPUT:
     value = summary.get(CPU_THROUGHPUT[key])
     return f'{fmt(value)} (f32)' if value is not None else '-'
@@ -57,6 +58,10 @@ def cell(summary: dict, key: str, fmt, on_cpu: bool) -> str:
   reached = summary.get(f'{key}_reached')
   if reached and reached.split('/')[0] != reached.split('/')[1]:
     text += f' ({reached} seeds)'
+  section, is_time_to_accuracy, _ = key.partition('_seconds_to_')
+  not_run = summary.get(f'{section}_seeds_not_run') if is_time_to_accuracy else None
+  if not_run:
+    text += f' ({not_run} seed{"s" if not_run > 1 else ""} not run)'
   return text
 
 

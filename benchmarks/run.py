@@ -502,6 +502,13 @@ def summarise(results: dict) -> dict:
   summary['datasheet_bf16_tflops'] = peak
   summary['resnet50_mfu_of_datasheet_peak'] = (images * RESNET50_TRAIN_GFLOP / (peak * 1e3)
                                                if images and peak else None)
+  # Seeds of a time to accuracy that did not run (skipped for the budget, failed, or cut off): its
+  # median and `reached` are over the others alone.
+  unmeasured = [*results.get('skipped', []), *results.get('errors', {}),
+                *([results['running']] if results.get('running') else [])]
+  for section in MNIST_RECIPES:
+    summary[f'{section}_seeds_not_run'] = sum(
+        name.startswith(measurement_name(section, '')) for name in unmeasured)
   return summary
 
 

@@ -386,14 +386,18 @@ def _to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 def _make_sgd(model: nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, bool]:
   """The benchmark's SGD, and whether it is PyTorch's fused CUDA kernel (one launch for every
-  parameter; what a PyTorch user on a GPU would choose), where this PyTorch has one."""
+  parameter; what a PyTorch user on a GPU would choose), where this PyTorch has one. Weight decay
+  spares biases and BatchNorm's parameters, as jaxcnn's does (`optim`)."""
+  parameters = list(model.parameters())
+  groups = [{'params': [p for p in parameters if p.ndim > 1]},
+            {'params': [p for p in parameters if p.ndim <= 1], 'weight_decay': 0.0}]
   settings = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
   if device.type == 'cuda':
     try:
-      return torch.optim.SGD(model.parameters(), fused=True, **settings), True
+      return torch.optim.SGD(groups, fused=True, **settings), True
     except (TypeError, RuntimeError):  # A PyTorch without fused SGD.
       pass
-  return torch.optim.SGD(model.parameters(), **settings), False
+  return torch.optim.SGD(groups, **settings), False
 
 
 def _make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,

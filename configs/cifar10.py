@@ -9,7 +9,10 @@ ResNet-20 follows He et al. 2016, section 4.2: SGD with momentum 0.9, batch 128,
 0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all, weight decay 1e-4, random
 crops of 4-pixel padded images and flips. Published: 91.25% test accuracy (8.75% error). He et al.
 train on 45k images (182 epochs); this config trains on all 50k of `train`, 390 steps an epoch,
-so its 64k steps are about 164 epochs.
+so its 64k steps are about 164 epochs. Two refinements of later recipes are jaxcnn's defaults
+here too: each block's last BatchNorm scale starts at zero (Goyal et al. 2017;
+`--config.model_kwargs="{'zero_init_residual': False}"` starts it at one, as He et al.), and
+weight decay spares BatchNorm's parameters and biases.
 
 The airbench variant trains `airbench` (whitened first layer, no residuals) with label smoothing,
 Nesterov SGD and a one-cycle-like schedule for 10 epochs at batch 1024, in bfloat16, and is
