@@ -7,6 +7,7 @@ device and fetched only at log and evaluation steps.
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -150,14 +152,16 @@ def _check_augmentation(config: ml_collections.ConfigDict, image_shape) -> None:
 
 def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_classes: int,
                      num_train_examples: int, mean, std, strategy: parallel.Strategy,
-                     placement: str = 'device', init_images=None, training: bool = True,
-                     confusion_matrix: bool = False) -> tuple[Experiment, TrainState]:
+                     placement: str = 'device',
+                     training_images: Callable[[int], np.ndarray] | None = None,
+                     training: bool = True, confusion_matrix: bool = False
+                     ) -> tuple[Experiment, TrainState]:
   """Builds the model, optimizer and compiled steps of `config`; returns them and the initial state.
 
   The initial state is already placed on the devices in `strategy`'s layout. For streamed data
   (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
-  `init_images` (uint8 training images) initialise models that learn their first layer from the
-  data, such as airbench's patch whitening. `training=False` (evaluating or predicting with a
+  `training_images(count)` (`count` uint8 training images) initialises models that learn their
+  first layer from the data, such as airbench's patch whitening; it is called only for those. `training=False` (evaluating or predicting with a
   trained run's state) leaves out the checks of the training batch against the devices, which may
   not be those it was trained on, and of the training augmentation against the images.
   `confusion_matrix` has the evaluation count every (label, predicted class) pair too, which
@@ -181,9 +185,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   # shard_map checks that the statistics it returns are synchronised even on one device.
   if strategy.axis_name is not None and (strategy.num_devices > 1 or strategy.name == 'shard_map'):
     _check_batchnorm_axes(config.model, model, strategy)
-  if init_images is not None and hasattr(model, 'init_whitening'):
-    model.init_whitening(init_images[pipeline.sample_indices(num_train_examples,
-                                                            _WHITENING_IMAGES)])
+  if training_images is not None and hasattr(model, 'init_whitening'):
+    model.init_whitening(training_images(_WHITENING_IMAGES))
   warmup = optim.requested_warmup_steps(config, steps_per_epoch)
   if (training and warmup >= total_steps and config.lr_schedule != 'onecycle'
       and jax.process_index() == 0):
@@ -495,7 +498,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
       config, image_shape=data.image_shape, num_classes=data.num_classes,
       num_train_examples=data.num_train_examples, mean=data.mean, std=data.std,
       strategy=strategy, placement=data.placement,
-      init_images=data.train.images if data.placement == 'device' else None)
+      # Streamed data too: its sample is decoded from the source (airbench's run took its
+      # random first layer for whitened patches).
+      training_images=functools.partial(pipeline.training_sample, data))
   total_steps, steps_per_epoch = experiment.total_steps, experiment.steps_per_epoch
   model_source = models.source_digest(config.model)  # Of the code the model was just built from.
   train_feed = resources.enter_context(

@@ -454,3 +454,21 @@ def test_more_than_ten_classes_are_evaluated_for_top5_accuracy_too(tmp_path, cap
   assert trainer.describe_evaluation({'test/accuracy': 0.7612, 'test/top5_accuracy': 0.9287,
                                       'test/loss': 1.0}, 'test') == (
       'test accuracy 76.12%, top-5 92.87%, loss 1.0000')
+
+
+def test_airbench_whitens_its_first_layer_from_streamed_data_as_from_device_data(fake_tfds,
+                                                                                  tmp_path):
+  """Streamed, the whitening was left at its random start: only device-resident images were
+  handed to the model. Frozen, the layer keeps its start through training."""
+  kernels = {}
+  for placement in ('device', 'stream'):
+    config = tiny_config(model='airbench', data_placement=placement, frozen='^whiten\\.',
+                         num_train_steps=2, eval_every_steps=2)
+    trainer.train_and_evaluate(config, str(tmp_path / placement))
+    state = restore_run(str(tmp_path / placement)).state
+    kernels[placement] = np.asarray(state.params['whiten']['kernel'])
+  np.testing.assert_allclose(kernels['stream'], kernels['device'], rtol=1e-5, atol=1e-6)
+  random_start = trainer.build_experiment(
+      config, image_shape=(28, 28, 1), num_classes=10, num_train_examples=512, mean=(0.0,),
+      std=(1.0,), strategy=parallel.make_strategy('jit', 1))[1]
+  assert not np.allclose(np.asarray(random_start.params['whiten']['kernel']), kernels['device'])

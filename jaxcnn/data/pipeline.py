@@ -363,13 +363,26 @@ def sample_indices(num_examples: int, count: int) -> np.ndarray:
   return np.sort(np.random.default_rng(0).choice(num_examples, count, replace=False))
 
 
+def training_sample(data: Data, count: int) -> np.ndarray:
+  """`count` of `data`'s training images (`sample_indices`; all, if fewer), uint8 at the model's
+  input size: from memory, or for streamed data decoded and centre-cropped as evaluation views
+  them."""
+  indices = sample_indices(data.num_train_examples, count)
+  if data.placement == 'device':
+    return np.asarray(data.train.images[indices])
+  return _decode_examples(data.train, indices, data.image_shape, data.image_key)
+
+
+def _decode_examples(source, indices: np.ndarray, shape, image_key: str) -> np.ndarray:
+  height, width, _ = shape
+  return np.stack([resize_and_center_crop(np.asarray(example[image_key]), height, width)
+                   for example in source.__getitems__(indices.tolist())])
+
+
 def _sample_stats(source, shape, image_key: str):
   """Channel statistics of a sample of the training images, for data never held in memory."""
-  height, width, _ = shape
   indices = sample_indices(len(source), _STATS_SAMPLE)
-  images = np.stack([resize_and_center_crop(np.asarray(example[image_key]), height, width)
-                     for example in source.__getitems__(indices.tolist())])
-  return channel_stats(images)
+  return channel_stats(_decode_examples(source, indices, shape, image_key))
 
 
 def is_synthetic(dataset_name: str) -> bool:
