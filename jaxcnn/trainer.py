@@ -675,7 +675,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, strategy: parallel.S
               meta={'data': train_feed.position(step), 'batch_size': config.batch_size,
                     'seconds': dict(stopwatch.totals), 'saves': num_saves},
               metrics=last_eval if eval_now else None)
-      if stopping:  # `resources` waits for the checkpoint just started.
+      # A stop asked for during the last call finds the run trained, evaluated and saved: it ends
+      # as any finished run, with its timing record, not as one to resume.
+      if stopping and step < total_steps:  # `resources` waits for the checkpoint just started.
         raise TrainingInterrupted(
             f'stopped by {signal.Signals(stop_requests.signal_number or signal.SIGTERM).name} at '
             f'step {step} of {total_steps}; the checkpoint of step {step} is in '

@@ -206,6 +206,23 @@ def test_a_refused_resume_says_how_to_resume_and_that_command_resumes(tmp_path):
   assert [r['step'] for r in read_metrics(str(workdir)) if 'train/loss' in r][-1] == 16
 
 
+def test_a_stop_asked_for_in_the_last_call_lets_the_run_finish(fake_tfds, tmp_path, monkeypatch):
+  calls = []
+
+  def stop_after_the_eighth_call(self):  # One step per call: the last one.
+    del self
+    calls.append(None)
+    return len(calls) == 8
+
+  monkeypatch.setattr(trainer._StopRequests, 'should_stop',  # pylint: disable=protected-access
+                      stop_after_the_eighth_call)
+  result = trainer.train_and_evaluate(tiny_config(num_train_steps=8, steps_per_call=1),
+                                      str(tmp_path))
+  assert len(calls) == 8 and result['step'] == 8 and 'test/accuracy' in result
+  records = read_metrics(str(tmp_path))
+  assert records[-1]['step'] == 8 and 'time/train_seconds' in records[-1]
+
+
 def test_a_finished_run_says_so_and_more_steps_continue_it(fake_tfds, tmp_path, capsys):
   config = tiny_config(num_train_steps=24)
   trainer.train_and_evaluate(config, str(tmp_path))
