@@ -12,6 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxcnn import cli, distributed
+from jaxcnn.errors import UserError
 from jaxcnn.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +33,9 @@ _JOIN_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _WORKDIR.value == '':  # As from --workdir=$DIR with DIR unset: not a new folder in runs/.
+    raise UserError("--workdir is empty; give a folder, or leave --workdir out for a new one "
+                    'under runs/')
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _JOIN_TIMEOUT.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -6,6 +6,7 @@ usage errors; a diverged run ends the same way with status 1. Anything else is a
 its traceback.
 """
 
+import ast
 import atexit
 import difflib
 import gc
@@ -199,9 +200,10 @@ def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:
       if key.startswith('model_kwargs.') and key.count('.') == 1:
         # The model's arguments are the config's own: only those it sets can be overridden.
         # A dict given whole replaces the config's, so the suggestion holds those too.
-        name, value = key.split('.')[1], arg.partition('=')[2] or 'VALUE'
+        name, value = key.split('.')[1], arg.partition('=')[2]
         given = dict(config.model_kwargs.items())
-        whole = ''.join(f'{k!r}: {v!r}, ' for k, v in given.items()) + f'{name!r}: {value}'
+        whole = ''.join(f'{k!r}: {v!r}, ' for k, v in given.items()) + (
+            f'{name!r}: {_as_literal(value)!r}' if value else f'{name!r}: VALUE')
         return (f'config key {key!r} is not among the model_kwargs this config sets '
                 f"({', '.join(given) or 'none'}); give it as --{config_flag}.model_kwargs="
                 f'"{{{whole}}}"')
@@ -211,6 +213,15 @@ def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:
           f"; known keys: {', '.join(known)}")
       return f'unknown config key {key!r}{hint}'
   return None
+
+
+def _as_literal(text: str):
+  """A command-line value as the Python literal it reads as (`8,16,32` is the tuple (8, 16,
+  32)), or as the string itself (`B`)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def _lookup(config, dotted_key: str):

@@ -1,6 +1,6 @@
 """Evaluates a trained run on its evaluation split.
 
-  python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split test]
+  python -m jaxcnn.evaluate --workdir DIR [--checkpoint best|latest|STEP] [--split SPLIT]
                            [--data_dir DIR] [--manual_dir DIR] [--per_class]
                            [--tta none|flip|flip_translate]
 

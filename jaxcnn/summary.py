@@ -8,13 +8,14 @@
 
 The model is built under `nnx.eval_shape`, so no parameter is ever materialised: ResNet-152 costs
 no memory and no initialisation time. Without --config the input defaults to 224x224x3 with 1000
-classes for the ImageNet ResNets, 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10
-classes otherwise. With --config the model and the dataset's image shape (at the config's
+classes for the ImageNet models (the ResNets, ResNeXts, wide ResNets, ConvNeXts, EfficientNets and
+MobileNetV2), 32x32x3 with 10 classes for the CIFAR models, and 28x28x1 with 10 classes
+otherwise. With --config the model and the dataset's image shape (at the config's
 `image_size`) and class count come from the config file; MODEL, --input_shape and --num_classes
 override them (MODEL and a --config.model override may not name different models), and the
 config's `model_kwargs` (--config.model_kwargs="{'widths': (32, 64)}") build its model. The last
 two lines are the totals, `total: 25,557,032 parameters` and the arithmetic of one image's
-forward pass, `forward pass: 4.11G multiply-adds per image (4,111,514,624)` (see
+forward pass, `forward pass: 4.09G multiply-adds per image (4,089,184,256)` (see
 `jaxcnn.models.cost`); the parameters that the config's `frozen` pattern matches are marked
 `frozen`, and counted in the first of them, so that a pattern can be checked before a run.
 """
@@ -38,13 +39,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config file (path.py[:variant]) whose model and dataset to use; '
     '--config.KEY=VALUE overrides its keys, as for train.py.', lock_config=True)
 
-_IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+# The zoo's ImageNet networks (torchvision's layouts), by their names' beginnings.
+_IMAGENET_PREFIXES = ('resnet', 'resnext', 'wide_resnet', 'convnext_', 'efficientnet_',
+                      'mobilenet_')
 _CIFAR_PREFIXES = ('cifar_', 'wrn', 'vgg', 'airbench')
 
 
 def default_input(model: str) -> tuple[tuple[int, int, int], int]:
   """The input shape and class count a model is summarised for when nothing else says."""
-  if model in _IMAGENET_MODELS:
+  if model.startswith(_IMAGENET_PREFIXES) and model in models.MODELS:
     return (224, 224, 3), 1000
   if model.startswith(_CIFAR_PREFIXES) and model in models.MODELS:
     return (32, 32, 3), 10
@@ -144,7 +147,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     print(summarize(name, shape, classes, kwargs, frozen))
   except models.ImagesTooSmall as e:
-    raise e.with_flag('--input_shape' if _INPUT_SHAPE.value else '--config.image_size') from None
+    # The config's image size, where the shape came from a config; else --input_shape.
+    raise e.with_flag('--config.image_size' if config is not None and not _INPUT_SHAPE.value
+                      else '--input_shape') from None
 
 
 if __name__ == '__main__':

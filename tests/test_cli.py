@@ -1,5 +1,6 @@
 """`python train.py`: a user's mistake is one line on stderr, exit status 2, and no traceback."""
 
+import os
 import re
 import socket
 import subprocess
@@ -16,6 +17,24 @@ from conftest import LAUNCH_ATTEMPTS, REPO_ROOT, coordinator_port_was_taken, fre
 def run_train(*args, cwd=REPO_ROOT):
   return subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True,
                         text=True, timeout=120, check=False)
+
+
+def test_the_model_kwargs_suggested_for_a_key_the_config_does_not_set_are_accepted():
+  result = subprocess.run([sys.executable, '-m', 'jaxcnn.summary', '--config', 'configs/mnist.py',
+                           "--config.model_kwargs={'widths': (8, 16, 32)}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('bn_cnn with widths=(8, 16, 32): input 28,28,1, 10 classes')
+
+
+def test_an_empty_workdir_is_refused_rather_than_taken_as_none(tmp_path):
+  result = subprocess.run([sys.executable, f'{REPO_ROOT}/train.py', '--config',
+                           f'{REPO_ROOT}/configs/mnist.py:smoke', '--workdir='], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr == ('error: --workdir is empty; give a folder, or leave --workdir out '
+                           'for a new one under runs/\n')
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize('override, expected', [
@@ -60,6 +79,11 @@ def run_train(*args, cwd=REPO_ROOT):
     ('--config.model_kwargs.hidden=256',
      "config key 'model_kwargs.hidden' is not among the model_kwargs this config sets (none); "
      "give it as --config.model_kwargs=\"{'hidden': 256}\""),
+    # ...with the value as the literal it reads as, which that flag accepts (a test below).
+    ('--config.model_kwargs.widths=8,16,32', "--config.model_kwargs=\"{'widths': (8, 16, 32)}\""),
+    ('--config.model_kwargs.shortcut=B', "--config.model_kwargs=\"{'shortcut': 'B'}\""),
+    # TFDS cannot parse the name: the same error as for a name it knows no dataset by.
+    ('--config.dataset=cifar-10', "unknown dataset 'cifar-10': not a TFDS dataset name"),
     # As from --config.data_dir=$DATA with DATA unset: not the current folder.
     ('--config.data_dir=',
      "config key 'data_dir' must be a folder, or left unset for TFDS's default, got ''"),

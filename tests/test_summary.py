@@ -26,6 +26,15 @@ def test_resnet50_at_imagenet_size_has_the_published_count():
   assert sum(int(row.split()[-1].replace(',', '')) for row in rows.values()) == 25_557_032
 
 
+def test_every_imagenet_network_defaults_to_imagenet_input():
+  """Not only the ResNets: mobilenet_v2 was summarised for 28x28x1 digits, with 2,236,106
+  parameters, and convnext_tiny refused such small images, naming a flag not given."""
+  result = run_summary('mobilenet_v2')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == 'mobilenet_v2: input 224,224,3, 1000 classes'
+  assert result.stdout.splitlines()[-2] == 'total: 3,504,872 parameters'  # torchvision's.
+
+
 def test_config_gives_model_input_shape_and_classes():
   result = run_summary('--config', 'configs/mnist.py')
   assert result.returncode == 0, result.stderr
