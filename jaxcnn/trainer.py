@@ -161,9 +161,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   The initial state is already placed on the devices in `strategy`'s layout. For streamed data
   (`placement='stream'`) the host pipeline crops and flips, so the device only normalises.
   `training_images(count)` (`count` uint8 training images) initialises models that learn their
-  first layer from the data, such as airbench's patch whitening; it is called only for those. `training=False` (evaluating or predicting with a
-  trained run's state) leaves out the checks of the training batch against the devices, which may
-  not be those it was trained on, and of the training augmentation against the images.
+  first layer from the data, such as airbench's patch whitening; it is called only for those.
+  `training=False` (evaluating or predicting with a trained run's state) leaves out the checks of
+  the training batch against the devices, which may not be those it was trained on, and of the
+  training augmentation against the images.
   `confusion_matrix` has the evaluation count every (label, predicted class) pair too, which
   `evaluate` returns.
   """

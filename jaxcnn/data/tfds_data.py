@@ -153,8 +153,8 @@ def get_builder(name: str, data_dir: str | None = None):
   tfds = import_tfds()
   try:
     tfds.builder_cls(name.split('/')[0].split(':')[0])
-  except (tfds.core.registered.DatasetNotFoundError, ValueError):  # ValueError: unparsable,
-    # such as 'cifar-10'.
+  # ValueError: a name TFDS cannot parse, such as 'cifar-10'.
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):
     raise ConfigError(f'unknown dataset {name!r}: not a TFDS dataset name '
                       '(e.g. mnist, fashion_mnist, cifar10; see tfds.list_builders())') from None
   # TFDS makes an empty temporary folder for every builder of a dataset not prepared yet (to
