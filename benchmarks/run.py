@@ -261,9 +261,10 @@ def time_to_target(seconds: list[float | None]) -> dict:
           'reached': f'{len(reached)}/{len(seconds)}', 'values': seconds}
 
 
-def mnist_summary(recipe: str, runs: list[dict]) -> dict:
+def mnist_summary(recipe: str, runs: list[dict], planned_seeds: int | None = None) -> dict:
   """A time-to-accuracy section: every seed's run of `recipe` and the spread of each figure over
-  them.
+  them, and how many seeds the run set out to measure (`planned_seeds`, default: those measured),
+  of which the others were skipped for the budget, failed or cut off.
 
   The seeds share one compiled program (the seed is an argument of the step), so only the first
   seed compiles from scratch (`first_compile_seconds`, with the suite's fresh compilation cache);
@@ -274,7 +275,7 @@ def mnist_summary(recipe: str, runs: list[dict]) -> dict:
   summary['first_compile_seconds'] = runs[0]['compile_seconds'] if runs else None
   summary['cached_compile_seconds'] = (_spread([r['compile_seconds'] for r in runs[1:]])
                                        if len(runs) > 1 else None)
-  return {'config': recipe, 'runs': runs, **summary}
+  return {'config': recipe, 'runs': runs, 'planned_seeds': planned_seeds or len(runs), **summary}
 
 
 # ---------------------------------------------------------------- Throughput
@@ -504,11 +505,10 @@ def summarise(results: dict) -> dict:
                                                if images and peak else None)
   # Seeds of a time to accuracy that did not run (skipped for the budget, failed, or cut off): its
   # median and `reached` are over the others alone.
-  unmeasured = [*results.get('skipped', []), *results.get('errors', {}),
-                *([results['running']] if results.get('running') else [])]
   for section in MNIST_RECIPES:
-    summary[f'{section}_seeds_not_run'] = sum(
-        name.startswith(measurement_name(section, '')) for name in unmeasured)
+    runs = (results.get(section) or {}).get('runs', [])
+    planned = (results.get(section) or {}).get('planned_seeds', len(runs))  # Older files: none.
+    summary[f'{section}_seeds_not_run'] = planned - len(runs)
   return summary
 
 
@@ -595,6 +595,7 @@ class Measurement:
   section: str
   key: str | int  # The seed of an MNIST run, `<model>_<dtype>` of a throughput, 'epoch'.
   measure: Callable[[], dict]
+  planned_seeds: int | None = None  # Of an MNIST run: how many seeds of its recipe the run plans.
 
   @property
   def name(self) -> str:
@@ -614,9 +615,11 @@ def measurement_plan(sections, *, quick: bool, seeds: int, repeats: int, data_di
     if section not in sections:
       return []
     recipe = MNIST_RECIPES[section]
+    num_seeds = 1 if quick else seeds
     return [Measurement(section, seed, lambda seed=seed: mnist_seed(recipe, seed, quick, data_dir,
-                                                                    mnist_dir))
-            for seed in range(1 if quick else seeds)]
+                                                                    mnist_dir),
+                        planned_seeds=num_seeds)
+            for seed in range(num_seeds)]
 
   mnist_runs = [seed_runs(section) for section in MNIST_RECIPES]
   throughputs = [Measurement('throughput', key, lambda key=key: throughput(key, quick, repeats))
@@ -635,7 +638,7 @@ def record(measured: dict, measurement: Measurement, value: dict) -> None:
   section = measurement.section
   if section in MNIST_RECIPES:
     runs = [*(measured[section]['runs'] if section in measured else []), value]
-    measured[section] = mnist_summary(MNIST_RECIPES[section], runs)
+    measured[section] = mnist_summary(MNIST_RECIPES[section], runs, measurement.planned_seeds)
   elif section == 'throughput':
     measured.setdefault('throughput', {})[measurement.key] = value
     if value.get('failures'):  # A part failed, the other's figure is kept: still an error.

@@ -258,6 +258,7 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.best_metric = best_metric
     self.best_mode = best_mode
+    self._keep_best = keep_best
     # Each checkpoint's rank by best_metric, read from its own JSON record once (see _rank).
     self._ranks: dict[int, tuple[float, int] | None] = {}
     policies = [checkpoint_managers.LatestN(n=keep_last)]
@@ -322,10 +323,11 @@ class Checkpointer:
     nested = to_nested_dict(tree)
     meta = {**meta, 'step': int(step), 'metrics': dict(metrics or {}),
             'checksums': checksums(nested)}
-    # Every checkpoint's rank known before Orbax's manager applies `keep_best` after this save,
-    # from a thread of its own that must not read checkpoints.
-    for earlier in self.steps():
-      self._rank(earlier)
+    # Every checkpoint's rank known before Orbax's manager applies `keep_best`, within this save
+    # (which must not be re-entered to read one).
+    if self._keep_best:
+      for earlier in self.steps():
+        self._rank(earlier)
     self._ranks[int(step)] = self._ranked(meta['metrics'].get(self.best_metric), int(step))
     saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(nested),

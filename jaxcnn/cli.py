@@ -220,7 +220,7 @@ def _as_literal(text: str):
   32)), or as the string itself (`B`)."""
   try:
     return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except Exception:  # pylint: disable=broad-except  (ValueError, SyntaxError, TypeError: {[1]: 2})
     return text
 
 

@@ -152,10 +152,11 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
     if axis_name is not None:
       # Each device drops out different units of its own examples.
       model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis_name))
-      # shard_map knows the parameters are the same on every device, so the gradient of this
-      # device's loss with respect to them would come out already summed over the devices (and
-      # the pmean after it would leave that sum): D times the mean gradient. Taken with respect
-      # to a per-device copy, it is this device's own, for the pmean to average.
+      # Under shard_map with its check of varying axes (JAX's default; `parallel.ShardMapStrategy`
+      # turns it off) the parameters are known to be the same on every device, so the gradient
+      # of this device's loss with respect to them would come out already summed over the
+      # devices (and the pmean after it would leave that sum): D times the mean gradient. Taken
+      # with respect to a per-device copy, it is this device's own, for the pmean to average.
       params = _per_device(params, axis_name)
     inputs, targets = mix_batch(inputs, targets, mix_key, options.mixup_alpha,
                                 options.cutmix_alpha)
@@ -266,7 +267,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
 
 
 def _per_device(tree, axis_name: str):
-  """`tree` marked as varying over `axis_name` (a no-op under pmap, which tracks no such thing)."""
+  """`tree` marked as varying over `axis_name` (a no-op under pmap and under shard_map without
+  its check of varying axes, which track no such thing)."""
   if hasattr(jax.lax, 'pcast'):
     return jax.lax.pcast(tree, axis_name, to='varying')
   return jax.lax.pvary(tree, axis_name)  # JAX before pcast.

@@ -183,8 +183,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, image_shape, num_clas
   model = models.create_model(config.model, num_classes=num_classes, input_shape=image_shape,
                               dtype=config.dtype, seed=config.seed, axis_name=strategy.axis_name,
                               model_kwargs=config_lib.model_kwargs(config))
-  # shard_map checks that the statistics it returns are synchronised even on one device.
-  if strategy.axis_name is not None and (strategy.num_devices > 1 or strategy.name == 'shard_map'):
+  if strategy.axis_name is not None and strategy.num_devices > 1:
     _check_batchnorm_axes(config.model, model, strategy)
   if training_images is not None and hasattr(model, 'init_whitening'):
     model.init_whitening(training_images(_WHITENING_IMAGES))
@@ -271,13 +270,10 @@ def _check_batchnorm_axes(name: str, model, strategy: parallel.Strategy) -> None
   local = [tree_paths.dotted(path) for path, module in nnx.iter_graph(model)
            if isinstance(module, nnx.BatchNorm) and module.axis_name is None]
   if local:
-    devices = strategy.num_devices
-    why = ("each would normalise its device's examples alone" if devices > 1 else
-           'shard_map needs statistics synchronised over its devices, even over one')
     raise ConfigError(
         f'model {name!r} has BatchNorm layers without axis_name '
-        f'({tree_paths.listed(local, 3)}): under {strategy.name} on {devices} '
-        f'device{"s" if devices > 1 else ""} {why}. Accept axis_name in the '
+        f'({tree_paths.listed(local, 3)}): under {strategy.name} on {strategy.num_devices} '
+        "devices each would normalise its device's examples alone. Accept axis_name in the "
         "model's constructor and pass it to nnx.BatchNorm, or use --config.parallel=jit")
 
 

@@ -419,15 +419,18 @@ def test_report_names_the_seeds_that_reached_a_target_and_cpu_float32_throughput
   row = report.table(str(tmp_path)).splitlines()[-1]
   assert row == ('| 2026-01-01 | cpu (2 cores, x86_64) | 27.50 | 90.80 (4/5 seeds) | - | - | '
                  '4.00 (f32) | 4.80 (f32) | - | - | - | - | - | - |')  # Three digits, zeros kept.
-  # A run cut short by its budget: its medians are over the seeds that ran, and say so.
+  # A run cut short (its budget, a failure, an outside limit) after 2 of 5 seeds: its medians are
+  # over the seeds that ran, and say so.
   import run as suite  # pylint: disable=g-import-not-at-top  (benchmarks/run.py)
+  plan = suite.measurement_plan(['mnist'], quick=False, seeds=5, repeats=1, data_dir=None,
+                                mnist_dir='')
+  measured = {}
+  for measurement, run in zip(plan, (
+      {'seconds_to_99': 10.0, 'seconds_to_99_5': None, 'compile_seconds': 2.0},
+      {'seconds_to_99': 12.0, 'seconds_to_99_5': 40.0, 'compile_seconds': 0.3})):
+    suite.record(measured, measurement, run)
   results = {'environment': {'device': 'cpu', 'date': '2026-01-02T00:00:00+00:00',
-                             'backend': 'cpu'},
-             'mnist': suite.mnist_summary('configs/mnist.py', [
-                 {'seconds_to_99': 10.0, 'seconds_to_99_5': None, 'compile_seconds': 2.0},
-                 {'seconds_to_99': 12.0, 'seconds_to_99_5': 40.0, 'compile_seconds': 0.3}]),
-             'skipped': ['mnist seed 3', 'mnist seed 4', 'throughput resnet50_float32'],
-             'errors': {'mnist seed 2': 'RuntimeError: out of memory'}}
+                             'backend': 'cpu'}, **measured}
   summary = suite.summarise(results)
   assert (summary['mnist_seeds_not_run'], summary['mnist_speedrun_seeds_not_run']) == (3, 0)
   (tmp_path / '2026-01-02-cpu.json').write_text(json.dumps({**results, 'summary': summary}))

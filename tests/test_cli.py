@@ -82,6 +82,7 @@ def test_an_empty_workdir_is_refused_rather_than_taken_as_none(tmp_path):
     # ...with the value as the literal it reads as, which that flag accepts (a test below).
     ('--config.model_kwargs.widths=8,16,32', "--config.model_kwargs=\"{'widths': (8, 16, 32)}\""),
     ('--config.model_kwargs.shortcut=B', "--config.model_kwargs=\"{'shortcut': 'B'}\""),
+    ('--config.model_kwargs.hidden={[1]: 2}', "--config.model_kwargs=\"{'hidden': '{[1]: 2}'}\""),
     # TFDS cannot parse the name: the same error as for a name it knows no dataset by.
     ('--config.dataset=cifar-10', "unknown dataset 'cifar-10': not a TFDS dataset name"),
     # As from --config.data_dir=$DATA with DATA unset: not the current folder.
