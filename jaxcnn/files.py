@@ -1,6 +1,7 @@
 """Writing files that other processes (or a later run) may read at any moment."""
 
 import contextlib
+import fcntl
 import os
 import socket
 import sys
@@ -39,6 +40,18 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
 def write_text_atomically(path: str, text: str) -> None:
   """`write_atomically` of `text`, in UTF-8."""
   write_atomically(path, lambda f: f.write(text.encode('utf-8')))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str):
+  """Holds an exclusive advisory lock on the file `path` (created if missing) while the block
+  runs, first waiting for any other process or thread that holds it."""
+  with open(path, 'a', encoding='utf-8') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_arrays(path: str) -> dict[str, np.ndarray] | None:

@@ -49,11 +49,16 @@ def load_image(path: str, image_shape) -> np.ndarray:
   centre-cropped as evaluation does (the shorter side to size / 0.875, then the centre).
 
   Raises:
-    OSError: the file cannot be read or is not an image.
+    OSError: the file cannot be read, is not an image, or is an image too large for PIL to decode
+      safely (its DecompressionBombError, which main's loop would not have caught: one such
+      image stopped the predictions of all the others).
   """
   height, width, channels = image_shape
-  with Image.open(path) as image:
-    pixels = to_uint8(image, 'L' if channels == 1 else 'RGB')
+  try:
+    with Image.open(path) as image:
+      pixels = to_uint8(image, 'L' if channels == 1 else 'RGB')
+  except Image.DecompressionBombError as e:
+    raise OSError(str(e)) from None
   return resize_and_center_crop(pixels.reshape(*pixels.shape[:2], channels), height, width)
 
 

@@ -586,6 +586,15 @@ def test_evaluate_and_predict_on_a_trained_run(fake_tfds, tmp_path):
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
 
 
+def test_an_image_too_large_to_decode_is_an_unreadable_image(tmp_path, monkeypatch):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxcnn.predict import load_image  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # PIL refuses over twice that.
+  Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'huge.png')
+  with pytest.raises(OSError, match='exceeds limit'):
+    load_image(str(tmp_path / 'huge.png'), (28, 28, 1))
+
+
 def test_predict_with_the_moving_average_of_the_weights(fake_tfds, tmp_path):
   from jaxcnn.predict import load_image  # pylint: disable=g-import-not-at-top
   from jaxcnn.train_step import make_predict_step  # pylint: disable=g-import-not-at-top

@@ -36,13 +36,17 @@ def test_listing_names_files_and_the_check_skips_unreadable_images(tmp_path, cap
   broken = tmp_path / 'train' / 'cat' / 'broken.jpg'
   broken.write_bytes(b'\xff\xd8 not really a jpeg')
   (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  pixels = np.full((8, 8), 100, np.uint8)
+  for name in ('scan.tif', 'scan.TIFF', 'frame.pgm', 'frame.ppm'):  # torchvision's too.
+    Image.fromarray(pixels).convert('RGB' if name.endswith('ppm') else 'L').save(
+        tmp_path / 'train' / 'dog' / name)
   listed = image_folder.list_folder(str(tmp_path))
   assert listed.class_names == ('cat', 'dog')
   assert sorted(listed.splits) == ['test', 'train']
-  assert len(listed.splits['train']) == 13 and len(listed.splits['test']) == 4
+  assert len(listed.splits['train']) == 17 and len(listed.splits['test']) == 4
   assert capfd.readouterr().err == ''  # Listing opens no file.
   listing = image_folder.without_unreadable(listed)
-  assert len(listing.splits['train']) == 12 and listing.splits['test'] == listed.splits['test']
+  assert len(listing.splits['train']) == 16 and listing.splits['test'] == listed.splits['test']
   assert (str(broken), 0) in listed.splits['train']
   assert (str(broken), 0) not in listing.splits['train']
   assert listing.unreadable == (str(broken),)
@@ -318,3 +322,28 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     np.testing.assert_array_equal(image_ops.to_uint8(image, 'L'), expected)
   shallow = Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8), 'I')  # 8-bit values.
   np.testing.assert_array_equal(image_ops.to_uint8(shallow, 'L'), np.arange(64).reshape(8, 8))
+
+
+def test_runs_started_together_on_a_new_folder_prepare_it_once(tmp_path, capfd):
+  """Both wrote it before, and the second failed on TFDS's final rename."""
+  import threading  # pylint: disable=g-import-not-at-top
+  make_folder(tmp_path / 'images', {'train': 8, 'test': 4})
+  start = threading.Barrier(2)
+  builders, errors = [], []
+
+  def run():
+    start.wait()
+    try:
+      builders.append(image_folder.ensure_prepared(str(tmp_path / 'images'),
+                                                   str(tmp_path / 'tfds')))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors and len(builders) == 2
+  assert [b.info.splits['train'].num_examples for b in builders] == [8, 8]
+  assert capfd.readouterr().out.count('preparing image folder') == 1

@@ -24,7 +24,9 @@ from PIL import Image
 from jaxcnn import files
 from jaxcnn.errors import ConfigError, DataError
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+# torchvision's ImageFolder's, and GIF: every format PIL decodes that such folders hold.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.pgm',
+                    '.ppm')
 _LISTING = 'listing.json'
 # How the prepared copy is written; part of its key, so that a copy written otherwise by an
 # earlier jaxcnn is prepared afresh. Version 2: in TFDS's shuffled order, not class by class.
@@ -203,26 +205,34 @@ def ensure_prepared(root: str, data_dir: str | None = None, splits: tuple[str, .
     check_split_has_images(root, spec, listing.splits)
   directory = dataset_dir(root, data_dir, listing.fingerprint())
   if not _find_builder_dir(directory):
-    listing = without_unreadable(listing)
     files.make_writable_folder(_data_dir_or_default(data_dir), f'{flag_prefix}data_dir')
     os.makedirs(directory, exist_ok=True)
-    listing_path = os.path.join(directory, _LISTING)
-    with open(listing_path, 'w', encoding='utf-8') as f:
-      json.dump(dataclasses.asdict(listing), f)
-    print(f'preparing image folder {root} ({sum(map(len, listing.splits.values()))} images, '
-          f'{len(listing.class_names)} classes) in {directory} (one time, TensorFlow on CPU)',
-          flush=True)
-    # TensorFlow's start-up notices (oneDNN, absl logging) are noise to a user.
-    quiet = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
-    result = subprocess.run([sys.executable, '-m', 'jaxcnn.data.image_folder', listing_path,
-                             directory], env={**quiet, **os.environ}, check=False)
-    if result.returncode != 0:
-      raise DataError(f'preparing image folder {root!r} failed (exit status '
-                      f'{result.returncode}); its output is above')
+    # Runs started together on a new folder (a sweep): one prepares it while the others wait,
+    # then find it prepared. Both writing it, one failed on TFDS's final rename.
+    with files.exclusive_lock(os.path.join(directory, '.preparing')):
+      if not _find_builder_dir(directory):
+        _prepare(root, without_unreadable(listing), directory)
   builder = tfds.builder_from_directory(_find_builder_dir(directory))
   for spec in splits:  # Those whose images were all unreadable.
     check_split_has_images(root, spec, builder.info.splits)
   return builder
+
+
+def _prepare(root: str, listing: FolderListing, directory: str) -> None:
+  """Writes the readable images of `listing` as a TFDS dataset in `directory`, in a child
+  process that runs TensorFlow on the CPU."""
+  listing_path = os.path.join(directory, _LISTING)
+  files.write_text_atomically(listing_path, json.dumps(dataclasses.asdict(listing)))
+  print(f'preparing image folder {root} ({sum(map(len, listing.splits.values()))} images, '
+        f'{len(listing.class_names)} classes) in {directory} (one time, TensorFlow on CPU)',
+        flush=True)
+  # TensorFlow's start-up notices (oneDNN, absl logging) are noise to a user.
+  quiet = {'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0'}
+  result = subprocess.run([sys.executable, '-m', 'jaxcnn.data.image_folder', listing_path,
+                           directory], env={**quiet, **os.environ}, check=False)
+  if result.returncode != 0:
+    raise DataError(f'preparing image folder {root!r} failed (exit status '
+                    f'{result.returncode}); its output is above')
 
 
 def _find_builder_dir(directory: str) -> str | None:
